@@ -1,0 +1,77 @@
+"""Atomic checkpoints: the model and the next round, so a killed node resumes where it was.
+
+Written to a temporary file, fsynced, renamed over the old one and the directory fsynced:
+a crash at any moment leaves either the old or the new checkpoint, never a torn one.
+Loaded with ``allow_pickle=False`` (never change that: a checkpoint is a file like any other).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from p2pfl.errors import P2PFLError
+
+CHECKPOINT_NAME = "checkpoint.npz"
+
+
+class CheckpointError(P2PFLError, ValueError):
+    """A checkpoint exists but cannot be used (corrupt, or made with another config)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    next_round: int
+    params: np.ndarray
+    lamport: int
+    digest: bytes
+
+
+def save_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
+    path = state_dir / CHECKPOINT_NAME
+    tmp = state_dir / (CHECKPOINT_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            params=checkpoint.params,
+            next_round=np.int64(checkpoint.next_round),
+            lamport=np.int64(checkpoint.lamport),
+            digest=np.frombuffer(checkpoint.digest, dtype=np.uint8),
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(state_dir: Path, *, expected_digest: bytes, expected_size: int) -> Checkpoint | None:
+    """Return the checkpoint in ``state_dir``, None if there is none, or raise CheckpointError."""
+    path = state_dir / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            params = np.array(data["params"], dtype=np.float32)
+            next_round = int(data["next_round"])
+            lamport = int(data["lamport"])
+            digest = bytes(data["digest"].astype(np.uint8))
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
+    if digest != expected_digest:
+        raise CheckpointError(
+            f"{path}: made with config digest {digest.hex()[:16]}, but the config now has "
+            f"{expected_digest.hex()[:16]}; move the state directory away to start afresh"
+        )
+    if params.shape != (expected_size,):
+        raise CheckpointError(
+            f"{path}: holds {params.size} parameters, the model has {expected_size}"
+        )
+    return Checkpoint(next_round, params, lamport, digest)

@@ -1,0 +1,262 @@
+"""The ``p2pfl`` command line: keygen, pubkey, init, check, run."""
+
+from __future__ import annotations
+
+import os
+
+# One BLAS thread per peer process (DESIGN section 6: 8 peers ran 11x slower with one
+# thread per core each). Must happen before numpy is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+
+from p2pfl.errors import P2PFLError  # noqa: E402
+
+log = logging.getLogger("p2pfl")
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from p2pfl.keys import generate_key_file
+
+    public = generate_key_file(Path(args.keyfile))
+    print(public)
+    return 0
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    from p2pfl.keys import load_private_key, public_key_b64
+
+    print(public_key_b64(load_private_key(Path(args.keyfile))))
+    return 0
+
+
+def _parse_topology(text: str) -> dict[str, Any]:
+    if text in ("full", "ring"):
+        return {"kind": text}
+    if text.startswith("k-regular:"):
+        return {"kind": "k-regular", "degree": int(text.split(":", 1)[1])}
+    raise argparse.ArgumentTypeError(f"unknown topology {text!r} (full, ring, k-regular:D)")
+
+
+def _parse_model(text: str) -> dict[str, Any]:
+    if text == "softmax":
+        return {"kind": "softmax"}
+    if text == "mlp" or text.startswith("mlp:"):
+        hidden = [int(h) for h in text.split(":", 1)[1].split(",")] if ":" in text else [64]
+        return {"kind": "mlp", "hidden": hidden}
+    raise argparse.ArgumentTypeError(f"unknown model {text!r} (softmax, mlp, mlp:H1,H2)")
+
+
+def build_local_config(
+    *,
+    peers: list[str],
+    public_keys: dict[str, str],
+    host: str,
+    ports: dict[str, int],
+    network: str,
+    seed: int,
+    rounds: int,
+    topology: dict[str, Any],
+    model: dict[str, Any],
+    inputs: int,
+    classes: int,
+    learning_rate: float,
+    batch_size: int,
+    round_timeout: float,
+) -> dict[str, Any]:
+    """The shared peers.yaml content for a set of peers on one host."""
+    return {
+        "version": 1,
+        "network": network,
+        "seed": seed,
+        "peers": {
+            p: {"address": f"ws://{host}:{ports[p]}", "public_key": public_keys[p]} for p in peers
+        },
+        "topology": topology,
+        "training": {
+            "rounds": rounds,
+            "local_epochs": 1,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "round_timeout": round_timeout,
+            "model": {**model, "inputs": inputs, "classes": classes},
+        },
+        "aggregation": {"rule": "metropolis", "secure": False},
+    }
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from p2pfl.config import load_config
+    from p2pfl.keys import generate_key_file
+
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    out = Path(args.out)
+    keys_dir = out / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out / "peers.yaml"
+    if config_path.exists():
+        raise P2PFLError(f"{config_path} already exists; choose another --out")
+    public = {p: generate_key_file(keys_dir / f"{p}.key") for p in peers}
+    ports = {p: args.base_port + i for i, p in enumerate(peers)}
+    data = build_local_config(
+        peers=peers,
+        public_keys=public,
+        host=args.host,
+        ports=ports,
+        network=args.network,
+        seed=args.seed,
+        rounds=args.rounds,
+        topology=args.topology,
+        model=args.model,
+        inputs=args.inputs,
+        classes=args.classes,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        round_timeout=args.round_timeout,
+    )
+    header = (
+        "# Written by `p2pfl init` for a local run. Every peer uses this same file;\n"
+        "# private keys are in keys/<id>.key (mode 0600) and never leave their owner.\n"
+    )
+    config_path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    config = load_config(config_path)
+    print(f"wrote {config_path} (digest {config.digest_hex}) and {len(peers)} keys in {keys_dir}/")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from p2pfl.config import load_config
+    from p2pfl.topology import graph_for_round
+
+    config = load_config(Path(args.config))
+    graph = graph_for_round(config.topology, config.peer_ids, config.seed, 0)
+    print(f"{config.source}: valid (version {config.version}, network {config.network!r})")
+    print(f"config digest: {config.digest.hex()}")
+    topo = config.topology
+    extra = f", degree {topo.degree}" if topo.degree else ""
+    if topo.resample_every:
+        extra += f", resampled every {topo.resample_every} rounds (neighbours below: round 0)"
+    print(f"topology: {topo.kind}{extra}")
+    width = max(len(p) for p in config.peer_ids)
+    print(f"{'peer':<{width}}  {'address':<28}  neighbours")
+    for peer_id in config.peer_ids:
+        peer = config.peers[peer_id]
+        print(f"{peer_id:<{width}}  {peer.address:<28}  {', '.join(sorted(graph[peer_id]))}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from p2pfl.config import load_config
+    from p2pfl.errors import ConfigError
+    from p2pfl.keys import load_private_key, public_key_b64
+    from p2pfl.learning import load_dataset
+    from p2pfl.node import Node, NodeOptions
+
+    config = load_config(Path(args.config))
+    if args.id not in config.peers:
+        raise ConfigError(
+            config.source, "peers", f"no peer {args.id!r} (known: {', '.join(config.peer_ids)})"
+        )
+    key = load_private_key(Path(args.key))
+    if public_key_b64(key) != public_key_b64_of(config, args.id):
+        raise ConfigError(
+            config.source,
+            f"peers.{args.id}.public_key",
+            f"does not match the private key in {args.key}",
+        )
+    data = load_dataset(Path(args.data), val_path=Path(args.val_data) if args.val_data else None)
+    host, port = None, None
+    if args.listen:
+        host, _, port_text = args.listen.rpartition(":")
+        port = int(port_text)
+    node = Node(
+        config,
+        NodeOptions(node_id=args.id, state_dir=Path(args.state_dir), listen_host=host or None, listen_port=port),
+        key,
+        data,
+    )
+    return asyncio.run(node.run())
+
+
+def public_key_b64_of(config: Any, peer_id: str) -> str:
+    import base64
+
+    return base64.b64encode(config.peers[peer_id].public_key).decode()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pfl", description="Peer-to-peer federated learning daemon (no coordinator)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="create an X25519 private key file (mode 0600)")
+    p.add_argument("keyfile")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("pubkey", help="print the public key of a private key file")
+    p.add_argument("keyfile")
+    p.set_defaults(func=_cmd_pubkey)
+
+    p = sub.add_parser("init", help="write peers.yaml and keys for a local multi-peer run")
+    p.add_argument("--peers", required=True, help="comma-separated peer ids, e.g. alice,bob,carol")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--base-port", type=int, default=7070)
+    p.add_argument("--out", required=True)
+    p.add_argument("--network", default="local")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--topology", type=_parse_topology, default={"kind": "full"})
+    p.add_argument("--model", type=_parse_model, default={"kind": "mlp", "hidden": [64]})
+    p.add_argument("--inputs", type=int, default=64, help="features per sample (digits: 64)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--round-timeout", type=float, default=30.0)
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("check", help="validate a peers.yaml; print peers, neighbours and digest")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("run", help="run one node")
+    p.add_argument("config")
+    p.add_argument("--id", required=True, help="this node's peer id in the config")
+    p.add_argument("--key", required=True, help="this node's private key file")
+    p.add_argument("--data", required=True, help=".npz (x, y, optional x_val, y_val) or .csv")
+    p.add_argument("--val-data", help="validation data (.npz or .csv), if not inside --data")
+    p.add_argument("--state-dir", required=True, help="events.jsonl and checkpoints go here")
+    p.add_argument("--listen", help="HOST:PORT to bind instead of the config address")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if not args.verbose:
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except P2PFLError as exc:
+        print(f"p2pfl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,863 @@
+"""Load and validate the shared ``peers.yaml``, and compute its canonical digest.
+
+Every peer reads the same file, and peers compare the digest during the handshake, so
+validation is strict: unknown keys, wrong types and out-of-range values are errors that
+name the file, the exact field (``peers.alice.public_key``, ``training.model.hidden[1]``)
+and what was expected. A typo must never fall back silently to a default, because two
+peers would then run with different settings while believing they agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import difflib
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, NoReturn, cast, get_args
+
+import yaml
+
+from p2pfl.errors import ConfigError
+from p2pfl.keys import decode_public_key
+from p2pfl.topology import graph_for_round, is_connected
+
+__all__ = [
+    "AggregationConfig",
+    "Config",
+    "LimitsConfig",
+    "ModelConfig",
+    "NetConfig",
+    "PeerInfo",
+    "TopologyConfig",
+    "TopologyKind",
+    "TrainingConfig",
+    "load_config",
+    "parse_config",
+]
+
+TopologyKind = Literal["full", "ring", "k-regular", "explicit"]
+
+SUPPORTED_VERSION = 1
+MODEL_KINDS = ("softmax", "mlp", "custom")
+AGGREGATION_RULES = ("metropolis",)
+_TOPOLOGY_KINDS: tuple[str, ...] = get_args(TopologyKind)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ADDRESS_RE = re.compile(r"ws://(?P<host>\[[^\]]*\]|[^\[\]/:@?#\s]+):(?P<port>[0-9]{1,5})")
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_FACTORY_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
+
+_MAX_FILE_BYTES = 1 << 20
+# Bounds on what a YAML document may expand to (aliases can multiply a small file).
+_MAX_YAML_NODES = 100_000
+_MAX_DEPTH = 64
+# Durations above a week are almost certainly milliseconds written as seconds.
+_MAX_SECONDS = 7 * 24 * 3600.0
+_MAX_SEED = 2**64 - 1
+_MIN_CHUNK, _MAX_CHUNK = 4096, 4 * 1024 * 1024
+_MAX_BUFFERED_ROUNDS = 16
+_MAX_CONNECTIONS = 65535
+_TOP_LEVEL_KEYS = (
+    "version",
+    "network",
+    "seed",
+    "peers",
+    "topology",
+    "training",
+    "aggregation",
+    "limits",
+    "net",
+)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """One roster entry; ``host`` and ``port`` are parsed from ``address`` for dialling."""
+
+    id: str
+    address: str
+    public_key: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """The communication graph: ``degree`` only for k-regular, ``edges`` only for explicit."""
+
+    kind: TopologyKind
+    degree: int | None
+    edges: tuple[tuple[str, str], ...]
+    resample_every: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model every peer builds from the shared seed (hidden for mlp, factory for custom)."""
+
+    kind: str
+    inputs: int
+    classes: int
+    hidden: tuple[int, ...]
+    factory: str | None
+    options: Mapping[str, Any]
+
+    def as_mapping(self) -> dict[str, Any]:
+        """A plain, JSON-compatible copy (for model factories and the digest)."""
+        return {
+            "kind": self.kind,
+            "inputs": self.inputs,
+            "classes": self.classes,
+            "hidden": list(self.hidden),
+            "factory": self.factory,
+            "options": copy.deepcopy(dict(self.options)),
+        }
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    round_timeout: float
+    startup_timeout: float
+    model: ModelConfig
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    rule: str
+    secure: bool
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Resource bounds; ``max_connections`` 0 means derived from the topology."""
+
+    max_buffered_rounds: int = 2
+    chunk_bytes: int = 262144
+    max_connections: int = 0
+    handshake_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    reconnect_min: float = 0.05
+    reconnect_max: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated ``peers.yaml``. ``digest`` is SHA-256 of its canonical JSON form."""
+
+    source: str
+    version: int
+    network: str
+    seed: int
+    peers: Mapping[str, PeerInfo]
+    topology: TopologyConfig
+    training: TrainingConfig
+    aggregation: AggregationConfig
+    limits: LimitsConfig
+    net: NetConfig
+    digest: bytes = field(repr=False)
+
+    @property
+    def peer_ids(self) -> tuple[str, ...]:
+        """All peer ids, sorted (the order every peer uses for shared decisions)."""
+        return tuple(sorted(self.peers))
+
+    @property
+    def digest_hex(self) -> str:
+        """Short digest for logs and error messages (the full digest is compared)."""
+        return self.digest.hex()[:16]
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The normalised shared configuration that the digest covers."""
+        return _shared_mapping(
+            version=self.version,
+            network=self.network,
+            seed=self.seed,
+            peers=self.peers,
+            topology=self.topology,
+            training=self.training,
+            aggregation=self.aggregation,
+            limits=self.limits,
+            net=self.net,
+        )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a ``peers.yaml`` file."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            raw = handle.read(_MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(source, "<file>", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "<file>", "is a directory, expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(source, "<file>", f"cannot read the file: {exc.strerror}") from None
+    if len(raw) > _MAX_FILE_BYTES:
+        raise ConfigError(source, "<file>", "file is larger than 1 MiB; not a peers.yaml")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source, "<file>", f"not valid UTF-8 text (bad byte at offset {exc.start})"
+        ) from None
+    return parse_config(_load_yaml(text, source), source)
+
+
+def parse_config(data: object, source: str) -> Config:
+    """Validate already-loaded YAML data (plain dicts, lists and scalars) into a Config."""
+    p = _Parser(source)
+    return p.config(data)
+
+
+# ---------------------------------------------------------------------------- YAML
+
+
+def _load_yaml(text: str, source: str) -> object:
+    """``yaml.safe_load``, after a check of the node tree for what safe_load lets through.
+
+    ``yaml.compose`` builds only the node tree (no objects are constructed), which is
+    where duplicate keys are still visible: PyYAML would otherwise keep the last one
+    silently. The same walk bounds alias expansion and rejects self-referencing anchors.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_nodes(root, source)
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = exc.problem or exc.context or "syntax error"
+        raise ConfigError(source, "<yaml>", f"invalid YAML at {where}{what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "<yaml>", f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(source, "<yaml>", "the document is nested too deeply") from None
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    budget = [_MAX_YAML_NODES]
+
+    def walk(node: yaml.Node, path: str, ancestors: frozenset[int]) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(
+                source, "<yaml>", f"the document expands to more than {_MAX_YAML_NODES} values"
+            )
+        if id(node) in ancestors:
+            raise ConfigError(source, path or "<top level>", "an alias refers to itself")
+        if len(ancestors) > _MAX_DEPTH:
+            raise ConfigError(source, path, f"nested more than {_MAX_DEPTH} levels deep")
+        inner = ancestors | {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    walk(value_node, path, inner)
+                    continue
+                child = path
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = (key_node.tag, key_node.value)
+                    line = key_node.start_mark.line + 1
+                    child = _join(path, key_node.value)
+                    if key in seen:
+                        raise ConfigError(
+                            source,
+                            child,
+                            f"duplicate key {key_node.value!r} (line {seen[key]} and line {line})",
+                        )
+                    seen[key] = line
+                walk(value_node, child, inner)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{path}[{index}]", inner)
+
+    walk(root, "", frozenset())
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _show(value: object) -> str:
+    """How a wrong value is quoted back to the operator."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if value is None:
+        return "nothing (an empty or null value)"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return repr(text)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a value of type {type(value).__name__}"
+
+
+def _number_hint(value: object) -> str:
+    """PyYAML (YAML 1.1) reads ``1e-3`` as text; say so instead of a bare type error."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return (
+            " (text, not a number: it is quoted, or it is an exponent without a decimal"
+            " point, which YAML 1.1 reads as text; write 0.001 or 1.0e-3, not 1e-3)"
+        )
+    return ""
+
+
+class _Parser:
+    """Validates one document; every error carries the source and the field path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, problem: str) -> NoReturn:
+        raise ConfigError(self.source, path or "<top level>", problem)
+
+    # -- primitives
+
+    def section(
+        self,
+        value: object,
+        path: str,
+        allowed: Sequence[str],
+        required: Sequence[str] = (),
+        expected: str = "a mapping",
+    ) -> dict[str, Any]:
+        """A mapping with string keys, no unknown keys and all required keys present."""
+        if not isinstance(value, Mapping):
+            self.fail(path, f"expected {expected}, got {_show(value)}")
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                self.fail(
+                    _join(path, key),
+                    f"keys must be text, got {_show(key)} (quote it if it is meant as a name)",
+                )
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                self.fail(
+                    _join(path, key),
+                    f"unknown key; {hint}expected one of: {', '.join(allowed)}",
+                )
+            result[key] = item
+        for key in required:
+            if key not in result:
+                self.fail(_join(path, key), "required field is missing")
+        return result
+
+    def integer(self, value: object, path: str, low: int, high: int | None = None) -> int:
+        expected = (
+            f"an integer >= {low}" if high is None else f"an integer between {low} and {high}"
+        )
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, f"expected {expected}, got {_show(value)}{_number_hint(value)}")
+        if value < low or (high is not None and value > high):
+            self.fail(path, f"expected {expected}, got {value}")
+        return value
+
+    def positive(self, value: object, path: str, high: float | None = None) -> float:
+        """A finite number > 0 (integers accepted and stored as float)."""
+        expected = "a number > 0" if high is None else f"a number > 0 and <= {high:g}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(path, f"expected {expected}, got {_show(value)}{_number_hint(value)}")
+        number = float(value)
+        if not math.isfinite(number) or number <= 0 or (high is not None and number > high):
+            self.fail(path, f"expected {expected}, got {value!r}")
+        return number
+
+    def seconds(self, value: object, path: str) -> float:
+        return self.positive(value, path, _MAX_SECONDS)
+
+    def boolean(self, value: object, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"expected true or false, got {_show(value)}")
+        return value
+
+    def choice(self, value: object, path: str, choices: Sequence[str]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            self.fail(path, f"expected one of: {', '.join(choices)}; got {_show(value)}")
+        return value
+
+    def name(self, value: object, path: str, what: str) -> str:
+        expected = f"{what} of 1-64 characters from A-Z a-z 0-9 . _ -"
+        if not isinstance(value, str):
+            hint = " (quote it if it looks like a number)" if isinstance(value, int) else ""
+            self.fail(path, f"expected {expected}, got {_show(value)}{hint}")
+        if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
+            self.fail(path, f"expected {expected} (not '.' or '..'), got {_show(value)}")
+        return value
+
+    def json_value(self, value: object, path: str, depth: int = 0) -> Any:
+        """A deep copy restricted to what JSON can express (the digest is canonical JSON)."""
+        if depth > _MAX_DEPTH:
+            self.fail(path, f"nested more than {_MAX_DEPTH} levels deep")
+        if value is None or isinstance(value, bool | int | str):
+            return value
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                self.fail(path, f"expected a finite number, got {value!r}")
+            return value
+        if isinstance(value, list | tuple):
+            return [self.json_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        if isinstance(value, Mapping):
+            result: dict[str, Any] = {}
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    self.fail(_join(path, key), f"keys must be text, got {_show(key)}")
+                result[key] = self.json_value(item, _join(path, key), depth + 1)
+            return result
+        self.fail(
+            path,
+            f"expected text, a number, true/false, null, a list or a mapping, got {_show(value)}",
+        )
+
+    # -- document
+
+    def config(self, data: object) -> Config:
+        expected = "a mapping with version, network, seed, peers and training"
+        if data is None:
+            self.fail("", f"the file is empty; expected {expected}")
+        if not isinstance(data, Mapping):
+            self.fail("", f"expected {expected}, got {_show(data)}")
+        if "version" not in data:
+            self.fail("version", f"required field is missing; expected {SUPPORTED_VERSION}")
+        # The version is checked before anything else: a file written for a newer p2pfl
+        # should say so, not fail on keys this version does not know.
+        version = data["version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            self.fail("version", f"expected the integer {SUPPORTED_VERSION}, got {_show(version)}")
+        if version != SUPPORTED_VERSION:
+            self.fail(
+                "version",
+                f"unsupported version {version}; this p2pfl reads version {SUPPORTED_VERSION}",
+            )
+        root = self.section(data, "", _TOP_LEVEL_KEYS, ("network", "seed", "peers", "training"))
+        network = self.name(root["network"], "network", "a network name")
+        seed = self.integer(root["seed"], "seed", 0, _MAX_SEED)
+        peers = self.peers(root["peers"])
+        topology = self.topology(root.get("topology", {"kind": "full"}), tuple(peers))
+        self.check_graph(topology, tuple(peers), seed)
+        training = self.training(root["training"])
+        aggregation = self.aggregation(root.get("aggregation", {}))
+        limits = self.limits(root.get("limits", {}))
+        net = self.net(root.get("net", {}))
+        shared = _shared_mapping(
+            version=SUPPORTED_VERSION,
+            network=network,
+            seed=seed,
+            peers=peers,
+            topology=topology,
+            training=training,
+            aggregation=aggregation,
+            limits=limits,
+            net=net,
+        )
+        return Config(
+            source=self.source,
+            version=SUPPORTED_VERSION,
+            network=network,
+            seed=seed,
+            peers=MappingProxyType(peers),
+            topology=topology,
+            training=training,
+            aggregation=aggregation,
+            limits=limits,
+            net=net,
+            digest=_digest(shared),
+        )
+
+    def peers(self, value: object) -> dict[str, PeerInfo]:
+        expected = "a mapping of peer id to {address, public_key}"
+        if not isinstance(value, Mapping):
+            self.fail("peers", f"expected {expected}, got {_show(value)}")
+        found: dict[str, PeerInfo] = {}
+        for raw_id in value:
+            peer_id = self.name(raw_id, _join("peers", raw_id), "a peer id")
+            path = _join("peers", peer_id)
+            entry = self.section(
+                value[raw_id], path, ("address", "public_key"), ("address", "public_key")
+            )
+            host, port, address = self.address(entry["address"], _join(path, "address"))
+            key = self.public_key(entry["public_key"], _join(path, "public_key"))
+            found[peer_id] = PeerInfo(peer_id, address, key, host, port)
+        if len(found) < 2:
+            self.fail("peers", f"expected at least 2 peers, got {len(found)}")
+        ordered = {peer_id: found[peer_id] for peer_id in sorted(found)}
+        by_address: dict[str, str] = {}
+        by_key: dict[bytes, str] = {}
+        for peer_id, peer in ordered.items():
+            path = _join("peers", peer_id)
+            if peer.address in by_address:
+                self.fail(
+                    _join(path, "address"),
+                    f"{peer.address} is already the address of peer {by_address[peer.address]!r};"
+                    " every peer needs its own address",
+                )
+            if peer.public_key in by_key:
+                self.fail(
+                    _join(path, "public_key"),
+                    f"same public key as peer {by_key[peer.public_key]!r};"
+                    " every peer needs its own key pair (`p2pfl keygen`)",
+                )
+            by_address[peer.address] = peer_id
+            by_key[peer.public_key] = peer_id
+        return ordered
+
+    def address(self, value: object, path: str) -> tuple[str, int, str]:
+        """(host, port, normalised address) from ``ws://HOST:PORT``."""
+        expected = "an address of the form ws://HOST:PORT (for example ws://10.1.0.11:7070)"
+        if not isinstance(value, str):
+            self.fail(path, f"expected {expected}, got {_show(value)}")
+        match = _ADDRESS_RE.fullmatch(value)
+        if match is None:
+            self.fail(path, f"expected {expected}, got {_show(value)}")
+        host_text, port = match["host"], int(match["port"])
+        if not 1 <= port <= 65535:
+            self.fail(path, f"port must be between 1 and 65535, got {port}")
+        if host_text.startswith("["):
+            try:
+                host = ipaddress.IPv6Address(host_text[1:-1]).compressed
+            except ValueError:
+                self.fail(path, f"{host_text} is not a valid IPv6 address")
+            return host, port, f"ws://[{host}]:{port}"
+        if re.fullmatch(r"[0-9.]+", host_text):
+            try:
+                host = str(ipaddress.IPv4Address(host_text))
+            except ValueError:
+                self.fail(path, f"{host_text!r} is not a valid IPv4 address")
+        elif _HOSTNAME_RE.fullmatch(host_text):
+            host = host_text.lower()
+        else:
+            self.fail(path, f"{host_text!r} is not a valid host name or IP address")
+        return host, port, f"ws://{host}:{port}"
+
+    def public_key(self, value: object, path: str) -> bytes:
+        expected = "the base64 X25519 public key printed by `p2pfl keygen` (44 characters)"
+        if not isinstance(value, str):
+            self.fail(path, f"expected {expected}, got {_show(value)}")
+        try:
+            return decode_public_key(value)
+        except ValueError as exc:
+            self.fail(path, f"expected {expected}; {_show(value)} is {exc}")
+
+    def topology(self, value: object, ids: tuple[str, ...]) -> TopologyConfig:
+        section = self.section(
+            value, "topology", ("kind", "degree", "edges", "resample_every"), ("kind",)
+        )
+        kind = cast(TopologyKind, self.choice(section["kind"], "topology.kind", _TOPOLOGY_KINDS))
+        n = len(ids)
+        degree: int | None = None
+        edges: tuple[tuple[str, str], ...] = ()
+        if "degree" in section and kind != "k-regular":
+            self.fail("topology.degree", f"only used with kind k-regular (kind is {kind!r})")
+        if "edges" in section and kind != "explicit":
+            self.fail("topology.edges", f"only used with kind explicit (kind is {kind!r})")
+        if kind == "k-regular":
+            if "degree" not in section:
+                self.fail("topology.degree", "required for kind k-regular")
+            degree = self.integer(section["degree"], "topology.degree", 1, n - 1)
+            if (n * degree) % 2:
+                self.fail(
+                    "topology.degree",
+                    f"no {degree}-regular graph on {n} peers exists:"
+                    f" peers x degree must be even, got {n} x {degree}",
+                )
+        if kind == "explicit":
+            if "edges" not in section:
+                self.fail("topology.edges", "required for kind explicit")
+            edges = self.edges(section["edges"], ids)
+        resample_every = self.integer(
+            section.get("resample_every", 0), "topology.resample_every", 0
+        )
+        if resample_every and kind != "k-regular":
+            self.fail(
+                "topology.resample_every",
+                f"resampling only applies to kind k-regular (kind is {kind!r}); use 0 or remove it",
+            )
+        return TopologyConfig(kind, degree, edges, resample_every)
+
+    def edges(self, value: object, ids: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, list):
+            self.fail(
+                "topology.edges", f"expected a list of [peer, peer] pairs, got {_show(value)}"
+            )
+        known = set(ids)
+        first_seen: dict[tuple[str, str], int] = {}
+        for index, pair in enumerate(value):
+            path = f"topology.edges[{index}]"
+            if not isinstance(pair, list) or len(pair) != 2:
+                self.fail(path, f"expected a pair [peer, peer], got {_show(pair)}")
+            for end, peer in enumerate(pair):
+                if not isinstance(peer, str) or peer not in known:
+                    self.fail(
+                        f"{path}[{end}]",
+                        f"expected a peer id from peers ({', '.join(ids)}), got {_show(peer)}",
+                    )
+            a, b = sorted(cast(list[str], pair))
+            if a == b:
+                self.fail(path, f"self loop {a!r} -> {b!r}; an edge joins two different peers")
+            if (a, b) in first_seen:
+                self.fail(path, f"duplicate of topology.edges[{first_seen[(a, b)]}]")
+            first_seen[(a, b)] = index
+        return tuple(sorted(first_seen))
+
+    def check_graph(self, topology: TopologyConfig, ids: tuple[str, ...], seed: int) -> None:
+        """The graph must be connected, or the model could never reach consensus."""
+        try:
+            graph = graph_for_round(topology, ids, seed, 0)
+        except ValueError as exc:
+            self.fail("topology", str(exc))
+        if not is_connected(graph):
+            start = ids[0]
+            reach = {start}
+            frontier = [start]
+            while frontier:
+                for other in graph[frontier.pop()]:
+                    if other not in reach:
+                        reach.add(other)
+                        frontier.append(other)
+            cut_off = sorted(set(ids) - reach)
+            self.fail(
+                "topology",
+                f"the graph is not connected: {', '.join(cut_off)} cannot reach"
+                f" {', '.join(sorted(reach))}; add edges so every peer can reach every other",
+            )
+
+    def training(self, value: object) -> TrainingConfig:
+        keys = (
+            "rounds",
+            "local_epochs",
+            "batch_size",
+            "learning_rate",
+            "round_timeout",
+            "startup_timeout",
+            "model",
+        )
+        section = self.section(value, "training", keys, ("rounds", "model"))
+        return TrainingConfig(
+            rounds=self.integer(section["rounds"], "training.rounds", 1),
+            local_epochs=self.integer(section.get("local_epochs", 1), "training.local_epochs", 1),
+            batch_size=self.integer(section.get("batch_size", 32), "training.batch_size", 1),
+            learning_rate=self.positive(
+                section.get("learning_rate", 0.1), "training.learning_rate"
+            ),
+            round_timeout=self.seconds(
+                section.get("round_timeout", 30.0), "training.round_timeout"
+            ),
+            startup_timeout=self.seconds(
+                section.get("startup_timeout", 60.0), "training.startup_timeout"
+            ),
+            model=self.model(section["model"]),
+        )
+
+    def model(self, value: object) -> ModelConfig:
+        path = "training.model"
+        section = self.section(
+            value,
+            path,
+            ("kind", "inputs", "classes", "hidden", "factory", "options"),
+            ("kind", "inputs", "classes"),
+        )
+        kind = self.choice(section["kind"], f"{path}.kind", MODEL_KINDS)
+        inputs = self.integer(section["inputs"], f"{path}.inputs", 1)
+        classes = self.integer(section["classes"], f"{path}.classes", 2)
+        only: dict[str, str] = {"hidden": "mlp", "factory": "custom", "options": "custom"}
+        for key, owner in only.items():
+            if key in section and kind != owner:
+                self.fail(f"{path}.{key}", f"only used with kind {owner} (kind is {kind!r})")
+        hidden: tuple[int, ...] = ()
+        factory: str | None = None
+        options: dict[str, Any] = {}
+        if kind == "mlp":
+            hidden = self.hidden(section.get("hidden", [64]), f"{path}.hidden")
+        if kind == "custom":
+            if "factory" not in section:
+                self.fail(f"{path}.factory", 'required for kind custom ("module:function")')
+            factory = section["factory"]
+            if not isinstance(factory, str) or not _FACTORY_RE.fullmatch(factory):
+                self.fail(
+                    f"{path}.factory",
+                    f'expected "module:function" (e.g. mypkg.models:build), got {_show(factory)}',
+                )
+            raw_options = section.get("options", {})
+            if not isinstance(raw_options, Mapping):
+                self.fail(f"{path}.options", f"expected a mapping, got {_show(raw_options)}")
+            options = self.json_value(raw_options, f"{path}.options")
+        return ModelConfig(kind, inputs, classes, hidden, factory, MappingProxyType(options))
+
+    def hidden(self, value: object, path: str) -> tuple[int, ...]:
+        if not isinstance(value, list) or not value:
+            self.fail(
+                path, f"expected a non-empty list of layer sizes (e.g. [64]), got {_show(value)}"
+            )
+        return tuple(self.integer(size, f"{path}[{i}]", 1) for i, size in enumerate(value))
+
+    def aggregation(self, value: object) -> AggregationConfig:
+        section = self.section(value, "aggregation", ("rule", "secure"))
+        rule = self.choice(section.get("rule", "metropolis"), "aggregation.rule", AGGREGATION_RULES)
+        secure = self.boolean(section.get("secure", False), "aggregation.secure")
+        if secure:
+            self.fail(
+                "aggregation.secure", "secure aggregation is not implemented in this version yet"
+            )
+        return AggregationConfig(rule, secure)
+
+    def limits(self, value: object) -> LimitsConfig:
+        d = LimitsConfig()
+        section = self.section(
+            value,
+            "limits",
+            ("max_buffered_rounds", "chunk_bytes", "max_connections", "handshake_timeout"),
+        )
+        return LimitsConfig(
+            max_buffered_rounds=self.integer(
+                section.get("max_buffered_rounds", d.max_buffered_rounds),
+                "limits.max_buffered_rounds",
+                0,
+                _MAX_BUFFERED_ROUNDS,
+            ),
+            chunk_bytes=self.integer(
+                section.get("chunk_bytes", d.chunk_bytes),
+                "limits.chunk_bytes",
+                _MIN_CHUNK,
+                _MAX_CHUNK,
+            ),
+            max_connections=self.integer(
+                section.get("max_connections", d.max_connections),
+                "limits.max_connections",
+                0,
+                _MAX_CONNECTIONS,
+            ),
+            handshake_timeout=self.seconds(
+                section.get("handshake_timeout", d.handshake_timeout), "limits.handshake_timeout"
+            ),
+        )
+
+    def net(self, value: object) -> NetConfig:
+        d = NetConfig()
+        section = self.section(
+            value,
+            "net",
+            ("heartbeat_interval", "heartbeat_timeout", "reconnect_min", "reconnect_max"),
+        )
+
+        def get(key: str, default: float) -> float:
+            return self.seconds(section.get(key, default), f"net.{key}")
+
+        result = NetConfig(
+            heartbeat_interval=get("heartbeat_interval", d.heartbeat_interval),
+            heartbeat_timeout=get("heartbeat_timeout", d.heartbeat_timeout),
+            reconnect_min=get("reconnect_min", d.reconnect_min),
+            reconnect_max=get("reconnect_max", d.reconnect_max),
+        )
+        if result.heartbeat_timeout <= result.heartbeat_interval:
+            self.fail(
+                "net.heartbeat_timeout",
+                f"must be greater than heartbeat_interval ({result.heartbeat_interval:g}),"
+                f" got {result.heartbeat_timeout:g}",
+            )
+        if result.reconnect_min > result.reconnect_max:
+            self.fail(
+                "net.reconnect_max",
+                f"must be >= reconnect_min ({result.reconnect_min:g}),"
+                f" got {result.reconnect_max:g}",
+            )
+        return result
+
+
+# --------------------------------------------------------------------------- digest
+
+
+def _shared_mapping(
+    *,
+    version: int,
+    network: str,
+    seed: int,
+    peers: Mapping[str, PeerInfo],
+    topology: TopologyConfig,
+    training: TrainingConfig,
+    aggregation: AggregationConfig,
+    limits: LimitsConfig,
+    net: NetConfig,
+) -> dict[str, Any]:
+    """The normalised shared configuration: defaults filled in, one spelling per value."""
+    return {
+        "version": version,
+        "network": network,
+        "seed": seed,
+        "peers": {
+            peer_id: {
+                "address": peer.address,
+                "public_key": base64.b64encode(peer.public_key).decode("ascii"),
+            }
+            for peer_id, peer in sorted(peers.items())
+        },
+        "topology": {
+            "kind": topology.kind,
+            "degree": topology.degree,
+            "edges": [list(edge) for edge in sorted(topology.edges)],
+            "resample_every": topology.resample_every,
+        },
+        "training": {
+            "rounds": training.rounds,
+            "local_epochs": training.local_epochs,
+            "batch_size": training.batch_size,
+            "learning_rate": training.learning_rate,
+            "round_timeout": training.round_timeout,
+            "startup_timeout": training.startup_timeout,
+            "model": training.model.as_mapping(),
+        },
+        "aggregation": {"rule": aggregation.rule, "secure": aggregation.secure},
+        "limits": {
+            "max_buffered_rounds": limits.max_buffered_rounds,
+            "chunk_bytes": limits.chunk_bytes,
+            "max_connections": limits.max_connections,
+            "handshake_timeout": limits.handshake_timeout,
+        },
+        "net": {
+            "heartbeat_interval": net.heartbeat_interval,
+            "heartbeat_timeout": net.heartbeat_timeout,
+            "reconnect_min": net.reconnect_min,
+            "reconnect_max": net.reconnect_max,
+        },
+    }
+
+
+def _digest(shared: Mapping[str, Any]) -> bytes:
+    canonical = json.dumps(
+        shared, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+    return hashlib.sha256(canonical.encode("ascii")).digest()

@@ -1,0 +1,429 @@
+"""The websockets shell: listen, dial, handshake, and move encrypted records.
+
+This module only moves bytes. What the bytes mean is decided by the pure modules
+(``handshake``, ``channel``, ``wire``) and by the node, which receives authenticated
+messages through the ``LinkHandler`` callbacks. Anything a remote end does wrong ends that
+one connection with a logged rejection; the node keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import Connection
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from p2pfl.channel import Channel
+from p2pfl.config import Config
+from p2pfl.errors import DigestMismatch, HandshakeError, RemoteProtocolError
+from p2pfl.events import EventLog
+from p2pfl.handshake import TAGLEN, IKHandshake
+from p2pfl.transfer import StreamReceiver, iter_chunks
+from p2pfl.wire import (
+    CHUNK_OVERHEAD,
+    PROLOGUE,
+    REPLY_DIGEST_MISMATCH,
+    REPLY_OK,
+    Message,
+    Status,
+    decode_hello,
+    decode_message,
+    decode_reply,
+    encode_hello,
+    encode_params_begin,
+    encode_params_chunk,
+    encode_reply,
+    encode_status,
+)
+
+log = logging.getLogger("p2pfl.net")
+
+#: Close codes we send. Reasons stay generic: details go to our log, not to the peer.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013
+
+
+def fingerprint(public_key: bytes) -> str:
+    """A short, log-safe name for a public key."""
+    return base64.b64encode(public_key).decode()[:12]
+
+
+class LinkHandler(Protocol):
+    """What the network needs from the node."""
+
+    def current_round(self) -> int: ...
+
+    def link_up(self, link: PeerLink) -> None: ...
+
+    def link_down(self, link: PeerLink, reason: str) -> None: ...
+
+    def message(self, link: PeerLink, msg: Message) -> None:
+        """Handle one authenticated message; raise RemoteProtocolError to drop the link."""
+
+
+class PeerLink:
+    """One authenticated connection to a peer: a websocket plus its record channel."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        ws: Connection,
+        channel: Channel,
+        *,
+        expected_bytes: int,
+        initiator: bool,
+    ) -> None:
+        self.peer_id = peer_id
+        self.ws = ws
+        self.channel = channel
+        self.initiator = initiator
+        self.receiver = StreamReceiver(expected_bytes)
+        self.stream_started = 0.0
+        self.last_heard = time.monotonic()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._send_lock = asyncio.Lock()
+        self.closed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<PeerLink {self.peer_id} {'out' if self.initiator else 'in'}>"
+
+    async def _send_record(self, plaintext: bytes | bytearray) -> None:
+        record = self.channel.seal(plaintext)
+        self.bytes_sent += len(record)
+        await self.ws.send(record)
+
+    async def send_status(self, lamport: int, round_index: int) -> None:
+        async with self._send_lock:
+            await self._send_record(encode_status(lamport, round_index))
+
+    async def send_params(
+        self, lamport: int, round_index: int, flat_params: object, chunk_bytes: int
+    ) -> int:
+        """Send one parameter stream; returns the bytes put on the wire."""
+        import numpy as np
+
+        assert isinstance(flat_params, np.ndarray)
+        before = self.bytes_sent
+        async with self._send_lock:
+            await self._send_record(encode_params_begin(lamport, round_index, flat_params.nbytes))
+            for offset, piece in iter_chunks(flat_params, chunk_bytes):
+                await self._send_record(encode_params_chunk(lamport, round_index, offset, piece))
+        return self.bytes_sent - before
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code, reason)
+
+
+@dataclass(frozen=True)
+class NetLimits:
+    """Every limit of the transport in one place (derived from config and model size)."""
+
+    max_record: int
+    max_chunk: int
+    max_connections: int
+    handshake_timeout: float
+    open_timeout: float
+    max_queue: int = 16
+
+
+class Network:
+    """Listener, dialers and the per-connection receive loops of one node."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        own_id: str,
+        private_key: X25519PrivateKey,
+        handler: LinkHandler,
+        events: EventLog,
+        expected_bytes: int,
+    ) -> None:
+        self.config = config
+        self.own_id = own_id
+        self.private_key = private_key
+        self.handler = handler
+        self.events = events
+        self.expected_bytes = expected_bytes
+        chunk = config.limits.chunk_bytes
+        self.limits = NetLimits(
+            max_record=chunk + CHUNK_OVERHEAD + TAGLEN,
+            max_chunk=chunk,
+            max_connections=config.limits.max_connections or 2 * len(config.peers) + 8,
+            handshake_timeout=config.limits.handshake_timeout,
+            open_timeout=config.limits.handshake_timeout,
+        )
+        self.id_by_key = {p.public_key: p.id for p in config.peers.values()}
+        self.links: dict[str, PeerLink] = {}
+        self._open_sockets = 0
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.reconnects = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def _ws_options(self) -> dict[str, object]:
+        return {
+            "max_size": self.limits.max_record,
+            "max_queue": self.limits.max_queue,
+            "compression": None,  # parameters do not compress; masked data never will
+            "ping_interval": None,  # liveness is our own STATUS heartbeat
+            "close_timeout": 2,
+        }
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start accepting connections; returns the bound port (useful with port 0)."""
+        self._server = await serve(
+            self._accept,
+            host,
+            port,
+            open_timeout=self.limits.open_timeout,
+            **self._ws_options(),  # type: ignore[arg-type]
+        )
+        bound = int(next(iter(self._server.sockets)).getsockname()[1])
+        self.events.emit("listen", host=host, port=bound)
+        log.info("%s listening on %s:%d", self.own_id, host, bound)
+        return bound
+
+    def dial(self, peer_id: str) -> None:
+        """Keep a connection to ``peer_id`` up for as long as the network runs."""
+        self._spawn(self._dial_forever(peer_id))
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        for link in list(self.links.values()):
+            await link.close(CLOSE_GOING_AWAY, "shutting down")
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    # --- accepting -------------------------------------------------------------------------
+
+    async def _accept(self, ws: ServerConnection) -> None:
+        remote = _address(ws)
+        if self._open_sockets >= self.limits.max_connections:
+            self.events.emit("reject", addr=remote, reason="too many connections")
+            await ws.close(CLOSE_TRY_LATER, "try later")
+            return
+        self._open_sockets += 1
+        try:
+            link, first = await self._respond(ws, remote)
+        except HandshakeError as exc:
+            self.events.emit("handshake_fail", addr=remote, reason=str(exc), role="responder")
+            log.warning("handshake from %s refused: %s", remote, exc)
+            await ws.close(CLOSE_POLICY, "")
+            self._open_sockets -= 1
+            return
+        except (ConnectionClosed, TimeoutError) as exc:
+            self.events.emit("handshake_fail", addr=remote, reason=_describe(exc), role="responder")
+            self._open_sockets -= 1
+            return
+        try:
+            await self._run_link(link, first)
+        finally:
+            self._open_sockets -= 1
+
+    async def _respond(self, ws: ServerConnection, remote: str) -> tuple[PeerLink, Status]:
+        timeout = self.limits.handshake_timeout
+        msg1 = await asyncio.wait_for(ws.recv(decode=False), timeout)
+        hs = IKHandshake(initiator=False, static=self.private_key, prologue=PROLOGUE)
+        hello = decode_hello(hs.read_message(msg1))
+        peer_id = self.id_by_key.get(hs.remote_static)
+        if peer_id is None:
+            raise HandshakeError(f"unknown public key {fingerprint(hs.remote_static)}")
+        if hello.peer_id != peer_id:
+            raise HandshakeError(f"key of {peer_id!r} presented with id {hello.peer_id!r}")
+        if peer_id == self.own_id:
+            raise HandshakeError("a peer presented our own key")
+        if hello.digest != self.config.digest:
+            await ws.send(hs.write_message(encode_reply(REPLY_DIGEST_MISMATCH, self.config.digest)))
+            raise DigestMismatch(self.config.digest.hex()[:16], hello.digest.hex()[:16])
+        await ws.send(hs.write_message(encode_reply(REPLY_OK, self.config.digest)))
+        channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
+        # Key confirmation: message 1 alone could be a replay, so the link only counts once
+        # the initiator proves it holds the session keys with a first record.
+        record = await asyncio.wait_for(ws.recv(decode=False), timeout)
+        try:
+            first = decode_message(channel.open(record), max_chunk=self.limits.max_chunk)
+        except RemoteProtocolError as exc:
+            raise HandshakeError(f"key confirmation from {peer_id} failed: {exc}") from exc
+        if not isinstance(first, Status):
+            raise HandshakeError(f"{peer_id} did not open with STATUS")
+        link = PeerLink(
+            peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=False
+        )
+        return link, first
+
+    # --- dialing ---------------------------------------------------------------------------
+
+    async def _dial_forever(self, peer_id: str) -> None:
+        low, high = self.config.net.reconnect_min, self.config.net.reconnect_max
+        delay = low
+        first_attempt = True
+        while not self._stopping:
+            try:
+                link = await self._dial_once(peer_id)
+            except DigestMismatch as exc:
+                self.events.emit("handshake_fail", peer=peer_id, reason=str(exc), role="initiator")
+                log.error("%s: %s", peer_id, exc)
+                delay = high
+            except HandshakeError as exc:
+                self.events.emit("handshake_fail", peer=peer_id, reason=str(exc), role="initiator")
+                log.warning("handshake with %s failed: %s", peer_id, exc)
+            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, InvalidURI) as exc:
+                log.debug("cannot reach %s yet: %s", peer_id, _describe(exc))
+            else:
+                if not first_attempt:
+                    self.reconnects += 1
+                first_attempt = False
+                delay = low
+                await self._run_link(link, None)
+                if self._stopping:
+                    return
+            # Exponential backoff with jitter, so restarted peers do not reconnect in lockstep.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, high)
+
+    async def _dial_once(self, peer_id: str) -> PeerLink:
+        peer = self.config.peers[peer_id]
+        ws: ClientConnection = await connect(
+            peer.address,
+            open_timeout=self.limits.open_timeout,
+            proxy=None,
+            user_agent_header=None,
+            **self._ws_options(),  # type: ignore[arg-type]
+        )
+        try:
+            timeout = self.limits.handshake_timeout
+            hs = IKHandshake(
+                initiator=True,
+                static=self.private_key,
+                prologue=PROLOGUE,
+                remote_static=peer.public_key,
+            )
+            await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
+            reply = decode_reply(hs.read_message(await asyncio.wait_for(ws.recv(decode=False), timeout)))
+            if reply.status == REPLY_DIGEST_MISMATCH:
+                raise DigestMismatch(self.config.digest.hex()[:16], reply.digest.hex()[:16])
+            channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
+            link = PeerLink(peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=True)
+            await link.send_status(self.events.clock.tick(), self.handler.current_round())
+            return link
+        except BaseException:
+            await ws.close(CLOSE_POLICY, "")
+            raise
+
+    # --- a live link -------------------------------------------------------------------------
+
+    async def _run_link(self, link: PeerLink, first: Status | None) -> None:
+        old = self.links.get(link.peer_id)
+        self.links[link.peer_id] = link
+        if old is not None:  # the peer restarted or reconnected: the new link wins
+            await old.close(CLOSE_NORMAL, "replaced")
+        self.events.emit("connect", peer=link.peer_id, role="out" if link.initiator else "in")
+        self.events.emit("handshake_ok", peer=link.peer_id)
+        log.info("%s: connected to %s", self.own_id, link.peer_id)
+        reason = "closed"
+        try:
+            if not link.initiator:
+                await link.send_status(self.events.clock.tick(), self.handler.current_round())
+            self.handler.link_up(link)
+            if first is not None:
+                self._dispatch(link, first)
+            while True:
+                record = await link.ws.recv(decode=False)
+                link.last_heard = time.monotonic()
+                link.bytes_received += len(record)
+                msg = decode_message(link.channel.open(record), max_chunk=self.limits.max_chunk)
+                self._dispatch(link, msg)
+        except RemoteProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            self.events.emit("reject", peer=link.peer_id, reason=str(exc))
+            log.warning("dropping %s: %s", link.peer_id, exc)
+            await link.close(CLOSE_POLICY, "protocol error")
+        except ConnectionClosed as exc:
+            reason = _describe(exc)
+            if exc.sent is not None and exc.sent.code == CLOSE_TOO_BIG:
+                self.events.emit("reject", peer=link.peer_id, reason="frame above the size limit")
+                log.warning("dropping %s: frame above the size limit", link.peer_id)
+        except asyncio.CancelledError:
+            reason = "shutting down"
+            raise
+        finally:
+            link.receiver.abort()
+            link.closed.set()
+            if self.links.get(link.peer_id) is link:
+                del self.links[link.peer_id]
+            self.events.emit("disconnect", peer=link.peer_id, reason=reason)
+            self.handler.link_down(link, reason)
+
+    def _dispatch(self, link: PeerLink, msg: Message) -> None:
+        self.events.clock.observe(msg.lamport)
+        self.handler.message(link, msg)
+
+    def check_heartbeats(self, now: float, timeout: float) -> None:
+        """Close links that have been silent for longer than ``timeout``."""
+        for link in list(self.links.values()):
+            if now - link.last_heard > timeout:
+                self.events.emit("reject", peer=link.peer_id, reason="heartbeat timeout")
+                self._spawn(link.close(CLOSE_GOING_AWAY, "heartbeat timeout"))
+
+    def broadcast_status(self, round_index: int, peers: Callable[[str], bool] | None = None) -> None:
+        """Tell connected peers our round (fire and forget; ordering per link is kept)."""
+        lamport = self.events.clock.tick()
+        for link in list(self.links.values()):
+            if peers is None or peers(link.peer_id):
+                self._spawn(_quiet(link.send_status(lamport, round_index)))
+
+
+async def _quiet(coro: object) -> None:
+    with contextlib.suppress(ConnectionClosed, OSError):
+        await coro  # type: ignore[misc]
+
+
+def _address(ws: Connection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+        return f"{host}:{port}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionClosed):
+        frame = exc.rcvd or exc.sent
+        if frame is None:
+            return "connection lost"
+        return f"closed ({frame.code}{' ' + frame.reason if frame.reason else ''})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"

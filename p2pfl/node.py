@@ -1,0 +1,413 @@
+"""The daemon: ties the round core, the learner and the network together.
+
+A round at this node: train (worker thread) -> stream parameters to each neighbour ->
+collect neighbours' parameters until all arrived or the deadline -> Metropolis average
+renormalised over those present -> evaluate -> atomic checkpoint -> next round.
+Nothing on that path sleeps or polls: waiting is on an event set by the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from p2pfl.aggregate import metropolis_average
+from p2pfl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from p2pfl.config import Config
+from p2pfl.events import EventLog, LamportClock
+from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
+from p2pfl.net import Network, PeerLink
+from p2pfl.rounds import RoundTracker
+from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
+from p2pfl.wire import Message, ParamsBegin, ParamsChunk, Status
+
+log = logging.getLogger("p2pfl.node")
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """Node-local settings (command-line flags of ``p2pfl run``, not part of peers.yaml)."""
+
+    node_id: str
+    state_dir: Path
+    listen_host: str | None = None
+    listen_port: int | None = None
+
+
+class Node:
+    """One p2pfl peer."""
+
+    def __init__(
+        self,
+        config: Config,
+        options: NodeOptions,
+        private_key: X25519PrivateKey,
+        data: Dataset,
+    ) -> None:
+        self.config = config
+        self.id = options.node_id
+        self.options = options
+        self.data = data
+        self.training = config.training
+        model = config.training.model
+        check_compatible(data, model.inputs, model.classes, source=config.source)
+        self.learner = build_learner(model.as_mapping(), config.seed, source=config.source)
+        self.template = [w.copy() for w in self.learner.get_weights()]
+        self.params = flatten(self.learner.get_weights()).copy()
+        self.peer_index = config.peer_ids.index(self.id)
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = LamportClock()
+        self.events = EventLog(options.state_dir / "events.jsonl", self.id, self.clock)
+        self._graphs: dict[int, dict[str, frozenset[str]]] = {}
+        self.tracker = RoundTracker(
+            total_rounds=config.training.rounds,
+            neighbours_of=self.neighbours_of,
+            max_buffered_rounds=config.limits.max_buffered_rounds,
+        )
+        self.net = Network(
+            config=config,
+            own_id=self.id,
+            private_key=private_key,
+            handler=self,
+            events=self.events,
+            expected_bytes=self.params.nbytes,
+        )
+        self.collecting = False
+        self.outgoing: tuple[int, np.ndarray] | None = None
+        self._changed: asyncio.Event | None = None
+        self._send_tasks: dict[str, asyncio.Task[None]] = {}
+        self.finished = False
+
+    # --- topology ------------------------------------------------------------------------
+
+    def graph(self, round_index: int) -> dict[str, frozenset[str]]:
+        graph = self._graphs.get(round_index)
+        if graph is None:
+            graph = graph_for_round(
+                self.config.topology, self.config.peer_ids, self.config.seed, round_index
+            )
+            self._graphs = {round_index: graph, **dict(list(self._graphs.items())[-8:])}
+        return graph
+
+    def neighbours_of(self, round_index: int) -> frozenset[str]:
+        return self.graph(round_index)[self.id]
+
+    # --- LinkHandler callbacks (called by the network, on the event loop) --------------------
+
+    def current_round(self) -> int:
+        return self.tracker.current
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def link_up(self, link: PeerLink) -> None:
+        self._notify()
+        # A neighbour that (re)connects while we collect gets this round's parameters now.
+        if self.collecting and self.outgoing is not None:
+            round_index, params = self.outgoing
+            if self._should_send(link.peer_id, round_index):
+                self._start_send(link, round_index, params)
+
+    def link_down(self, link: PeerLink, reason: str) -> None:
+        self._notify()
+
+    def message(self, link: PeerLink, msg: Message) -> None:
+        if isinstance(msg, Status):
+            self.tracker.note_peer_round(link.peer_id, msg.round)
+            self._notify()
+        elif isinstance(msg, ParamsBegin):
+            verdict = self.tracker.judge(link.peer_id, msg.round)
+            if not verdict.keep:
+                self.events.emit("reject", msg.round, peer=link.peer_id, reason=verdict.reason)
+            link.receiver.begin(msg.round, msg.total_bytes, keep=verdict.keep)
+            link.stream_started = time.monotonic()
+        elif isinstance(msg, ParamsChunk):
+            done = link.receiver.chunk(msg.round, msg.offset, msg.data)
+            if done is None or done.params is None:
+                return
+            verdict = self.tracker.deliver(link.peer_id, done.round, done.params)
+            if verdict.keep:
+                self.events.emit(
+                    "recv",
+                    done.round,
+                    peer=link.peer_id,
+                    bytes=done.params.nbytes,
+                    duration_s=round(time.monotonic() - link.stream_started, 6),
+                    buffered=done.round > self.tracker.current,
+                )
+            else:
+                self.events.emit("reject", done.round, peer=link.peer_id, reason=verdict.reason)
+            self._notify()
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _should_send(self, peer: str, round_index: int) -> bool:
+        return (
+            peer in self.neighbours_of(round_index)
+            and self.tracker.peer_rounds.get(peer, 0) <= round_index
+            and peer not in self._send_tasks
+        )
+
+    def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
+        task = asyncio.ensure_future(self._send(link, round_index, params))
+        self._send_tasks[link.peer_id] = task
+        task.add_done_callback(lambda _t, peer=link.peer_id: self._send_tasks.pop(peer, None))
+
+    async def _send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
+        started = time.monotonic()
+        lamport = self.clock.tick()
+        try:
+            sent = await link.send_params(lamport, round_index, params, self.config.limits.chunk_bytes)
+        except Exception as exc:  # the link died mid-stream; the receiver discards the partial
+            log.debug("send to %s failed: %s", link.peer_id, exc)
+            return
+        self.events.emit(
+            "send",
+            round_index,
+            peer=link.peer_id,
+            bytes=sent,
+            duration_s=round(time.monotonic() - started, 6),
+            lamport=lamport,
+        )
+
+    # --- the round loop ------------------------------------------------------------------
+
+    def _train(self, round_index: int) -> tuple[float, np.ndarray]:
+        """Runs in a worker thread: the event loop keeps receiving meanwhile."""
+        self.learner.set_weights(unflatten(self.params, self.template))
+        rng = np.random.default_rng([self.config.seed, self.peer_index, round_index])
+        loss = self.learner.fit(
+            self.data.x,
+            self.data.y,
+            epochs=self.training.local_epochs,
+            batch_size=self.training.batch_size,
+            learning_rate=self.training.learning_rate,
+            rng=rng,
+        )
+        return float(loss), flatten(self.learner.get_weights())
+
+    def _evaluate(self) -> tuple[str, float, float]:
+        self.learner.set_weights(unflatten(self.params, self.template))
+        if self.data.x_val is not None and self.data.y_val is not None:
+            result = self.learner.evaluate(self.data.x_val, self.data.y_val)
+            return "validation", result.loss, result.accuracy
+        result = self.learner.evaluate(self.data.x, self.data.y)
+        return "train", result.loss, result.accuracy
+
+    async def _wait_until(self, done: object, deadline: float | None) -> bool:
+        """Wait for ``done()`` to become true, woken by network events. False on timeout."""
+        assert self._changed is not None and callable(done)
+        loop = asyncio.get_running_loop()
+        while not done():
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            self._changed.clear()
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+        return True
+
+    async def _startup(self, start_round: int) -> int:
+        """Wait (bounded) for this round's neighbours and their round numbers."""
+        loop = asyncio.get_running_loop()
+        neighbours = self.neighbours_of(start_round)
+        deadline = loop.time() + self.training.startup_timeout
+        ready = await self._wait_until(
+            lambda: neighbours <= set(self.net.links) and neighbours <= set(self.tracker.peer_rounds),
+            deadline,
+        )
+        if not ready:
+            missing = sorted(neighbours - set(self.net.links))
+            log.warning("%s: starting without %s (startup timeout)", self.id, ", ".join(missing))
+        return max(start_round, self.tracker.highest_peer_round())
+
+    async def _round(self, r: int) -> int:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        neighbours = self.neighbours_of(r)
+        self.tracker.start_round(r)
+        self.net.broadcast_status(r)
+        self.events.emit("round_start", r, neighbours=sorted(neighbours))
+
+        t0 = time.monotonic()
+        loss, trained = await asyncio.to_thread(self._train, r)
+        self.params = trained
+        self.events.emit(
+            "train",
+            r,
+            loss=round(loss, 6),
+            duration_s=round(time.monotonic() - t0, 6),
+            samples=len(self.data.y),
+        )
+
+        self.outgoing = (r, self.params)
+        self.collecting = True
+        for peer in sorted(neighbours):
+            link = self.net.links.get(peer)
+            if link is not None and self._should_send(peer, r):
+                self._start_send(link, r, self.params)
+        self.tracker.start_collecting(loop.time(), self.training.round_timeout)
+        assert self.tracker.deadline is not None
+        await self._wait_until(lambda: self.tracker.collection_done(loop.time()), None)
+        self.collecting = False
+        await self._finish_sends(self.tracker.deadline)
+        self.outgoing = None
+
+        received = self.tracker.take_received()
+        missing = sorted(neighbours - set(received))
+        weights = metropolis_weights(self.graph(r), self.id)
+        self.params, used = metropolis_average(self.id, self.params, received, weights)
+        self.events.emit(
+            "aggregate",
+            r,
+            rule="metropolis",
+            members=sorted(used),
+            weights={k: round(v, 6) for k, v in used.items()},
+            missing=missing,
+        )
+        if missing:
+            log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
+
+        split, val_loss, accuracy = await asyncio.to_thread(self._evaluate)
+        self.events.emit("eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6))
+        next_round = self.tracker.next_round()
+        await asyncio.to_thread(
+            save_checkpoint,
+            self.options.state_dir,
+            Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
+        )
+        self.events.emit("checkpoint", r, next_round=next_round)
+        duration = time.monotonic() - started
+        self.events.emit("round_end", r, duration_s=round(duration, 6), next_round=next_round)
+        log.info(
+            "%s round %d/%d: loss %.4f, %s accuracy %.4f, %d/%d neighbours, %.3fs",
+            self.id,
+            r + 1,
+            self.training.rounds,
+            loss,
+            split,
+            accuracy,
+            len(received),
+            len(neighbours),
+            duration,
+        )
+        return next_round
+
+    async def _finish_sends(self, deadline: float) -> None:
+        """Let outgoing streams complete (bounded by the round deadline plus a grace period)."""
+        tasks = list(self._send_tasks.values())
+        if not tasks:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = max(deadline - loop.time(), 0.0) + self.config.limits.handshake_timeout
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:  # a stuck stream: drop it; the receiver discards the partial one
+            task.cancel()
+        for peer in [p for p, t in self._send_tasks.items() if t in pending]:
+            link = self.net.links.get(peer)
+            if link is not None:
+                await link.close(1011, "stream abandoned")
+
+    async def _linger(self) -> None:
+        """After the last round, give neighbours (bounded) time to finish with our parameters."""
+        loop = asyncio.get_running_loop()
+        last = self.training.rounds - 1
+        neighbours = self.neighbours_of(last)
+        await self._wait_until(
+            lambda: all(
+                self.tracker.peer_rounds.get(p, 0) >= self.training.rounds or p not in self.net.links
+                for p in neighbours
+            ),
+            loop.time() + self.training.round_timeout,
+        )
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.net.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.net.broadcast_status(self.tracker.current)
+            self.net.check_heartbeats(time.monotonic(), self.config.net.heartbeat_timeout)
+
+    async def _rounds(self, start_round: int) -> None:
+        r = await self._startup(start_round)
+        if r != start_round:
+            self.events.emit("resume", r, reason="neighbours are ahead", from_round=start_round)
+        while r < self.training.rounds:
+            r = await self._round(r)
+        self.tracker.start_round(self.training.rounds)
+        self.net.broadcast_status(self.training.rounds)
+        self.finished = True
+        await self._linger()
+
+    async def run(self) -> int:
+        """Run all rounds (or until SIGINT/SIGTERM). Returns the process exit code."""
+        self._changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+
+        start_round = 0
+        checkpoint = load_checkpoint(
+            self.options.state_dir, expected_digest=self.config.digest, expected_size=self.params.size
+        )
+        if checkpoint is not None:
+            self.params = checkpoint.params
+            start_round = checkpoint.next_round
+            self.clock.value = max(self.clock.value, checkpoint.lamport)
+            self.events.emit("resume", start_round, reason="checkpoint")
+            log.info("%s: resuming from checkpoint at round %d", self.id, start_round)
+        self.tracker.start_round(start_round)
+        peer = self.config.peers[self.id]
+        host = self.options.listen_host or peer.host
+        port = peer.port if self.options.listen_port is None else self.options.listen_port
+        self.events.emit(
+            "node_start",
+            start_round,
+            config_digest=self.config.digest_hex,
+            parameters=int(self.params.size),
+            samples=len(self.data.y),
+        )
+        try:
+            await self.net.listen(host, port)
+            targets = ever_neighbours(
+                self.config.topology,
+                self.config.peer_ids,
+                self.config.seed,
+                self.id,
+                self.training.rounds,
+            )
+            for target in sorted(targets):
+                if target > self.id:  # one connection per pair: the smaller id dials
+                    self.net.dial(target)
+            heartbeat = asyncio.ensure_future(self._heartbeat())
+            main = asyncio.ensure_future(self._rounds(start_round))
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            heartbeat.cancel()
+            stopper.cancel()
+            if not main.done():
+                log.info("%s: stopping on signal at round %d", self.id, self.tracker.current)
+                main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+        finally:
+            await self.net.close()
+            self.events.emit(
+                "node_stop",
+                self.tracker.current,
+                finished=self.finished,
+                reason="completed" if self.finished else "stopped",
+            )
+            self.events.close()
+        return 0

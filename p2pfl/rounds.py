@@ -1,0 +1,115 @@
+"""The round state machine of one node, sans I/O.
+
+Everything that decides *which* parameters belong to *which* round lives here: what to do
+with an incoming stream (keep, buffer for a later round, drop), when collection for the
+current round is over, and which round comes next. The asyncio node only feeds it events
+and the clock, which makes the rules testable without sockets.
+
+Rules:
+- Parameters for the current round, or a later one within ``max_buffered_rounds`` (or up to
+  a round a neighbour has announced), from a peer that is a neighbour in that round, are kept.
+  Past rounds, rounds too far ahead, non-neighbours and duplicates are dropped with a reason.
+- Collection ends when every neighbour delivered, or each missing neighbour has announced a
+  later round (it will never send this one), or the deadline passed.
+- The next round is ``max(current + 1, highest round a neighbour announced)``: a node that
+  restarted or was cut off jumps to where its neighbours are; averaging pulls it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Verdict:
+    keep: bool
+    reason: str = ""
+
+
+class RoundTracker:
+    """Per-node bookkeeping of rounds, neighbours' progress and received parameters."""
+
+    def __init__(
+        self,
+        *,
+        total_rounds: int,
+        neighbours_of: Callable[[int], frozenset[str]],
+        max_buffered_rounds: int,
+        start_round: int = 0,
+    ) -> None:
+        self.total_rounds = total_rounds
+        self.neighbours_of = neighbours_of
+        self.max_buffered_rounds = max_buffered_rounds
+        self.current = start_round
+        self.deadline: float | None = None
+        self.peer_rounds: dict[str, int] = {}
+        self._received: dict[int, dict[str, np.ndarray]] = {}
+
+    # --- what neighbours tell us ---------------------------------------------------------
+
+    def note_peer_round(self, peer: str, round_index: int) -> None:
+        """A neighbour announced its current round (capped: a peer cannot push us past the end)."""
+        self.peer_rounds[peer] = min(round_index, self.total_rounds)
+
+    def highest_peer_round(self) -> int:
+        return max(self.peer_rounds.values(), default=0)
+
+    def judge(self, peer: str, round_index: int) -> Verdict:
+        """Decide, before receiving it, whether a parameter stream is worth keeping."""
+        if round_index < self.current:
+            return Verdict(False, f"past round {round_index} (now at round {self.current})")
+        if round_index >= self.total_rounds:
+            return Verdict(False, f"round {round_index} is beyond the last round")
+        horizon = max(self.current, self.peer_rounds.get(peer, 0)) + self.max_buffered_rounds
+        if round_index > horizon:
+            return Verdict(False, f"round {round_index} too far ahead (buffering up to {horizon})")
+        if peer not in self.neighbours_of(round_index):
+            return Verdict(False, f"not a neighbour in round {round_index}")
+        if peer in self._received.get(round_index, {}):
+            return Verdict(False, f"duplicate parameters for round {round_index}")
+        return Verdict(True)
+
+    def deliver(self, peer: str, round_index: int, params: np.ndarray) -> Verdict:
+        """Store a completed stream (judged again: the round may have moved meanwhile)."""
+        verdict = self.judge(peer, round_index)
+        if verdict.keep:
+            self._received.setdefault(round_index, {})[peer] = params
+        return verdict
+
+    # --- the current round ---------------------------------------------------------------
+
+    def start_round(self, round_index: int) -> None:
+        """Enter a round; buffered parameters of earlier rounds are released."""
+        self.current = round_index
+        self.deadline = None
+        for old in [r for r in self._received if r < round_index]:
+            del self._received[old]
+
+    def start_collecting(self, now: float, timeout: float) -> None:
+        self.deadline = now + timeout
+
+    def missing(self) -> frozenset[str]:
+        got = self._received.get(self.current, {})
+        return frozenset(p for p in self.neighbours_of(self.current) if p not in got)
+
+    def waiting_for(self) -> frozenset[str]:
+        """Missing neighbours that may still send this round's parameters."""
+        return frozenset(p for p in self.missing() if self.peer_rounds.get(p, 0) <= self.current)
+
+    def collection_done(self, now: float) -> bool:
+        if not self.waiting_for():
+            return True
+        return self.deadline is not None and now >= self.deadline
+
+    def take_received(self) -> dict[str, np.ndarray]:
+        """Hand over this round's parameters (the caller aggregates them)."""
+        return self._received.pop(self.current, {})
+
+    def next_round(self) -> int:
+        return max(self.current + 1, self.highest_peer_round())
+
+    def buffered_rounds(self) -> list[int]:
+        return sorted(self._received)

@@ -1,0 +1,85 @@
+"""Parameter streams: cut a flat float32 vector into chunks, and reassemble one, sans I/O.
+
+The receiver knows the exact size of the model (every peer builds the same model from the
+shared config), so a stream announcing any other size is refused before anything is
+allocated, and memory per connection is bounded by one model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pfl.errors import MessageError
+
+
+def iter_chunks(flat: np.ndarray, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
+    """Yield (byte offset, view) pieces of a contiguous float32 vector, without copying."""
+    raw = memoryview(np.ascontiguousarray(flat, dtype=np.float32)).cast("B")
+    for offset in range(0, len(raw), chunk_bytes):
+        yield offset, raw[offset : offset + chunk_bytes]
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A finished stream. ``params`` is None when the stream was received only to be dropped."""
+
+    round: int
+    params: np.ndarray | None
+
+
+class StreamReceiver:
+    """Reassembles the parameter streams arriving on one connection, one at a time."""
+
+    def __init__(self, expected_bytes: int) -> None:
+        self.expected_bytes = expected_bytes
+        self._round: int | None = None
+        self._buffer: np.ndarray | None = None
+        self._received = 0
+        self._keep = False
+
+    @property
+    def in_progress(self) -> bool:
+        return self._round is not None
+
+    def begin(self, round_index: int, total_bytes: int, *, keep: bool) -> None:
+        """Start a stream; ``keep=False`` validates and discards it (e.g. a past round)."""
+        if self._round is not None:
+            raise MessageError(f"new stream for round {round_index} before round {self._round} ended")
+        if total_bytes != self.expected_bytes:
+            raise MessageError(
+                f"stream of {total_bytes} bytes, but the model has {self.expected_bytes}"
+            )
+        self._round = round_index
+        self._received = 0
+        self._keep = keep
+        self._buffer = np.empty(total_bytes // 4, dtype=np.float32) if keep else None
+
+    def chunk(self, round_index: int, offset: int, data: memoryview) -> Completed | None:
+        """Add the next chunk; returns the completed stream after its last chunk."""
+        if self._round is None:
+            raise MessageError("chunk without a stream")
+        if round_index != self._round:
+            raise MessageError(f"chunk for round {round_index} inside a round {self._round} stream")
+        if offset != self._received:
+            raise MessageError(f"chunk at offset {offset}, expected {self._received}")
+        end = offset + len(data)
+        if end > self.expected_bytes:
+            raise MessageError(f"chunk runs past the end of the stream ({end} bytes)")
+        if self._buffer is not None:
+            memoryview(self._buffer).cast("B")[offset:end] = data
+        self._received = end
+        if end < self.expected_bytes:
+            return None
+        done = Completed(self._round, self._buffer)
+        self.abort()
+        return done
+
+    def abort(self) -> None:
+        """Forget the stream in progress (connection lost)."""
+        self._round = None
+        self._buffer = None
+        self._received = 0
+        self._keep = False

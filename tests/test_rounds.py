@@ -1,0 +1,136 @@
+"""The round state machine and aggregation, without sockets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from p2pfl.aggregate import metropolis_average
+from p2pfl.rounds import RoundTracker
+
+NEIGHBOURS = frozenset({"b", "c"})
+
+
+def tracker(**kw: int) -> RoundTracker:
+    return RoundTracker(
+        total_rounds=kw.get("total", 10),
+        neighbours_of=lambda r: NEIGHBOURS,
+        max_buffered_rounds=kw.get("buffer", 2),
+        start_round=kw.get("start", 0),
+    )
+
+
+def vec(value: float) -> np.ndarray:
+    return np.full(4, value, dtype=np.float32)
+
+
+def test_collect_until_all_neighbours_delivered() -> None:
+    t = tracker()
+    t.start_round(0)
+    t.start_collecting(now=0.0, timeout=5.0)
+    assert not t.collection_done(1.0)
+    assert t.deliver("b", 0, vec(1)).keep
+    assert not t.collection_done(1.0)
+    assert t.deliver("c", 0, vec(2)).keep
+    assert t.collection_done(1.0)
+    assert set(t.take_received()) == {"b", "c"}
+
+
+def test_deadline_ends_collection() -> None:
+    t = tracker()
+    t.start_collecting(now=10.0, timeout=5.0)
+    t.deliver("b", 0, vec(1))
+    assert not t.collection_done(14.9)
+    assert t.collection_done(15.0)
+    assert t.missing() == {"c"}
+
+
+def test_neighbour_already_past_this_round_is_not_waited_for() -> None:
+    t = tracker()
+    t.start_round(3)
+    t.start_collecting(now=0.0, timeout=100.0)
+    t.deliver("b", 3, vec(1))
+    t.note_peer_round("c", 4)
+    assert t.collection_done(0.1)
+
+
+@pytest.mark.parametrize(
+    ("peer", "round_index", "reason"),
+    [
+        ("b", 1, "past round"),
+        ("b", 5, "too far ahead"),
+        ("z", 2, "not a neighbour"),
+        ("b", 10, "beyond the last round"),
+    ],
+)
+def test_judge_rejects(peer: str, round_index: int, reason: str) -> None:
+    t = tracker()
+    t.start_round(2)
+    verdict = t.judge(peer, round_index)
+    assert not verdict.keep and reason in verdict.reason
+
+
+def test_future_rounds_buffered_then_used_and_duplicates_dropped() -> None:
+    t = tracker()
+    t.start_round(2)
+    assert t.deliver("b", 4, vec(4)).keep
+    assert "duplicate" in t.deliver("b", 4, vec(4)).reason
+    assert t.buffered_rounds() == [4]
+    t.start_round(4)
+    t.start_collecting(0.0, 1.0)
+    assert t.waiting_for() == {"c"}
+
+
+def test_announced_round_extends_the_buffer_horizon() -> None:
+    """A restarted node still at its checkpoint round accepts its neighbours' current round."""
+    t = tracker(start=2)
+    t.start_round(2)
+    assert not t.judge("b", 7).keep
+    t.note_peer_round("b", 7)
+    assert t.judge("b", 7).keep
+
+
+def test_next_round_jumps_to_neighbours_and_is_capped() -> None:
+    t = tracker(total=10)
+    t.start_round(2)
+    assert t.next_round() == 3
+    t.note_peer_round("b", 6)
+    assert t.next_round() == 6
+    t.note_peer_round("c", 10**6)  # a lying peer cannot push us past the end
+    assert t.next_round() == 10
+
+
+def test_starting_a_round_releases_older_buffers() -> None:
+    t = tracker()
+    t.deliver("b", 1, vec(1))
+    t.deliver("b", 2, vec(2))
+    t.start_round(2)
+    assert t.buffered_rounds() == [2]
+
+
+def test_metropolis_average_renormalises_over_present() -> None:
+    weights = {"a": 0.5, "b": 0.25, "c": 0.25}
+    out, used = metropolis_average("a", vec(0), {"b": vec(4), "c": vec(8)}, weights)
+    np.testing.assert_allclose(out, vec(3))
+    out, used = metropolis_average("a", vec(0), {"b": vec(3)}, weights)
+    assert used == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    np.testing.assert_allclose(out, vec(1))
+
+
+def test_gossip_averaging_reaches_the_global_mean() -> None:
+    """Metropolis weights are doubly stochastic: repeated mixing converges to the true mean,
+    even on an irregular graph where a plain neighbour mean would be biased."""
+    graph = {"a": {"b"}, "b": {"a", "c", "d"}, "c": {"b", "d"}, "d": {"b", "c"}}
+    deg = {k: len(v) for k, v in graph.items()}
+    values = {"a": 0.0, "b": 10.0, "c": 20.0, "d": 50.0}
+    target = np.mean(list(values.values()))
+    x = {k: vec(v) for k, v in values.items()}
+    for _ in range(100):
+        new = {}
+        for i in graph:
+            w = {j: 1 / (1 + max(deg[i], deg[j])) for j in graph[i]}
+            w[i] = 1 - sum(w.values())
+            new[i], _ = metropolis_average(i, x[i].copy(), {j: x[j].copy() for j in graph[i]}, w)
+        x = new
+    for v in x.values():
+        np.testing.assert_allclose(v, vec(target), rtol=1e-4)

@@ -1,0 +1,118 @@
+"""Message encoding, strict decoding, and parameter streams, without sockets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from p2pfl.errors import HandshakeError, MessageError
+from p2pfl.transfer import StreamReceiver, iter_chunks
+from p2pfl.wire import (
+    REPLY_DIGEST_MISMATCH,
+    ParamsBegin,
+    ParamsChunk,
+    Status,
+    decode_hello,
+    decode_message,
+    decode_reply,
+    encode_hello,
+    encode_params_begin,
+    encode_params_chunk,
+    encode_reply,
+    encode_status,
+)
+
+MAX_CHUNK = 1024
+
+
+def test_roundtrip_each_message() -> None:
+    assert decode_message(encode_status(5, 3), max_chunk=MAX_CHUNK) == Status(5, 3)
+    assert decode_message(encode_params_begin(6, 3, 400), max_chunk=MAX_CHUNK) == ParamsBegin(
+        6, 3, 400
+    )
+    msg = decode_message(bytes(encode_params_chunk(7, 3, 256, b"abcd")), max_chunk=MAX_CHUNK)
+    assert isinstance(msg, ParamsChunk)
+    assert (msg.lamport, msg.round, msg.offset, bytes(msg.data)) == (7, 3, 256, b"abcd")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x01\x00",
+        encode_status(1, 1) + b"x",  # trailing bytes
+        encode_params_begin(1, 1, 8)[:-1],  # truncated
+        encode_params_begin(1, 1, 8)[:-1] + b"\x07",  # unknown dtype
+        bytes(encode_params_chunk(1, 1, 0, b"")),  # chunk without data
+        b"\x7f" + b"\x00" * 12,  # unknown type
+    ],
+)
+def test_malformed_messages_rejected(raw: bytes) -> None:
+    with pytest.raises(MessageError):
+        decode_message(raw, max_chunk=MAX_CHUNK)
+
+
+def test_oversized_chunk_rejected() -> None:
+    raw = bytes(encode_params_chunk(1, 1, 0, b"x" * (MAX_CHUNK + 1)))
+    with pytest.raises(MessageError, match="exceeds limit"):
+        decode_message(raw, max_chunk=MAX_CHUNK)
+
+
+def test_hello_and_reply() -> None:
+    digest = bytes(range(32))
+    hello = decode_hello(encode_hello(digest, "alice"))
+    assert (hello.digest, hello.peer_id) == (digest, "alice")
+    reply = decode_reply(encode_reply(REPLY_DIGEST_MISMATCH, digest))
+    assert reply.status == REPLY_DIGEST_MISMATCH
+    for bad in [b"", encode_hello(digest, "alice")[:-1], b"\x02" + encode_hello(digest, "a")[1:]]:
+        with pytest.raises(HandshakeError):
+            decode_hello(bad)
+    with pytest.raises(HandshakeError):
+        decode_reply(encode_reply(9, digest))
+
+
+def stream(params: np.ndarray, chunk: int) -> list[tuple[int, memoryview]]:
+    return list(iter_chunks(params, chunk))
+
+
+def test_stream_reassembles_exactly() -> None:
+    params = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    rx = StreamReceiver(params.nbytes)
+    rx.begin(4, params.nbytes, keep=True)
+    done = None
+    pieces = stream(params, 256)
+    assert len(pieces) == 16
+    for offset, piece in pieces:
+        assert done is None
+        done = rx.chunk(4, offset, piece)
+    assert done is not None and done.round == 4
+    assert done.params is not None
+    np.testing.assert_array_equal(done.params, params)
+    assert not rx.in_progress
+
+
+def test_stream_discarded_when_not_kept() -> None:
+    params = np.ones(64, dtype=np.float32)
+    rx = StreamReceiver(params.nbytes)
+    rx.begin(1, params.nbytes, keep=False)
+    results = [rx.chunk(1, o, p) for o, p in stream(params, 100)]
+    assert results[-1] is not None and results[-1].params is None
+
+
+def test_stream_rejects_wrong_size_gaps_and_interleaving() -> None:
+    rx = StreamReceiver(400)
+    with pytest.raises(MessageError, match="model has 400"):
+        rx.begin(0, 4 * 10**9, keep=True)  # refused before allocating 4 GB
+    rx.begin(0, 400, keep=True)
+    with pytest.raises(MessageError, match="expected 0"):
+        rx.chunk(0, 100, memoryview(b"x" * 100))
+    with pytest.raises(MessageError, match="before round 0 ended"):
+        rx.begin(1, 400, keep=True)
+    with pytest.raises(MessageError, match="inside a round 0"):
+        rx.chunk(1, 0, memoryview(b"x" * 100))
+    rx.chunk(0, 0, memoryview(b"x" * 300))
+    with pytest.raises(MessageError, match="past the end"):
+        rx.chunk(0, 300, memoryview(b"x" * 200))
+    rx.abort()
+    with pytest.raises(MessageError, match="without a stream"):
+        rx.chunk(0, 0, memoryview(b"x"))
