@@ -36,7 +36,9 @@ class Channel:
     def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
         """Encrypt one record."""
         if len(plaintext) > self.max_plaintext:
-            raise LocalProtocolError(f"record of {len(plaintext)} bytes exceeds {self.max_plaintext}")
+            raise LocalProtocolError(
+                f"record of {len(plaintext)} bytes exceeds {self.max_plaintext}"
+            )
         if self._send_n > MAX_COUNTER:
             raise LocalProtocolError("send counter exhausted; reconnect")
         out = self._send.encrypt(noise_nonce(self._send_n), plaintext, None)

@@ -52,7 +52,9 @@ def save_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def load_checkpoint(state_dir: Path, *, expected_digest: bytes, expected_size: int) -> Checkpoint | None:
+def load_checkpoint(
+    state_dir: Path, *, expected_digest: bytes, expected_size: int
+) -> Checkpoint | None:
     """Return the checkpoint in ``state_dir``, None if there is none, or raise CheckpointError."""
     path = state_dir / CHECKPOINT_NAME
     if not path.exists():

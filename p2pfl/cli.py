@@ -179,7 +179,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         port = int(port_text)
     node = Node(
         config,
-        NodeOptions(node_id=args.id, state_dir=Path(args.state_dir), listen_host=host or None, listen_port=port),
+        NodeOptions(
+            node_id=args.id,
+            state_dir=Path(args.state_dir),
+            listen_host=host or None,
+            listen_port=port,
+        ),
         key,
         data,
     )
@@ -220,7 +225,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_parse_model, default={"kind": "mlp", "hidden": [64]})
     p.add_argument("--inputs", type=int, default=64, help="features per sample (digits: 64)")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--learning-rate", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--round-timeout", type=float, default=30.0)
     p.set_defaults(func=_cmd_init)

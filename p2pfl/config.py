@@ -304,6 +304,10 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _or_empty(value: object) -> object:
+    return {} if value is None else value
+
+
 def _show(value: object) -> str:
     """How a wrong value is quoted back to the operator."""
     if isinstance(value, bool):
@@ -318,22 +322,29 @@ def _show(value: object) -> str:
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, list | tuple):
-        return "a list"
+        if not value:
+            return "an empty list"
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
     return f"a value of type {type(value).__name__}"
 
 
 def _number_hint(value: object) -> str:
-    """PyYAML (YAML 1.1) reads ``1e-3`` as text; say so instead of a bare type error."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
+    """Explain numbers that arrived as text, the usual cause being quotes or YAML 1.1.
+
+    PyYAML follows YAML 1.1, which reads an exponent without a decimal point (``1e-3``)
+    as a string; a bare type error would leave the operator puzzled.
+    """
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    if "e" in value.lower() and "." not in value:
         return (
-            " (text, not a number: it is quoted, or it is an exponent without a decimal"
-            " point, which YAML 1.1 reads as text; write 0.001 or 1.0e-3, not 1e-3)"
+            " (text: YAML reads an exponent without a decimal point as text; write 0.001 or 1.0e-3)"
         )
-    return ""
+    return " (text, not a number: remove the quotes)"
 
 
 class _Parser:
@@ -388,9 +399,11 @@ class _Parser:
             self.fail(path, f"expected {expected}, got {value}")
         return value
 
-    def positive(self, value: object, path: str, high: float | None = None) -> float:
+    def positive(
+        self, value: object, path: str, high: float | None = None, what: str = "a number"
+    ) -> float:
         """A finite number > 0 (integers accepted and stored as float)."""
-        expected = "a number > 0" if high is None else f"a number > 0 and <= {high:g}"
+        expected = f"{what} > 0" if high is None else f"{what} > 0 and <= {high:g}"
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(path, f"expected {expected}, got {_show(value)}{_number_hint(value)}")
         number = float(value)
@@ -399,7 +412,8 @@ class _Parser:
         return number
 
     def seconds(self, value: object, path: str) -> float:
-        return self.positive(value, path, _MAX_SECONDS)
+        """A duration in seconds, at most a week (larger is probably milliseconds)."""
+        return self.positive(value, path, _MAX_SECONDS, "a number of seconds")
 
     def boolean(self, value: object, path: str) -> bool:
         if not isinstance(value, bool):
@@ -416,8 +430,10 @@ class _Parser:
         if not isinstance(value, str):
             hint = " (quote it if it looks like a number)" if isinstance(value, int) else ""
             self.fail(path, f"expected {expected}, got {_show(value)}{hint}")
-        if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
-            self.fail(path, f"expected {expected} (not '.' or '..'), got {_show(value)}")
+        if value in {".", ".."}:
+            self.fail(path, f"expected {expected}, but not '.' or '..'; got {_show(value)}")
+        if not _NAME_RE.fullmatch(value):
+            self.fail(path, f"expected {expected}, got {_show(value)}")
         return value
 
     def json_value(self, value: object, path: str, depth: int = 0) -> Any:
@@ -471,9 +487,10 @@ class _Parser:
         topology = self.topology(root.get("topology", {"kind": "full"}), tuple(peers))
         self.check_graph(topology, tuple(peers), seed)
         training = self.training(root["training"])
-        aggregation = self.aggregation(root.get("aggregation", {}))
-        limits = self.limits(root.get("limits", {}))
-        net = self.net(root.get("net", {}))
+        # An optional section left empty (every line below it commented out) means defaults.
+        aggregation = self.aggregation(_or_empty(root.get("aggregation")))
+        limits = self.limits(_or_empty(root.get("limits")))
+        net = self.net(_or_empty(root.get("net")))
         shared = _shared_mapping(
             version=SUPPORTED_VERSION,
             network=network,
@@ -508,7 +525,11 @@ class _Parser:
             peer_id = self.name(raw_id, _join("peers", raw_id), "a peer id")
             path = _join("peers", peer_id)
             entry = self.section(
-                value[raw_id], path, ("address", "public_key"), ("address", "public_key")
+                value[raw_id],
+                path,
+                ("address", "public_key"),
+                ("address", "public_key"),
+                expected="a mapping {address: ws://HOST:PORT, public_key: BASE64}",
             )
             host, port, address = self.address(entry["address"], _join(path, "address"))
             key = self.public_key(entry["public_key"], _join(path, "public_key"))
@@ -571,7 +592,7 @@ class _Parser:
         try:
             return decode_public_key(value)
         except ValueError as exc:
-            self.fail(path, f"expected {expected}; {_show(value)} is {exc}")
+            self.fail(path, f"expected {expected}, got {_show(value)}: {exc}")
 
     def topology(self, value: object, ids: tuple[str, ...]) -> TopologyConfig:
         section = self.section(

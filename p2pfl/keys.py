@@ -86,8 +86,8 @@ def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
         ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot open private key file {shown}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise KeyFileError(f"private key file {shown} is not a regular file")
         if info.st_mode & 0o077:
@@ -95,7 +95,11 @@ def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
                 f"private key file {shown} is accessible by group or others"
                 f" (mode {stat.S_IMODE(info.st_mode):04o}); run `chmod 600 {shown}`"
             )
-        raw = handle.read(_MAX_KEY_FILE_BYTES + 1)
+        raw = _read_up_to(fd, _MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read private key file {shown}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
     if len(raw) > _MAX_KEY_FILE_BYTES:
         raise KeyFileError(f"private key file {shown} is too large to be a key file")
     try:
@@ -173,6 +177,18 @@ def pairwise_secret(
     )
     kdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=PAIRWISE_SALT, info=info)
     return kdf.derive(shared)
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _length_prefixed(part: bytes) -> bytes:

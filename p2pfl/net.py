@@ -14,10 +14,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
@@ -112,12 +113,9 @@ class PeerLink:
             await self._send_record(encode_status(lamport, round_index))
 
     async def send_params(
-        self, lamport: int, round_index: int, flat_params: object, chunk_bytes: int
+        self, lamport: int, round_index: int, flat_params: np.ndarray, chunk_bytes: int
     ) -> int:
         """Send one parameter stream; returns the bytes put on the wire."""
-        import numpy as np
-
-        assert isinstance(flat_params, np.ndarray)
         before = self.bytes_sent
         async with self._send_lock:
             await self._send_record(encode_params_begin(lamport, round_index, flat_params.nbytes))
@@ -206,8 +204,8 @@ class Network:
         """Keep a connection to ``peer_id`` up for as long as the network runs."""
         self._spawn(self._dial_forever(peer_id))
 
-    def _spawn(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -278,9 +276,7 @@ class Network:
             raise HandshakeError(f"key confirmation from {peer_id} failed: {exc}") from exc
         if not isinstance(first, Status):
             raise HandshakeError(f"{peer_id} did not open with STATUS")
-        link = PeerLink(
-            peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=False
-        )
+        link = PeerLink(peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=False)
         return link, first
 
     # --- dialing ---------------------------------------------------------------------------
@@ -331,11 +327,15 @@ class Network:
                 remote_static=peer.public_key,
             )
             await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
-            reply = decode_reply(hs.read_message(await asyncio.wait_for(ws.recv(decode=False), timeout)))
+            reply = decode_reply(
+                hs.read_message(await asyncio.wait_for(ws.recv(decode=False), timeout))
+            )
             if reply.status == REPLY_DIGEST_MISMATCH:
                 raise DigestMismatch(self.config.digest.hex()[:16], reply.digest.hex()[:16])
             channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
-            link = PeerLink(peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=True)
+            link = PeerLink(
+                peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=True
+            )
             await link.send_status(self.events.clock.tick(), self.handler.current_round())
             return link
         except BaseException:
@@ -397,7 +397,9 @@ class Network:
                 self.events.emit("reject", peer=link.peer_id, reason="heartbeat timeout")
                 self._spawn(link.close(CLOSE_GOING_AWAY, "heartbeat timeout"))
 
-    def broadcast_status(self, round_index: int, peers: Callable[[str], bool] | None = None) -> None:
+    def broadcast_status(
+        self, round_index: int, peers: Callable[[str], bool] | None = None
+    ) -> None:
         """Tell connected peers our round (fire and forget; ordering per link is kept)."""
         lamport = self.events.clock.tick()
         for link in list(self.links.values()):
@@ -405,9 +407,9 @@ class Network:
                 self._spawn(_quiet(link.send_status(lamport, round_index)))
 
 
-async def _quiet(coro: object) -> None:
+async def _quiet(coro: Coroutine[Any, Any, None]) -> None:
     with contextlib.suppress(ConnectionClosed, OSError):
-        await coro  # type: ignore[misc]
+        await coro
 
 
 def _address(ws: Connection) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class NodeOptions:
     state_dir: Path
     listen_host: str | None = None
     listen_port: int | None = None
+    #: False when embedded in another event loop (tests): SIGINT/SIGTERM stay with the host.
+    handle_signals: bool = True
 
 
 class Node:
@@ -60,8 +63,10 @@ class Node:
         model = config.training.model
         check_compatible(data, model.inputs, model.classes, source=config.source)
         self.learner = build_learner(model.as_mapping(), config.seed, source=config.source)
-        self.template = [w.copy() for w in self.learner.get_weights()]
-        self.params = flatten(self.learner.get_weights()).copy()
+        # Only the shapes matter (for unflatten); no copy of a possibly huge model.
+        self.template = self.learner.get_weights()
+        # May be a view of the learner's own storage (single-array learners): no extra copy.
+        self.params = flatten(self.learner.get_weights())
         self.peer_index = config.peer_ids.index(self.id)
         options.state_dir.mkdir(parents=True, exist_ok=True)
         self.clock = LamportClock()
@@ -85,6 +90,12 @@ class Node:
         self._changed: asyncio.Event | None = None
         self._send_tasks: dict[str, asyncio.Task[None]] = {}
         self.finished = False
+        self._stop: asyncio.Event | None = None
+
+    def request_stop(self) -> None:
+        """Ask a running node to shut down as it does on SIGTERM."""
+        if self._stop is not None:
+            self._stop.set()
 
     # --- topology ------------------------------------------------------------------------
 
@@ -160,13 +171,21 @@ class Node:
     def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
         task = asyncio.ensure_future(self._send(link, round_index, params))
         self._send_tasks[link.peer_id] = task
-        task.add_done_callback(lambda _t, peer=link.peer_id: self._send_tasks.pop(peer, None))
+        peer = link.peer_id
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._send_tasks.get(peer) is done:
+                del self._send_tasks[peer]
+
+        task.add_done_callback(forget)
 
     async def _send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
         started = time.monotonic()
         lamport = self.clock.tick()
         try:
-            sent = await link.send_params(lamport, round_index, params, self.config.limits.chunk_bytes)
+            sent = await link.send_params(
+                lamport, round_index, params, self.config.limits.chunk_bytes
+            )
         except Exception as exc:  # the link died mid-stream; the receiver discards the partial
             log.debug("send to %s failed: %s", link.peer_id, exc)
             return
@@ -222,7 +241,9 @@ class Node:
         neighbours = self.neighbours_of(start_round)
         deadline = loop.time() + self.training.startup_timeout
         ready = await self._wait_until(
-            lambda: neighbours <= set(self.net.links) and neighbours <= set(self.tracker.peer_rounds),
+            lambda: (
+                neighbours <= set(self.net.links) and neighbours <= set(self.tracker.peer_rounds)
+            ),
             deadline,
         )
         if not ready:
@@ -278,7 +299,9 @@ class Node:
             log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
 
         split, val_loss, accuracy = await asyncio.to_thread(self._evaluate)
-        self.events.emit("eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6))
+        self.events.emit(
+            "eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6)
+        )
         next_round = self.tracker.next_round()
         await asyncio.to_thread(
             save_checkpoint,
@@ -324,7 +347,8 @@ class Node:
         neighbours = self.neighbours_of(last)
         await self._wait_until(
             lambda: all(
-                self.tracker.peer_rounds.get(p, 0) >= self.training.rounds or p not in self.net.links
+                self.tracker.peer_rounds.get(p, 0) >= self.training.rounds
+                or p not in self.net.links
                 for p in neighbours
             ),
             loop.time() + self.training.round_timeout,
@@ -353,13 +377,17 @@ class Node:
         self._changed = asyncio.Event()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+        self._stop = stop
+        if self.options.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
 
         start_round = 0
         checkpoint = load_checkpoint(
-            self.options.state_dir, expected_digest=self.config.digest, expected_size=self.params.size
+            self.options.state_dir,
+            expected_digest=self.config.digest,
+            expected_size=self.params.size,
         )
         if checkpoint is not None:
             self.params = checkpoint.params
@@ -407,6 +435,7 @@ class Node:
                 "node_stop",
                 self.tracker.current,
                 finished=self.finished,
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 reason="completed" if self.finished else "stopped",
             )
             self.events.close()

@@ -17,9 +17,14 @@ from p2pfl.errors import MessageError
 
 def iter_chunks(flat: np.ndarray, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
     """Yield (byte offset, view) pieces of a contiguous float32 vector, without copying."""
-    raw = memoryview(np.ascontiguousarray(flat, dtype=np.float32)).cast("B")
+    raw = _bytes_view(np.ascontiguousarray(flat, dtype=np.float32))
     for offset in range(0, len(raw), chunk_bytes):
         yield offset, raw[offset : offset + chunk_bytes]
+
+
+def _bytes_view(array: np.ndarray) -> memoryview:
+    """A writable byte view of a contiguous array (numpy arrays are buffers at run time)."""
+    return memoryview(array.data).cast("B")
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,9 @@ class StreamReceiver:
     def begin(self, round_index: int, total_bytes: int, *, keep: bool) -> None:
         """Start a stream; ``keep=False`` validates and discards it (e.g. a past round)."""
         if self._round is not None:
-            raise MessageError(f"new stream for round {round_index} before round {self._round} ended")
+            raise MessageError(
+                f"new stream for round {round_index} before round {self._round} ended"
+            )
         if total_bytes != self.expected_bytes:
             raise MessageError(
                 f"stream of {total_bytes} bytes, but the model has {self.expected_bytes}"
@@ -69,7 +76,7 @@ class StreamReceiver:
         if end > self.expected_bytes:
             raise MessageError(f"chunk runs past the end of the stream ({end} bytes)")
         if self._buffer is not None:
-            memoryview(self._buffer).cast("B")[offset:end] = data
+            _bytes_view(self._buffer)[offset:end] = data
         self._received = end
         if end < self.expected_bytes:
             return None

@@ -160,7 +160,9 @@ def test_out_of_turn_is_local_error(keys) -> None:
 
 def channels(keys) -> tuple[Channel, Channel]:
     i, r = handshake_pair(*keys)
-    return Channel(i.session_keys(), max_plaintext=1024), Channel(r.session_keys(), max_plaintext=1024)
+    return Channel(i.session_keys(), max_plaintext=1024), Channel(
+        r.session_keys(), max_plaintext=1024
+    )
 
 
 def test_records_roundtrip_both_directions(keys) -> None:

@@ -1,0 +1,124 @@
+"""Real nodes, real websockets on 127.0.0.1, in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pfl.keys import load_private_key
+from p2pfl.learning import load_dataset
+from p2pfl.node import Node, NodeOptions
+
+from .conftest import TIMEOUT, LocalNetwork
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def make_node(net: LocalNetwork, peer: str) -> Node:
+    return Node(
+        net.config,
+        NodeOptions(node_id=peer, state_dir=net.state(peer), handle_signals=False),
+        load_private_key(net.keys[peer]),
+        load_dataset(net.data[peer]),
+    )
+
+
+async def run_all(nodes: list[Node], timeout: float = 60) -> list[int]:
+    return list(
+        await asyncio.wait_for(asyncio.gather(*(n.run() for n in nodes)), timeout * TIMEOUT)
+    )
+
+
+async def test_three_nodes_train_and_agree(make_network) -> None:
+    net = make_network(rounds=6)
+    nodes = [make_node(net, p) for p in net.peers]
+    assert await run_all(nodes) == [0, 0, 0]
+    finals = {}
+    for peer in net.peers:
+        events = read_events(net.state(peer) / "events.jsonl")
+        by_type: dict[str, list[dict[str, Any]]] = {}
+        for e in events:
+            by_type.setdefault(e["type"], []).append(e)
+        others = set(net.peers) - {peer}
+        for r in range(6):
+            assert {e["peer"] for e in by_type["send"] if e["round"] == r} == others
+            assert {e["peer"] for e in by_type["recv"] if e["round"] == r} == others
+            (agg,) = [e for e in by_type["aggregate"] if e["round"] == r]
+            assert set(agg["members"]) == set(net.peers) and agg["missing"] == []
+            assert sum(agg["weights"].values()) == pytest.approx(1.0, abs=1e-5)
+        lamports = [e["lamport"] for e in events]
+        assert lamports == sorted(lamports) and len(set(lamports)) == len(lamports)
+        assert by_type["node_stop"][0]["finished"] is True
+        finals[peer] = by_type["eval"][-1]["accuracy"]
+        assert (net.state(peer) / "checkpoint.npz").exists()
+    # Full graph, everyone present: Metropolis gives every node the same average.
+    assert max(finals.values()) - min(finals.values()) <= 0.01
+    assert min(finals.values()) > 0.8
+
+
+async def test_lamport_clock_orders_send_before_recv(make_network) -> None:
+    net = make_network(("alice", "bob"), rounds=3)
+    await run_all([make_node(net, p) for p in net.peers])
+    alice = read_events(net.state("alice") / "events.jsonl")
+    bob = read_events(net.state("bob") / "events.jsonl")
+    for r in range(3):
+        (sent,) = [e for e in alice if e["type"] == "send" and e["round"] == r]
+        (got,) = [e for e in bob if e["type"] == "recv" and e["round"] == r]
+        assert sent["lamport"] < got["lamport"]
+
+
+async def test_node_waits_for_a_late_neighbour(make_network) -> None:
+    net = make_network(("alice", "bob"), rounds=3)
+    alice, bob = (make_node(net, p) for p in net.peers)
+    early = asyncio.ensure_future(alice.run())
+    await asyncio.sleep(0.5 * TIMEOUT)
+    assert not early.done()
+    assert await asyncio.wait_for(bob.run(), 30 * TIMEOUT) == 0
+    assert await asyncio.wait_for(early, 30 * TIMEOUT) == 0
+    aggregates = [
+        e for e in read_events(net.state("alice") / "events.jsonl") if e["type"] == "aggregate"
+    ]
+    assert all(e["missing"] == [] for e in aggregates)
+
+
+async def test_missing_neighbour_is_renormalised_away_after_deadline(make_network) -> None:
+    """carol never starts: after the startup wait and each round deadline the others go on."""
+    net = make_network(rounds=2, round_timeout=0.5)
+    net.config = net.config.__class__(
+        **{
+            **net.config.__dict__,
+            "training": net.config.training.__class__(
+                **{**net.config.training.__dict__, "startup_timeout": 0.5 * TIMEOUT}
+            ),
+        }
+    )
+    nodes = [make_node(net, p) for p in ("alice", "bob")]
+    assert await run_all(nodes) == [0, 0]
+    for peer in ("alice", "bob"):
+        aggregates = [
+            e for e in read_events(net.state(peer) / "events.jsonl") if e["type"] == "aggregate"
+        ]
+        assert [e["missing"] for e in aggregates] == [["carol"], ["carol"]]
+        assert set(aggregates[0]["weights"]) == {"alice", "bob"}
+
+
+async def test_stop_request_shuts_down_cleanly(make_network) -> None:
+    net = make_network(("alice", "bob"), rounds=1000)
+    nodes = [make_node(net, p) for p in net.peers]
+    tasks = [asyncio.ensure_future(n.run()) for n in nodes]
+    path = net.state("alice") / "events.jsonl"
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if path.exists() and '"checkpoint"' in path.read_text():
+            break
+    for n in nodes:
+        n.request_stop()
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 10 * TIMEOUT) == [0, 0]
+    last = read_events(path)[-1]
+    assert last["type"] == "node_stop" and last["finished"] is False
