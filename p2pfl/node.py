@@ -14,8 +14,10 @@ import logging
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -31,6 +33,7 @@ from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.wire import Message, ParamsBegin, ParamsChunk, Status
 
 log = logging.getLogger("p2pfl.node")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Node:
         self._send_tasks: dict[str, asyncio.Task[None]] = {}
         self.finished = False
         self._stop: asyncio.Event | None = None
+        self._worker: asyncio.Future[Any] | None = None
 
     def request_stop(self) -> None:
         """Ask a running node to shut down as it does on SIGTERM."""
@@ -260,7 +264,7 @@ class Node:
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
 
         t0 = time.monotonic()
-        loss, trained = await asyncio.to_thread(self._train, r)
+        loss, trained = await self._in_worker(self._train, r)
         self.params = trained
         self.events.emit(
             "train",
@@ -298,16 +302,12 @@ class Node:
         if missing:
             log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
 
-        split, val_loss, accuracy = await asyncio.to_thread(self._evaluate)
+        split, val_loss, accuracy = await self._in_worker(self._evaluate)
         self.events.emit(
             "eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6)
         )
         next_round = self.tracker.next_round()
-        await asyncio.to_thread(
-            save_checkpoint,
-            self.options.state_dir,
-            Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
-        )
+        await self._in_worker(self._save_checkpoint, next_round)
         self.events.emit("checkpoint", r, next_round=next_round)
         duration = time.monotonic() - started
         self.events.emit("round_end", r, duration_s=round(duration, 6), next_round=next_round)
@@ -324,6 +324,31 @@ class Node:
             duration,
         )
         return next_round
+
+    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work in a thread. Shielded: a shutdown waits for it instead of
+        abandoning a thread that is still writing the model or the checkpoint file."""
+        self._worker = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        return await asyncio.shield(self._worker)
+
+    def _save_checkpoint(self, next_round: int) -> None:
+        save_checkpoint(
+            self.options.state_dir,
+            Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
+        )
+
+    async def _final_checkpoint(self) -> None:
+        """On a signal mid-round: wait for the worker thread, then checkpoint the current
+        round so a restart redoes it (local training is repeated, nothing is lost)."""
+        if self._worker is not None:
+            with contextlib.suppress(Exception):
+                await self._worker
+        if self.finished:
+            return
+        await asyncio.to_thread(self._save_checkpoint, self.tracker.current)
+        self.events.emit(
+            "checkpoint", self.tracker.current, next_round=self.tracker.current, final=True
+        )
 
     async def _finish_sends(self, deadline: float) -> None:
         """Let outgoing streams complete (bounded by the round deadline plus a grace period)."""
@@ -429,6 +454,7 @@ class Node:
                 main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await main
+            await self._final_checkpoint()
         finally:
             await self.net.close()
             self.events.emit(

@@ -105,8 +105,11 @@ def test_sigterm_shuts_down_cleanly(make_network) -> None:
         assert procs[0].wait(10 * TIMEOUT) == 0
     finally:
         stop_all(procs)
-    last = events(net, "alice")[-1]
+    evs = events(net, "alice")
+    last = evs[-1]
     assert last["type"] == "node_stop" and last["finished"] is False
+    (final,) = [e for e in evs if e["type"] == "checkpoint" and e.get("final")]
+    assert final["next_round"] == last["round"]
     assert (net.state("alice") / "checkpoint.npz").exists()
 
 

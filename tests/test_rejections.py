@@ -1,0 +1,759 @@
+"""Hostile clients against a real node on 127.0.0.1: every bad input is logged and survived.
+
+Each test starts alice (a two-peer network, alice listens), attacks her with a hand-built
+client, then checks two things: her events.jsonl names what was wrong (``handshake_fail`` or
+``reject`` with a ``reason``), and she is unharmed: the real bob starts afterwards and both
+nodes complete every round with nobody missing. The hostile traffic is built from the
+package's own encoders (IKHandshake, Channel, wire) so it is valid right up to the one
+thing that is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+import p2pfl.transfer
+from p2pfl.channel import Channel
+from p2pfl.handshake import TAGLEN, IKHandshake
+from p2pfl.keys import load_private_key, public_key_b64
+from p2pfl.node import Node
+from p2pfl.wire import (
+    CHUNK_OVERHEAD,
+    DTYPE_FLOAT32,
+    PROLOGUE,
+    PROTOCOL_VERSION,
+    REPLY_DIGEST_MISMATCH,
+    REPLY_OK,
+    Reply,
+    decode_reply,
+    encode_hello,
+    encode_params_begin,
+    encode_params_chunk,
+    encode_status,
+)
+
+from .conftest import TIMEOUT, LocalNetwork
+from .test_node import make_node, read_events
+
+PEERS = ("alice", "bob")
+ROUNDS = 2
+#: Close codes the node sends (p2pfl.net), spelled out so a change to them is noticed here.
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013
+_HEADER = struct.Struct(">BQI")  # type:u8 lamport:u64 round:u32, as documented in p2pfl.wire
+
+
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out = {section: dict(values) for section, values in base.items()}
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+@dataclass
+class Target:
+    """alice, running in this event loop, and what a test needs to attack and then judge her."""
+
+    net: LocalNetwork
+    node: Node
+    task: asyncio.Task[int]
+
+    @property
+    def uri(self) -> str:
+        return self.net.config.peers["alice"].address
+
+    @property
+    def events_path(self) -> Path:
+        return self.net.state("alice") / "events.jsonl"
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.events_path) if self.events_path.exists() else []
+
+    def rejections(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["type"] in ("reject", "handshake_fail")]
+
+    async def wait_event(
+        self, kind: str, *, after: int = 0, timeout: float = 5, **fields: Any
+    ) -> dict[str, Any]:
+        """The first event of ``kind`` (from index ``after``) whose fields match; polls the file.
+
+        A field given as a ``str`` matches when it is a substring of the event's value.
+        """
+
+        def matches(event: dict[str, Any]) -> bool:
+            if event["type"] != kind:
+                return False
+            for key, want in fields.items():
+                got = event.get(key)
+                if isinstance(want, str) and isinstance(got, str):
+                    if want not in got:
+                        return False
+                elif got != want:
+                    return False
+            return True
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout * TIMEOUT
+        while True:
+            for event in self.events()[after:]:
+                if matches(event):
+                    return event
+            if self.task.done():
+                raise AssertionError(f"alice stopped ({self.task!r}) before logging {kind} {fields}")
+            if loop.time() >= deadline:
+                raise AssertionError(
+                    f"no {kind} event with {fields}; rejections logged: {self.rejections()}"
+                )
+            await asyncio.sleep(0.01 * TIMEOUT)
+
+    async def trains_with_bob(self) -> None:
+        """alice survived: the real bob starts now and both finish every round with nobody missing."""
+        assert not self.task.done(), f"alice stopped during the attack: {self.task!r}"
+        bob = make_node(self.net, "bob")
+        codes = await asyncio.wait_for(
+            asyncio.gather(self.task, bob.run()), 20 * TIMEOUT
+        )
+        assert codes == [0, 0]
+        for peer in PEERS:
+            events = read_events(self.net.state(peer) / "events.jsonl")
+            aggregates = [e for e in events if e["type"] == "aggregate"]
+            assert [e["round"] for e in aggregates] == list(range(ROUNDS)), peer
+            assert all(e["missing"] == [] for e in aggregates), (peer, aggregates)
+            assert all(set(e["members"]) == set(PEERS) for e in aggregates), (peer, aggregates)
+            stop = [e for e in events if e["type"] == "node_stop"]
+            assert stop and stop[-1]["finished"] is True, peer
+
+
+@contextlib.asynccontextmanager
+async def running_alice(make_network: Callable[..., LocalNetwork], **extra: Any) -> AsyncIterator[Target]:
+    """Start alice alone (bob's port stays closed) and stop her on the way out if still running."""
+    base = {
+        # alice keeps redialling bob during the attacks; keep her backoff short so the real
+        # bob is found quickly once it starts.
+        "net": {"reconnect_min": 0.02 * TIMEOUT, "reconnect_max": 0.2 * TIMEOUT},
+    }
+    net = make_network(PEERS, rounds=ROUNDS, extra=_merge(base, extra))
+    node = make_node(net, "alice")
+    task = asyncio.ensure_future(node.run())
+    target = Target(net, node, task)
+    try:
+        await target.wait_event("listen")
+        yield target
+    finally:
+        if not task.done():
+            node.request_stop()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 10 * TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def hostile(target: Target) -> AsyncIterator[ClientConnection]:
+    """A bare websocket to alice, as the brief's attacker would open it."""
+    async with connect(
+        target.uri,
+        proxy=None,
+        compression=None,
+        max_size=None,
+        ping_interval=None,
+        open_timeout=5 * TIMEOUT,
+        close_timeout=1 * TIMEOUT,
+    ) as ws:
+        yield ws
+
+
+async def drain(ws: ClientConnection) -> tuple[list[bytes], int | None]:
+    """Read until alice closes the connection: (messages received, close code she sent)."""
+    received: list[bytes] = []
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(5 * TIMEOUT):
+            while True:
+                received.append(bytes(await ws.recv(decode=False)))
+    return received, ws.close_code
+
+
+def key_of(target: Target, peer: str) -> X25519PrivateKey:
+    return load_private_key(target.net.keys[peer])
+
+
+async def noise_hello(
+    ws: ClientConnection,
+    target: Target,
+    key: X25519PrivateKey,
+    *,
+    peer_id: str = "bob",
+    digest: bytes | None = None,
+) -> IKHandshake:
+    """Send Noise IK message 1 (our static key, hello payload) to alice."""
+    hs = IKHandshake(
+        initiator=True,
+        static=key,
+        prologue=PROLOGUE,
+        remote_static=target.net.config.peers["alice"].public_key,
+    )
+    hello = encode_hello(target.net.config.digest if digest is None else digest, peer_id)
+    await ws.send(hs.write_message(hello))
+    return hs
+
+
+async def noise_reply(ws: ClientConnection, hs: IKHandshake) -> Reply:
+    message = await asyncio.wait_for(ws.recv(decode=False), 5 * TIMEOUT)
+    return decode_reply(hs.read_message(message))
+
+
+async def as_bob(ws: ClientConnection, target: Target) -> Channel:
+    """A complete, valid session as bob (with bob's real key): handshake and key confirmation."""
+    after = len(target.events())
+    hs = await noise_hello(ws, target, key_of(target, "bob"))
+    reply = await noise_reply(ws, hs)
+    assert reply.status == REPLY_OK
+    channel = Channel(hs.session_keys(), max_plaintext=1 << 24)
+    await ws.send(channel.seal(encode_status(1, 0)))
+    await target.wait_event("handshake_ok", after=after, peer="bob")
+    return channel
+
+
+def model_bytes(target: Target) -> int:
+    return int(target.node.params.nbytes)
+
+
+def max_record(target: Target) -> int:
+    return target.net.config.limits.chunk_bytes + CHUNK_OVERHEAD + TAGLEN
+
+
+# --- 1. garbage instead of the first handshake message ----------------------------------
+
+
+async def _send_bytes(ws: ClientConnection, target: Target, data: bytes) -> None:
+    await ws.send(data)
+
+
+async def _send_text(ws: ClientConnection, target: Target, data: bytes) -> None:
+    await ws.send(data.decode("ascii"))
+
+
+async def _sealed_hello(ws: ClientConnection, target: Target, payload: bytes) -> None:
+    """A well-formed Noise message 1 from bob's key whose encrypted hello is malformed."""
+    hs = IKHandshake(
+        initiator=True,
+        static=key_of(target, "bob"),
+        prologue=PROLOGUE,
+        remote_static=target.net.config.peers["alice"].public_key,
+    )
+    await ws.send(hs.write_message(payload))
+
+
+_GOOD_HELLO_SIZE = 1 + 32 + 1
+
+
+@pytest.mark.parametrize(
+    ("send", "data", "reason"),
+    [
+        pytest.param(_send_bytes, b"\x00garbage\xff", "too short", id="short-binary"),
+        pytest.param(_send_text, b"GET / HTTP/1.1", "too short", id="short-text"),
+        pytest.param(_send_bytes, bytes(range(96)) * 2, "failed authentication", id="long-binary"),
+        pytest.param(_send_text, b"hello " * 40, "failed authentication", id="long-text"),
+        pytest.param(_send_bytes, b"\x5a" * 2000, "too large", id="oversized-handshake"),
+        pytest.param(_send_bytes, b"", "too short", id="empty"),
+        pytest.param(_sealed_hello, b"junk", "too short", id="hello-truncated"),
+        pytest.param(
+            _sealed_hello,
+            struct.pack(">B32sB", PROTOCOL_VERSION + 1, bytes(32), 3) + b"bob",
+            "unsupported protocol version",
+            id="hello-version",
+        ),
+        pytest.param(
+            _sealed_hello,
+            struct.pack(">B32sB", PROTOCOL_VERSION, bytes(32), 9) + b"bob",
+            "does not match its id length",
+            id="hello-id-length",
+        ),
+        pytest.param(
+            _sealed_hello,
+            struct.pack(">B32sB", PROTOCOL_VERSION, bytes(32), 3) + b"b\xffb",
+            "not ASCII",
+            id="hello-id-not-ascii",
+        ),
+    ],
+)
+async def test_garbage_first_message_is_refused(
+    make_network: Callable[..., LocalNetwork],
+    send: Callable[[ClientConnection, Target, bytes], Awaitable[None]],
+    data: bytes,
+    reason: str,
+) -> None:
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            await send(ws, target, data)
+            received, code = await drain(ws)
+        assert received == []  # no protocol answer to a stranger
+        assert code == CLOSE_POLICY
+        event = await target.wait_event("handshake_fail", reason=reason)
+        assert event["role"] == "responder" and event["addr"].startswith("127.0.0.1:")
+        await target.trains_with_bob()
+
+
+# --- 2. a complete handshake with a key (or id) that is not on the roster ----------------
+
+
+@pytest.mark.parametrize("who", ["stranger", "bob-as-mallory", "alice-herself"])
+async def test_unknown_identity_is_refused_without_answer(
+    make_network: Callable[..., LocalNetwork], who: str
+) -> None:
+    async with running_alice(make_network) as target:
+        if who == "stranger":
+            key, peer_id = X25519PrivateKey.generate(), "bob"
+            reason = f"unknown public key {public_key_b64(key)[:12]}"
+        elif who == "bob-as-mallory":
+            key, peer_id = key_of(target, "bob"), "mallory"
+            reason = "key of 'bob' presented with id 'mallory'"
+        else:
+            key, peer_id = key_of(target, "alice"), "alice"
+            reason = "our own key"
+        async with hostile(target) as ws:
+            await noise_hello(ws, target, key, peer_id=peer_id)
+            received, code = await drain(ws)
+        assert received == [] and code == CLOSE_POLICY  # unknown peers get no protocol answer
+        event = await target.wait_event("handshake_fail", reason=reason)
+        assert event["role"] == "responder"
+        if who == "stranger":  # a fingerprint names the key; the key itself stays out of the log
+            assert public_key_b64(key) not in target.events_path.read_text()
+        assert not [e for e in target.events() if e["type"] == "handshake_ok"]
+        await target.trains_with_bob()
+
+
+# --- 3. the right key, the wrong shared configuration -------------------------------------
+
+
+async def test_digest_mismatch_is_answered_and_logged_with_both_digests(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    async with running_alice(make_network) as target:
+        ours = target.net.config.digest
+        theirs = bytes(b ^ 0xFF for b in ours)
+        async with hostile(target) as ws:
+            hs = await noise_hello(ws, target, key_of(target, "bob"), digest=theirs)
+            reply = await noise_reply(ws, hs)
+            received, code = await drain(ws)
+        assert reply.status == REPLY_DIGEST_MISMATCH
+        assert reply.digest == ours  # so bob can log both digests too
+        assert received == [] and code == CLOSE_POLICY
+        event = await target.wait_event("handshake_fail", reason="config digest mismatch")
+        assert ours.hex()[:16] in event["reason"]
+        assert theirs.hex()[:16] in event["reason"]
+        assert not [e for e in target.events() if e["type"] == "handshake_ok"]
+        await target.trains_with_bob()
+
+
+# --- 4. a frame above the size limit -------------------------------------------------------
+
+
+async def test_frame_above_the_size_limit_is_refused(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            await as_bob(ws, target)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(bytes(max_record(target) + 1))
+            _, code = await drain(ws)
+        assert code == CLOSE_TOO_BIG
+        await target.wait_event("reject", peer="bob", reason="frame above the size limit")
+        await target.wait_event("disconnect", peer="bob")
+        await target.trains_with_bob()
+
+
+async def test_frame_of_exactly_the_limit_gets_past_the_size_check(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """The boundary: a full-size chunk record is read and judged on its content."""
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            channel = await as_bob(ws, target)
+            chunk = encode_params_chunk(2, 0, 0, bytes(target.net.config.limits.chunk_bytes))
+            record = channel.seal(chunk)
+            assert len(record) == max_record(target)
+            await ws.send(record)
+            _, code = await drain(ws)
+        assert code == CLOSE_POLICY
+        await target.wait_event("reject", peer="bob", reason="chunk without a stream")
+        assert not [e for e in target.rejections() if "size limit" in e["reason"]]
+        await target.trains_with_bob()
+
+
+async def test_oversized_first_message_is_refused(make_network: Callable[..., LocalNetwork]) -> None:
+    """Above the websocket limit before any handshake: refused from the frame header."""
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(bytes(max_record(target) + 1))
+            received, code = await drain(ws)
+        assert received == [] and code == CLOSE_TOO_BIG
+        event = await target.wait_event("handshake_fail", reason="1009")
+        assert event["role"] == "responder"
+        await target.trains_with_bob()
+
+
+# --- 5-7. records that fail authentication: replayed, tampered, reordered, truncated -------
+
+
+def _replayed(channel: Channel) -> list[bytes]:
+    record = channel.seal(encode_status(2, 0))
+    return [record, record]
+
+
+def _tampered_body(channel: Channel) -> list[bytes]:
+    record = bytearray(channel.seal(encode_status(2, 0)))
+    record[0] ^= 0x01
+    return [bytes(record)]
+
+
+def _tampered_tag(channel: Channel) -> list[bytes]:
+    record = bytearray(channel.seal(encode_status(2, 0)))
+    record[-1] ^= 0x80
+    return [bytes(record)]
+
+
+def _reordered(channel: Channel) -> list[bytes]:
+    first = channel.seal(encode_status(2, 0))
+    second = channel.seal(encode_status(3, 0))
+    return [second, first]
+
+
+def _dropped(channel: Channel) -> list[bytes]:
+    channel.seal(encode_status(2, 0))  # sealed, never sent
+    return [channel.seal(encode_status(3, 0))]
+
+
+def _truncated(channel: Channel) -> list[bytes]:
+    return [channel.seal(encode_status(2, 0))[: TAGLEN - 1]]
+
+
+def _unsealed(channel: Channel) -> list[bytes]:
+    return [encode_status(2, 0) + bytes(TAGLEN)]
+
+
+@pytest.mark.parametrize(
+    ("records", "reason"),
+    [
+        pytest.param(_replayed, "record 2 failed authentication", id="replayed"),
+        pytest.param(_tampered_body, "record 1 failed authentication", id="tampered-body"),
+        pytest.param(_tampered_tag, "record 1 failed authentication", id="tampered-tag"),
+        pytest.param(_reordered, "record 1 failed authentication", id="reordered"),
+        pytest.param(_dropped, "record 1 failed authentication", id="dropped"),
+        pytest.param(_truncated, "shorter than its tag", id="truncated"),
+        pytest.param(_unsealed, "record 1 failed authentication", id="plaintext"),
+    ],
+)
+async def test_unauthentic_record_closes_the_link(
+    make_network: Callable[..., LocalNetwork],
+    records: Callable[[Channel], list[bytes]],
+    reason: str,
+) -> None:
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            channel = await as_bob(ws, target)
+            for record in records(channel):
+                await ws.send(record)
+            _, code = await drain(ws)
+        assert code == CLOSE_POLICY
+        event = await target.wait_event("reject", peer="bob", reason=reason)
+        if "authentication" in reason:
+            assert "tampered, replayed or reordered" in event["reason"]
+        await target.wait_event("disconnect", peer="bob", reason="protocol error")
+        await target.trains_with_bob()
+
+
+async def test_replayed_session_fails_key_confirmation(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """Message 1 and the first record of a real session, replayed on a new connection.
+
+    alice answers message 1 (it could be fresh) but the replayed record cannot be opened
+    with the new session keys, so no link is ever made from it.
+    """
+    async with running_alice(make_network) as target:
+        key = key_of(target, "bob")
+        hs = IKHandshake(
+            initiator=True,
+            static=key,
+            prologue=PROLOGUE,
+            remote_static=target.net.config.peers["alice"].public_key,
+        )
+        message1 = hs.write_message(encode_hello(target.net.config.digest, "bob"))
+        async with hostile(target) as ws:
+            await ws.send(message1)
+            assert (await noise_reply(ws, hs)).status == REPLY_OK
+            channel = Channel(hs.session_keys(), max_plaintext=1 << 16)
+            record0 = channel.seal(encode_status(1, 0))
+            await ws.send(record0)
+            await target.wait_event("handshake_ok", peer="bob")
+        await target.wait_event("disconnect", peer="bob")
+        async with hostile(target) as ws:
+            await ws.send(message1)
+            await ws.recv(decode=False)  # a reply we cannot read: its ephemeral key is new
+            await ws.send(record0)
+            received, code = await drain(ws)
+        assert received == [] and code == CLOSE_POLICY
+        await target.wait_event(
+            "handshake_fail", reason="key confirmation from bob failed: record 0 failed"
+        )
+        assert len([e for e in target.events() if e["type"] == "handshake_ok"]) == 1
+        await target.trains_with_bob()
+
+
+# --- 8. authentic records whose plaintext is malformed -------------------------------------
+
+
+def _header(kind: int, lamport: int = 2, round_index: int = 0) -> bytes:
+    return _HEADER.pack(kind, lamport, round_index)
+
+
+@pytest.mark.parametrize(
+    ("plaintext", "reason"),
+    [
+        pytest.param(_header(0x7F), "unknown message type 0x7f", id="unknown-type"),
+        pytest.param(encode_params_begin(2, 0, 9640)[:-1], "PARAMS_BEGIN body of 8 bytes", id="begin-truncated"),
+        pytest.param(b"", "shorter than a header", id="empty"),
+        pytest.param(_header(0x01)[:-1], "shorter than a header", id="header-truncated"),
+        pytest.param(encode_status(2, 0) + b"\x00", "STATUS with 1 unexpected body bytes", id="status-long"),
+        pytest.param(
+            _header(0x10) + struct.pack(">QB", 9640, DTYPE_FLOAT32 + 7),
+            "unknown dtype code",
+            id="begin-dtype",
+        ),
+        pytest.param(_header(0x11) + struct.pack(">Q", 0), "PARAMS_CHUNK without data", id="chunk-empty"),
+        pytest.param(bytes(encode_params_chunk(2, 0, 0, bytes(4))), "chunk without a stream", id="chunk-orphan"),
+    ],
+)
+async def test_malformed_message_closes_the_link(
+    make_network: Callable[..., LocalNetwork], plaintext: bytes, reason: str
+) -> None:
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            channel = await as_bob(ws, target)
+            await ws.send(channel.seal(plaintext))
+            _, code = await drain(ws)
+        assert code == CLOSE_POLICY
+        await target.wait_event("reject", peer="bob", reason=reason)
+        await target.wait_event("disconnect", peer="bob", reason="protocol error")
+        await target.trains_with_bob()
+
+
+async def test_malformed_first_record_fails_key_confirmation(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """The same garbage as the key-confirmation record: no link, a handshake failure."""
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            hs = await noise_hello(ws, target, key_of(target, "bob"))
+            assert (await noise_reply(ws, hs)).status == REPLY_OK
+            channel = Channel(hs.session_keys(), max_plaintext=1 << 16)
+            await ws.send(channel.seal(_header(0x7F)))
+            received, code = await drain(ws)
+        assert received == [] and code == CLOSE_POLICY
+        await target.wait_event(
+            "handshake_fail", reason="key confirmation from bob failed: unknown message type 0x7f"
+        )
+        assert not [e for e in target.events() if e["type"] == "handshake_ok"]
+        await target.trains_with_bob()
+
+
+async def test_first_record_other_than_status_fails_key_confirmation(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            hs = await noise_hello(ws, target, key_of(target, "bob"))
+            assert (await noise_reply(ws, hs)).status == REPLY_OK
+            channel = Channel(hs.session_keys(), max_plaintext=1 << 16)
+            await ws.send(channel.seal(encode_params_begin(1, 0, model_bytes(target))))
+            received, code = await drain(ws)
+        assert received == [] and code == CLOSE_POLICY
+        await target.wait_event("handshake_fail", reason="bob did not open with STATUS")
+        await target.trains_with_bob()
+
+
+# --- 9. a parameter stream of the wrong size: refused before anything is allocated --------
+
+
+@pytest.mark.parametrize(
+    "announced",
+    [
+        pytest.param(lambda size: 4 << 30, id="4GiB"),
+        pytest.param(lambda size: 2**64 - 1, id="u64-max"),
+        pytest.param(lambda size: size + 4, id="one-float-more"),
+        pytest.param(lambda size: size - 4, id="one-float-less"),
+        pytest.param(lambda size: 0, id="empty"),
+    ],
+)
+async def test_stream_of_the_wrong_size_is_refused_before_allocation(
+    make_network: Callable[..., LocalNetwork],
+    monkeypatch: pytest.MonkeyPatch,
+    announced: Callable[[int], int],
+) -> None:
+    allocations: list[int] = []
+
+    class SpyNumpy:
+        """numpy as p2pfl.transfer sees it, with ``empty`` recording what it is asked for."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(np, name)
+
+        def empty(self, shape: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+            allocations.append(int(np.prod(shape)))
+            return np.empty(shape, *args, **kwargs)
+
+    async with running_alice(make_network) as target:
+        size = model_bytes(target)
+        total = announced(size)
+        monkeypatch.setattr(p2pfl.transfer, "np", SpyNumpy())
+        async with hostile(target) as ws:
+            channel = await as_bob(ws, target)
+            await ws.send(channel.seal(encode_params_begin(2, 0, total)))
+            _, code = await drain(ws)
+        monkeypatch.undo()
+        assert code == CLOSE_POLICY
+        await target.wait_event(
+            "reject", peer="bob", reason=f"stream of {total} bytes, but the model has {size}"
+        )
+        assert all(n * 4 <= size for n in allocations), allocations
+        await target.trains_with_bob()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "reason"),
+    [
+        pytest.param(lambda size: [(4, bytes(4))], "chunk at offset 4, expected 0", id="gap"),
+        pytest.param(lambda size: [(0, bytes(size + 4))], "runs past the end", id="overrun"),
+        pytest.param(
+            lambda size: [(0, bytes(4)), (0, bytes(4))], "chunk at offset 0, expected 4", id="repeat"
+        ),
+    ],
+)
+async def test_stream_with_bad_chunks_is_refused(
+    make_network: Callable[..., LocalNetwork],
+    chunks: Callable[[int], list[tuple[int, bytes]]],
+    reason: str,
+) -> None:
+    async with running_alice(make_network) as target:
+        size = model_bytes(target)
+        async with hostile(target) as ws:
+            channel = await as_bob(ws, target)
+            await ws.send(channel.seal(encode_params_begin(2, 0, size)))
+            for offset, data in chunks(size):
+                await ws.send(channel.seal(encode_params_chunk(2, 0, offset, data)))
+            _, code = await drain(ws)
+        assert code == CLOSE_POLICY
+        await target.wait_event("reject", peer="bob", reason=reason)
+        await target.trains_with_bob()
+
+
+# --- 10. nothing within the handshake timeout ----------------------------------------------
+
+
+async def _silent(ws: ClientConnection, target: Target) -> None:
+    pass
+
+
+async def _no_key_confirmation(ws: ClientConnection, target: Target) -> None:
+    hs = await noise_hello(ws, target, key_of(target, "bob"))
+    assert (await noise_reply(ws, hs)).status == REPLY_OK
+
+
+async def _half_message(ws: ClientConnection, target: Target) -> None:
+    """A fragmented message whose last fragment never comes."""
+    hs = IKHandshake(
+        initiator=True,
+        static=key_of(target, "bob"),
+        prologue=PROLOGUE,
+        remote_static=target.net.config.peers["alice"].public_key,
+    )
+    message = hs.write_message(encode_hello(target.net.config.digest, "bob"))
+
+    async def fragments() -> AsyncIterator[bytes]:
+        yield message[:40]
+        await asyncio.sleep(30 * TIMEOUT)  # cancelled when alice closes
+        yield message[40:]
+
+    with contextlib.suppress(ConnectionClosed, TimeoutError):
+        async with asyncio.timeout(0.5 * TIMEOUT):
+            await ws.send(fragments())
+
+
+@pytest.mark.parametrize(
+    "stall",
+    [
+        pytest.param(_silent, id="silent"),
+        pytest.param(_no_key_confirmation, id="no-key-confirmation"),
+        pytest.param(_half_message, id="unfinished-fragments"),
+    ],
+)
+async def test_stalled_handshake_times_out(
+    make_network: Callable[..., LocalNetwork],
+    stall: Callable[[ClientConnection, Target], Awaitable[None]],
+) -> None:
+    handshake_timeout = 0.25 * TIMEOUT
+    async with running_alice(
+        make_network, limits={"handshake_timeout": handshake_timeout}
+    ) as target:
+        async with hostile(target) as ws:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await stall(ws, target)
+            await drain(ws)
+            elapsed = loop.time() - started
+        assert ws.close_code is not None
+        event = await target.wait_event("handshake_fail", reason="timed out")
+        assert event["role"] == "responder"
+        assert handshake_timeout * 0.9 <= elapsed < 4 * TIMEOUT
+        assert not [e for e in target.events() if e["type"] == "handshake_ok"]
+        await target.trains_with_bob()
+
+
+# --- 11. more connections than limits.max_connections -------------------------------------
+
+
+async def test_connections_above_the_limit_are_turned_away(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    limit = 2
+    async with running_alice(make_network, limits={"max_connections": limit}) as target:
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(limit):
+                await stack.enter_async_context(hostile(target))
+            # Wait until alice has taken both connections (her handler runs after the upgrade).
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5 * TIMEOUT
+            while target.node.net._open_sockets < limit:
+                assert loop.time() < deadline, "alice never counted the idle connections"
+                await asyncio.sleep(0.01 * TIMEOUT)
+            for _ in range(2):
+                async with hostile(target) as extra:
+                    received, code = await drain(extra)
+                assert received == [] and code == CLOSE_TRY_LATER
+            rejected = [e for e in target.rejections() if e["reason"] == "too many connections"]
+            assert len(rejected) == 2
+            assert all(e["type"] == "reject" and e["addr"].startswith("127.0.0.1:") for e in rejected)
+        # The idle connections are gone: their slots are free again.
+        after = len(target.events())
+        async with hostile(target) as ws:
+            await ws.send(b"hello?")
+            _, code = await drain(ws)
+        assert code == CLOSE_POLICY
+        await target.wait_event("handshake_fail", after=after, reason="too short")
+        assert len([e for e in target.rejections() if e["reason"] == "too many connections"]) == 2
+        await target.trains_with_bob()
