@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from p2pfl.channel import Channel
 from p2pfl.config import Config
@@ -193,6 +194,8 @@ class Network:
             host,
             port,
             open_timeout=self.limits.open_timeout,
+            create_connection=_counted_connection(self),
+            server_header=None,  # do not advertise the library and Python versions
             **self._ws_options(),  # type: ignore[arg-type]
         )
         bound = int(next(iter(self._server.sockets)).getsockname()[1])
@@ -227,28 +230,24 @@ class Network:
     # --- accepting -------------------------------------------------------------------------
 
     async def _accept(self, ws: ServerConnection) -> None:
+        # The connection limit is enforced per TCP connection, in _counted_connection.
         remote = _address(ws)
-        if self._open_sockets >= self.limits.max_connections:
-            self.events.emit("reject", addr=remote, reason="too many connections")
-            await ws.close(CLOSE_TRY_LATER, "try later")
-            return
-        self._open_sockets += 1
         try:
             link, first = await self._respond(ws, remote)
         except HandshakeError as exc:
             self.events.emit("handshake_fail", addr=remote, reason=str(exc), role="responder")
             log.warning("handshake from %s refused: %s", remote, exc)
             await ws.close(CLOSE_POLICY, "")
-            self._open_sockets -= 1
             return
         except (ConnectionClosed, TimeoutError) as exc:
             self.events.emit("handshake_fail", addr=remote, reason=_describe(exc), role="responder")
-            self._open_sockets -= 1
             return
-        try:
-            await self._run_link(link, first)
-        finally:
-            self._open_sockets -= 1
+        await self._run_link(link, first)
+
+    def _upgrade_failed(self, ws: ServerConnection, reason: str) -> None:
+        remote = _address(ws)
+        self.events.emit("handshake_fail", addr=remote, reason=reason, role="responder")
+        log.info("connection from %s refused: %s", remote, reason)
 
     async def _respond(self, ws: ServerConnection, remote: str) -> tuple[PeerLink, Status]:
         timeout = self.limits.handshake_timeout
@@ -297,6 +296,11 @@ class Network:
                 log.warning("handshake with %s failed: %s", peer_id, exc)
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, InvalidURI) as exc:
                 log.debug("cannot reach %s yet: %s", peer_id, _describe(exc))
+            except Exception as exc:  # never let one surprise end the dialer for good
+                log.exception("unexpected error dialing %s", peer_id)
+                self.events.emit(
+                    "handshake_fail", peer=peer_id, reason=_describe(exc), role="initiator"
+                )
             else:
                 if not first_attempt:
                     self.reconnects += 1
@@ -405,6 +409,46 @@ class Network:
         for link in list(self.links.values()):
             if peers is None or peers(link.peer_id):
                 self._spawn(_quiet(link.send_status(lamport, round_index)))
+
+
+def _counted_connection(network: Network) -> type[ServerConnection]:
+    """Server connections that count against ``max_connections`` from the TCP accept on, and
+    log websocket upgrades that fail (silence, not HTTP, no upgrade) before ``_accept`` runs."""
+
+    class CountedConnection(ServerConnection):
+        _counted = False
+        _refused = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if network._open_sockets >= network.limits.max_connections:
+                self._refused = True
+                network.events.emit("reject", addr=_address(self), reason="too many connections")
+                self.transport.abort()
+                return
+            network._open_sockets += 1
+            self._counted = True
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._counted:
+                self._counted = False
+                network._open_sockets -= 1
+            super().connection_lost(exc)
+
+        async def handshake(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super().handshake(*args, **kwargs)
+            except asyncio.CancelledError:  # open_timeout expired, or we are shutting down
+                if not network._stopping:
+                    network._upgrade_failed(self, "timed out before the websocket upgrade")
+                raise
+            if self.protocol.state is not State.OPEN and not self._refused:
+                exc = self.protocol.handshake_exc
+                network._upgrade_failed(
+                    self, f"websocket upgrade failed: {exc or 'connection closed'}"
+                )
+
+    return CountedConnection
 
 
 async def _quiet(coro: Coroutine[Any, Any, None]) -> None:

@@ -30,6 +30,10 @@ HEADER_BYTES = _HEADER.size
 CHUNK_OVERHEAD = HEADER_BYTES + _OFFSET.size
 DTYPE_FLOAT32 = 1
 MAX_ROUND = 2**32 - 1
+#: Largest Lamport time accepted from a peer. Far below u64 (our own clock must stay encodable
+#: after observing it), int64 (the checkpoint) and 2**53 (jq and JavaScript read JSON numbers
+#: as doubles, and the logs are merged by lamport).
+MAX_LAMPORT = 2**53 - 1
 
 
 class MessageType(enum.IntEnum):
@@ -89,6 +93,8 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
     if len(plaintext) < HEADER_BYTES:
         raise MessageError(f"message of {len(plaintext)} bytes is shorter than a header")
     kind, lamport, round_index = _HEADER.unpack_from(plaintext, 0)
+    if lamport > MAX_LAMPORT:
+        raise MessageError(f"lamport {lamport} above the limit {MAX_LAMPORT}")
     body = len(plaintext) - HEADER_BYTES
     if kind == MessageType.STATUS:
         if body:

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,13 +24,35 @@ from pathlib import Path
 PEERS = ["alice", "bob", "carol"]
 
 
+def free_port_run(count: int) -> int:
+    """A first port such that it and the next count-1 ports are free on 127.0.0.1."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, min(base + count, 65536)):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            if len(socks) == count:
+                return base
+        except OSError:
+            pass
+        finally:
+            for s in socks:
+                s.close()
+    raise SystemExit("no free ports found on 127.0.0.1")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--out", default=None, help="run directory (default runs/demo-<time>)")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--base-port", type=int, default=7070)
+    parser.add_argument("--base-port", type=int, help="first of 3 ports (default: free ones)")
     args = parser.parse_args()
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     p2pfl = [sys.executable, "-m", "p2pfl"]
@@ -45,7 +68,7 @@ def main() -> int:
             "--rounds",
             str(args.rounds),
             "--base-port",
-            str(args.base_port),
+            str(args.base_port or free_port_run(len(PEERS))),
         ],
         check=True,
     )

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 import p2pfl.transfer
 from p2pfl.channel import Channel
@@ -50,7 +50,6 @@ from .test_node import make_node, read_events
 PEERS = ("alice", "bob")
 ROUNDS = 2
 #: Close codes the node sends (p2pfl.net), spelled out so a change to them is noticed here.
-CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
@@ -113,20 +112,31 @@ class Target:
                 if matches(event):
                     return event
             if self.task.done():
-                raise AssertionError(f"alice stopped ({self.task!r}) before logging {kind} {fields}")
+                raise AssertionError(
+                    f"alice stopped ({self.task!r}) before logging {kind} {fields}"
+                )
             if loop.time() >= deadline:
                 raise AssertionError(
                     f"no {kind} event with {fields}; rejections logged: {self.rejections()}"
                 )
             await asyncio.sleep(0.01 * TIMEOUT)
 
-    async def trains_with_bob(self) -> None:
-        """alice survived: the real bob starts now and both finish every round with nobody missing."""
+    async def trains_with_bob(self, *, connect_timeout: float = 5) -> None:
+        """alice survived: the real bob starts now; both finish every round, nobody missing."""
         assert not self.task.done(), f"alice stopped during the attack: {self.task!r}"
+        after = len(self.events())
         bob = make_node(self.net, "bob")
-        codes = await asyncio.wait_for(
-            asyncio.gather(self.task, bob.run()), 20 * TIMEOUT
-        )
+        bob_task = asyncio.ensure_future(bob.run())
+        try:
+            await self.wait_event(
+                "connect", after=after, timeout=connect_timeout, peer="bob", role="out"
+            )
+            codes = await asyncio.wait_for(asyncio.gather(self.task, bob_task), 20 * TIMEOUT)
+        finally:
+            if not bob_task.done():
+                bob.request_stop()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(bob_task, 10 * TIMEOUT)
         assert codes == [0, 0]
         for peer in PEERS:
             events = read_events(self.net.state(peer) / "events.jsonl")
@@ -139,14 +149,16 @@ class Target:
 
 
 @contextlib.asynccontextmanager
-async def running_alice(make_network: Callable[..., LocalNetwork], **extra: Any) -> AsyncIterator[Target]:
+async def running_alice(
+    make_network: Callable[..., LocalNetwork], *, round_timeout: float = 10.0, **extra: Any
+) -> AsyncIterator[Target]:
     """Start alice alone (bob's port stays closed) and stop her on the way out if still running."""
     base = {
         # alice keeps redialling bob during the attacks; keep her backoff short so the real
         # bob is found quickly once it starts.
         "net": {"reconnect_min": 0.02 * TIMEOUT, "reconnect_max": 0.2 * TIMEOUT},
     }
-    net = make_network(PEERS, rounds=ROUNDS, extra=_merge(base, extra))
+    net = make_network(PEERS, rounds=ROUNDS, round_timeout=round_timeout, extra=_merge(base, extra))
     node = make_node(net, "alice")
     task = asyncio.ensure_future(node.run())
     target = Target(net, node, task)
@@ -185,8 +197,27 @@ async def drain(ws: ClientConnection) -> tuple[list[bytes], int | None]:
     return received, ws.close_code
 
 
+async def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    """Poll ``condition`` (bounded) for state that no event announces."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout * TIMEOUT
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01 * TIMEOUT)
+
+
 def key_of(target: Target, peer: str) -> X25519PrivateKey:
     return load_private_key(target.net.keys[peer])
+
+
+def initiator(target: Target, key: X25519PrivateKey) -> IKHandshake:
+    """The initiator side of a Noise IK handshake with alice, using ``key`` as our identity."""
+    return IKHandshake(
+        initiator=True,
+        static=key,
+        prologue=PROLOGUE,
+        remote_static=target.net.config.peers["alice"].public_key,
+    )
 
 
 async def noise_hello(
@@ -198,12 +229,7 @@ async def noise_hello(
     digest: bytes | None = None,
 ) -> IKHandshake:
     """Send Noise IK message 1 (our static key, hello payload) to alice."""
-    hs = IKHandshake(
-        initiator=True,
-        static=key,
-        prologue=PROLOGUE,
-        remote_static=target.net.config.peers["alice"].public_key,
-    )
+    hs = initiator(target, key)
     hello = encode_hello(target.net.config.digest if digest is None else digest, peer_id)
     await ws.send(hs.write_message(hello))
     return hs
@@ -247,16 +273,7 @@ async def _send_text(ws: ClientConnection, target: Target, data: bytes) -> None:
 
 async def _sealed_hello(ws: ClientConnection, target: Target, payload: bytes) -> None:
     """A well-formed Noise message 1 from bob's key whose encrypted hello is malformed."""
-    hs = IKHandshake(
-        initiator=True,
-        static=key_of(target, "bob"),
-        prologue=PROLOGUE,
-        remote_static=target.net.config.peers["alice"].public_key,
-    )
-    await ws.send(hs.write_message(payload))
-
-
-_GOOD_HELLO_SIZE = 1 + 32 + 1
+    await ws.send(initiator(target, key_of(target, "bob")).write_message(payload))
 
 
 @pytest.mark.parametrize(
@@ -394,7 +411,9 @@ async def test_frame_of_exactly_the_limit_gets_past_the_size_check(
         await target.trains_with_bob()
 
 
-async def test_oversized_first_message_is_refused(make_network: Callable[..., LocalNetwork]) -> None:
+async def test_oversized_first_message_is_refused(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
     """Above the websocket limit before any handshake: refused from the frame header."""
     async with running_alice(make_network) as target:
         async with hostile(target) as ws:
@@ -486,13 +505,7 @@ async def test_replayed_session_fails_key_confirmation(
     with the new session keys, so no link is ever made from it.
     """
     async with running_alice(make_network) as target:
-        key = key_of(target, "bob")
-        hs = IKHandshake(
-            initiator=True,
-            static=key,
-            prologue=PROLOGUE,
-            remote_static=target.net.config.peers["alice"].public_key,
-        )
+        hs = initiator(target, key_of(target, "bob"))
         message1 = hs.write_message(encode_hello(target.net.config.digest, "bob"))
         async with hostile(target) as ws:
             await ws.send(message1)
@@ -526,17 +539,29 @@ def _header(kind: int, lamport: int = 2, round_index: int = 0) -> bytes:
     ("plaintext", "reason"),
     [
         pytest.param(_header(0x7F), "unknown message type 0x7f", id="unknown-type"),
-        pytest.param(encode_params_begin(2, 0, 9640)[:-1], "PARAMS_BEGIN body of 8 bytes", id="begin-truncated"),
+        pytest.param(
+            encode_params_begin(2, 0, 4)[:-1],
+            "PARAMS_BEGIN body of 8 bytes",
+            id="begin-truncated",
+        ),
         pytest.param(b"", "shorter than a header", id="empty"),
         pytest.param(_header(0x01)[:-1], "shorter than a header", id="header-truncated"),
-        pytest.param(encode_status(2, 0) + b"\x00", "STATUS with 1 unexpected body bytes", id="status-long"),
         pytest.param(
-            _header(0x10) + struct.pack(">QB", 9640, DTYPE_FLOAT32 + 7),
+            encode_status(2, 0) + b"\x00", "STATUS with 1 unexpected body bytes", id="status-long"
+        ),
+        pytest.param(
+            _header(0x10) + struct.pack(">QB", 4, DTYPE_FLOAT32 + 7),
             "unknown dtype code",
             id="begin-dtype",
         ),
-        pytest.param(_header(0x11) + struct.pack(">Q", 0), "PARAMS_CHUNK without data", id="chunk-empty"),
-        pytest.param(bytes(encode_params_chunk(2, 0, 0, bytes(4))), "chunk without a stream", id="chunk-orphan"),
+        pytest.param(
+            _header(0x11) + struct.pack(">Q", 0), "PARAMS_CHUNK without data", id="chunk-empty"
+        ),
+        pytest.param(
+            bytes(encode_params_chunk(2, 0, 0, bytes(4))),
+            "chunk without a stream",
+            id="chunk-orphan",
+        ),
     ],
 )
 async def test_malformed_message_closes_the_link(
@@ -621,6 +646,9 @@ async def test_stream_of_the_wrong_size_is_refused_before_allocation(
         size = model_bytes(target)
         total = announced(size)
         monkeypatch.setattr(p2pfl.transfer, "np", SpyNumpy())
+        p2pfl.transfer.StreamReceiver(8).begin(0, 8, keep=True)
+        assert allocations == [2], "the spy does not see StreamReceiver's allocations"
+        allocations.clear()
         async with hostile(target) as ws:
             channel = await as_bob(ws, target)
             await ws.send(channel.seal(encode_params_begin(2, 0, total)))
@@ -640,7 +668,9 @@ async def test_stream_of_the_wrong_size_is_refused_before_allocation(
         pytest.param(lambda size: [(4, bytes(4))], "chunk at offset 4, expected 0", id="gap"),
         pytest.param(lambda size: [(0, bytes(size + 4))], "runs past the end", id="overrun"),
         pytest.param(
-            lambda size: [(0, bytes(4)), (0, bytes(4))], "chunk at offset 0, expected 4", id="repeat"
+            lambda size: [(0, bytes(4)), (0, bytes(4))],
+            "chunk at offset 0, expected 4",
+            id="repeat",
         ),
     ],
 )
@@ -676,22 +706,22 @@ async def _no_key_confirmation(ws: ClientConnection, target: Target) -> None:
 
 async def _half_message(ws: ClientConnection, target: Target) -> None:
     """A fragmented message whose last fragment never comes."""
-    hs = IKHandshake(
-        initiator=True,
-        static=key_of(target, "bob"),
-        prologue=PROLOGUE,
-        remote_static=target.net.config.peers["alice"].public_key,
-    )
+    hs = initiator(target, key_of(target, "bob"))
     message = hs.write_message(encode_hello(target.net.config.digest, "bob"))
 
     async def fragments() -> AsyncIterator[bytes]:
         yield message[:40]
-        await asyncio.sleep(30 * TIMEOUT)  # cancelled when alice closes
+        await asyncio.Event().wait()  # never: the sender is cancelled once alice hangs up
         yield message[40:]
 
-    with contextlib.suppress(ConnectionClosed, TimeoutError):
-        async with asyncio.timeout(0.5 * TIMEOUT):
-            await ws.send(fragments())
+    sender = asyncio.ensure_future(ws.send(fragments()))
+    try:
+        async with asyncio.timeout(5 * TIMEOUT):
+            await ws.wait_closed()
+    finally:
+        sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender
 
 
 @pytest.mark.parametrize(
@@ -735,20 +765,23 @@ async def test_connections_above_the_limit_are_turned_away(
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(limit):
                 await stack.enter_async_context(hostile(target))
-            # Wait until alice has taken both connections (her handler runs after the upgrade).
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5 * TIMEOUT
-            while target.node.net._open_sockets < limit:
-                assert loop.time() < deadline, "alice never counted the idle connections"
-                await asyncio.sleep(0.01 * TIMEOUT)
+            # alice's handler runs after the upgrade: wait until she has counted both.
+            await wait_until(lambda: target.node.net._open_sockets == limit)
             for _ in range(2):
-                async with hostile(target) as extra:
-                    received, code = await drain(extra)
-                assert received == [] and code == CLOSE_TRY_LATER
+                try:
+                    async with hostile(target) as extra:
+                        received, code = await drain(extra)
+                except InvalidHandshake:
+                    pass  # also fine: turned away at the TCP accept, before the upgrade
+                else:
+                    assert received == [] and code == CLOSE_TRY_LATER
             rejected = [e for e in target.rejections() if e["reason"] == "too many connections"]
             assert len(rejected) == 2
-            assert all(e["type"] == "reject" and e["addr"].startswith("127.0.0.1:") for e in rejected)
+            assert all(
+                e["type"] == "reject" and e["addr"].startswith("127.0.0.1:") for e in rejected
+            )
         # The idle connections are gone: their slots are free again.
+        await wait_until(lambda: target.node.net._open_sockets == 0)
         after = len(target.events())
         async with hostile(target) as ws:
             await ws.send(b"hello?")
@@ -756,4 +789,83 @@ async def test_connections_above_the_limit_are_turned_away(
         assert code == CLOSE_POLICY
         await target.wait_event("handshake_fail", after=after, reason="too short")
         assert len([e for e in target.rejections() if e["reason"] == "too many connections"]) == 2
+        await target.trains_with_bob()
+
+
+# --- found while writing these tests (fixed since) -----------------------------------------
+
+
+async def test_lamport_at_the_u64_limit_does_not_wedge_the_node(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """An authentic, well-formed STATUS carrying the largest lamport the wire can hold.
+
+    Either refusing it or absorbing it is fine; what is not fine is a node that can no
+    longer send anything afterwards.
+    """
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            channel = await as_bob(ws, target)
+            after = len(target.events())
+            await ws.send(channel.seal(encode_status(2**64 - 1, 0)))
+            await ws.close()
+        await target.wait_event("disconnect", after=after, peer="bob")
+        await target.trains_with_bob(connect_timeout=2)
+
+
+async def _raw_tcp(target: Target, data: bytes) -> bytes:
+    """Open a plain TCP connection, write ``data``, return what alice sends before she hangs up."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", target.net.config.peers["alice"].port
+    )
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5 * TIMEOUT):
+            return await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="silent"),
+        pytest.param(b"\x16\x03\x01\x00\x05hello\r\n\r\n", id="not-http"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: alice\r\n\r\n", id="no-upgrade"),
+    ],
+)
+async def test_failed_websocket_upgrade_is_logged(
+    make_network: Callable[..., LocalNetwork], data: bytes
+) -> None:
+    async with running_alice(make_network, limits={"handshake_timeout": 0.25 * TIMEOUT}) as target:
+        answer = await _raw_tcp(target, data)
+        assert b"101 Switching Protocols" not in answer
+        event = await target.wait_event("handshake_fail", timeout=1)
+        assert event["addr"].startswith("127.0.0.1:") and event["reason"]
+        await target.trains_with_bob()
+
+
+async def test_connections_still_opening_count_towards_the_limit(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    limit = 2
+    limits = {"max_connections": limit, "handshake_timeout": 1 * TIMEOUT}
+    async with running_alice(make_network, limits=limits) as target:
+        port = target.net.config.peers["alice"].port
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(limit)]
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await _raw_tcp(target, b"") == b""
+            # Turned away at once, not merely dropped when the opening handshake times out.
+            assert loop.time() - started < 0.5 * TIMEOUT
+            await target.wait_event("reject", timeout=1, reason="too many connections")
+        finally:
+            for _, writer in idle:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
         await target.trains_with_bob()
