@@ -135,6 +135,10 @@ class TrainingConfig:
     round_timeout: float
     startup_timeout: float
     model: ModelConfig
+    #: Features are divided by this before training and evaluation. None means "auto":
+    #: the smallest power of two >= the largest |x| in the node's own training data, so
+    #: pixel data (0-16, 0-255) lands in [0, 1] on every peer without configuration.
+    input_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -685,6 +689,7 @@ class _Parser:
             "learning_rate",
             "round_timeout",
             "startup_timeout",
+            "input_scale",
             "model",
         )
         section = self.section(value, "training", keys, ("rounds", "model"))
@@ -702,7 +707,17 @@ class _Parser:
                 section.get("startup_timeout", 60.0), "training.startup_timeout"
             ),
             model=self.model(section["model"]),
+            input_scale=self.input_scale(section.get("input_scale", "auto")),
         )
+
+    def input_scale(self, value: object) -> float | None:
+        if value == "auto":
+            return None
+        if isinstance(value, str):
+            self.fail(
+                "training.input_scale", f'expected "auto" or a number > 0, got {_show(value)}'
+            )
+        return self.positive(value, "training.input_scale")
 
     def model(self, value: object) -> ModelConfig:
         path = "training.model"
@@ -859,6 +874,7 @@ def _shared_mapping(
             "learning_rate": training.learning_rate,
             "round_timeout": training.round_timeout,
             "startup_timeout": training.startup_timeout,
+            "input_scale": "auto" if training.input_scale is None else training.input_scale,
             "model": training.model.as_mapping(),
         },
         "aggregation": {"rule": aggregation.rule, "secure": aggregation.secure},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import resource
 import signal
 import time
@@ -48,6 +49,29 @@ class NodeOptions:
     handle_signals: bool = True
 
 
+def input_scale_for(data: Dataset, configured: float | None) -> float:
+    """The divisor for input features: configured, or the smallest power of two that
+    covers the node's training data (identical on peers whose data share a range)."""
+    if configured is not None:
+        return configured
+    largest = float(np.max(np.abs(data.x))) if data.x.size else 0.0
+    if largest <= 1.0:
+        return 1.0
+    return float(2.0 ** math.ceil(math.log2(largest)))
+
+
+def scale_inputs(data: Dataset, scale: float) -> Dataset:
+    if scale == 1.0:
+        return data
+    factor = np.float32(1.0 / scale)
+    return Dataset(
+        x=data.x * factor,
+        y=data.y,
+        x_val=None if data.x_val is None else data.x_val * factor,
+        y_val=data.y_val,
+    )
+
+
 class Node:
     """One p2pfl peer."""
 
@@ -61,7 +85,8 @@ class Node:
         self.config = config
         self.id = options.node_id
         self.options = options
-        self.data = data
+        self.input_scale = input_scale_for(data, config.training.input_scale)
+        self.data = scale_inputs(data, self.input_scale)
         self.training = config.training
         model = config.training.model
         check_compatible(data, model.inputs, model.classes, source=config.source)
@@ -429,6 +454,7 @@ class Node:
             start_round,
             config_digest=self.config.digest_hex,
             parameters=int(self.params.size),
+            input_scale=self.input_scale,
             samples=len(self.data.y),
         )
         try:
