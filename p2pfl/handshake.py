@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -128,8 +128,8 @@ class _SymmetricState:
 class SessionKeys:
     """Keys for the record layer: one per direction, plus the handshake hash (channel binding)."""
 
-    send_key: bytes
-    recv_key: bytes
+    send_key: bytes = field(repr=False)
+    recv_key: bytes = field(repr=False)
     handshake_hash: bytes
 
 

@@ -79,7 +79,8 @@ def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
     """
     shown = os.fspath(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO planted at the path must not hang the node (checked below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise KeyFileError(
             f"private key file {shown} does not exist (create one with `p2pfl keygen`)"
@@ -90,6 +91,11 @@ def load_private_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise KeyFileError(f"private key file {shown} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise KeyFileError(
+                f"private key file {shown} belongs to uid {info.st_uid}, not to this user"
+                f" (uid {os.geteuid()}); the key's owner must run the node"
+            )
         if info.st_mode & 0o077:
             raise KeyFileError(
                 f"private key file {shown} is accessible by group or others"

@@ -30,7 +30,8 @@ from p2pfl.channel import Channel
 from p2pfl.config import Config
 from p2pfl.errors import DigestMismatch, HandshakeError, RemoteProtocolError
 from p2pfl.events import EventLog
-from p2pfl.handshake import TAGLEN, IKHandshake
+from p2pfl.guard import Admission, Throttle
+from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
 from p2pfl.transfer import StreamReceiver, iter_chunks
 from p2pfl.wire import (
     CHUNK_OVERHEAD,
@@ -56,6 +57,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_LATER = 1013
 
 
@@ -98,6 +100,8 @@ class PeerLink:
         self.last_heard = time.monotonic()
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: The round whose parameters were sent on this link (each link gets them once).
+        self.sent_round: int | None = None
         self._send_lock = asyncio.Lock()
         self.closed = asyncio.Event()
 
@@ -170,7 +174,8 @@ class Network:
         )
         self.id_by_key = {p.public_key: p.id for p in config.peers.values()}
         self.links: dict[str, PeerLink] = {}
-        self._open_sockets = 0
+        self.admission: Admission[ServerConnection] = Admission(self.limits.max_connections)
+        self._throttle = Throttle()
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -180,7 +185,9 @@ class Network:
 
     def _ws_options(self) -> dict[str, object]:
         return {
-            "max_size": self.limits.max_record,
+            # Until a peer authenticates it may only send handshake-sized messages; the
+            # limit is raised to one record once it has (see _authenticated).
+            "max_size": MAX_HANDSHAKE_MESSAGE,
             "max_queue": self.limits.max_queue,
             "compression": None,  # parameters do not compress; masked data never will
             "ping_interval": None,  # liveness is our own STATUS heartbeat
@@ -230,28 +237,41 @@ class Network:
     # --- accepting -------------------------------------------------------------------------
 
     async def _accept(self, ws: ServerConnection) -> None:
-        # The connection limit is enforced per TCP connection, in _counted_connection.
+        # Admission (the pending-connection budget) is enforced per TCP connection, in
+        # _counted_connection, before the websocket upgrade.
         remote = _address(ws)
         try:
-            link, first = await self._respond(ws, remote)
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                link, first = await self._respond(ws, remote)
         except HandshakeError as exc:
-            self.events.emit("handshake_fail", addr=remote, reason=str(exc), role="responder")
-            log.warning("handshake from %s refused: %s", remote, exc)
+            self.refuse(ws, "handshake_fail", str(exc))
             await ws.close(CLOSE_POLICY, "")
             return
         except (ConnectionClosed, TimeoutError) as exc:
-            self.events.emit("handshake_fail", addr=remote, reason=_describe(exc), role="responder")
+            self.refuse(ws, "handshake_fail", _describe(exc))
+            await ws.close(CLOSE_POLICY, "")
             return
         await self._run_link(link, first)
 
-    def _upgrade_failed(self, ws: ServerConnection, reason: str) -> None:
+    def refuse(self, ws: Connection, event: str, reason: str) -> None:
+        """Log a refused unauthenticated connection, rate-limited per source address."""
         remote = _address(ws)
-        self.events.emit("handshake_fail", addr=remote, reason=reason, role="responder")
-        log.info("connection from %s refused: %s", remote, reason)
+        suppressed = self._throttle.allow(remote.rpartition(":")[0], time.monotonic())
+        if suppressed is None:
+            return
+        extra = {"suppressed": suppressed} if suppressed else {}
+        self.events.emit(event, addr=remote, reason=reason, role="responder", **extra)
+        log.warning("connection from %s refused: %s", remote, reason)
+
+    def _authenticated(self, ws: Connection) -> None:
+        """The peer proved its identity: full-size records from now on, and it leaves the
+        pending-connection budget."""
+        ws.protocol.max_message_size = self.limits.max_record
+        if isinstance(ws, ServerConnection):
+            self.admission.authenticated(ws)
 
     async def _respond(self, ws: ServerConnection, remote: str) -> tuple[PeerLink, Status]:
-        timeout = self.limits.handshake_timeout
-        msg1 = await asyncio.wait_for(ws.recv(decode=False), timeout)
+        msg1 = await ws.recv(decode=False)
         hs = IKHandshake(initiator=False, static=self.private_key, prologue=PROLOGUE)
         hello = decode_hello(hs.read_message(msg1))
         peer_id = self.id_by_key.get(hs.remote_static)
@@ -268,13 +288,14 @@ class Network:
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         # Key confirmation: message 1 alone could be a replay, so the link only counts once
         # the initiator proves it holds the session keys with a first record.
-        record = await asyncio.wait_for(ws.recv(decode=False), timeout)
+        record = await ws.recv(decode=False)
         try:
             first = decode_message(channel.open(record), max_chunk=self.limits.max_chunk)
         except RemoteProtocolError as exc:
             raise HandshakeError(f"key confirmation from {peer_id} failed: {exc}") from exc
         if not isinstance(first, Status):
             raise HandshakeError(f"{peer_id} did not open with STATUS")
+        self._authenticated(ws)
         link = PeerLink(peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=False)
         return link, first
 
@@ -334,8 +355,9 @@ class Network:
             reply = decode_reply(
                 hs.read_message(await asyncio.wait_for(ws.recv(decode=False), timeout))
             )
-            if reply.status == REPLY_DIGEST_MISMATCH:
+            if reply.status == REPLY_DIGEST_MISMATCH or reply.digest != self.config.digest:
                 raise DigestMismatch(self.config.digest.hex()[:16], reply.digest.hex()[:16])
+            self._authenticated(ws)
             channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
             link = PeerLink(
                 peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=True
@@ -382,6 +404,11 @@ class Network:
         except asyncio.CancelledError:
             reason = "shutting down"
             raise
+        except Exception as exc:  # a bug of ours: drop this link, keep the node
+            reason = f"internal error: {type(exc).__name__}"
+            log.exception("internal error on the link to %s", link.peer_id)
+            self.events.emit("reject", peer=link.peer_id, reason=reason)
+            await link.close(CLOSE_INTERNAL_ERROR, "")
         finally:
             link.receiver.abort()
             link.closed.set()
@@ -412,40 +439,37 @@ class Network:
 
 
 def _counted_connection(network: Network) -> type[ServerConnection]:
-    """Server connections that count against ``max_connections`` from the TCP accept on, and
-    log websocket upgrades that fail (silence, not HTTP, no upgrade) before ``_accept`` runs."""
+    """Server connections that enter the pending-connection budget at TCP accept (so sockets
+    that never upgrade count too), and log upgrades that fail before ``_accept`` runs."""
 
     class CountedConnection(ServerConnection):
-        _counted = False
-        _refused = False
+        evicted = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
-            if network._open_sockets >= network.limits.max_connections:
-                self._refused = True
-                network.events.emit("reject", addr=_address(self), reason="too many connections")
-                self.transport.abort()
-                return
-            network._open_sockets += 1
-            self._counted = True
+            evicted = network.admission.admit(self)
+            if isinstance(evicted, CountedConnection):
+                evicted.evicted = True
+                network.refuse(evicted, "reject", "too many unauthenticated connections")
+                evicted.transport.abort()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._counted:
-                self._counted = False
-                network._open_sockets -= 1
+            network.admission.discard(self)
             super().connection_lost(exc)
 
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             try:
                 await super().handshake(*args, **kwargs)
             except asyncio.CancelledError:  # open_timeout expired, or we are shutting down
-                if not network._stopping:
-                    network._upgrade_failed(self, "timed out before the websocket upgrade")
+                if not network._stopping and not self.evicted:
+                    network.refuse(self, "handshake_fail", "timed out before the websocket upgrade")
                 raise
-            if self.protocol.state is not State.OPEN and not self._refused:
+            if self.protocol.state is not State.OPEN and not self.evicted:
                 exc = self.protocol.handshake_exc
-                network._upgrade_failed(
-                    self, f"websocket upgrade failed: {exc or 'connection closed'}"
+                network.refuse(
+                    self,
+                    "handshake_fail",
+                    f"websocket upgrade failed: {exc or 'connection closed'}",
                 )
 
     return CountedConnection

@@ -134,7 +134,9 @@ class Node:
             graph = graph_for_round(
                 self.config.topology, self.config.peer_ids, self.config.seed, round_index
             )
-            self._graphs = {round_index: graph, **dict(list(self._graphs.items())[-8:])}
+            if len(self._graphs) >= 16:  # keep recent rounds only (dicts keep insertion order)
+                del self._graphs[next(iter(self._graphs))]
+            self._graphs[round_index] = graph
         return graph
 
     def neighbours_of(self, round_index: int) -> frozenset[str]:
@@ -150,19 +152,18 @@ class Node:
             self._changed.set()
 
     def link_up(self, link: PeerLink) -> None:
+        self._offer(link)
         self._notify()
-        # A neighbour that (re)connects while we collect gets this round's parameters now.
-        if self.collecting and self.outgoing is not None:
-            round_index, params = self.outgoing
-            if self._should_send(link.peer_id, round_index):
-                self._start_send(link, round_index, params)
 
     def link_down(self, link: PeerLink, reason: str) -> None:
+        if link.peer_id not in self.net.links:  # not replaced by a newer connection
+            self.tracker.forget_peer(link.peer_id)
         self._notify()
 
     def message(self, link: PeerLink, msg: Message) -> None:
         if isinstance(msg, Status):
             self.tracker.note_peer_round(link.peer_id, msg.round)
+            self._offer(link)
             self._notify()
         elif isinstance(msg, ParamsBegin):
             verdict = self.tracker.judge(link.peer_id, msg.round)
@@ -173,6 +174,11 @@ class Node:
         elif isinstance(msg, ParamsChunk):
             done = link.receiver.chunk(msg.round, msg.offset, msg.data)
             if done is None or done.params is None:
+                return
+            if not np.isfinite(done.params).all():  # one NaN would spread to every model
+                self.events.emit(
+                    "reject", done.round, peer=link.peer_id, reason="non-finite parameters"
+                )
                 return
             verdict = self.tracker.deliver(link.peer_id, done.round, done.params)
             if verdict.keep:
@@ -190,12 +196,22 @@ class Node:
 
     # --- sending -------------------------------------------------------------------------
 
-    def _should_send(self, peer: str, round_index: int) -> bool:
-        return (
-            peer in self.neighbours_of(round_index)
-            and self.tracker.peer_rounds.get(peer, 0) <= round_index
-            and peer not in self._send_tasks
-        )
+    def _offer(self, link: PeerLink) -> None:
+        """Send this round's parameters over ``link`` once, as soon as the neighbour can
+        use them: it announced a round it would buffer them in (a restarted neighbour still
+        at its checkpoint round gets them when it announces our round)."""
+        if not self.collecting or self.outgoing is None:
+            return
+        round_index, params = self.outgoing
+        if link.sent_round == round_index or link.peer_id not in self.neighbours_of(round_index):
+            return
+        announced = self.tracker.peer_rounds.get(link.peer_id)
+        if announced is None:
+            return
+        if not round_index - self.config.limits.max_buffered_rounds <= announced <= round_index:
+            return
+        link.sent_round = round_index
+        self._start_send(link, round_index, params)
 
     def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
         task = asyncio.ensure_future(self._send(link, round_index, params))
@@ -278,7 +294,7 @@ class Node:
         if not ready:
             missing = sorted(neighbours - set(self.net.links))
             log.warning("%s: starting without %s (startup timeout)", self.id, ", ".join(missing))
-        return max(start_round, self.tracker.highest_peer_round())
+        return max(start_round, self.tracker.consensus_round(start_round))
 
     async def _round(self, r: int) -> int:
         loop = asyncio.get_running_loop()
@@ -303,11 +319,13 @@ class Node:
         self.collecting = True
         for peer in sorted(neighbours):
             link = self.net.links.get(peer)
-            if link is not None and self._should_send(peer, r):
-                self._start_send(link, r, self.params)
+            if link is not None:
+                self._offer(link)
         self.tracker.start_collecting(loop.time(), self.training.round_timeout)
         assert self.tracker.deadline is not None
-        await self._wait_until(lambda: self.tracker.collection_done(loop.time()), None)
+        await self._wait_until(
+            lambda: self.tracker.collection_done(loop.time()), self.tracker.deadline
+        )
         self.collecting = False
         await self._finish_sends(self.tracker.deadline)
         self.outgoing = None

@@ -6,13 +6,15 @@ current round is over, and which round comes next. The asyncio node only feeds i
 and the clock, which makes the rules testable without sockets.
 
 Rules:
-- Parameters for the current round, or a later one within ``max_buffered_rounds`` (or up to
-  a round a neighbour has announced), from a peer that is a neighbour in that round, are kept.
-  Past rounds, rounds too far ahead, non-neighbours and duplicates are dropped with a reason.
+- Parameters for the current round, or a later one within ``max_buffered_rounds``, from a
+  peer that is a neighbour in that round, are kept. Past rounds, rounds too far ahead,
+  non-neighbours and duplicates are dropped with a reason. (A peer's own claims never widen
+  the window: otherwise it could make us hold one model per remaining round.)
 - Collection ends when every neighbour delivered, or each missing neighbour has announced a
   later round (it will never send this one), or the deadline passed.
-- The next round is ``max(current + 1, highest round a neighbour announced)``: a node that
-  restarted or was cut off jumps to where its neighbours are; averaging pulls it back.
+- The next round is ``max(current + 1, lower median of the neighbours' announced rounds)``:
+  a node that restarted or was cut off jumps to where most of its neighbours are (averaging
+  pulls its model back), while a single lying neighbour cannot make it skip rounds.
 """
 
 from __future__ import annotations
@@ -54,8 +56,17 @@ class RoundTracker:
         """A neighbour announced its current round (capped: a peer cannot push us past the end)."""
         self.peer_rounds[peer] = min(round_index, self.total_rounds)
 
-    def highest_peer_round(self) -> int:
-        return max(self.peer_rounds.values(), default=0)
+    def forget_peer(self, peer: str) -> None:
+        """A neighbour disconnected: its round is unknown until it speaks again."""
+        self.peer_rounds.pop(peer, None)
+
+    def consensus_round(self, round_index: int | None = None) -> int:
+        """The lower median of the rounds announced by this round's neighbours (0 if none)."""
+        neighbours = self.neighbours_of(self.current if round_index is None else round_index)
+        known = sorted(self.peer_rounds[p] for p in neighbours if p in self.peer_rounds)
+        if not known:
+            return 0
+        return known[(len(known) - 1) // 2]
 
     def judge(self, peer: str, round_index: int) -> Verdict:
         """Decide, before receiving it, whether a parameter stream is worth keeping."""
@@ -63,7 +74,7 @@ class RoundTracker:
             return Verdict(False, f"past round {round_index} (now at round {self.current})")
         if round_index >= self.total_rounds:
             return Verdict(False, f"round {round_index} is beyond the last round")
-        horizon = max(self.current, self.peer_rounds.get(peer, 0)) + self.max_buffered_rounds
+        horizon = self.current + self.max_buffered_rounds
         if round_index > horizon:
             return Verdict(False, f"round {round_index} too far ahead (buffering up to {horizon})")
         if peer not in self.neighbours_of(round_index):
@@ -109,7 +120,7 @@ class RoundTracker:
         return self._received.pop(self.current, {})
 
     def next_round(self) -> int:
-        return max(self.current + 1, self.highest_peer_round())
+        return max(self.current + 1, self.consensus_round())
 
     def buffered_rounds(self) -> list[int]:
         return sorted(self._received)

@@ -291,3 +291,20 @@ def test_public_key_object_round_trip() -> None:
     raw = X25519PrivateKey.generate().public_key().public_bytes_raw()
     key = X25519PublicKey.from_public_bytes(decode_public_key(base64.b64encode(raw).decode()))
     assert key.public_bytes_raw() == raw
+
+
+def test_key_file_of_another_owner_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.key"
+    generate_key_file(path)
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(KeyFileError, match="belongs to uid 65534"):
+        load_private_key(path)
+
+
+def test_fifo_at_the_key_path_does_not_hang(tmp_path: Path) -> None:
+    path = tmp_path / "fifo.key"
+    os.mkfifo(path, 0o600)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_private_key(path)

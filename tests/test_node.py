@@ -122,3 +122,19 @@ async def test_stop_request_shuts_down_cleanly(make_network) -> None:
     assert await asyncio.wait_for(asyncio.gather(*tasks), 10 * TIMEOUT) == [0, 0]
     last = read_events(path)[-1]
     assert last["type"] == "node_stop" and last["finished"] is False
+
+
+async def test_a_node_alone_still_ends_each_round_at_its_deadline(make_network) -> None:
+    """No neighbour ever connects, so no network event wakes the round: the deadline must."""
+    net = make_network(("alice", "bob"), rounds=2, round_timeout=0.3)
+    config = net.config
+    training = config.training.__class__(
+        **{**config.training.__dict__, "startup_timeout": 0.3 * TIMEOUT}
+    )
+    net.config = config.__class__(**{**config.__dict__, "training": training})
+    alice = make_node(net, "alice")
+    assert await asyncio.wait_for(alice.run(), 10 * TIMEOUT) == 0
+    aggregates = [
+        e for e in read_events(net.state("alice") / "events.jsonl") if e["type"] == "aggregate"
+    ]
+    assert [e["missing"] for e in aggregates] == [["bob"], ["bob"]]

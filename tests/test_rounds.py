@@ -81,23 +81,39 @@ def test_future_rounds_buffered_then_used_and_duplicates_dropped() -> None:
     assert t.waiting_for() == {"c"}
 
 
-def test_announced_round_extends_the_buffer_horizon() -> None:
-    """A restarted node still at its checkpoint round accepts its neighbours' current round."""
+def test_a_peers_claim_does_not_widen_the_buffer_window() -> None:
+    """Otherwise a neighbour claiming a late round could make us hold one model per round."""
     t = tracker(start=2)
     t.start_round(2)
-    assert not t.judge("b", 7).keep
     t.note_peer_round("b", 7)
-    assert t.judge("b", 7).keep
+    assert "too far ahead" in t.judge("b", 7).reason
 
 
-def test_next_round_jumps_to_neighbours_and_is_capped() -> None:
+def test_next_round_follows_the_neighbours_majority() -> None:
     t = tracker(total=10)
     t.start_round(2)
     assert t.next_round() == 3
-    t.note_peer_round("b", 6)
+    t.note_peer_round("b", 6)  # one neighbour alone cannot make us skip rounds
+    t.note_peer_round("c", 2)
+    assert t.next_round() == 3
+    t.note_peer_round("c", 6)  # both are ahead (we restarted): jump to them
     assert t.next_round() == 6
-    t.note_peer_round("c", 10**6)  # a lying peer cannot push us past the end
+    t.note_peer_round("b", 10**6)
+    t.note_peer_round("c", 10**6)  # claims are capped at the last round
     assert t.next_round() == 10
+
+
+def test_non_neighbours_and_disconnected_peers_do_not_count() -> None:
+    t = tracker()
+    t.start_round(1)
+    t.note_peer_round("z", 8)
+    assert t.consensus_round() == 0
+    t.note_peer_round("b", 5)
+    t.note_peer_round("c", 5)
+    assert t.next_round() == 5
+    t.forget_peer("b")
+    t.forget_peer("c")
+    assert t.next_round() == 2
 
 
 def test_starting_a_round_releases_older_buffers() -> None:

@@ -1,0 +1,74 @@
+"""Defences against unauthenticated traffic, sans I/O.
+
+Anyone can open a TCP connection to a node. Two rules keep that from locking peers out or
+filling the disk:
+
+- ``Admission``: connections that have not yet authenticated share a fixed budget. When it
+  is full, the *oldest* pending connection is evicted rather than the newcomer refused: an
+  attacker holding idle sockets open keeps losing them, while a real peer's handshake
+  (milliseconds) completes. Authenticated links leave the budget (there is at most one per
+  peer in ``peers.yaml``).
+- ``Throttle``: log events about unauthenticated sources are rate-limited per source
+  address; the next event that gets through says how many were suppressed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Admission(Generic[T]):
+    """A budget of pending (unauthenticated) connections with oldest-first eviction."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._pending: OrderedDict[T, None] = OrderedDict()
+
+    def admit(self, conn: T) -> T | None:
+        """Count a new connection; returns the pending connection it evicts, if any."""
+        evicted = None
+        if len(self._pending) >= self.capacity:
+            evicted, _ = self._pending.popitem(last=False)
+        self._pending[conn] = None
+        return evicted
+
+    def authenticated(self, conn: T) -> None:
+        """The connection proved who it is: it no longer counts against the budget."""
+        self._pending.pop(conn, None)
+
+    def discard(self, conn: T) -> None:
+        self._pending.pop(conn, None)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self._pending
+
+
+class Throttle:
+    """At most ``burst`` events per key per ``window`` seconds."""
+
+    def __init__(self, *, burst: int = 5, window: float = 10.0, max_keys: int = 4096) -> None:
+        self.burst = burst
+        self.window = window
+        self.max_keys = max_keys
+        self._state: dict[str, tuple[float, int, int]] = {}  # key -> (start, used, suppressed)
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None if the event should be dropped; else how many were dropped before it."""
+        start, used, suppressed = self._state.get(key, (now, 0, 0))
+        if now - start >= self.window:
+            start, used = now, 0
+        if used >= self.burst:
+            self._state[key] = (start, used, suppressed + 1)
+            return None
+        if key not in self._state and len(self._state) >= self.max_keys:
+            self._state.clear()  # bounded memory under address-spraying
+        self._state[key] = (start, used + 1, 0)
+        return suppressed
