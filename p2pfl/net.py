@@ -28,7 +28,7 @@ from websockets.protocol import State
 
 from p2pfl.channel import Channel
 from p2pfl.config import Config
-from p2pfl.errors import DigestMismatch, HandshakeError, RemoteProtocolError
+from p2pfl.errors import DigestMismatch, HandshakeError, P2PFLError, RemoteProtocolError
 from p2pfl.events import EventLog
 from p2pfl.guard import Admission, Throttle
 from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
@@ -213,6 +213,27 @@ class Network:
     def dial(self, peer_id: str) -> None:
         """Keep a connection to ``peer_id`` up for as long as the network runs."""
         self._spawn(self._dial_forever(peer_id))
+
+    def announce(self, peer_id: str) -> None:
+        """Dial ``peer_id`` once, without retrying.
+
+        Normally the smaller id dials. But after a restart, a peer with a smaller id may be
+        sleeping in its reconnect backoff (up to ``net.reconnect_max``) while the whole
+        neighbourhood waits for us; one direct attempt brings the link up at once. If both
+        ends dial at the same moment, the newer link replaces the older one as on any
+        reconnection, and the smaller id's dialer keeps the pair connected after that.
+        """
+        self._spawn(self._announce(peer_id))
+
+    async def _announce(self, peer_id: str) -> None:
+        if peer_id in self.links:
+            return
+        try:
+            link = await self._dial_once(peer_id)
+        except (P2PFLError, OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
+            log.debug("announcing ourselves to %s failed: %s", peer_id, _describe(exc))
+            return
+        await self._run_link(link, None)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

@@ -487,6 +487,8 @@ class Node:
             for target in sorted(targets):
                 if target > self.id:  # one connection per pair: the smaller id dials
                     self.net.dial(target)
+                elif start_round > 0:  # we restarted: do not wait for their backoff
+                    self.net.announce(target)
             heartbeat = asyncio.ensure_future(self._heartbeat())
             main = asyncio.ensure_future(self._rounds(start_round))
             stopper = asyncio.ensure_future(stop.wait())
