@@ -514,6 +514,8 @@ def _describe(exc: BaseException) -> str:
         frame = exc.rcvd or exc.sent
         if frame is None:
             return "connection lost"
+        if frame.code == CLOSE_TOO_BIG:
+            return f"frame above the size limit ({frame.reason})"
         return f"closed ({frame.code}{' ' + frame.reason if frame.reason else ''})"
     if isinstance(exc, TimeoutError):
         return "timed out"

@@ -65,6 +65,7 @@ def make_network(tmp_path: Path, digits_dir: Path) -> Callable[..., LocalNetwork
         *,
         rounds: int = 5,
         round_timeout: float = 10.0,
+        startup_timeout: float = 20.0,
         model: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> LocalNetwork:
@@ -89,7 +90,7 @@ def make_network(tmp_path: Path, digits_dir: Path) -> Callable[..., LocalNetwork
             batch_size=32,
             round_timeout=round_timeout * TIMEOUT,
         )
-        data["training"]["startup_timeout"] = 20 * TIMEOUT
+        data["training"]["startup_timeout"] = startup_timeout * TIMEOUT
         for section, values in (extra or {}).items():
             data.setdefault(section, {}).update(values)
         path = tmp_path / "peers.yaml"

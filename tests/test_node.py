@@ -89,15 +89,7 @@ async def test_node_waits_for_a_late_neighbour(make_network) -> None:
 
 async def test_missing_neighbour_is_renormalised_away_after_deadline(make_network) -> None:
     """carol never starts: after the startup wait and each round deadline the others go on."""
-    net = make_network(rounds=2, round_timeout=0.5)
-    net.config = net.config.__class__(
-        **{
-            **net.config.__dict__,
-            "training": net.config.training.__class__(
-                **{**net.config.training.__dict__, "startup_timeout": 0.5 * TIMEOUT}
-            ),
-        }
-    )
+    net = make_network(rounds=2, round_timeout=0.5, startup_timeout=0.5)
     nodes = [make_node(net, p) for p in ("alice", "bob")]
     assert await run_all(nodes) == [0, 0]
     for peer in ("alice", "bob"):
@@ -126,12 +118,7 @@ async def test_stop_request_shuts_down_cleanly(make_network) -> None:
 
 async def test_a_node_alone_still_ends_each_round_at_its_deadline(make_network) -> None:
     """No neighbour ever connects, so no network event wakes the round: the deadline must."""
-    net = make_network(("alice", "bob"), rounds=2, round_timeout=0.3)
-    config = net.config
-    training = config.training.__class__(
-        **{**config.training.__dict__, "startup_timeout": 0.3 * TIMEOUT}
-    )
-    net.config = config.__class__(**{**config.__dict__, "training": training})
+    net = make_network(("alice", "bob"), rounds=2, round_timeout=0.3, startup_timeout=0.3)
     alice = make_node(net, "alice")
     assert await asyncio.wait_for(alice.run(), 10 * TIMEOUT) == 0
     aggregates = [

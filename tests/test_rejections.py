@@ -421,7 +421,7 @@ async def test_oversized_first_message_is_refused(
                 await ws.send(bytes(MAX_HANDSHAKE_MESSAGE + 1))
             received, code = await drain(ws)
         assert received == [] and code == CLOSE_TOO_BIG
-        event = await target.wait_event("handshake_fail", reason="1009")
+        event = await target.wait_event("handshake_fail", reason="frame above the size limit")
         assert event["role"] == "responder"
         await target.trains_with_bob()
 
@@ -707,6 +707,21 @@ async def test_non_finite_parameters_are_dropped(
             await ws.send(channel.seal(encode_params_chunk(2, 0, 0, params.tobytes())))
             await target.wait_event("reject", peer="bob", reason="non-finite parameters")
         assert not [e for e in target.events() if e["type"] == "recv"]
+        await target.trains_with_bob()
+
+
+async def test_silent_peer_is_dropped_after_the_heartbeat_timeout(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """A peer that authenticates and then says nothing more holds no link for long."""
+    beat = {"heartbeat_interval": 0.1 * TIMEOUT, "heartbeat_timeout": 0.4 * TIMEOUT}
+    async with running_alice(make_network, net=beat) as target:
+        async with hostile(target) as ws:
+            await as_bob(ws, target)
+            after = len(target.events())
+            _, code = await drain(ws)  # we never answer alice's STATUS heartbeats
+        assert code == 1001
+        await target.wait_event("reject", after=after, peer="bob", reason="heartbeat timeout")
         await target.trains_with_bob()
 
 
