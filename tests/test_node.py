@@ -125,3 +125,29 @@ async def test_a_node_alone_still_ends_each_round_at_its_deadline(make_network) 
         e for e in read_events(net.state("alice") / "events.jsonl") if e["type"] == "aggregate"
     ]
     assert [e["missing"] for e in aggregates] == [["bob"], ["bob"]]
+
+
+async def test_resampled_k_regular_topology_trains(make_network, tmp_path: Path) -> None:
+    """Six peers on a 2-regular graph redrawn every round: each round's aggregate uses
+    exactly that round's neighbours, and nobody is missing."""
+    from p2pfl.learning.prepare import load_digits_arrays, write_partitions
+    from p2pfl.topology import graph_for_round
+
+    peers = tuple(f"p{i}" for i in range(6))
+    net = make_network(
+        peers,
+        rounds=4,
+        extra={"topology": {"kind": "k-regular", "degree": 2, "resample_every": 1}},
+    )
+    x, y = load_digits_arrays()
+    data_dir = tmp_path / "six"
+    write_partitions(x, y, len(peers), data_dir, seed=3, names=list(peers))
+    net.data = {p: data_dir / f"{p}.npz" for p in peers}
+    assert await run_all([make_node(net, p) for p in peers]) == [0] * len(peers)
+    graphs = [graph_for_round(net.config.topology, net.config.peer_ids, 7, r) for r in range(4)]
+    assert len({frozenset((k, v) for k, v in g.items()) for g in graphs}) > 1
+    for peer in peers:
+        for e in read_events(net.state(peer) / "events.jsonl"):
+            if e["type"] == "aggregate":
+                assert set(e["members"]) == graphs[e["round"]][peer] | {peer}
+                assert e["missing"] == []
