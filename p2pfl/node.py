@@ -175,7 +175,9 @@ class Node:
             done = link.receiver.chunk(msg.round, msg.offset, msg.data)
             if done is None or done.params is None:
                 return
-            if not np.isfinite(done.params).all():  # one NaN would spread to every model
+            # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
+            # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
+            if not np.isfinite(np.sum(done.params, dtype=np.float64)):
                 self.events.emit(
                     "reject", done.round, peer=link.peer_id, reason="non-finite parameters"
                 )

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from p2pfl.keys import load_private_key
@@ -151,3 +152,23 @@ async def test_resampled_k_regular_topology_trains(make_network, tmp_path: Path)
             if e["type"] == "aggregate":
                 assert set(e["members"]) == graphs[e["round"]][peer] | {peer}
                 assert e["missing"] == []
+
+
+async def test_large_model_streams_in_many_chunks(make_network) -> None:
+    """A 10 MB model crosses as 40 encrypted 256 KiB chunks each way, every round, and both
+    nodes end with bit-identical averages."""
+    size = 2_500_000
+    net = make_network(
+        ("alice", "bob"),
+        rounds=2,
+        model={"kind": "custom", "factory": "scripts.big_model:factory", "options": {"size": size}},
+    )
+    nodes = [make_node(net, p) for p in net.peers]
+    assert await run_all(nodes) == [0, 0]
+    for peer in net.peers:
+        recvs = [e for e in read_events(net.state(peer) / "events.jsonl") if e["type"] == "recv"]
+        assert [e["bytes"] for e in recvs] == [size * 4, size * 4]
+        assert size * 4 > 30 * nodes[0].net.limits.max_chunk  # many chunks per stream
+    alice, bob = (n.params for n in nodes)
+    assert alice.shape == (size,)
+    assert np.array_equal(alice, bob)
