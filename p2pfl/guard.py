@@ -4,37 +4,43 @@ Anyone can open a TCP connection to a node. Two rules keep that from locking pee
 filling the disk:
 
 - ``Admission``: connections that have not yet authenticated share a fixed budget. When it
-  is full, the *oldest* pending connection is evicted rather than the newcomer refused: an
-  attacker holding idle sockets open keeps losing them, while a real peer's handshake
-  (milliseconds) completes. Authenticated links leave the budget (there is at most one per
-  peer in ``peers.yaml``).
+  is full, a pending connection is evicted rather than the newcomer refused: the oldest one
+  from the source address holding the most pending connections. An attacker holding idle
+  sockets open keeps losing them, a flood from one address evicts only its own connections,
+  and a real peer's handshake (milliseconds) completes. Authenticated links leave the budget
+  (there is at most one per peer in ``peers.yaml``).
 - ``Throttle``: log events about unauthenticated sources are rate-limited per source
   address; the next event that gets through says how many were suppressed.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Admission(Generic[T]):
-    """A budget of pending (unauthenticated) connections with oldest-first eviction."""
+    """A budget of pending (unauthenticated) connections; evicts from the busiest source."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
-        self._pending: OrderedDict[T, None] = OrderedDict()
+        self._pending: OrderedDict[T, str] = OrderedDict()  # oldest first -> source
 
-    def admit(self, conn: T) -> T | None:
+    def admit(self, conn: T, source: str = "") -> T | None:
         """Count a new connection; returns the pending connection it evicts, if any."""
         evicted = None
         if len(self._pending) >= self.capacity:
-            evicted, _ = self._pending.popitem(last=False)
-        self._pending[conn] = None
+            counts = Counter(self._pending.values())
+            counts[source] += 1  # the newcomer counts towards its own source
+            busiest = max(counts.values())
+            # Oldest first; the newcomer's source, if busiest, has an older one pending too.
+            evicted = next(c for c, s in self._pending.items() if counts[s] == busiest)
+            del self._pending[evicted]
+        self._pending[conn] = source
         return evicted
 
     def authenticated(self, conn: T) -> None:

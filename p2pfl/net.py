@@ -468,7 +468,7 @@ def _counted_connection(network: Network) -> type[ServerConnection]:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
-            evicted = network.admission.admit(self)
+            evicted = network.admission.admit(self, _address(self).rpartition(":")[0])
             if isinstance(evicted, CountedConnection):
                 evicted.evicted = True
                 network.refuse(evicted, "reject", "too many unauthenticated connections")

@@ -21,6 +21,27 @@ def test_admission_evicts_the_oldest_pending() -> None:
     assert len(budget) == 1
 
 
+def test_admission_evicts_from_the_busiest_source() -> None:
+    budget: Admission[str] = Admission(4)
+    for conn, source in [("peer1", "10.0.0.1"), ("x1", "6.6.6.6"), ("x2", "6.6.6.6")]:
+        assert budget.admit(conn, source) is None
+    assert budget.admit("peer2", "10.0.0.2") is None
+    # The flooder's own oldest connection goes, not the older one from a real peer.
+    assert budget.admit("x3", "6.6.6.6") == "x1"
+    assert budget.admit("peer3", "10.0.0.3") == "x2"
+    assert "peer1" in budget and "peer2" in budget
+
+
+def test_admission_ties_between_sources_evict_the_oldest() -> None:
+    budget: Admission[str] = Admission(2)
+    budget.admit("a", "1.1.1.1")
+    budget.admit("b", "2.2.2.2")
+    assert budget.admit("c", "1.1.1.1") == "a"  # tie between sources: the oldest of them
+    budget2: Admission[str] = Admission(1)
+    budget2.admit("a", "1.1.1.1")
+    assert budget2.admit("b", "2.2.2.2") == "a"
+
+
 def test_admission_needs_capacity() -> None:
     with pytest.raises(ValueError):
         Admission(0)
