@@ -18,6 +18,7 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
+from p2pfl import __version__  # noqa: E402
 from p2pfl.errors import P2PFLError  # noqa: E402
 
 log = logging.getLogger("p2pfl")
@@ -36,6 +37,13 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
 
     print(public_key_b64(load_private_key(Path(args.keyfile))))
     return 0
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, _, port_text = text.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 0.0.0.0:7070), got {text!r}")
+    return host.strip("[]"), int(port_text)
 
 
 def _parse_topology(text: str) -> dict[str, Any]:
@@ -173,10 +181,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"does not match the private key in {args.key}",
         )
     data = load_dataset(Path(args.data), val_path=Path(args.val_data) if args.val_data else None)
-    host, port = None, None
-    if args.listen:
-        host, _, port_text = args.listen.rpartition(":")
-        port = int(port_text)
+    host, port = args.listen if args.listen else (None, None)
     node = Node(
         config,
         NodeOptions(
@@ -199,8 +204,12 @@ def public_key_b64_of(config: Any, peer_id: str) -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="p2pfl", description="Peer-to-peer federated learning daemon (no coordinator)."
+        prog="p2pfl",
+        description="Peer-to-peer federated learning daemon (no coordinator).",
+        epilog="Exit codes: 0 success (or a clean stop on SIGINT/SIGTERM), 2 a configuration, "
+        "key, data or checkpoint error (the message names the file and the field).",
     )
+    parser.add_argument("--version", action="version", version=f"p2pfl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,17 +240,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("check", help="validate a peers.yaml; print peers, neighbours and digest")
-    p.add_argument("config")
+    p.add_argument("config", help="the shared peers.yaml")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("run", help="run one node")
-    p.add_argument("config")
+    p.add_argument("config", help="the shared peers.yaml (identical on every peer)")
     p.add_argument("--id", required=True, help="this node's peer id in the config")
     p.add_argument("--key", required=True, help="this node's private key file")
     p.add_argument("--data", required=True, help=".npz (x, y, optional x_val, y_val) or .csv")
     p.add_argument("--val-data", help="validation data (.npz or .csv), if not inside --data")
     p.add_argument("--state-dir", required=True, help="events.jsonl and checkpoints go here")
-    p.add_argument("--listen", help="HOST:PORT to bind instead of the config address")
+    p.add_argument(
+        "--listen", type=_parse_listen, help="HOST:PORT to bind instead of the config address"
+    )
     p.set_defaults(func=_cmd_run)
     return parser
 

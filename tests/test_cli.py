@@ -1,0 +1,83 @@
+"""The command line: keygen, pubkey, init, check, and run's start-up errors."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from p2pfl.cli import main
+from p2pfl.config import load_config
+
+
+def test_keygen_then_pubkey(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "node.key"
+    assert main(["keygen", str(key)]) == 0
+    public = capsys.readouterr().out.strip()
+    assert len(public) == 44
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert main(["pubkey", str(key)]) == 0
+    assert capsys.readouterr().out.strip() == public
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "node.key"
+    main(["keygen", str(key)])
+    before = key.read_bytes()
+    assert main(["keygen", str(key)]) == 2
+    assert str(key) in capsys.readouterr().err
+    assert key.read_bytes() == before
+
+
+def test_pubkey_refuses_a_readable_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "node.key"
+    main(["keygen", str(key)])
+    key.chmod(0o644)
+    assert main(["pubkey", str(key)]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+
+
+def test_init_writes_a_valid_config_and_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "net"
+    args = ["init", "--peers", "a,b,c,d", "--base-port", "7100", "--out", str(out)]
+    assert main([*args, "--topology", "ring"]) == 0
+    config = load_config(out / "peers.yaml")
+    assert config.peer_ids == ("a", "b", "c", "d")
+    assert config.peers["d"].address == "ws://127.0.0.1:7103"
+    for peer in "abcd":
+        assert stat.S_IMODE((out / "keys" / f"{peer}.key").stat().st_mode) == 0o600
+    capsys.readouterr()
+    assert main(["check", str(out / "peers.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert config.digest.hex() in printed
+    assert "topology: ring" in printed
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.startswith(("a ", "b "))}
+    assert rows["a"].endswith("b, d")  # ring neighbours
+    assert main([*args]) == 2  # refuses to overwrite an existing network
+
+
+def test_check_names_file_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "peers.yaml"
+    bad.write_text("version: 1\nnetwork: x\nseed: 1\npeers: {}\ntraining: {rounds: 1}\n")
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "peers" in err
+
+
+def test_run_refuses_a_key_that_is_not_the_peers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "net"
+    main(["init", "--peers", "a,b", "--out", str(out)])
+    common = ["--data", "x.npz", "--state-dir", str(tmp_path / "s")]
+    config = str(out / "peers.yaml")
+    capsys.readouterr()
+    assert main(["run", config, "--id", "a", "--key", str(out / "keys" / "b.key"), *common]) == 2
+    assert "peers.a.public_key" in capsys.readouterr().err
+    assert main(["run", config, "--id", "zed", "--key", str(out / "keys" / "a.key"), *common]) == 2
+    assert "no peer 'zed'" in capsys.readouterr().err
+    assert main(["run", config, "--id", "a", "--key", str(out / "keys" / "a.key"), *common]) == 2
+    assert "x.npz" in capsys.readouterr().err
