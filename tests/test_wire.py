@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pfl.errors import HandshakeError, MessageError
 from p2pfl.transfer import StreamReceiver, iter_chunks
@@ -116,3 +120,38 @@ def test_stream_rejects_wrong_size_gaps_and_interleaving() -> None:
     rx.abort()
     with pytest.raises(MessageError, match="without a stream"):
         rx.chunk(0, 0, memoryview(b"x"))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=64))
+def test_decoding_random_bytes_only_ever_raises_message_error(raw: bytes) -> None:
+    with contextlib.suppress(MessageError):
+        decode_message(raw, max_chunk=MAX_CHUNK)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=128))
+def test_decoding_random_handshake_payloads_only_raises_handshake_error(raw: bytes) -> None:
+    for decode in (decode_hello, decode_reply):
+        with contextlib.suppress(HandshakeError):
+            decode(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 500), st.integers(1, 300)), max_size=12)
+)
+def test_stream_receiver_never_corrupts_state(ops: list[tuple[int, int, int]]) -> None:
+    """Arbitrary sequences of begin/chunk calls either complete a stream of exactly the
+    model's size or fail with MessageError; nothing else escapes."""
+    rx = StreamReceiver(400)
+    for kind, offset, length in ops:
+        try:
+            if kind == 0:
+                rx.begin(offset % 3, 400, keep=True)
+            else:
+                done = rx.chunk(offset % 3, offset, memoryview(bytes(length)))
+                if done is not None:
+                    assert done.params is not None and done.params.nbytes == 400
+        except MessageError:
+            rx.abort()
