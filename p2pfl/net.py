@@ -59,6 +59,8 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_LATER = 1013
+#: Seconds a polite close may take before the TCP connection is aborted.
+CLOSE_WAIT = 2.0
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -97,6 +99,7 @@ class PeerLink:
         self.initiator = initiator
         self.receiver = StreamReceiver(expected_bytes)
         self.stream_started = 0.0
+        self.established = time.monotonic()
         self.last_heard = time.monotonic()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -129,8 +132,12 @@ class PeerLink:
         return self.bytes_sent - before
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close(code, reason)
+        """Close politely, but never wait long: a peer that stopped reading (frozen process,
+        partition) would block the close frame behind a full send buffer forever."""
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_WAIT)
+        except (TimeoutError, Exception):
+            self.ws.transport.abort()
 
 
 @dataclass(frozen=True)
@@ -285,11 +292,8 @@ class Network:
         log.warning("connection from %s refused: %s", remote, reason)
 
     def _authenticated(self, ws: Connection) -> None:
-        """The peer proved its identity: full-size records from now on, and it leaves the
-        pending-connection budget."""
+        """The peer proved its identity: full-size records from now on."""
         ws.protocol.max_message_size = self.limits.max_record
-        if isinstance(ws, ServerConnection):
-            self.admission.authenticated(ws)
 
     async def _respond(self, ws: ServerConnection, remote: str) -> tuple[PeerLink, Status]:
         msg1 = await ws.recv(decode=False)
@@ -305,6 +309,9 @@ class Network:
         if hello.digest != self.config.digest:
             await ws.send(hs.write_message(encode_reply(REPLY_DIGEST_MISMATCH, self.config.digest)))
             raise DigestMismatch(self.config.digest.hex()[:16], hello.digest.hex()[:16])
+        # The initiator holds a roster key (message 1 authenticated it, up to replay): allow
+        # full records now, since its first parameter chunk may follow its STATUS at once.
+        self._authenticated(ws)
         await ws.send(hs.write_message(encode_reply(REPLY_OK, self.config.digest)))
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         # Key confirmation: message 1 alone could be a replay, so the link only counts once
@@ -316,7 +323,7 @@ class Network:
             raise HandshakeError(f"key confirmation from {peer_id} failed: {exc}") from exc
         if not isinstance(first, Status):
             raise HandshakeError(f"{peer_id} did not open with STATUS")
-        self._authenticated(ws)
+        self.admission.authenticated(ws)  # key confirmed: it leaves the pending budget
         link = PeerLink(peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=False)
         return link, first
 
@@ -327,6 +334,11 @@ class Network:
         delay = low
         first_attempt = True
         while not self._stopping:
+            existing = self.links.get(peer_id)
+            if existing is not None:  # the peer dialed us (it restarted): keep that link
+                await existing.closed.wait()
+                delay = low
+                continue
             try:
                 link = await self._dial_once(peer_id)
             except DigestMismatch as exc:
@@ -391,11 +403,25 @@ class Network:
 
     # --- a live link -------------------------------------------------------------------------
 
+    def _canonical(self, link: PeerLink) -> bool:
+        """Whether this link goes the usual way: dialed by the smaller id."""
+        return link.initiator == (self.own_id < link.peer_id)
+
     async def _run_link(self, link: PeerLink, first: Status | None) -> None:
         old = self.links.get(link.peer_id)
+        if (
+            old is not None
+            and self._canonical(old)
+            and not self._canonical(link)
+            and time.monotonic() - old.established < self.limits.handshake_timeout
+        ):
+            # Both ends dialed at once (a restarted peer announcing itself while our dialer
+            # reconnects): both ends keep the canonical link, so they agree on one.
+            await link.close(CLOSE_NORMAL, "duplicate")
+            return
         self.links[link.peer_id] = link
         if old is not None:  # the peer restarted or reconnected: the new link wins
-            await old.close(CLOSE_NORMAL, "replaced")
+            self._spawn(old.close(CLOSE_NORMAL, "replaced"))
         self.events.emit("connect", peer=link.peer_id, role="out" if link.initiator else "in")
         self.events.emit("handshake_ok", peer=link.peer_id)
         log.info("%s: connected to %s", self.own_id, link.peer_id)

@@ -116,10 +116,13 @@ class Node:
         self.collecting = False
         self.outgoing: tuple[int, np.ndarray] | None = None
         self._changed: asyncio.Event | None = None
-        self._send_tasks: dict[str, asyncio.Task[None]] = {}
+        #: Streams in flight, per link (a replaced link's stream is tracked on its own).
+        self._send_tasks: dict[PeerLink, asyncio.Task[None]] = {}
         self.finished = False
         self._stop: asyncio.Event | None = None
         self._worker: asyncio.Future[Any] | None = None
+        #: The round a restart should begin with, given what self.params holds now.
+        self._resume_round = 0
 
     def request_stop(self) -> None:
         """Ask a running node to shut down as it does on SIGTERM."""
@@ -217,14 +220,8 @@ class Node:
 
     def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
         task = asyncio.ensure_future(self._send(link, round_index, params))
-        self._send_tasks[link.peer_id] = task
-        peer = link.peer_id
-
-        def forget(done: asyncio.Task[None]) -> None:
-            if self._send_tasks.get(peer) is done:
-                del self._send_tasks[peer]
-
-        task.add_done_callback(forget)
+        self._send_tasks[link] = task
+        task.add_done_callback(lambda _done: self._send_tasks.pop(link, None))
 
     async def _send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
         started = time.monotonic()
@@ -303,6 +300,7 @@ class Node:
         started = time.monotonic()
         neighbours = self.neighbours_of(r)
         self.tracker.start_round(r)
+        self._resume_round = r
         self.net.broadcast_status(r)
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
 
@@ -336,6 +334,8 @@ class Node:
         missing = sorted(neighbours - set(received))
         weights = metropolis_weights(self.graph(r), self.id)
         self.params, used = metropolis_average(self.id, self.params, received, weights)
+        next_round = self.tracker.next_round()
+        self._resume_round = next_round  # from here on, self.params is "round r done"
         self.events.emit(
             "aggregate",
             r,
@@ -351,7 +351,6 @@ class Node:
         self.events.emit(
             "eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6)
         )
-        next_round = self.tracker.next_round()
         await self._in_worker(self._save_checkpoint, next_round)
         self.events.emit("checkpoint", r, next_round=next_round)
         duration = time.monotonic() - started
@@ -383,17 +382,17 @@ class Node:
         )
 
     async def _final_checkpoint(self) -> None:
-        """On a signal mid-round: wait for the worker thread, then checkpoint the current
-        round so a restart redoes it (local training is repeated, nothing is lost)."""
+        """On a signal mid-round: wait for the worker thread, then checkpoint what the model
+        is: before aggregation, the current round (a restart redoes it; local training is
+        repeated, nothing is lost); after it, the next round."""
         if self._worker is not None:
             with contextlib.suppress(Exception):
                 await self._worker
         if self.finished:
             return
-        await asyncio.to_thread(self._save_checkpoint, self.tracker.current)
-        self.events.emit(
-            "checkpoint", self.tracker.current, next_round=self.tracker.current, final=True
-        )
+        resume = self._resume_round
+        await asyncio.to_thread(self._save_checkpoint, resume)
+        self.events.emit("checkpoint", self.tracker.current, next_round=resume, final=True)
 
     async def _finish_sends(self, deadline: float) -> None:
         """Let outgoing streams complete (bounded by the round deadline plus a grace period)."""
@@ -403,12 +402,11 @@ class Node:
         loop = asyncio.get_running_loop()
         timeout = max(deadline - loop.time(), 0.0) + self.config.limits.handshake_timeout
         _, pending = await asyncio.wait(tasks, timeout=timeout)
+        stuck = [link for link, task in self._send_tasks.items() if task in pending]
         for task in pending:  # a stuck stream: drop it; the receiver discards the partial one
             task.cancel()
-        for peer in [p for p, t in self._send_tasks.items() if t in pending]:
-            link = self.net.links.get(peer)
-            if link is not None:
-                await link.close(1011, "stream abandoned")
+        for link in stuck:  # that very link (a newer link to the same peer is left alone)
+            await link.close(1011, "stream abandoned")
 
     async def _linger(self) -> None:
         """After the last round, give neighbours (bounded) time to finish with our parameters."""
@@ -466,6 +464,7 @@ class Node:
             self.events.emit("resume", start_round, reason="checkpoint")
             log.info("%s: resuming from checkpoint at round %d", self.id, start_round)
         self.tracker.start_round(start_round)
+        self._resume_round = start_round
         peer = self.config.peers[self.id]
         host = self.options.listen_host or peer.host
         port = peer.port if self.options.listen_port is None else self.options.listen_port

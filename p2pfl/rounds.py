@@ -57,8 +57,10 @@ class RoundTracker:
         self.peer_rounds[peer] = min(round_index, self.total_rounds)
 
     def forget_peer(self, peer: str) -> None:
-        """A neighbour disconnected: its round is unknown until it speaks again."""
-        self.peer_rounds.pop(peer, None)
+        """A neighbour disconnected: its round is unknown until it speaks again, unless it
+        had finished (then it will never send again, and nobody should wait for it)."""
+        if self.peer_rounds.get(peer, 0) < self.total_rounds:
+            self.peer_rounds.pop(peer, None)
 
     def consensus_round(self, round_index: int | None = None) -> int:
         """The lower median of the rounds announced by this round's neighbours (0 if none)."""

@@ -103,6 +103,16 @@ def test_next_round_follows_the_neighbours_majority() -> None:
     assert t.next_round() == 10
 
 
+def test_a_finished_neighbour_is_not_forgotten_when_it_leaves() -> None:
+    """It will never send again: nobody should wait a round_timeout for it."""
+    t = tracker(total=10)
+    t.start_round(8)
+    t.note_peer_round("b", 10)
+    t.forget_peer("b")
+    t.start_collecting(0.0, 100.0)
+    assert t.waiting_for() == {"c"}
+
+
 def test_non_neighbours_and_disconnected_peers_do_not_count() -> None:
     t = tracker()
     t.start_round(1)
