@@ -33,7 +33,8 @@ class Checkpoint:
 def save_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
     path = state_dir / CHECKPOINT_NAME
     tmp = state_dir / (CHECKPOINT_NAME + ".tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
         np.savez(
             f,
             params=checkpoint.params,

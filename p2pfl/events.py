@@ -10,6 +10,7 @@ its clock past it, so logs gathered from several machines merge into causal orde
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -62,8 +63,9 @@ class EventLog:
         self.path = path
         self.node_id = node_id
         self.clock = clock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file: IO[str] | None = os.fdopen(fd, "a", encoding="utf-8")
 
     def emit(self, event_type: str, round_index: int | None = None, **fields: Any) -> None:
         """Write one event stamped with the current time and a fresh Lamport tick."""

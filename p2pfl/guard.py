@@ -29,26 +29,37 @@ class Admission(Generic[T]):
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self._pending: OrderedDict[T, str] = OrderedDict()  # oldest first -> source
+        self._protected: set[T] = set()
 
-    def admit(self, conn: T, source: str = "") -> T | None:
-        """Count a new connection; returns the pending connection it evicts, if any."""
+    def admit(self, conn: T, source: str = "", *, protected: bool = False) -> T | None:
+        """Count a new connection; returns the pending connection it evicts, if any.
+
+        ``protected`` connections (from a configured peer's address) are evicted only when
+        every pending connection is protected."""
         evicted = None
         if len(self._pending) >= self.capacity:
-            counts = Counter(self._pending.values())
-            counts[source] += 1  # the newcomer counts towards its own source
+            pool = {c: s for c, s in self._pending.items() if c not in self._protected}
+            if not pool:
+                pool = dict(self._pending)
+            counts = Counter(pool.values())
+            if not protected:
+                counts[source] += 1  # the newcomer counts towards its own source
             busiest = max(counts.values())
-            # Oldest first; the newcomer's source, if busiest, has an older one pending too.
-            evicted = next(c for c, s in self._pending.items() if counts[s] == busiest)
+            evicted = next(c for c, s in pool.items() if counts[s] == busiest)
             del self._pending[evicted]
+            self._protected.discard(evicted)
         self._pending[conn] = source
+        if protected:
+            self._protected.add(conn)
         return evicted
 
     def authenticated(self, conn: T) -> None:
         """The connection proved who it is: it no longer counts against the budget."""
-        self._pending.pop(conn, None)
+        self.discard(conn)
 
     def discard(self, conn: T) -> None:
         self._pending.pop(conn, None)
+        self._protected.discard(conn)
 
     def __len__(self) -> int:
         return len(self._pending)

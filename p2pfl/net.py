@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import logging
 import random
 import time
@@ -59,8 +60,6 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_LATER = 1013
-#: Seconds a polite close may take before the TCP connection is aborted.
-CLOSE_WAIT = 2.0
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -99,12 +98,14 @@ class PeerLink:
         self.initiator = initiator
         self.receiver = StreamReceiver(expected_bytes)
         self.stream_started = 0.0
-        self.established = time.monotonic()
         self.last_heard = time.monotonic()
+        self.created = self.last_heard
         self.bytes_sent = 0
         self.bytes_received = 0
         #: The round whose parameters were sent on this link (each link gets them once).
         self.sent_round: int | None = None
+        #: The round the peer announced on this link (None until its first STATUS here).
+        self.announced: int | None = None
         self._send_lock = asyncio.Lock()
         self.closed = asyncio.Event()
 
@@ -131,13 +132,17 @@ class PeerLink:
                 await self._send_record(encode_params_chunk(lamport, round_index, offset, piece))
         return self.bytes_sent - before
 
-    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Close politely, but never wait long: a peer that stopped reading (frozen process,
-        partition) would block the close frame behind a full send buffer forever."""
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "", timeout: float = 2.0) -> None:
+        """Close, bounded: websockets' close() waits in drain() without a timeout when the
+        peer stopped reading, so after ``timeout`` the TCP connection is aborted."""
         try:
-            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_WAIT)
-        except (TimeoutError, Exception):
-            self.ws.transport.abort()
+            async with asyncio.timeout(timeout):
+                await self.ws.close(code, reason)
+        except Exception:
+            pass
+        finally:
+            if self.ws.state is not State.CLOSED:
+                self.ws.transport.abort()
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,8 @@ class Network:
         self.links: dict[str, PeerLink] = {}
         self.admission: Admission[ServerConnection] = Admission(self.limits.max_connections)
         self._throttle = Throttle()
+        self._throttle_all = Throttle(burst=50, window=10.0)  # all unauthenticated sources
+        self.peer_sources = {source_key(p.host) for p in config.peers.values()}
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -252,8 +259,9 @@ class Network:
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
-        for link in list(self.links.values()):
-            await link.close(CLOSE_GOING_AWAY, "shutting down")
+        await asyncio.gather(
+            *(link.close(CLOSE_GOING_AWAY, "shutting down") for link in list(self.links.values()))
+        )
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -284,16 +292,20 @@ class Network:
     def refuse(self, ws: Connection, event: str, reason: str) -> None:
         """Log a refused unauthenticated connection, rate-limited per source address."""
         remote = _address(ws)
-        suppressed = self._throttle.allow(remote.rpartition(":")[0], time.monotonic())
-        if suppressed is None:
+        now = time.monotonic()
+        suppressed = self._throttle.allow(source_key(remote.rpartition(":")[0]), now)
+        if suppressed is None or self._throttle_all.allow("*", now) is None:
             return
         extra = {"suppressed": suppressed} if suppressed else {}
         self.events.emit(event, addr=remote, reason=reason, role="responder", **extra)
         log.warning("connection from %s refused: %s", remote, reason)
 
     def _authenticated(self, ws: Connection) -> None:
-        """The peer proved its identity: full-size records from now on."""
+        """The peer proved its identity: full-size records from now on, and it leaves the
+        pending-connection budget."""
         ws.protocol.max_message_size = self.limits.max_record
+        if isinstance(ws, ServerConnection):
+            self.admission.authenticated(ws)
 
     async def _respond(self, ws: ServerConnection, remote: str) -> tuple[PeerLink, Status]:
         msg1 = await ws.recv(decode=False)
@@ -309,9 +321,6 @@ class Network:
         if hello.digest != self.config.digest:
             await ws.send(hs.write_message(encode_reply(REPLY_DIGEST_MISMATCH, self.config.digest)))
             raise DigestMismatch(self.config.digest.hex()[:16], hello.digest.hex()[:16])
-        # The initiator holds a roster key (message 1 authenticated it, up to replay): allow
-        # full records now, since its first parameter chunk may follow its STATUS at once.
-        self._authenticated(ws)
         await ws.send(hs.write_message(encode_reply(REPLY_OK, self.config.digest)))
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         # Key confirmation: message 1 alone could be a replay, so the link only counts once
@@ -323,7 +332,7 @@ class Network:
             raise HandshakeError(f"key confirmation from {peer_id} failed: {exc}") from exc
         if not isinstance(first, Status):
             raise HandshakeError(f"{peer_id} did not open with STATUS")
-        self.admission.authenticated(ws)  # key confirmed: it leaves the pending budget
+        self._authenticated(ws)
         link = PeerLink(peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=False)
         return link, first
 
@@ -335,7 +344,7 @@ class Network:
         first_attempt = True
         while not self._stopping:
             existing = self.links.get(peer_id)
-            if existing is not None:  # the peer dialed us (it restarted): keep that link
+            if existing is not None:  # e.g. the peer announced itself after a restart
                 await existing.closed.wait()
                 delay = low
                 continue
@@ -404,7 +413,7 @@ class Network:
     # --- a live link -------------------------------------------------------------------------
 
     def _canonical(self, link: PeerLink) -> bool:
-        """Whether this link goes the usual way: dialed by the smaller id."""
+        """Dialed by the smaller id (the direction _dial_forever keeps up)."""
         return link.initiator == (self.own_id < link.peer_id)
 
     async def _run_link(self, link: PeerLink, first: Status | None) -> None:
@@ -413,10 +422,10 @@ class Network:
             old is not None
             and self._canonical(old)
             and not self._canonical(link)
-            and time.monotonic() - old.established < self.limits.handshake_timeout
+            and time.monotonic() - old.created < self.limits.handshake_timeout
         ):
-            # Both ends dialed at once (a restarted peer announcing itself while our dialer
-            # reconnects): both ends keep the canonical link, so they agree on one.
+            # Crossing dials (the smaller id's dialer and the larger id's announce): both
+            # ends keep the smaller id's link. A stale link (peer restarted) is older.
             await link.close(CLOSE_NORMAL, "duplicate")
             return
         self.links[link.peer_id] = link
@@ -494,7 +503,10 @@ def _counted_connection(network: Network) -> type[ServerConnection]:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
-            evicted = network.admission.admit(self, _address(self).rpartition(":")[0])
+            source = source_key(_address(self).rpartition(":")[0])
+            evicted = network.admission.admit(
+                self, source, protected=source in network.peer_sources
+            )
             if isinstance(evicted, CountedConnection):
                 evicted.evicted = True
                 network.refuse(evicted, "reject", "too many unauthenticated connections")
@@ -525,6 +537,19 @@ def _counted_connection(network: Network) -> type[ServerConnection]:
 async def _quiet(coro: Coroutine[Any, Any, None]) -> None:
     with contextlib.suppress(ConnectionClosed, OSError):
         await coro
+
+
+def source_key(host: str) -> str:
+    """What one source owns: an IPv4 address, or an IPv6 /64 (one host's usual allocation)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _address(ws: Connection) -> str:

@@ -96,7 +96,8 @@ class Node:
         # May be a view of the learner's own storage (single-array learners): no extra copy.
         self.params = flatten(self.learner.get_weights())
         self.peer_index = config.peer_ids.index(self.id)
-        options.state_dir.mkdir(parents=True, exist_ok=True)
+        # The model and the log say something about local data: owner-only (0700 / 0600).
+        options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.clock = LamportClock()
         self.events = EventLog(options.state_dir / "events.jsonl", self.id, self.clock)
         self._graphs: dict[int, dict[str, frozenset[str]]] = {}
@@ -165,6 +166,9 @@ class Node:
 
     def message(self, link: PeerLink, msg: Message) -> None:
         if isinstance(msg, Status):
+            link.announced = msg.round
+            if self.net.links.get(link.peer_id) is not link:
+                return  # a replaced link closing: its news is older than the new link's
             self.tracker.note_peer_round(link.peer_id, msg.round)
             self._offer(link)
             self._notify()
@@ -210,7 +214,7 @@ class Node:
         round_index, params = self.outgoing
         if link.sent_round == round_index or link.peer_id not in self.neighbours_of(round_index):
             return
-        announced = self.tracker.peer_rounds.get(link.peer_id)
+        announced = link.announced  # said on this link: never stale news from a replaced one
         if announced is None:
             return
         if not round_index - self.config.limits.max_buffered_rounds <= announced <= round_index:
@@ -488,7 +492,7 @@ class Node:
             for target in sorted(targets):
                 if target > self.id:  # one connection per pair: the smaller id dials
                     self.net.dial(target)
-                elif start_round > 0:  # we restarted: do not wait for their backoff
+                else:  # e.g. after a restart: do not wait out their reconnect backoff
                     self.net.announce(target)
             heartbeat = asyncio.ensure_future(self._heartbeat())
             main = asyncio.ensure_future(self._rounds(start_round))

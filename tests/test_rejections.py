@@ -128,9 +128,8 @@ class Target:
         bob = make_node(self.net, "bob")
         bob_task = asyncio.ensure_future(bob.run())
         try:
-            await self.wait_event(
-                "connect", after=after, timeout=connect_timeout, peer="bob", role="out"
-            )
+            # alice's dialer, or bob announcing himself: either link will do.
+            await self.wait_event("connect", after=after, timeout=connect_timeout, peer="bob")
             codes = await asyncio.wait_for(asyncio.gather(self.task, bob_task), 20 * TIMEOUT)
         finally:
             if not bob_task.done():
