@@ -394,9 +394,9 @@ class Network:
                 remote_static=peer.public_key,
             )
             await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
-            reply = decode_reply(
-                hs.read_message(await asyncio.wait_for(ws.recv(decode=False), timeout))
-            )
+            async with asyncio.timeout(timeout):
+                message2 = await ws.recv(decode=False)
+            reply = decode_reply(hs.read_message(message2))
             if reply.status == REPLY_DIGEST_MISMATCH or reply.digest != self.config.digest:
                 raise DigestMismatch(self.config.digest.hex()[:16], reply.digest.hex()[:16])
             self._authenticated(ws)

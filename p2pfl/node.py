@@ -278,9 +278,11 @@ class Node:
             if deadline is not None and loop.time() >= deadline:
                 return False
             self._changed.clear()
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            # asyncio.timeout_at, not wait_for: before Python 3.12 wait_for can swallow a
+            # cancellation (a stop request) that lands as the event fires (CPython gh-86296).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout_at(deadline):
+                    await self._changed.wait()
         return True
 
     async def _startup(self, start_round: int) -> int:
