@@ -67,11 +67,3 @@ class Channel:
             ) from None
         self._recv_n += 1
         return out
-
-    @property
-    def records_sent(self) -> int:
-        return self._send_n
-
-    @property
-    def records_received(self) -> int:
-        return self._recv_n

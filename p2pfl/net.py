@@ -193,7 +193,6 @@ class Network:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self.reconnects = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -341,7 +340,6 @@ class Network:
     async def _dial_forever(self, peer_id: str) -> None:
         low, high = self.config.net.reconnect_min, self.config.net.reconnect_max
         delay = low
-        first_attempt = True
         while not self._stopping:
             existing = self.links.get(peer_id)
             if existing is not None:  # e.g. the peer announced itself after a restart
@@ -365,9 +363,6 @@ class Network:
                     "handshake_fail", peer=peer_id, reason=_describe(exc), role="initiator"
                 )
             else:
-                if not first_attempt:
-                    self.reconnects += 1
-                first_attempt = False
                 delay = low
                 await self._run_link(link, None)
                 if self._stopping:

@@ -29,7 +29,6 @@ _OFFSET = struct.Struct(">Q")
 HEADER_BYTES = _HEADER.size
 CHUNK_OVERHEAD = HEADER_BYTES + _OFFSET.size
 DTYPE_FLOAT32 = 1
-MAX_ROUND = 2**32 - 1
 #: Largest Lamport time accepted from a peer. Far below u64 (our own clock must stay encodable
 #: after observing it), int64 (the checkpoint) and 2**53 (jq and JavaScript read JSON numbers
 #: as doubles, and the logs are merged by lamport).
