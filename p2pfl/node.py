@@ -28,7 +28,7 @@ from p2pfl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from p2pfl.config import Config
 from p2pfl.events import EventLog, LamportClock
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
-from p2pfl.net import Network, PeerLink
+from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
 from p2pfl.rounds import RoundTracker
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.wire import Message, ParamsBegin, ParamsChunk, Status
@@ -411,8 +411,11 @@ class Node:
         stuck = [link for link, task in self._send_tasks.items() if task in pending]
         for task in pending:  # a stuck stream: drop it; the receiver discards the partial one
             task.cancel()
-        for link in stuck:  # that very link (a newer link to the same peer is left alone)
-            await link.close(1011, "stream abandoned")
+        # Close those very links (a newer link to the same peer is left alone), together:
+        # each close may take up to its bound when the peer stopped reading.
+        await asyncio.gather(
+            *(link.close(CLOSE_INTERNAL_ERROR, "stream abandoned") for link in stuck)
+        )
 
     async def _linger(self) -> None:
         """After the last round, give neighbours (bounded) time to finish with our parameters."""
