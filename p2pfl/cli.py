@@ -189,6 +189,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir),
             listen_host=host or None,
             listen_port=port,
+            snapshots=args.snapshots,
         ),
         key,
         data,
@@ -252,6 +253,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True, help="events.jsonl and checkpoints go here")
     p.add_argument(
         "--listen", type=_parse_listen, help="HOST:PORT to bind instead of the config address"
+    )
+    p.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also keep every round's model in STATE_DIR/snapshots/ (for analysis)",
     )
     p.set_defaults(func=_cmd_run)
     return parser

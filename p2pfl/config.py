@@ -163,6 +163,9 @@ class NetConfig:
     heartbeat_timeout: float = 10.0
     reconnect_min: float = 0.05
     reconnect_max: float = 5.0
+    #: A neighbour without a connection for this long is not waited for in a round (it
+    #: crashed or left); it is welcome again as soon as it reconnects.
+    down_grace: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -807,7 +810,13 @@ class _Parser:
         section = self.section(
             value,
             "net",
-            ("heartbeat_interval", "heartbeat_timeout", "reconnect_min", "reconnect_max"),
+            (
+                "heartbeat_interval",
+                "heartbeat_timeout",
+                "reconnect_min",
+                "reconnect_max",
+                "down_grace",
+            ),
         )
 
         def get(key: str, default: float) -> float:
@@ -818,6 +827,7 @@ class _Parser:
             heartbeat_timeout=get("heartbeat_timeout", d.heartbeat_timeout),
             reconnect_min=get("reconnect_min", d.reconnect_min),
             reconnect_max=get("reconnect_max", d.reconnect_max),
+            down_grace=get("down_grace", d.down_grace),
         )
         if result.heartbeat_timeout <= result.heartbeat_interval:
             self.fail(

@@ -98,6 +98,8 @@ class PeerLink:
         self.initiator = initiator
         self.receiver = StreamReceiver(expected_bytes)
         self.stream_started = 0.0
+        #: The sender's Lamport time of the stream being received (its ``send`` event's).
+        self.stream_lamport = 0
         self.last_heard = time.monotonic()
         self.created = self.last_heard
         self.bytes_sent = 0

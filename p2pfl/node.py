@@ -47,6 +47,8 @@ class NodeOptions:
     listen_port: int | None = None
     #: False when embedded in another event loop (tests): SIGINT/SIGTERM stay with the host.
     handle_signals: bool = True
+    #: Also keep the model of every round in state_dir/snapshots/ (``p2pfl run --snapshots``).
+    snapshots: bool = False
 
 
 def input_scale_for(data: Dataset, configured: float | None) -> float:
@@ -105,6 +107,7 @@ class Node:
             total_rounds=config.training.rounds,
             neighbours_of=self.neighbours_of,
             max_buffered_rounds=config.limits.max_buffered_rounds,
+            down_grace=config.net.down_grace,
         )
         self.net = Network(
             config=config,
@@ -156,12 +159,14 @@ class Node:
             self._changed.set()
 
     def link_up(self, link: PeerLink) -> None:
+        self.tracker.mark_up(link.peer_id)
         self._offer(link)
         self._notify()
 
     def link_down(self, link: PeerLink, reason: str) -> None:
         if link.peer_id not in self.net.links:  # not replaced by a newer connection
             self.tracker.forget_peer(link.peer_id)
+            self.tracker.mark_down(link.peer_id, asyncio.get_running_loop().time())
         self._notify()
 
     def message(self, link: PeerLink, msg: Message) -> None:
@@ -178,6 +183,7 @@ class Node:
                 self.events.emit("reject", msg.round, peer=link.peer_id, reason=verdict.reason)
             link.receiver.begin(msg.round, msg.total_bytes, keep=verdict.keep)
             link.stream_started = time.monotonic()
+            link.stream_lamport = msg.lamport
         elif isinstance(msg, ParamsChunk):
             done = link.receiver.chunk(msg.round, msg.offset, msg.data)
             if done is None or done.params is None:
@@ -198,6 +204,7 @@ class Node:
                     bytes=done.params.nbytes,
                     duration_s=round(time.monotonic() - link.stream_started, 6),
                     buffered=done.round > self.tracker.current,
+                    sent_lamport=link.stream_lamport,
                 )
             else:
                 self.events.emit("reject", done.round, peer=link.peer_id, reason=verdict.reason)
@@ -328,11 +335,15 @@ class Node:
             if link is not None:
                 self._offer(link)
         self.tracker.start_collecting(loop.time(), self.training.round_timeout)
-        assert self.tracker.deadline is not None
-        await self._wait_until(
-            lambda: self.tracker.collection_done(loop.time()), self.tracker.deadline
-        )
+        # Woken by network news, by the deadline, or when a disconnected neighbour's grace
+        # runs out (then it is not waited for).
+        while not await self._wait_until(
+            lambda: self.tracker.collection_done(loop.time()),
+            self.tracker.next_wakeup(loop.time()),
+        ):
+            pass
         self.collecting = False
+        assert self.tracker.deadline is not None
         await self._finish_sends(self.tracker.deadline)
         self.outgoing = None
 
@@ -358,6 +369,8 @@ class Node:
             "eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6)
         )
         await self._in_worker(self._save_checkpoint, next_round)
+        if self.options.snapshots:
+            await self._in_worker(self._save_snapshot, r)
         self.events.emit("checkpoint", r, next_round=next_round)
         duration = time.monotonic() - started
         self.events.emit("round_end", r, duration_s=round(duration, 6), next_round=next_round)
@@ -386,6 +399,13 @@ class Node:
             self.options.state_dir,
             Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
         )
+
+    def _save_snapshot(self, round_index: int) -> None:
+        """The model after round ``round_index``, for offline analysis (the harness measures
+        how far apart the peers' models are). Not fsynced: it is not crash state."""
+        folder = self.options.state_dir / "snapshots"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        np.save(folder / f"round-{round_index:05d}.npy", self.params, allow_pickle=False)
 
     async def _final_checkpoint(self) -> None:
         """On a signal mid-round: wait for the worker thread, then checkpoint what the model
@@ -494,6 +514,9 @@ class Node:
                 self.id,
                 self.training.rounds,
             )
+            now = asyncio.get_running_loop().time()
+            for target in targets - set(self.net.links):
+                self.tracker.mark_down(target, now)  # until it connects
             for target in sorted(targets):
                 if target > self.id:  # one connection per pair: the smaller id dials
                     self.net.dial(target)

@@ -41,6 +41,7 @@ class RoundTracker:
         neighbours_of: Callable[[int], frozenset[str]],
         max_buffered_rounds: int,
         start_round: int = 0,
+        down_grace: float = float("inf"),
     ) -> None:
         self.total_rounds = total_rounds
         self.neighbours_of = neighbours_of
@@ -49,6 +50,9 @@ class RoundTracker:
         self.deadline: float | None = None
         self.peer_rounds: dict[str, int] = {}
         self._received: dict[int, dict[str, np.ndarray]] = {}
+        self.down_grace = down_grace
+        #: Neighbours without a connection, and since when (the caller's monotonic clock).
+        self.down_since: dict[str, float] = {}
 
     # --- what neighbours tell us ---------------------------------------------------------
 
@@ -61,6 +65,17 @@ class RoundTracker:
         had finished (then it will never send again, and nobody should wait for it)."""
         if self.peer_rounds.get(peer, 0) < self.total_rounds:
             self.peer_rounds.pop(peer, None)
+
+    def mark_down(self, peer: str, now: float) -> None:
+        """``peer`` has no connection (it dropped, or never came) as of ``now``."""
+        self.down_since.setdefault(peer, now)
+
+    def mark_up(self, peer: str) -> None:
+        self.down_since.pop(peer, None)
+
+    def _gone(self, peer: str, now: float) -> bool:
+        since = self.down_since.get(peer)
+        return since is not None and now >= since + self.down_grace
 
     def consensus_round(self, round_index: int | None = None) -> int:
         """The lower median of the rounds announced by this round's neighbours (0 if none)."""
@@ -108,14 +123,31 @@ class RoundTracker:
         got = self._received.get(self.current, {})
         return frozenset(p for p in self.neighbours_of(self.current) if p not in got)
 
-    def waiting_for(self) -> frozenset[str]:
-        """Missing neighbours that may still send this round's parameters."""
-        return frozenset(p for p in self.missing() if self.peer_rounds.get(p, 0) <= self.current)
+    def waiting_for(self, now: float) -> frozenset[str]:
+        """Missing neighbours that may still send this round's parameters: not those that
+        announced a later round, nor those disconnected for ``down_grace`` or longer."""
+        return frozenset(
+            p
+            for p in self.missing()
+            if self.peer_rounds.get(p, 0) <= self.current and not self._gone(p, now)
+        )
 
     def collection_done(self, now: float) -> bool:
-        if not self.waiting_for():
+        if not self.waiting_for(now):
             return True
         return self.deadline is not None and now >= self.deadline
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When collection_done may turn true without any news: the deadline, or earlier
+        when a waited-for neighbour's grace runs out."""
+        times = [
+            self.down_since[p] + self.down_grace
+            for p in self.waiting_for(now)
+            if p in self.down_since
+        ]
+        if self.deadline is not None:
+            times.append(self.deadline)
+        return min(times) if times else None
 
     def take_received(self) -> dict[str, np.ndarray]:
         """Hand over this round's parameters (the caller aggregates them)."""

@@ -72,6 +72,7 @@ async def test_lamport_clock_orders_send_before_recv(make_network) -> None:
         (sent,) = [e for e in alice if e["type"] == "send" and e["round"] == r]
         (got,) = [e for e in bob if e["type"] == "recv" and e["round"] == r]
         assert sent["lamport"] < got["lamport"]
+        assert got["sent_lamport"] == sent["lamport"]  # pairs the recv with its send
 
 
 async def test_node_waits_for_a_late_neighbour(make_network) -> None:
@@ -99,6 +100,44 @@ async def test_missing_neighbour_is_renormalised_away_after_deadline(make_networ
         ]
         assert [e["missing"] for e in aggregates] == [["carol"], ["carol"]]
         assert set(aggregates[0]["weights"]) == {"alice", "bob"}
+
+
+async def test_absent_neighbour_is_not_waited_for_after_its_grace(make_network) -> None:
+    """carol never connects. With a 60 s round deadline but a short net.down_grace, alice
+    and bob do not wait out the deadline: each round goes on without carol at once."""
+    net = make_network(
+        rounds=3, round_timeout=60, startup_timeout=0.5, extra={"net": {"down_grace": 0.2}}
+    )
+    nodes = [make_node(net, p) for p in ("alice", "bob")]
+    started = asyncio.get_running_loop().time()
+    assert await run_all(nodes, timeout=30) == [0, 0]
+    assert asyncio.get_running_loop().time() - started < 30 * TIMEOUT
+    for peer in ("alice", "bob"):
+        aggregates = [
+            e for e in read_events(net.state(peer) / "events.jsonl") if e["type"] == "aggregate"
+        ]
+        assert [e["missing"] for e in aggregates] == [["carol"]] * 3
+        assert all(set(e["members"]) == {"alice", "bob"} for e in aggregates)
+
+
+async def test_snapshots_keep_every_rounds_model(make_network) -> None:
+    net = make_network(("alice", "bob"), rounds=3)
+    nodes = [
+        Node(
+            net.config,
+            NodeOptions(
+                node_id=p, state_dir=net.state(p), handle_signals=False, snapshots=p == "alice"
+            ),
+            load_private_key(net.keys[p]),
+            load_dataset(net.data[p]),
+        )
+        for p in net.peers
+    ]
+    assert await run_all(nodes) == [0, 0]
+    files = sorted((net.state("alice") / "snapshots").iterdir())
+    assert [f.name for f in files] == [f"round-0000{r}.npy" for r in range(3)]
+    assert np.array_equal(np.load(files[-1], allow_pickle=False), nodes[0].params)
+    assert not (net.state("bob") / "snapshots").exists()
 
 
 async def test_stop_request_shuts_down_cleanly(make_network) -> None:

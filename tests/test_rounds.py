@@ -54,6 +54,33 @@ def test_neighbour_already_past_this_round_is_not_waited_for() -> None:
     assert t.collection_done(0.1)
 
 
+def test_disconnected_neighbour_is_waited_for_only_during_its_grace() -> None:
+    t = RoundTracker(
+        total_rounds=10, neighbours_of=lambda r: NEIGHBOURS, max_buffered_rounds=2, down_grace=2.0
+    )
+    t.start_collecting(now=0.0, timeout=100.0)
+    t.deliver("b", 0, vec(1))
+    t.mark_down("c", now=1.0)
+    t.mark_down("c", now=1.5)  # the first loss counts
+    assert t.waiting_for(2.9) == {"c"}
+    assert t.next_wakeup(2.9) == 3.0  # the grace ends before the deadline
+    assert not t.collection_done(2.9)
+    assert t.collection_done(3.0)
+    assert t.next_wakeup(3.0) == 100.0
+
+
+def test_reconnected_neighbour_is_waited_for_again() -> None:
+    t = RoundTracker(
+        total_rounds=10, neighbours_of=lambda r: NEIGHBOURS, max_buffered_rounds=2, down_grace=2.0
+    )
+    t.start_collecting(now=0.0, timeout=100.0)
+    t.mark_down("c", now=0.0)
+    t.mark_up("c")
+    assert t.waiting_for(50.0) == {"b", "c"}
+    assert t.next_wakeup(50.0) == 100.0
+    assert not t.collection_done(50.0)
+
+
 @pytest.mark.parametrize(
     ("peer", "round_index", "reason"),
     [
@@ -78,7 +105,7 @@ def test_future_rounds_buffered_then_used_and_duplicates_dropped() -> None:
     assert t.buffered_rounds() == [4]
     t.start_round(4)
     t.start_collecting(0.0, 1.0)
-    assert t.waiting_for() == {"c"}
+    assert t.waiting_for(0.0) == {"c"}
 
 
 def test_a_peers_claim_does_not_widen_the_buffer_window() -> None:
@@ -110,7 +137,7 @@ def test_a_finished_neighbour_is_not_forgotten_when_it_leaves() -> None:
     t.note_peer_round("b", 10)
     t.forget_peer("b")
     t.start_collecting(0.0, 100.0)
-    assert t.waiting_for() == {"c"}
+    assert t.waiting_for(0.0) == {"c"}
 
 
 def test_non_neighbours_and_disconnected_peers_do_not_count() -> None:
