@@ -61,6 +61,10 @@ class Admission(Generic[T]):
         self._pending.pop(conn, None)
         self._protected.discard(conn)
 
+    def pending(self) -> list[T]:
+        """The connections still unauthenticated, oldest first."""
+        return list(self._pending)
+
     def __len__(self) -> int:
         return len(self._pending)
 

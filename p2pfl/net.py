@@ -258,12 +258,23 @@ class Network:
 
     async def close(self) -> None:
         self._stopping = True
+        if self._server is not None:
+            # Stop accepting now (websockets' own close() does it later, in a task).
+            self._server.server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(
             *(link.close(CLOSE_GOING_AWAY, "shutting down") for link in list(self.links.values()))
         )
         if self._server is not None:
+            # A TCP connection accepted just before the listener closed may still be on its
+            # way to connection_made (accept task -> transport -> callback): let it get
+            # there, then drop every unauthenticated connection. One that never starts its
+            # upgrade would otherwise wait out open_timeout, or leak if the loop ends first.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            for conn in self.admission.pending():
+                conn.transport.abort()
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
