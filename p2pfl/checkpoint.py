@@ -1,7 +1,8 @@
 """Atomic checkpoints: the model and the next round, so a killed node resumes where it was.
 
 Written to a temporary file, fsynced, renamed over the old one and the directory fsynced:
-a crash at any moment leaves either the old or the new checkpoint, never a torn one.
+a crash at any moment leaves either the old or the new checkpoint, never a torn one. A node
+writes each round's file on the round path and commits it (the fsync) in the background.
 Loaded with ``allow_pickle=False`` (never change that: a checkpoint is a file like any other).
 """
 
@@ -16,6 +17,9 @@ import numpy as np
 from p2pfl.errors import P2PFLError
 
 CHECKPOINT_NAME = "checkpoint.npz"
+#: Optional per-round models for analysis (``p2pfl run --snapshots``): raw little-endian
+#: float32, the model after round r at byte offset r * model bytes.
+SNAPSHOTS_NAME = "snapshots.f32"
 
 
 class CheckpointError(P2PFLError, ValueError):
@@ -31,7 +35,16 @@ class Checkpoint:
 
 
 def save_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
-    path = state_dir / CHECKPOINT_NAME
+    """Write and commit in one go (write, fsync, rename, fsync the directory)."""
+    return commit_checkpoint(state_dir, write_checkpoint(state_dir, checkpoint))
+
+
+def write_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
+    """Write the checkpoint to a temporary file (page cache only) and return its path.
+
+    Split from :func:`commit_checkpoint` so that a node can go on with its next round while
+    the fsync runs in the background: once written, the file no longer needs the model.
+    """
     tmp = state_dir / (CHECKPOINT_NAME + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -42,8 +55,17 @@ def save_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
             lamport=np.int64(checkpoint.lamport),
             digest=np.frombuffer(checkpoint.digest, dtype=np.uint8),
         )
-        f.flush()
-        os.fsync(f.fileno())
+    return tmp
+
+
+def commit_checkpoint(state_dir: Path, tmp: Path) -> Path:
+    """Make a written checkpoint durable, then put it in place atomically."""
+    path = state_dir / CHECKPOINT_NAME
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
     dir_fd = os.open(state_dir, os.O_RDONLY)
     try:

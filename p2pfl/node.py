@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import resource
 import signal
 import time
@@ -24,7 +25,14 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pfl.aggregate import metropolis_average
-from p2pfl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from p2pfl.checkpoint import (
+    SNAPSHOTS_NAME,
+    Checkpoint,
+    commit_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_checkpoint,
+)
 from p2pfl.config import Config
 from p2pfl.events import EventLog, LamportClock
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
@@ -47,7 +55,7 @@ class NodeOptions:
     listen_port: int | None = None
     #: False when embedded in another event loop (tests): SIGINT/SIGTERM stay with the host.
     handle_signals: bool = True
-    #: Also keep the model of every round in state_dir/snapshots/ (``p2pfl run --snapshots``).
+    #: Also keep every round's model in state_dir/snapshots.f32 (``p2pfl run --snapshots``).
     snapshots: bool = False
 
 
@@ -72,6 +80,19 @@ def scale_inputs(data: Dataset, scale: float) -> Dataset:
         x_val=None if data.x_val is None else data.x_val * factor,
         y_val=data.y_val,
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, where Linux has it: ru_maxrss can carry
+    over the parent's peak across fork and exec (a node started by a big harness)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 class Node:
@@ -127,6 +148,9 @@ class Node:
         self._worker: asyncio.Future[Any] | None = None
         #: The round a restart should begin with, given what self.params holds now.
         self._resume_round = 0
+        #: The background fsync of the last checkpoint written.
+        self._commit: asyncio.Future[Path] | None = None
+        self._snapshots_fd: int | None = None
 
     def request_stop(self) -> None:
         """Ask a running node to shut down as it does on SIGTERM."""
@@ -368,9 +392,7 @@ class Node:
         self.events.emit(
             "eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6)
         )
-        await self._in_worker(self._save_checkpoint, next_round)
-        if self.options.snapshots:
-            await self._in_worker(self._save_snapshot, r)
+        await self._checkpoint(r, next_round)
         self.events.emit("checkpoint", r, next_round=next_round)
         duration = time.monotonic() - started
         self.events.emit("round_end", r, duration_s=round(duration, 6), next_round=next_round)
@@ -400,12 +422,43 @@ class Node:
             Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
         )
 
-    def _save_snapshot(self, round_index: int) -> None:
-        """The model after round ``round_index``, for offline analysis (the harness measures
-        how far apart the peers' models are). Not fsynced: it is not crash state."""
-        folder = self.options.state_dir / "snapshots"
-        folder.mkdir(mode=0o700, exist_ok=True)
-        np.save(folder / f"round-{round_index:05d}.npy", self.params, allow_pickle=False)
+    async def _checkpoint(self, round_index: int, next_round: int) -> None:
+        """Write this round's checkpoint, and commit it (fsync) in the background: the next
+        round does not wait for the disk. Until the commit, the previous checkpoint stands
+        (a restart then redoes one round)."""
+        await self._committed()
+        tmp = await self._in_worker(self._write_round_files, round_index, next_round)
+        self._commit = asyncio.ensure_future(
+            asyncio.to_thread(commit_checkpoint, self.options.state_dir, tmp)
+        )
+
+    async def _committed(self) -> None:
+        """Wait for the checkpoint commit in flight, if any."""
+        if self._commit is not None:
+            commit, self._commit = self._commit, None
+            try:
+                await asyncio.shield(commit)
+            except OSError as exc:
+                log.error("%s: checkpoint commit failed: %s", self.id, exc)
+
+    def _write_round_files(self, round_index: int, next_round: int) -> Path:
+        if self.options.snapshots:
+            self._write_snapshot(round_index)
+        return write_checkpoint(
+            self.options.state_dir,
+            Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
+        )
+
+    def _write_snapshot(self, round_index: int) -> None:
+        """Round ``round_index``'s model at record ``round_index`` of state_dir/snapshots.f32
+        (raw float32, one record per round), for offline analysis: the harness measures how
+        far apart the peers' models are. Not fsynced: it is not crash state."""
+        if self._snapshots_fd is None:
+            self._snapshots_fd = os.open(
+                self.options.state_dir / SNAPSHOTS_NAME, os.O_WRONLY | os.O_CREAT, 0o600
+            )
+        data = np.ascontiguousarray(self.params, dtype="<f4")
+        os.pwrite(self._snapshots_fd, data.data.cast("B"), round_index * data.nbytes)
 
     async def _final_checkpoint(self) -> None:
         """On a signal mid-round: wait for the worker thread, then checkpoint what the model
@@ -414,6 +467,10 @@ class Node:
         if self._worker is not None:
             with contextlib.suppress(Exception):
                 await self._worker
+        await self._committed()
+        if self._snapshots_fd is not None:
+            os.close(self._snapshots_fd)
+            self._snapshots_fd = None
         if self.finished:
             return
         resume = self._resume_round
@@ -540,7 +597,7 @@ class Node:
                 "node_stop",
                 self.tracker.current,
                 finished=self.finished,
-                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                peak_rss_mb=peak_rss_mb(),
                 reason="completed" if self.finished else "stopped",
             )
             self.events.close()

@@ -134,10 +134,12 @@ async def test_snapshots_keep_every_rounds_model(make_network) -> None:
         for p in net.peers
     ]
     assert await run_all(nodes) == [0, 0]
-    files = sorted((net.state("alice") / "snapshots").iterdir())
-    assert [f.name for f in files] == [f"round-0000{r}.npy" for r in range(3)]
-    assert np.array_equal(np.load(files[-1], allow_pickle=False), nodes[0].params)
-    assert not (net.state("bob") / "snapshots").exists()
+    raw = np.fromfile(net.state("alice") / "snapshots.f32", dtype="<f4")
+    size = nodes[0].params.size
+    assert raw.size == 3 * size  # one record per round
+    assert np.array_equal(raw[2 * size :], nodes[0].params)
+    assert not np.array_equal(raw[:size], raw[2 * size :])
+    assert not (net.state("bob") / "snapshots.f32").exists()
 
 
 async def test_stop_request_shuts_down_cleanly(make_network) -> None:
