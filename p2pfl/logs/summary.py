@@ -1,0 +1,182 @@
+"""Per-peer totals over merged event logs: the first thing to look at after a run."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from p2pfl.logs.read import Event
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSummary:
+    """What one node's own log says about it. ``None`` means the log has no such event."""
+
+    peer: str
+    rounds: int
+    sent: int
+    received: int
+    bytes_sent: int
+    bytes_received: int
+    rejections: int
+    reconnects: int
+    mean_round_s: float | None
+    mean_train_s: float | None
+    train_share: float | None
+    last_accuracy: float | None
+    peak_rss_mb: float | None
+    finished: bool | None
+    stop_reason: str | None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(events: Iterable[Event]) -> list[PeerSummary]:
+    """One summary per node that wrote events, sorted by node id. Expects causal order, so
+    "last accuracy" and "finished" come from the node's latest eval and node_stop."""
+    by_node: dict[str, list[Event]] = defaultdict(list)
+    for event in events:
+        by_node[event.node].append(event)
+    return [_summarize_node(node, by_node[node]) for node in sorted(by_node)]
+
+
+def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
+    counts: dict[str, int] = defaultdict(int)
+    nbytes = {"send": 0, "recv": 0}
+    round_times: dict[int | None, float] = {}
+    round_durations: list[float] = []
+    train_times: dict[int | None, list[float]] = defaultdict(list)
+    handshake_peers: set[str] = set()
+    accuracy: float | None = None
+    peak: float | None = None
+    finished: bool | None = None
+    stop_reason: str | None = None
+    for e in events:
+        counts[e.type] += 1
+        if e.type in nbytes:
+            size = _number(e.get("bytes"))
+            nbytes[e.type] += int(size) if size is not None else 0
+        elif e.type == "round_end":
+            duration = _number(e.get("duration_s"))
+            if duration is not None:
+                round_durations.append(duration)
+                round_times[e.round] = duration
+        elif e.type == "train":
+            duration = _number(e.get("duration_s"))
+            if duration is not None:
+                train_times[e.round].append(duration)
+        elif e.type == "handshake_ok":
+            handshake_peers.add(str(e.get("peer", e.get("addr", "?"))))
+        elif e.type == "eval":
+            accuracy = _number(e.get("accuracy"))
+        elif e.type == "node_stop":
+            rss = _number(e.get("peak_rss_mb"))
+            if rss is not None:
+                peak = rss if peak is None else max(peak, rss)
+            done = e.get("finished")
+            finished = done if isinstance(done, bool) else None
+            reason = e.get("reason")
+            stop_reason = reason if isinstance(reason, str) else None
+    # The share counts training only in rounds that ended, so an interrupted last round
+    # does not inflate it.
+    completed_train = sum(sum(train_times[r]) for r in round_times if r in train_times)
+    completed_round = sum(round_times.values())
+    return PeerSummary(
+        peer=node,
+        rounds=counts["round_end"],
+        sent=counts["send"],
+        received=counts["recv"],
+        bytes_sent=nbytes["send"],
+        bytes_received=nbytes["recv"],
+        rejections=counts["reject"],
+        reconnects=counts["handshake_ok"] - len(handshake_peers),
+        mean_round_s=_mean(round_durations),
+        mean_train_s=_mean([t for times in train_times.values() for t in times]),
+        train_share=completed_train / completed_round if completed_round > 0 else None,
+        last_accuracy=accuracy,
+        peak_rss_mb=peak,
+        finished=finished,
+        stop_reason=stop_reason,
+    )
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024, as ``ls -h``)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1024 or unit == "GB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _opt(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, fmt)
+
+
+_COLUMNS = (
+    ("peer", "<"),
+    ("rounds", ">"),
+    ("sent", ">"),
+    ("recv", ">"),
+    ("bytes sent", ">"),
+    ("bytes recv", ">"),
+    ("rejects", ">"),
+    ("reconn", ">"),
+    ("round ms", ">"),
+    ("train ms", ">"),
+    ("train %", ">"),
+    ("accuracy", ">"),
+    ("peak RSS", ">"),
+    ("finished", "<"),
+)
+
+
+def _row(s: PeerSummary) -> list[str]:
+    return [
+        s.peer,
+        str(s.rounds),
+        str(s.sent),
+        str(s.received),
+        human_bytes(s.bytes_sent),
+        human_bytes(s.bytes_received),
+        str(s.rejections),
+        str(s.reconnects),
+        _opt(s.mean_round_s, ".1f", 1000),
+        _opt(s.mean_train_s, ".1f", 1000),
+        _opt(s.train_share, ".0f", 100),
+        _opt(s.last_accuracy, ".4f"),
+        "-" if s.peak_rss_mb is None else f"{s.peak_rss_mb:.0f} MB",
+        "-" if s.finished is None else "yes" if s.finished else "no",
+    ]
+
+
+def format_summary(summaries: Sequence[PeerSummary]) -> str:
+    """A plain-text table, one row per peer, columns padded to their widest cell."""
+    rows = [[name for name, _ in _COLUMNS]] + [_row(s) for s in summaries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = [
+        "  ".join(
+            format(cell, f"{align}{width}")
+            for cell, (_, align), width in zip(row, _COLUMNS, widths, strict=True)
+        ).rstrip()
+        for row in rows
+    ]
+    if any(s.finished is None for s in summaries):
+        lines.append("finished '-': no node_stop logged (still running, or killed)")
+    return "\n".join(lines)
+
+
+def summary_json(summaries: Sequence[PeerSummary]) -> list[dict[str, Any]]:
+    """The JSON form: one object per peer, durations in seconds, sizes in bytes."""
+    return [asdict(s) for s in summaries]
