@@ -1,0 +1,1 @@
+"""Local multi-peer harness: datasets, data partitions and runs of several peers on one host."""
