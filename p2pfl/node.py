@@ -301,18 +301,24 @@ class Node:
         result = self.learner.evaluate(self.data.x, self.data.y)
         return "train", result.loss, result.accuracy
 
-    async def _wait_until(self, done: object, deadline: float | None) -> bool:
-        """Wait for ``done()`` to become true, woken by network events. False on timeout."""
+    async def _wait_until(
+        self, done: object, deadline: float | Callable[[], float | None] | None
+    ) -> bool:
+        """Wait for ``done()`` to become true, woken by network events. False on timeout.
+        ``deadline`` may be a function: it is asked again after every wake-up (a neighbour
+        that dropped meanwhile brings the next wake-up forward)."""
         assert self._changed is not None and callable(done)
         loop = asyncio.get_running_loop()
+        when = deadline if callable(deadline) else lambda: deadline
         while not done():
-            if deadline is not None and loop.time() >= deadline:
+            deadline_now = when()
+            if deadline_now is not None and loop.time() >= deadline_now:
                 return False
             self._changed.clear()
             # asyncio.timeout_at, not wait_for: before Python 3.12 wait_for can swallow a
             # cancellation (a stop request) that lands as the event fires (CPython gh-86296).
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(deadline_now):
                     await self._changed.wait()
         return True
 
@@ -361,11 +367,10 @@ class Node:
         self.tracker.start_collecting(loop.time(), self.training.round_timeout)
         # Woken by network news, by the deadline, or when a disconnected neighbour's grace
         # runs out (then it is not waited for).
-        while not await self._wait_until(
+        await self._wait_until(
             lambda: self.tracker.collection_done(loop.time()),
-            self.tracker.next_wakeup(loop.time()),
-        ):
-            pass
+            lambda: self.tracker.next_wakeup(loop.time()),
+        )
         self.collecting = False
         assert self.tracker.deadline is not None
         await self._finish_sends(self.tracker.deadline)

@@ -120,6 +120,29 @@ async def test_absent_neighbour_is_not_waited_for_after_its_grace(make_network) 
         assert all(set(e["members"]) == {"alice", "bob"} for e in aggregates)
 
 
+async def test_wait_asks_for_the_deadline_again_after_each_wake_up(make_network) -> None:
+    """A neighbour that drops while a node collects brings the wake-up forward (its grace
+    ends before the round deadline). The wait must notice without any further news."""
+    node = make_node(make_network(("alice", "bob")), "alice")
+    node._changed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    wake = {"at": start + 60.0}  # the round deadline
+
+    def drop() -> None:  # bob's link goes down: his grace ends in 0.1 s
+        wake["at"] = loop.time() + 0.1
+        node._notify()
+
+    loop.call_later(0.05, drop)
+    try:
+        done = await asyncio.wait_for(
+            node._wait_until(lambda: loop.time() >= wake["at"], lambda: wake["at"]), 5 * TIMEOUT
+        )
+    finally:
+        node.events.close()
+    assert done and loop.time() - start < 5 * TIMEOUT
+
+
 async def test_snapshots_keep_every_rounds_model(make_network) -> None:
     net = make_network(("alice", "bob"), rounds=3)
     nodes = [
