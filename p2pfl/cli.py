@@ -49,9 +49,20 @@ def _parse_listen(text: str) -> tuple[str, int]:
 def _parse_topology(text: str) -> dict[str, Any]:
     if text in ("full", "ring"):
         return {"kind": text}
-    if text.startswith("k-regular:"):
+    if text.startswith("k-regular:") and text.split(":", 1)[1].isdigit():
         return {"kind": "k-regular", "degree": int(text.split(":", 1)[1])}
     raise argparse.ArgumentTypeError(f"unknown topology {text!r} (full, ring, k-regular:D)")
+
+
+def _parse_harness_topology(text: str) -> dict[str, Any]:
+    """As for init, or a file of explicit edges."""
+    if text in ("full", "ring") or text.startswith("k-regular:"):
+        return _parse_topology(text)
+    if Path(text).is_file():
+        return {"kind": "explicit-file", "path": text}
+    raise argparse.ArgumentTypeError(
+        f"unknown topology {text!r} (full, ring, k-regular:D, or a YAML file with edges:)"
+    )
 
 
 def _parse_model(text: str) -> dict[str, Any]:
@@ -197,6 +208,86 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(node.run())
 
 
+def _cmd_harness(args: argparse.Namespace) -> int:
+    import time
+
+    from p2pfl.harness.faults import parse_fault
+    from p2pfl.harness.partition import parse_partition
+    from p2pfl.harness.runner import HarnessOptions, peer_ids, run_harness
+
+    if args.peers < 2:
+        raise P2PFLError(f"--peers must be at least 2, got {args.peers}")
+    try:
+        partition = parse_partition(args.partition)
+    except ValueError as exc:
+        raise P2PFLError(f"--partition: {exc}") from exc
+    ids = peer_ids(args.peers)
+    try:
+        faults = tuple(
+            [parse_fault("kill", text, ids, args.rounds) for text in args.kill]
+            + [parse_fault("restart", text, ids, args.rounds) for text in args.restart]
+        )
+    except ValueError as exc:
+        raise P2PFLError(str(exc)) from exc
+    topology = args.topology or (
+        {"kind": "k-regular", "degree": 4} if args.peers > 5 else {"kind": "full"}
+    )
+    degree = topology.get("degree")
+    if degree is not None and not 1 <= degree < args.peers:
+        raise P2PFLError(
+            f"--topology k-regular:{degree} needs more than {degree} peers (--peers {args.peers})"
+        )
+    topology_text = {
+        "k-regular": f"k-regular:{topology.get('degree')}",
+        "explicit-file": str(topology.get("path")),
+    }.get(topology["kind"], topology["kind"])
+    if topology.get("kind") == "explicit-file":
+        topology = _explicit_topology(Path(topology["path"]))
+    model = args.model
+    model_text = (
+        f"mlp:{','.join(map(str, model['hidden']))}" if model["kind"] == "mlp" else model["kind"]
+    )
+    dataset_name = Path(args.dataset).stem if args.dataset.endswith(".npz") else args.dataset
+    out = Path(
+        args.out
+        or f"runs/{dataset_name.split(':')[0]}-{args.peers}p-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    options = HarnessOptions(
+        peers=args.peers,
+        topology=topology,
+        topology_text=topology_text,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        partition=partition,
+        model=args.model,
+        model_text=model_text,
+        seed=args.seed,
+        out=out.resolve(),
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        local_epochs=args.local_epochs,
+        round_timeout=args.round_timeout,
+        faults=faults,
+        baseline=not args.no_baseline,
+        snapshots=not args.no_snapshots,
+        progress=not args.quiet,
+    )
+    return run_harness(options)
+
+
+def _explicit_topology(path: Path) -> dict[str, Any]:
+    """``--topology FILE``: a YAML file with ``edges: [[p00, p01], ...]`` (peer ids p00..)."""
+    from p2pfl.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), "topology", f"cannot read: {exc}") from exc
+    if not isinstance(data, dict) or "edges" not in data:
+        raise ConfigError(str(path), "edges", "expected a mapping with edges: [[p00, p01], ...]")
+    return {"kind": "explicit", "edges": data["edges"]}
+
+
 def public_key_b64_of(config: Any, peer_id: str) -> str:
     import base64
 
@@ -240,6 +331,69 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-timeout", type=float, default=30.0)
     p.set_defaults(func=_cmd_init)
 
+    p = sub.add_parser(
+        "harness",
+        help="run N real peers on this machine: data split, training, report",
+        description="Start N real `p2pfl run` processes on 127.0.0.1 (free ports), each with "
+        "its own data partition, show live progress, then compare every peer's final model "
+        "on a held-out test set with the centralised model trained on the pooled data. "
+        "Writes OUT/summary.json and OUT/report.png; the peers' event logs are in OUT/state.",
+    )
+    p.add_argument("--peers", type=int, default=8, help="number of peers (default 8)")
+    p.add_argument(
+        "--topology",
+        type=_parse_harness_topology,
+        help="full, ring, k-regular:D, or a YAML file with edges: [[p00, p01], ...]"
+        " (default: k-regular:4 with more than 5 peers, else full)",
+    )
+    p.add_argument("--rounds", type=int, default=30, help="gossip rounds (default 30)")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits, fashion-mnist[:DIR] (IDX files; default DIR "
+        "/usr/share/datasets/fashion-mnist), or a .npz with x, y [x_test, y_test]",
+    )
+    p.add_argument(
+        "--partition", default="iid", help="iid, dirichlet:ALPHA or shards:K (default iid)"
+    )
+    p.add_argument(
+        "--model",
+        type=_parse_model,
+        default={"kind": "mlp", "hidden": [64]},
+        help="softmax, mlp, or mlp:H1,H2 (default mlp:64)",
+    )
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", help="run folder, must be new or empty (default runs/<name>-<time>)")
+    p.add_argument("--learning-rate", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--round-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="PEER@ROUND",
+        help="SIGKILL PEER once it starts ROUND (repeatable)",
+    )
+    p.add_argument(
+        "--restart",
+        action="append",
+        default=[],
+        metavar="PEER@ROUND",
+        help="start PEER again once the others reach ROUND (killing it first if it runs)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the centralised model")
+    p.add_argument(
+        "--no-snapshots",
+        action="store_true",
+        help="do not keep per-round models (no consensus distance; saves disk for big models)",
+    )
+    p.set_defaults(func=_cmd_harness)
+
+    from p2pfl.logs.command import register as register_logs
+
+    register_logs(sub)
+
     p = sub.add_parser("check", help="validate a peers.yaml; print peers, neighbours and digest")
     p.add_argument("config", help="the shared peers.yaml")
     p.set_defaults(func=_cmd_check)
@@ -264,13 +418,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    from p2pfl.logs.command import normalize_argv
+
+    args = make_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
     if not args.verbose:
         logging.getLogger("websockets").setLevel(logging.WARNING)
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except P2PFLError as exc:

@@ -1,0 +1,69 @@
+"""The centralised baseline: the same learner trained on all peers' data pooled together.
+
+It is what the peers would get if the data could be shared, so the harness reports the
+peers' accuracy as a ratio of it. It runs after the peers have stopped, so it does not
+compete with them for the CPU while round times are being measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from p2pfl.learning import build_learner
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    #: Test accuracy after each epoch (index e = after e+1 epochs).
+    accuracy_per_epoch: list[float]
+    loss_per_epoch: list[float]
+    epochs: int
+    samples: int
+    seconds: float
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.accuracy_per_epoch[-1]
+
+    @property
+    def best_accuracy(self) -> float:
+        return max(self.accuracy_per_epoch)
+
+
+def train_centralized(
+    model: Mapping[str, Any],
+    *,
+    seed: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+) -> BaselineResult:
+    """Train from the same initial model the peers start from (the shared seed), one epoch
+    at a time, evaluating on the held-out test set after each."""
+
+    started = time.perf_counter()
+    learner = build_learner(model, seed, source="harness")
+    rng = np.random.default_rng([seed, 0xBA5E])
+    accuracies: list[float] = []
+    losses: list[float] = []
+    for _ in range(epochs):
+        learner.fit(x, y, epochs=1, batch_size=batch_size, learning_rate=learning_rate, rng=rng)
+        result = learner.evaluate(x_test, y_test)
+        accuracies.append(float(result.accuracy))
+        losses.append(float(result.loss))
+    return BaselineResult(
+        accuracy_per_epoch=accuracies,
+        loss_per_epoch=losses,
+        epochs=epochs,
+        samples=int(y.shape[0]),
+        seconds=time.perf_counter() - started,
+    )

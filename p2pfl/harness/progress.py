@@ -1,0 +1,66 @@
+"""Live progress of a harness run, folded from the peers' event logs (pure, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from p2pfl.logs.read import Event
+
+
+@dataclass
+class PeerProgress:
+    round: int = -1  # latest round started
+    rounds_done: int = 0
+    last_round_done: int = -1
+    accuracy: float | None = None
+    finished: bool = False
+
+
+@dataclass
+class RunProgress:
+    peers: list[str]
+    total_rounds: int
+    by_peer: dict[str, PeerProgress] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for peer in self.peers:
+            self.by_peer.setdefault(peer, PeerProgress())
+
+    def update(self, events: Iterable[Event]) -> None:
+        for event in events:
+            state = self.by_peer.get(event.node)
+            if state is None:
+                continue
+            kind = event.type
+            round_index = event.round
+            if kind == "round_start" and round_index is not None:
+                state.round = max(state.round, round_index)
+            elif kind == "round_end":
+                state.rounds_done += 1
+                if round_index is not None:
+                    state.last_round_done = max(state.last_round_done, round_index)
+            elif kind == "eval" and isinstance(event.get("accuracy"), (int, float)):
+                state.accuracy = float(event.get("accuracy"))
+            elif kind == "node_stop" and event.get("finished") is True:
+                state.finished = True
+
+    def is_done(self, peer: str) -> bool:
+        """Finished its last round (it may still be lingering or writing its checkpoint)."""
+        state = self.by_peer[peer]
+        return state.finished or state.last_round_done >= self.total_rounds - 1
+
+    def started_rounds(self) -> dict[str, int]:
+        return {p: s.round for p, s in self.by_peer.items() if s.round >= 0}
+
+    def line(self, running: int, elapsed: float) -> str:
+        """One status line: rounds (slowest..fastest), mean latest accuracy, peers running."""
+        rounds = [
+            s.round + 1 if not s.finished else self.total_rounds for s in self.by_peer.values()
+        ]
+        accs = [s.accuracy for s in self.by_peer.values() if s.accuracy is not None]
+        acc = f"acc {sum(accs) / len(accs):.4f}" if accs else "acc -"
+        return (
+            f"round {min(rounds)}..{max(rounds)}/{self.total_rounds}  {acc}  "
+            f"{running}/{len(self.peers)} running  {elapsed:5.1f}s"
+        )

@@ -1,0 +1,314 @@
+"""The result of a harness run: final test accuracy of every peer against the centralised
+baseline, round times, traffic, faults; printed as a table and written as summary.json and
+report.png.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2pfl.harness.baseline import BaselineResult
+from p2pfl.logs.read import Event
+
+
+@dataclass(frozen=True)
+class PeerResult:
+    peer: str
+    samples: int
+    classes_held: int
+    rounds_done: int
+    #: Of the model in the peer's last checkpoint, on the held-out test set.
+    test_accuracy: float | None
+    bytes_sent: int
+    bytes_received: int
+    median_round_s: float | None
+    train_share: float | None
+    peak_rss_mb: float | None
+    finished: bool
+
+
+def final_models(
+    state_dirs: Mapping[str, Path], config_path: Path
+) -> tuple[dict[str, np.ndarray], Any]:
+    """Each peer's last checkpointed model (peers without a checkpoint are left out)."""
+    from p2pfl.checkpoint import load_checkpoint
+    from p2pfl.config import load_config
+    from p2pfl.learning import build_learner, flatten
+
+    config = load_config(config_path)
+    learner = build_learner(config.training.model.as_mapping(), config.seed, source="harness")
+    size = flatten(learner.get_weights()).size
+    models: dict[str, np.ndarray] = {}
+    for peer, state in state_dirs.items():
+        checkpoint = load_checkpoint(state, expected_digest=config.digest, expected_size=size)
+        if checkpoint is not None:
+            models[peer] = checkpoint.params
+    return models, learner
+
+
+def test_accuracy(learner: Any, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    from p2pfl.learning import unflatten
+
+    learner.set_weights(unflatten(params, learner.get_weights()))
+    return float(learner.evaluate(x, y).accuracy)
+
+
+def consensus_distance(
+    state_dirs: Mapping[str, Path], rounds: int, size: int, events: Sequence[Event]
+) -> list[float | None]:
+    """Per round: the root-mean-square distance of the peers' models from their average,
+    relative to the average's norm (0 = everyone agrees). From ``--snapshots`` records of
+    the rounds each peer completed (a peer that was down for a round has none)."""
+    from p2pfl.checkpoint import SNAPSHOTS_NAME
+
+    done = {(e.node, e.round) for e in events if e.type == "round_end"}
+    record_bytes = size * 4
+    snapshots = {}
+    for peer, state in state_dirs.items():
+        path = state / SNAPSHOTS_NAME
+        if path.exists() and path.stat().st_size >= record_bytes:
+            snapshots[peer] = np.memmap(path, dtype="<f4", mode="r")
+    distances: list[float | None] = []
+    for r in range(rounds):
+        vectors = [
+            np.asarray(data[r * size : (r + 1) * size], dtype=np.float64)
+            for peer, data in snapshots.items()
+            if (peer, r) in done and data.size >= (r + 1) * size
+        ]
+        if len(vectors) < 2:
+            distances.append(None)
+            continue
+        stacked = np.stack(vectors)
+        mean = stacked.mean(axis=0)
+        rms = float(np.sqrt(np.mean(np.sum((stacked - mean) ** 2, axis=1))))
+        norm = float(np.linalg.norm(mean))
+        distances.append(rms / norm if norm > 0 else rms)
+    return distances
+
+
+def per_round_accuracy(events: Sequence[Event], peers: Sequence[str]) -> dict[str, list[Any]]:
+    """Test accuracy after each round, per peer (None where the peer did not evaluate)."""
+    rounds = 1 + max(
+        (e.round for e in events if e.type == "eval" and e.round is not None), default=-1
+    )
+    table: dict[str, list[Any]] = {p: [None] * rounds for p in peers}
+    for e in events:
+        if e.type == "eval" and e.round is not None and e.node in table:
+            table[e.node][e.round] = e.get("accuracy")
+    return table
+
+
+def peer_stats(events: Sequence[Event]) -> dict[str, dict[str, Any]]:
+    grouped: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"sent": 0, "recv": 0, "rounds": [], "train": 0.0, "rss": None, "finished": False}
+    )
+    for e in events:
+        s = grouped[e.node]
+        if e.type == "send":
+            s["sent"] += int(e.get("bytes", 0))
+        elif e.type == "recv":
+            s["recv"] += int(e.get("bytes", 0))
+        elif e.type == "round_end":
+            s["rounds"].append(float(e.get("duration_s", 0.0)))
+        elif e.type == "train":
+            s["train"] += float(e.get("duration_s", 0.0))
+        elif e.type == "node_stop":
+            s["rss"] = e.get("peak_rss_mb")
+            s["finished"] = bool(e.get("finished"))
+    return grouped
+
+
+def build_summary(
+    *,
+    options: Mapping[str, Any],
+    peers: Sequence[PeerResult],
+    events: Sequence[Event],
+    baseline: BaselineResult | None,
+    consensus: Sequence[float | None],
+    wall_s: float,
+    record: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Everything summary.json holds (plain JSON types only)."""
+    finals = {p.peer: p.test_accuracy for p in peers if p.test_accuracy is not None}
+    finished = [p.test_accuracy for p in peers if p.finished and p.test_accuracy is not None]
+    counted = finished or list(finals.values())
+    mean = statistics.fmean(counted) if counted else None
+    durations = [float(e.get("duration_s", 0.0)) for e in events if e.type == "round_end"]
+    train = sum(float(e.get("duration_s", 0.0)) for e in events if e.type == "train")
+    central = baseline.final_accuracy if baseline else None
+    summary: dict[str, Any] = {
+        **options,
+        "wall_s": round(wall_s, 3),
+        "accuracy": {
+            "per_peer": {k: round(v, 6) for k, v in finals.items()},
+            "mean": None if mean is None else round(mean, 6),
+            "min": round(min(counted), 6) if counted else None,
+            "max": round(max(counted), 6) if counted else None,
+            "over": "peers that finished" if finished else "all peers with a checkpoint",
+        },
+        "centralized_accuracy": None if central is None else round(central, 6),
+        "centralized_best_accuracy": round(baseline.best_accuracy, 6) if baseline else None,
+        "centralized_epochs": baseline.epochs if baseline else None,
+        "centralized_seconds": round(baseline.seconds, 3) if baseline else None,
+        "ratio": round(mean / central, 6) if mean is not None and central else None,
+        "round_time_s": round(statistics.median(durations), 6) if durations else None,
+        "round_time_s_mean": round(statistics.fmean(durations), 6) if durations else None,
+        "round_time_s_p90": round(float(np.percentile(durations, 90)), 6) if durations else None,
+        "train_share": round(train / sum(durations), 4) if durations and sum(durations) else None,
+        "bytes_sent": sum(p.bytes_sent for p in peers),
+        "bytes_received": sum(p.bytes_received for p in peers),
+        "peak_rss_mb": {
+            "per_peer": {p.peer: p.peak_rss_mb for p in peers},
+            "max": max((p.peak_rss_mb or 0.0 for p in peers), default=0.0),
+            "total_sampled": record.get("peak_total_rss_mb"),
+        },
+        "peers_detail": [
+            {
+                "peer": p.peer,
+                "samples": p.samples,
+                "classes_held": p.classes_held,
+                "rounds_done": p.rounds_done,
+                "test_accuracy": p.test_accuracy,
+                "bytes_sent": p.bytes_sent,
+                "bytes_received": p.bytes_received,
+                "median_round_s": p.median_round_s,
+                "train_share": p.train_share,
+                "finished": p.finished,
+            }
+            for p in peers
+        ],
+        "accuracy_per_round": per_round_accuracy(events, [p.peer for p in peers]),
+        "consensus_distance": [None if d is None else float(f"{d:.6g}") for d in consensus],
+        "centralized_accuracy_per_epoch": (
+            [round(a, 6) for a in baseline.accuracy_per_epoch] if baseline else None
+        ),
+        "faults": record.get("faults", []),
+        "faults_not_done": record.get("faults_not_done", []),
+        "exit_codes": record.get("exit_codes", {}),
+        "log_problems": record.get("log_problems", []),
+        "stranded": record.get("stranded", []),
+    }
+    return summary
+
+
+def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(summary: Mapping[str, Any]) -> str:
+    """The human result: one row per peer, then the comparison with the centralised model."""
+    rows = [
+        f"{'peer':<5} {'samples':>7} {'classes':>7} {'rounds':>6} {'test acc':>8} "
+        f"{'sent MB':>8} {'recv MB':>8} {'round ms':>8} {'train %':>7}"
+    ]
+    for p in summary["peers_detail"]:
+        median = p["median_round_s"]
+        share = p["train_share"]
+        rows.append(
+            f"{p['peer']:<5} {p['samples']:>7} {p['classes_held']:>7} {p['rounds_done']:>6} "
+            f"{_fmt(p['test_accuracy'], '.4f'):>8} {p['bytes_sent'] / 1e6:>8.2f} "
+            f"{p['bytes_received'] / 1e6:>8.2f} "
+            f"{_fmt(None if median is None else median * 1000, '.1f'):>8} "
+            f"{_fmt(None if share is None else share * 100, '.0f'):>7}"
+        )
+    acc = summary["accuracy"]
+    rows.append("")
+    rows.append(
+        f"peers' test accuracy: mean {_fmt(acc['mean'], '.4f')}, min {_fmt(acc['min'], '.4f')}"
+        f" ({acc['over']})"
+    )
+    if summary["centralized_accuracy"] is not None:
+        rows.append(
+            f"centralised model (same learner, pooled data, {summary['centralized_epochs']} "
+            f"epochs): {summary['centralized_accuracy']:.4f}"
+            f"  ->  ratio {_fmt(summary['ratio'], '.4f')}"
+        )
+    median = summary["round_time_s"]
+    share = summary["train_share"]
+    rows.append(
+        f"round time: median {_fmt(None if median is None else median * 1000, '.1f')} ms, "
+        f"training {_fmt(None if share is None else share * 100, '.0f')}% of it; "
+        f"wall {summary['wall_s']:.1f} s; {summary['bytes_sent'] / 1e6:.1f} MB of parameters sent"
+    )
+    rss = summary["peak_rss_mb"]
+    rows.append(
+        f"memory: peak {rss['max']:.0f} MB per peer, {_fmt(rss['total_sampled'], '.0f')} MB "
+        "all peers together"
+    )
+    for fault in summary["faults"]:
+        line = f"fault: {fault['fault']} at {fault['at_s']:.2f} s (round {fault['round']})"
+        if fault.get("rejoined_round") is not None:
+            line += (
+                f", back in round {fault['rejoined_round']} "
+                f"{fault['rejoin_s']:.2f} s after the restart"
+            )
+        rows.append(line)
+    for peer in summary["stranded"]:
+        rows.append(f"{peer} was stopped early: none of its neighbours was running any more")
+    for fault in summary["faults_not_done"]:
+        rows.append(f"fault not carried out (the run ended first): {fault}")
+    if summary["log_problems"]:
+        rows.append(f"{len(summary['log_problems'])} bad log lines skipped (see summary.json)")
+    return "\n".join(rows)
+
+
+def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
+    """report.png: test accuracy per round for each peer with the centralised curve, and
+    the consensus distance per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_dist) = plt.subplots(1, 2, figsize=(13, 5))
+    for peer, accs in summary["accuracy_per_round"].items():
+        xs = [r + 1 for r, a in enumerate(accs) if a is not None]
+        ys = [a for a in accs if a is not None]
+        ax_acc.plot(xs, ys, linewidth=1, alpha=0.7, label=peer)
+    central = summary.get("centralized_accuracy_per_epoch")
+    if central:
+        epochs_per_round = max(1, int(summary.get("local_epochs", 1)))
+        xs_central = [(e + 1) / epochs_per_round for e in range(len(central))]
+        ax_acc.plot(xs_central, central, "k--", linewidth=2, label="centralised (same epochs)")
+        ax_acc.axhline(central[-1], color="k", linewidth=0.8, alpha=0.5)
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_title(
+        f"{summary['dataset']}, {summary['partition']}, {summary['peers']} peers, "
+        f"{summary['topology']}"
+    )
+    ax_acc.grid(alpha=0.3)
+    if len(summary["accuracy_per_round"]) <= 12:
+        ax_acc.legend(fontsize=8, loc="lower right")
+    else:
+        handles, labels = ax_acc.get_legend_handles_labels()
+        ax_acc.legend(handles[-1:], labels[-1:], fontsize=8, loc="lower right")
+    dist = summary["consensus_distance"]
+    xs = [r + 1 for r, d in enumerate(dist) if d is not None]
+    ys = [d for d in dist if d is not None]
+    if ys:
+        ax_dist.plot(xs, ys, "o-", markersize=3)
+        if all(d > 0 for d in ys):
+            ax_dist.set_yscale("log")
+    else:
+        ax_dist.text(0.5, 0.5, "no snapshots (--no-snapshots)", ha="center", va="center")
+    ax_dist.set_xlabel("round")
+    ax_dist.set_ylabel("RMS distance from the mean model / its norm")
+    ax_dist.set_title("consensus distance (spread of the peers' models)")
+    ax_dist.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,687 @@
+"""``p2pfl harness``: N real ``p2pfl run`` processes on 127.0.0.1, from data to report.
+
+What a run does, in order (each step is what an operator would do by hand):
+  1. load the dataset, hold out a test set, split the rest among the peers, write files;
+  2. generate one key per peer and a peers.yaml on free loopback ports;
+  3. start one ``p2pfl run`` process per peer, follow their event logs for live progress,
+     and inject the requested faults (SIGKILL, restart);
+  4. when they are done, evaluate every peer's final model on the test set, train the
+     centralised baseline, and write summary.json and report.png.
+
+Every process the harness starts is stopped on the way out, also on Ctrl-C or an error.
+Polling the logs here is a viewer's loop, not the round path: the peers never wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import yaml
+
+from p2pfl.errors import P2PFLError
+from p2pfl.harness.faults import Fault, FaultPlan
+from p2pfl.harness.partition import PartitionSpec
+from p2pfl.harness.progress import RunProgress
+from p2pfl.logs.read import Event, Tail
+
+#: Monitor loop period. Faults fire within one period of the round they name.
+POLL_S = 0.01
+#: How long stopped peers get to write their final checkpoint before SIGKILL.
+STOP_GRACE_S = 10.0
+
+
+class HarnessError(P2PFLError):
+    """The harness could not set up or complete a run (the message says what to do)."""
+
+
+@dataclass(frozen=True)
+class HarnessOptions:
+    peers: int
+    topology: Mapping[str, Any]
+    topology_text: str
+    rounds: int
+    dataset: str
+    partition: PartitionSpec
+    model: Mapping[str, Any]
+    model_text: str
+    seed: int
+    out: Path
+    learning_rate: float = 0.3
+    batch_size: int = 32
+    local_epochs: int = 1
+    round_timeout: float = 30.0
+    down_grace: float = 2.0
+    faults: tuple[Fault, ...] = ()
+    baseline: bool = True
+    snapshots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Layout:
+    """Where a run's files are; the peer ids are p00, p01, ... (sorted = numeric order)."""
+
+    out: Path
+    peers: list[str]
+
+    @property
+    def config(self) -> Path:
+        return self.out / "peers.yaml"
+
+    def key(self, peer: str) -> Path:
+        return self.out / "keys" / f"{peer}.key"
+
+    def data(self, peer: str) -> Path:
+        return self.out / "data" / f"{peer}.npz"
+
+    @property
+    def test_data(self) -> Path:
+        return self.out / "data" / "test.npz"
+
+    @property
+    def state_root(self) -> Path:
+        return self.out / "state"
+
+    def state(self, peer: str) -> Path:
+        return self.state_root / peer
+
+    def log(self, peer: str) -> Path:
+        return self.out / "logs" / f"{peer}.log"
+
+
+def peer_ids(count: int) -> list[str]:
+    width = max(2, len(str(count - 1)))
+    return [f"p{i:0{width}d}" for i in range(count)]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago (held open together, so the
+    kernel cannot hand out one twice)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class PeerProcess:
+    peer: str
+    command: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log_file: IO[bytes] | None = None
+    killed_by_harness: bool = False
+    stopped_by_harness: bool = False
+    starts: int = 0
+    peak_rss_mb: float = 0.0
+
+    def start(self, env: Mapping[str, str]) -> None:
+        self.close_log()
+        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in close_log
+        self.proc = subprocess.Popen(
+            self.command,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+        )
+        self.killed_by_harness = False
+        self.starts += 1
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM: the node writes its final checkpoint and exits 0."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stopped_by_harness = True  # before its signal handler is set, -15 is fine
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.killed_by_harness = True
+            self.proc.kill()
+            self.proc.wait()
+
+    def rss_mb(self) -> float:
+        """Resident memory now, from /proc (0 if gone or not on Linux)."""
+        if not self.running:
+            return 0.0
+        assert self.proc is not None
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        mb = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        self.peak_rss_mb = max(self.peak_rss_mb, mb)
+        return mb
+
+    def close_log(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+
+
+def stop_all(processes: Mapping[str, PeerProcess], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every running peer (they write a final checkpoint), SIGKILL stragglers."""
+    running = [p for p in processes.values() if p.running]
+    for p in running:
+        assert p.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            p.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in running:
+        assert p.proc is not None
+        try:
+            p.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait()
+    for p in processes.values():
+        p.close_log()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A SIGTERM to the harness cleans up like Ctrl-C does."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- the run record
+
+
+@dataclass
+class FaultRecord:
+    fault: str
+    peer: str
+    at_s: float
+    wall_time: float
+    #: kill: the round the peer was in; restart: the round the rest of the network was in.
+    round: int
+    rejoined_round: int | None = None
+    rejoin_s: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "fault": self.fault,
+            "peer": self.peer,
+            "at_s": round(self.at_s, 3),
+            "round": self.round,
+            "rejoined_round": self.rejoined_round,
+            "rejoin_s": None if self.rejoin_s is None else round(self.rejoin_s, 3),
+        }
+
+
+@dataclass
+class RunRecord:
+    wall_s: float = 0.0
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    faults: list[FaultRecord] = field(default_factory=list)
+    faults_not_done: list[str] = field(default_factory=list)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    peak_total_rss_mb: float = 0.0
+    log_problems: list[str] = field(default_factory=list)
+    #: Peers stopped because none of their neighbours was running any more (they could
+    #: only train alone, or wait out their start-up timeout).
+    stranded: list[str] = field(default_factory=list)
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    # The peers import this very p2pfl, wherever it is (installed or a source checkout).
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH", "")])])
+    return env
+
+
+def peer_command(layout: Layout, peer: str, snapshots: bool) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "p2pfl",
+        "run",
+        str(layout.config),
+        "--id",
+        peer,
+        "--key",
+        str(layout.key(peer)),
+        "--data",
+        str(layout.data(peer)),
+        "--val-data",
+        str(layout.test_data),
+        "--state-dir",
+        str(layout.state(peer)),
+    ]
+    if snapshots:
+        command.append("--snapshots")
+    return command
+
+
+def launch_and_watch(
+    layout: Layout,
+    options: HarnessOptions,
+    *,
+    out_stream: IO[str],
+) -> RunRecord:
+    """Start every peer, show progress, inject faults, and return when all are done."""
+    env = python_env()
+    processes = {
+        peer: PeerProcess(peer, peer_command(layout, peer, options.snapshots), layout.log(peer))
+        for peer in layout.peers
+    }
+    layout.log(layout.peers[0]).parent.mkdir(parents=True, exist_ok=True)
+    plan = FaultPlan(options.faults)
+    neighbours = _ever_neighbours(layout)
+    progress = RunProgress(list(layout.peers), options.rounds)
+    record = RunRecord()
+    # One Tail per file: the state folders also fill up with snapshots, not worth walking.
+    tails = [Tail(layout.state(peer) / "events.jsonl") for peer in layout.peers]
+    tty = out_stream.isatty()
+    last_line = ""
+    last_print = 0.0
+    last_rss = 0.0
+    restarts: dict[str, FaultRecord] = {}
+    started = time.monotonic()
+    with sigterm_as_interrupt():
+        try:
+            for p in processes.values():
+                p.start(env)
+            while True:
+                now = time.monotonic()
+                events = _poll_all(tails, record)
+                progress.update(events)
+                for event in events:
+                    pending = restarts.get(event.node)
+                    if (
+                        pending is not None
+                        and event.type == "round_end"
+                        and event.round is not None
+                        and event.ts >= pending.wall_time
+                    ):
+                        pending.rejoined_round = event.round
+                        pending.rejoin_s = event.ts - pending.wall_time
+                        del restarts[pending.peer]
+                alive = {peer for peer, p in processes.items() if p.running}
+                for fault in plan.due(progress.started_rounds(), alive):
+                    proc = processes[fault.peer]
+                    if fault.action == "kill" or proc.running:
+                        proc.kill()
+                        record.faults.append(
+                            FaultRecord(
+                                str(fault) if fault.action == "kill" else f"kill {fault.peer}",
+                                fault.peer,
+                                now - started,
+                                time.time(),
+                                progress.by_peer[fault.peer].round,
+                            )
+                        )
+                    if fault.action == "restart":
+                        proc.start(env)
+                        others = [
+                            r for p, r in progress.started_rounds().items() if p != fault.peer
+                        ]
+                        restart = FaultRecord(
+                            str(fault), fault.peer, now - started, time.time(), max(others)
+                        )
+                        record.faults.append(restart)
+                        restarts[fault.peer] = restart
+                for peer, p in processes.items():
+                    assert p.proc is not None
+                    code = p.proc.poll()
+                    if code not in (None, 0) and not (p.killed_by_harness or p.stopped_by_harness):
+                        raise HarnessError(
+                            f"peer {peer} exited with code {code}; its output "
+                            f"({layout.log(peer)}) ends with:\n{_tail_text(layout.log(peer))}"
+                        )
+                running = [p for p in processes.values() if p.running]
+                if not running:  # a restart still pending then can never fire: reported
+                    break
+                for p in running:  # e.g. restarted after its neighbours finished
+                    if p.peer in record.stranded or progress.is_done(p.peer):
+                        continue
+                    if not neighbours[p.peer] & {q.peer for q in running}:
+                        p.stop()
+                        record.stranded.append(p.peer)
+                if now - last_rss >= 0.5:
+                    last_rss = now
+                    record.peak_total_rss_mb = max(
+                        record.peak_total_rss_mb, sum(p.rss_mb() for p in running)
+                    )
+                if options.progress:
+                    line = progress.line(len(running), now - started)
+                    if tty:
+                        if line != last_line:
+                            out_stream.write("\r" + line + "\033[K")
+                            out_stream.flush()
+                    elif now - last_print >= 2.0:
+                        out_stream.write(line + "\n")
+                        out_stream.flush()
+                        last_print = now
+                    last_line = line
+                time.sleep(POLL_S)
+            record.wall_s = time.monotonic() - started
+            if options.progress and tty:
+                out_stream.write("\n")
+        finally:
+            stop_all(processes)
+    _poll_all(tails, record)
+    record.faults_not_done = [str(f) for f in plan.pending]
+    record.exit_codes = {
+        peer: (None if p.killed_by_harness else (p.proc.returncode if p.proc else None))
+        for peer, p in processes.items()
+    }
+    record.peak_rss_mb = {peer: round(p.peak_rss_mb, 1) for peer, p in processes.items()}
+    return record
+
+
+def _ever_neighbours(layout: Layout) -> dict[str, frozenset[str]]:
+    from p2pfl.config import load_config
+    from p2pfl.topology import ever_neighbours
+
+    config = load_config(layout.config)
+    return {
+        peer: frozenset(
+            ever_neighbours(
+                config.topology, config.peer_ids, config.seed, peer, config.training.rounds
+            )
+        )
+        for peer in layout.peers
+    }
+
+
+def _poll_all(tails: list[Tail], record: RunRecord) -> list[Event]:
+    events: list[Event] = []
+    for tail in tails:
+        got, problems = tail.poll()
+        events.extend(got)
+        record.log_problems.extend(str(problem) for problem in problems)
+    return events
+
+
+def _tail_text(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no output)"
+    return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass(frozen=True)
+class Prepared:
+    layout: Layout
+    split_name: str
+    split_description: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+    inputs: int
+    input_scale: float
+    samples: dict[str, int]
+    classes_held: dict[str, int]
+    heterogeneity: str
+
+
+def prepare(options: HarnessOptions) -> Prepared:
+    """Data files, keys and peers.yaml for a run (nothing is started)."""
+    from p2pfl.cli import build_local_config
+    from p2pfl.config import load_config
+    from p2pfl.harness.datasets import describe, load_split
+    from p2pfl.harness.partition import (
+        classes_per_peer,
+        describe_heterogeneity,
+        label_histogram,
+        partition,
+    )
+    from p2pfl.keys import generate_key_file
+    from p2pfl.learning import Dataset
+    from p2pfl.node import input_scale_for
+
+    out = options.out
+    if out.exists() and any(out.iterdir()):
+        raise HarnessError(f"{out} is not empty; choose a new --out (nothing is overwritten)")
+    if options.peers < 2:
+        raise HarnessError(f"--peers must be at least 2, got {options.peers}")
+    layout = Layout(out, peer_ids(options.peers))
+    try:
+        split = load_split(options.dataset, seed=options.seed)
+    except ImportError as exc:
+        raise HarnessError(
+            f"--dataset {options.dataset} needs {exc.name}: pip install 'p2pfl[tools]'"
+        ) from exc
+    try:
+        parts = partition(split.y_train, options.peers, options.partition, options.seed)
+    except ValueError as exc:
+        raise HarnessError(f"--partition {options.partition}: {exc}") from exc
+    histogram = label_histogram(split.y_train, parts, split.classes)
+    held = classes_per_peer(histogram)
+
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for peer, rows in zip(layout.peers, parts, strict=True):
+        np.savez(layout.data(peer), x=split.x_train[rows], y=split.y_train[rows])
+    np.savez(layout.test_data, x=split.x_test, y=split.y_test)
+    # One input scale for everyone (and the baseline): from all the training data.
+    scale = input_scale_for(Dataset(split.x_train, split.y_train, None, None), None)
+
+    (out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
+    public = {peer: generate_key_file(layout.key(peer)) for peer in layout.peers}
+    ports = dict(zip(layout.peers, free_ports(len(layout.peers)), strict=True))
+    shared = build_local_config(
+        peers=layout.peers,
+        public_keys=public,
+        host="127.0.0.1",
+        ports=ports,
+        network=f"harness-{options.dataset.split(':')[0]}-{options.seed}",
+        seed=options.seed,
+        rounds=options.rounds,
+        topology=dict(options.topology),
+        model=dict(options.model),
+        inputs=split.inputs,
+        classes=split.classes,
+        learning_rate=options.learning_rate,
+        batch_size=options.batch_size,
+        round_timeout=options.round_timeout,
+    )
+    shared["training"]["local_epochs"] = options.local_epochs
+    shared["training"]["input_scale"] = scale
+    # Many processes start at once on few cores: give them time to find each other.
+    shared["training"]["startup_timeout"] = max(60.0, 2.0 * options.peers)
+    shared["net"] = {"down_grace": options.down_grace}
+    header = (
+        "# Written by `p2pfl harness`: every peer on 127.0.0.1, one process each.\n"
+        f"# Peers {layout.peers[0]}..{layout.peers[-1]}; keys in keys/, data in data/.\n"
+    )
+    layout.config.write_text(header + yaml.safe_dump(shared, sort_keys=False), encoding="utf-8")
+    load_config(layout.config)  # the peers will: fail here first, with the same message
+    return Prepared(
+        layout=layout,
+        split_name=split.name,
+        split_description=describe(split),
+        x_train=split.x_train,
+        y_train=split.y_train,
+        x_test=split.x_test,
+        y_test=split.y_test,
+        classes=split.classes,
+        inputs=split.inputs,
+        input_scale=scale,
+        samples={peer: int(rows.size) for peer, rows in zip(layout.peers, parts, strict=True)},
+        classes_held={peer: int(n) for peer, n in zip(layout.peers, held, strict=True)},
+        heterogeneity=describe_heterogeneity(histogram),
+    )
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> int:
+    """Prepare, run, evaluate, report. Returns 0, or 1 if a peer did not finish."""
+    from p2pfl.harness.baseline import train_centralized
+    from p2pfl.harness.report import (
+        PeerResult,
+        build_summary,
+        consensus_distance,
+        final_models,
+        peer_stats,
+        plot_report,
+        render_table,
+        test_accuracy,
+        write_summary,
+    )
+    from p2pfl.logs.read import read_logs
+
+    def say(text: str) -> None:
+        out_stream.write(text + "\n")
+        out_stream.flush()
+
+    prepared = prepare(options)
+    layout = prepared.layout
+    say(f"{prepared.split_description}")
+    say(
+        f"{options.peers} peers ({layout.peers[0]}..{layout.peers[-1]}), partition "
+        f"{options.partition}: {prepared.heterogeneity}"
+    )
+    say(f"run folder: {layout.out}")
+    record = launch_and_watch(layout, options, out_stream=out_stream)
+
+    events = read_logs(layout.state_root).events
+    states = {peer: layout.state(peer) for peer in layout.peers}
+    models, learner = final_models(states, layout.config)
+    model_size = sum(w.size for w in learner.get_weights())
+    x_test = prepared.x_test / np.float32(prepared.input_scale)
+    stats = peer_stats(events)
+    results = []
+    for peer in layout.peers:
+        s = stats[peer]
+        rounds = s["rounds"]
+        results.append(
+            PeerResult(
+                peer=peer,
+                samples=prepared.samples[peer],
+                classes_held=prepared.classes_held[peer],
+                rounds_done=len(rounds),
+                test_accuracy=(
+                    test_accuracy(learner, models[peer], x_test, prepared.y_test)
+                    if peer in models
+                    else None
+                ),
+                bytes_sent=s["sent"],
+                bytes_received=s["recv"],
+                median_round_s=float(np.median(rounds)) if rounds else None,
+                train_share=s["train"] / sum(rounds) if rounds and sum(rounds) > 0 else None,
+                peak_rss_mb=s["rss"] if s["rss"] is not None else record.peak_rss_mb.get(peer),
+                finished=s["finished"],
+            )
+        )
+
+    baseline = None
+    if options.baseline:
+        epochs = options.local_epochs * options.rounds
+        say(
+            f"training the centralised baseline: {epochs} epochs on all "
+            f"{prepared.y_train.size} training samples ..."
+        )
+        baseline = train_centralized(
+            learner_model_mapping(layout.config),
+            seed=options.seed,
+            x=prepared.x_train / np.float32(prepared.input_scale),
+            y=prepared.y_train,
+            x_test=x_test,
+            y_test=prepared.y_test,
+            epochs=epochs,
+            batch_size=options.batch_size,
+            learning_rate=options.learning_rate,
+        )
+
+    summary = build_summary(
+        options={
+            "peers": options.peers,
+            "rounds": options.rounds,
+            "dataset": options.dataset,
+            "dataset_info": prepared.split_description,
+            "partition": str(options.partition),
+            "partition_info": prepared.heterogeneity,
+            "topology": options.topology_text,
+            "model": options.model_text,
+            "seed": options.seed,
+            "local_epochs": options.local_epochs,
+            "learning_rate": options.learning_rate,
+            "batch_size": options.batch_size,
+            "out": str(layout.out),
+        },
+        peers=results,
+        events=events,
+        baseline=baseline,
+        consensus=(
+            consensus_distance(states, options.rounds, model_size, events)
+            if options.snapshots
+            else []
+        ),
+        wall_s=record.wall_s,
+        record={
+            "peak_total_rss_mb": round(record.peak_total_rss_mb, 1),
+            "faults": [f.as_json() for f in record.faults],
+            "faults_not_done": record.faults_not_done,
+            "exit_codes": record.exit_codes,
+            "log_problems": record.log_problems,
+            "stranded": record.stranded,
+        },
+    )
+    summary_path = layout.out / "summary.json"
+    write_summary(summary_path, summary)
+    say("")
+    say(render_table(summary))
+    say("")
+    try:
+        report = plot_report(summary, layout.out / "report.png")
+        say(f"report:  {report}")
+    except ImportError:
+        say("report.png not written: matplotlib is missing (pip install 'p2pfl[tools]')")
+    say(f"summary: {summary_path}")
+    say(f"logs:    p2pfl logs summary {layout.state_root}")
+    unfinished = [p.peer for p in results if not p.finished]
+    killed_for_good = {f.peer for f in options.faults if f.action == "kill"} - {
+        f.peer for f in options.faults if f.action == "restart"
+    }
+    return 1 if set(unfinished) - killed_for_good - set(record.stranded) else 0
+
+
+def learner_model_mapping(config_path: Path) -> dict[str, Any]:
+    from p2pfl.config import load_config
+
+    return load_config(config_path).training.model.as_mapping()

@@ -1,0 +1,327 @@
+"""The harness: pure parts (faults, progress, report, baseline) and whole runs of
+``p2pfl harness`` with real peer processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from p2pfl.harness.baseline import train_centralized
+from p2pfl.harness.faults import Fault, FaultPlan, FaultSpecError, parse_fault
+from p2pfl.harness.progress import RunProgress
+from p2pfl.harness.report import consensus_distance, render_table
+from p2pfl.harness.runner import free_ports, peer_ids
+from p2pfl.logs.read import Event
+
+from .conftest import TIMEOUT
+
+PEERS = ["p00", "p01", "p02", "p03"]
+
+
+def event(node: str, kind: str, round_index: int | None = None, **fields: Any) -> Event:
+    raw = {"ts": fields.pop("ts", 0.0), "node": node, "type": kind, "round": round_index}
+    raw.update(fields)
+    return Event(raw["ts"], node, kind, round_index, 0, raw, Path("x"), 1)
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("p01", "expected PEER@ROUND"),
+        ("p01@", "expected PEER@ROUND"),
+        ("@3", "expected PEER@ROUND"),
+        ("p01@x", "expected PEER@ROUND"),
+        ("p01@-1", "expected PEER@ROUND"),
+        ("p09@1", "no peer 'p09'"),
+        ("p01@10", "past the last round"),
+    ],
+)
+def test_bad_fault_specs_are_refused(text: str, problem: str) -> None:
+    with pytest.raises(FaultSpecError, match=problem):
+        parse_fault("kill", text, PEERS, rounds=10)
+
+
+def test_kill_fires_once_the_peer_has_started_its_round() -> None:
+    plan = FaultPlan([parse_fault("kill", "p01@3", PEERS, 10)])
+    assert plan.due({"p01": 2, "p00": 5}, running=PEERS) == []
+    assert plan.due({"p01": 3}, running=PEERS) == [Fault(3, "kill", "p01")]
+    assert plan.due({"p01": 4}, running=PEERS) == []  # once only
+    assert plan.done == [Fault(3, "kill", "p01")]
+
+
+def test_restart_waits_for_its_kill_and_for_the_others_round() -> None:
+    plan = FaultPlan(
+        [parse_fault("kill", "p01@2", PEERS, 10), parse_fault("restart", "p01@5", PEERS, 10)]
+    )
+    # the others are past round 5 but p01 has not been killed yet: only the kill fires
+    assert plan.due({"p00": 6, "p01": 2}, running=PEERS) == [Fault(2, "kill", "p01")]
+    others = ["p00", "p02", "p03"]
+    assert plan.due({"p00": 4, "p01": 2}, running=others) == []
+    assert plan.due({"p00": 5, "p01": 2}, running=others) == [Fault(5, "restart", "p01")]
+    assert plan.pending == []
+
+
+def test_restart_of_a_running_peer_is_a_crash_and_restart() -> None:
+    plan = FaultPlan([parse_fault("restart", "p02@4", PEERS, 10)])
+    # the peer's own round does not count: the rest of the network must get there
+    assert plan.due({"p02": 7, "p00": 3}, running=PEERS) == []
+    assert plan.due({"p02": 7, "p00": 4}, running=PEERS) == [Fault(4, "restart", "p02")]
+
+
+# --- progress ------------------------------------------------------------------------------
+
+
+def test_progress_line_shows_slowest_and_fastest_peer_and_mean_accuracy() -> None:
+    progress = RunProgress(["p00", "p01"], total_rounds=10)
+    progress.update(
+        [
+            event("p00", "round_start", 0),
+            event("p00", "round_end", 0),
+            event("p00", "eval", 0, accuracy=0.5),
+            event("p00", "round_start", 1),
+            event("p01", "round_start", 0),
+            event("p01", "eval", 0, accuracy=0.7),
+            event("stranger", "round_start", 9),
+        ]
+    )
+    assert progress.started_rounds() == {"p00": 1, "p01": 0}
+    assert progress.line(running=2, elapsed=1.0).startswith("round 1..2/10  acc 0.6000  2/2")
+    progress.update([event("p01", "node_stop", 9, finished=True)])
+    assert "round 2..10/10" in progress.line(running=1, elapsed=2.0)
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def test_consensus_distance_uses_each_peers_completed_rounds(tmp_path: Path) -> None:
+    size = 3
+    states = {p: tmp_path / p for p in ("a", "b")}
+    models = {
+        "a": [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
+        "b": [[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]],
+    }
+    for peer, rounds in models.items():
+        states[peer].mkdir()
+        np.asarray(rounds, dtype="<f4").tofile(states[peer] / "snapshots.f32")
+    done = [event(p, "round_end", r) for p in ("a", "b") for r in (0, 1)]
+    distances = consensus_distance(states, 3, size, done)
+    # round 0: mean (.5,.5,0), each model .707 away, mean norm .707 -> 1.0; round 1: equal
+    assert distances[0] == pytest.approx(1.0)
+    assert distances[1] == pytest.approx(0.0)
+    assert distances[2] is None  # nobody got there
+    # a round b did not complete (it was down) is not compared
+    assert consensus_distance(states, 2, size, done[:3])[1] is None
+
+
+def test_centralised_baseline_learns_and_is_deterministic() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    model = {"kind": "softmax", "inputs": 4, "classes": 2, "hidden": [], "options": {}}
+    kwargs: dict[str, Any] = dict(
+        seed=3, x=x, y=y, x_test=x, y_test=y, epochs=5, batch_size=16, learning_rate=0.5
+    )
+    first = train_centralized(model, **kwargs)
+    again = train_centralized(model, **kwargs)
+    assert first.accuracy_per_epoch == again.accuracy_per_epoch
+    assert len(first.accuracy_per_epoch) == 5 and first.final_accuracy > 0.9
+
+
+def test_peer_ids_sort_in_numeric_order() -> None:
+    assert peer_ids(3) == ["p00", "p01", "p02"]
+    ids = peer_ids(120)
+    assert ids[0] == "p000" and ids == sorted(ids)
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = free_ports(20)
+    assert len(set(ports)) == 20
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+
+def harness(out: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pfl", "harness", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout * TIMEOUT,
+        check=False,
+    )
+
+
+def p2pfl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pfl", *args],
+        capture_output=True,
+        text=True,
+        timeout=60 * TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_harness_run_writes_summary_report_and_logs(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = harness(
+        out,
+        *("--peers", "4", "--topology", "ring", "--rounds", "6", "--partition", "dirichlet:1"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("peers", "rounds", "dataset", "partition", "wall_s", "accuracy"):
+        assert key in summary
+    assert summary["peers"] == 4 and summary["rounds"] == 6
+    assert summary["dataset"] == "digits" and summary["partition"] == "dirichlet:1"
+    accuracy = summary["accuracy"]
+    assert set(accuracy["per_peer"]) == {"p00", "p01", "p02", "p03"}
+    assert accuracy["min"] <= accuracy["mean"] <= accuracy["max"]
+    assert accuracy["mean"] > 0.5  # 6 rounds on digits: well above chance (0.1)
+    assert 0.5 < summary["centralized_accuracy"] <= 1.0
+    assert summary["ratio"] == pytest.approx(accuracy["mean"] / summary["centralized_accuracy"])
+    assert summary["round_time_s"] > 0
+    # a ring of 4: every peer sends to 2 neighbours each round
+    per_send = summary["bytes_sent"] / (4 * 2 * 6)
+    assert summary["bytes_sent"] == pytest.approx(4 * 2 * 6 * per_send)
+    assert all(len(a) == 6 and None not in a for a in summary["accuracy_per_round"].values())
+    assert len(summary["consensus_distance"]) == 6
+    assert all(d is not None and d >= 0 for d in summary["consensus_distance"])
+    assert summary["exit_codes"] == {p: 0 for p in ("p00", "p01", "p02", "p03")}
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the table is printed, and ends with where the report is
+    assert "centralised model" in done.stdout and f"report:  {out / 'report.png'}" in done.stdout
+    assert render_table(summary).splitlines()[0].startswith("peer")
+
+    # every p2pfl logs subcommand reads the run folder
+    logs = p2pfl("logs", str(out))
+    assert logs.returncode == 0 and "p03" in logs.stdout
+    for args in (
+        ("logs", "summary", str(out), "--json"),
+        ("logs", "events", str(out), "--type", "eval", "--peer", "p01", "--json"),
+        ("logs", "trace", str(out), "--round", "2"),
+        ("logs", "follow", str(out), "--until-stopped"),
+        ("logs", "plot", str(out), "-o", str(tmp_path / "logs.png")),
+    ):
+        result = p2pfl(*args)
+        assert result.returncode == 0, (args, result.stderr)
+    evals = p2pfl("logs", "events", str(out), "--type", "eval", "--peer", "p01", "--json")
+    lines = [json.loads(line) for line in evals.stdout.splitlines()]
+    assert [e["round"] for e in lines] == list(range(6))
+    assert (tmp_path / "logs.png").exists()
+
+
+@pytest.mark.slow
+def test_harness_kill_and_restart_is_measured(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = harness(
+        out,
+        # enough rounds that the others are still at it when p02 is back (~0.3 s later)
+        *("--peers", "4", "--topology", "full", "--rounds", "300", "--no-baseline"),
+        *("--kill", "p02@2", "--restart", "p02@5", "--no-snapshots"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    kill, restart = summary["faults"]
+    assert kill["fault"] == "kill p02@2" and kill["round"] >= 2
+    assert restart["fault"] == "restart p02@5" and restart["round"] >= 5
+    assert restart["rejoined_round"] is not None and restart["rejoined_round"] >= 5
+    assert restart["rejoin_s"] >= 0
+    assert summary["faults_not_done"] == []
+    details = {p["peer"]: p for p in summary["peers_detail"]}
+    assert all(p["finished"] for p in details.values())
+    assert details["p02"]["rounds_done"] < 300  # it missed the rounds it was down
+    assert summary["stranded"] == []
+    events = [
+        json.loads(line)
+        for line in (out / "state" / "p02" / "events.jsonl").read_text().splitlines()
+    ]
+    assert next(e["reason"] for e in events if e["type"] == "resume") == "checkpoint"
+    # the others went on without p02 while it was down
+    p00 = [
+        json.loads(line)
+        for line in (out / "state" / "p00" / "events.jsonl").read_text().splitlines()
+    ]
+    assert any("p02" in e["missing"] for e in p00 if e["type"] == "aggregate")
+
+
+def _children_of_run(out: Path) -> list[int]:
+    """PIDs of processes whose command line mentions the run folder."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and b"run" in cmdline.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_harness_stops_every_peer(tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "p2pfl", "harness", "--out", str(out), "--peers", "3"),
+            *("--rounds", "100000", "--no-baseline", "--no-snapshots"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the signal goes to the harness only, as kill(1) would
+    )
+    try:
+        deadline = time.monotonic() + 60 * TIMEOUT
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the harness stopped early"
+            logs = list((out / "state").glob("*/events.jsonl")) if out.exists() else []
+            if len(logs) == 3 and all('"round_end"' in f.read_text() for f in logs):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("peers never got going")
+        assert len(_children_of_run(out)) == 3
+        os.kill(proc.pid, sig)
+        code = proc.wait(30 * TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 130
+    assert _children_of_run(out) == []
+    for log in (out / "state").glob("*/events.jsonl"):
+        last = json.loads(log.read_text().splitlines()[-1])
+        assert last["type"] == "node_stop"  # stopped cleanly, final checkpoint written
+
+
+def test_harness_refuses_a_used_folder_and_bad_options(tmp_path: Path) -> None:
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("results")
+    done = harness(used, "--peers", "3")
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert (used / "keep.txt").read_text() == "results"
+    for args, problem in (
+        (("--peers", "1"), "at least 2"),
+        (("--partition", "zipf:2"), "--partition"),
+        (("--kill", "p07@1", "--peers", "3"), "no peer 'p07'"),
+        (("--dataset", str(tmp_path / "nothing.npz")), "nothing.npz"),
+    ):
+        done = harness(tmp_path / "new", *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert problem in done.stderr, (args, done.stderr)
