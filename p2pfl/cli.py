@@ -252,6 +252,9 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         args.out
         or f"runs/{dataset_name.split(':')[0]}-{args.peers}p-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    from p2pfl.harness.datasets import recipe
+
+    learning_rate, batch_size = recipe(args.dataset)
     options = HarnessOptions(
         peers=args.peers,
         topology=topology,
@@ -263,8 +266,8 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         model_text=model_text,
         seed=args.seed,
         out=out.resolve(),
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
+        learning_rate=learning_rate if args.learning_rate is None else args.learning_rate,
+        batch_size=batch_size if args.batch_size is None else args.batch_size,
         local_epochs=args.local_epochs,
         round_timeout=args.round_timeout,
         faults=faults,
@@ -364,8 +367,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", help="run folder, must be new or empty (default runs/<name>-<time>)")
-    p.add_argument("--learning-rate", type=float, default=0.3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        help="SGD step size (default per dataset: digits 0.3, others 0.1)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="minibatch size (default per dataset: digits 8, others 32)"
+    )
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--round-timeout", type=float, default=30.0)
     p.add_argument(

@@ -97,7 +97,7 @@ def test_progress_line_shows_slowest_and_fastest_peer_and_mean_accuracy() -> Non
         ]
     )
     assert progress.started_rounds() == {"p00": 1, "p01": 0}
-    assert progress.line(running=2, elapsed=1.0).startswith("round 1..2/10  acc 0.6000  2/2")
+    assert progress.line(running=2, elapsed=1.0).startswith("round 1..2/10  [2 1]  acc 0.6000  2/2")
     progress.update([event("p01", "node_stop", 9, finished=True)])
     assert "round 2..10/10" in progress.line(running=1, elapsed=2.0)
 

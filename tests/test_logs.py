@@ -733,30 +733,31 @@ def test_both_orders_parse_to_the_same_command() -> None:
 
 
 @pytest.mark.slow
-def test_real_demo_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Three real nodes (scripts/demo.py, about 2 s): the reader must agree with them."""
+def test_real_run_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three real nodes (``p2pfl harness``, a few seconds): the reader must agree with them."""
     pytest.importorskip("sklearn")
-    out = tmp_path / "demo"
-    started = time.monotonic()
+    out = tmp_path / "run"
     subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--rounds", "3"],
+        [
+            *(sys.executable, "-m", "p2pfl", "harness", "--out", str(out), "--peers", "3"),
+            *("--rounds", "3", "--topology", "full", "--no-baseline", "--no-snapshots"),
+        ],
         check=True,
         capture_output=True,
         timeout=60 * TIMEOUT,
         cwd=REPO,
     )
-    if time.monotonic() - started > 5 * TIMEOUT:
-        pytest.skip("scripts/demo.py took more than 5 s on this machine")
     logs = read_logs(out / "state")
     assert logs.problems == []
     summaries = summarize(logs.events)
-    assert [s.peer for s in summaries] == ["alice", "bob", "carol"]
+    assert [s.peer for s in summaries] == ["p00", "p01", "p02"]
     for s in summaries:
         assert (s.rounds, s.finished, s.sent, s.received) == (3, True, 6, 6)
         assert s.last_accuracy is not None and s.mean_round_s is not None
     for r in range(3):
         recvs = [e for e in trace_round(logs.events, r) if e.event.type == "recv"]
         assert len(recvs) == 6 and all(e.match is not None for e in recvs)
+        assert all(e.match.lamport == e.event.get("sent_lamport") for e in recvs if e.match)
         assert all(e.match.lamport < e.event.lamport for e in recvs if e.match)
     assert run(["logs", str(out / "state")]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1 + 3 + 2

@@ -406,3 +406,18 @@ def _npz_labels(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str) 
     elif arr.dtype.kind not in "iu":
         raise DataError(f"{path}: {name} must hold integer class labels, got dtype {arr.dtype}")
     return arr.astype(np.int64)
+
+
+#: Learning rate and batch size the harness uses when none is given, per dataset (MLP/softmax
+#: with plain SGD; measured with scripts/bench_accuracy.py). Small peers' shares (digits: ~180
+#: samples each among 8) need small batches for enough steps per round.
+RECIPES: dict[str, tuple[float, int]] = {
+    "digits": (0.3, 8),
+    "fashion-mnist": (0.1, 32),
+}
+DEFAULT_RECIPE = (0.1, 32)
+
+
+def recipe(spec: str) -> tuple[float, int]:
+    """(learning rate, batch size) for ``--dataset spec`` when the user gives none."""
+    return RECIPES.get(spec.split(":", 1)[0], DEFAULT_RECIPE)

@@ -60,7 +60,8 @@ class RunProgress:
         ]
         accs = [s.accuracy for s in self.by_peer.values() if s.accuracy is not None]
         acc = f"acc {sum(accs) / len(accs):.4f}" if accs else "acc -"
+        per_peer = f"  [{' '.join(map(str, rounds))}]" if len(rounds) <= 12 else ""
         return (
-            f"round {min(rounds)}..{max(rounds)}/{self.total_rounds}  {acc}  "
+            f"round {min(rounds)}..{max(rounds)}/{self.total_rounds}{per_peer}  {acc}  "
             f"{running}/{len(self.peers)} running  {elapsed:5.1f}s"
         )

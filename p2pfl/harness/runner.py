@@ -576,6 +576,11 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
         f"{options.peers} peers ({layout.peers[0]}..{layout.peers[-1]}), partition "
         f"{options.partition}: {prepared.heterogeneity}"
     )
+    say(
+        f"model {options.model_text}, learning rate {options.learning_rate:g}, batch size "
+        f"{options.batch_size}, {options.local_epochs} local epoch(s) per round, "
+        f"{options.rounds} rounds, topology {options.topology_text}"
+    )
     say(f"run folder: {layout.out}")
     record = launch_and_watch(layout, options, out_stream=out_stream)
 
