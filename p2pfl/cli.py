@@ -273,6 +273,7 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         faults=faults,
         baseline=not args.no_baseline,
         snapshots=not args.no_snapshots,
+        standardize=args.standardize,
         progress=not args.quiet,
     )
     return run_harness(options)
@@ -390,6 +391,11 @@ def make_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PEER@ROUND",
         help="start PEER again once the others reach ROUND (killing it first if it runs)",
+    )
+    p.add_argument(
+        "--standardize",
+        action=argparse.BooleanOptionalAction,
+        help="z-score every feature over the pooled training data (default: only for .npz)",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the centralised model")
     p.add_argument(

@@ -19,7 +19,7 @@ from p2pfl.harness.baseline import train_centralized
 from p2pfl.harness.faults import Fault, FaultPlan, FaultSpecError, parse_fault
 from p2pfl.harness.progress import RunProgress
 from p2pfl.harness.report import consensus_distance, render_table
-from p2pfl.harness.runner import free_ports, peer_ids
+from p2pfl.harness.runner import free_ports, network_name, peer_ids, standardized
 from p2pfl.logs.read import Event
 
 from .conftest import TIMEOUT
@@ -145,6 +145,22 @@ def test_peer_ids_sort_in_numeric_order() -> None:
     assert ids[0] == "p000" and ids == sorted(ids)
 
 
+def test_standardized_uses_training_statistics_only() -> None:
+    x_train = np.array([[1.0, 5.0, 1000.0], [3.0, 5.0, 3000.0]], dtype=np.float32)
+    x_test = np.array([[2.0, 6.0, 5000.0]], dtype=np.float32)
+    train, test = standardized(x_train, x_test)
+    assert np.allclose(train, [[-1, 0, -1], [1, 0, 1]])
+    assert np.allclose(test, [[0, 1, 3]])  # constant feature: centred, not divided by 0
+    assert train.dtype == np.float32
+
+
+def test_network_name_is_valid_for_any_dataset() -> None:
+    from p2pfl.config import _NAME_RE  # the rule peers.yaml applies
+
+    for spec in ("digits", "fashion-mnist:/some/dir", "/tmp/my data (v2).npz", "x" * 200 + ".npz"):
+        assert _NAME_RE.fullmatch(network_name(spec, 7)), spec
+
+
 def test_free_ports_are_distinct() -> None:
     ports = free_ports(20)
     assert len(set(ports)) == 20
@@ -255,6 +271,27 @@ def test_harness_kill_and_restart_is_measured(tmp_path: Path) -> None:
         for line in (out / "state" / "p00" / "events.jsonl").read_text().splitlines()
     ]
     assert any("p02" in e["missing"] for e in p00 if e["type"] == "aggregate")
+
+
+@pytest.mark.slow
+def test_harness_on_a_tabular_npz_with_shards(tmp_path: Path) -> None:
+    """A dataset the harness knows nothing about: features on very different scales (wine),
+    three classes, label-sorted shards."""
+    from sklearn.datasets import load_wine
+
+    wine = load_wine()
+    data = tmp_path / "wine.npz"
+    np.savez(data, x=wine.data, y=wine.target + 10)  # labels need not start at 0
+    out = tmp_path / "run"
+    done = harness(
+        out,
+        *("--dataset", str(data), "--peers", "3", "--rounds", "15", "--partition", "shards:2"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert "standardized" in summary["dataset_info"]
+    assert summary["centralized_accuracy"] > 0.85  # standardized: easy; raw: poor
+    assert summary["accuracy"]["mean"] > 0.6
 
 
 def _children_of_run(out: Path) -> list[int]:

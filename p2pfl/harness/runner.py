@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,6 +66,8 @@ class HarnessOptions:
     faults: tuple[Fault, ...] = ()
     baseline: bool = True
     snapshots: bool = True
+    #: Standardize features (z-score over the pooled training data); None: only for .npz.
+    standardize: bool | None = None
     progress: bool = True
 
 
@@ -98,6 +101,12 @@ class Layout:
 
     def log(self, peer: str) -> Path:
         return self.out / "logs" / f"{peer}.log"
+
+
+def network_name(dataset: str, seed: int) -> str:
+    """A valid ``network`` for peers.yaml (letters, digits, . _ -) naming the dataset."""
+    stem = Path(dataset).stem if dataset.endswith(".npz") else dataset.split(":", 1)[0]
+    return f"harness-{re.sub(r'[^A-Za-z0-9._-]', '-', stem)[:32]}-{seed}"
 
 
 def peer_ids(count: int) -> list[str]:
@@ -491,13 +500,21 @@ def prepare(options: HarnessOptions) -> Prepared:
         raise HarnessError(f"--partition {options.partition}: {exc}") from exc
     histogram = label_histogram(split.y_train, parts, split.classes)
     held = classes_per_peer(histogram)
+    x_train, x_test = split.x_train, split.x_test
+    standardize = options.standardize
+    if standardize is None:  # tabular data brought as .npz: features on their own scales
+        standardize = options.dataset.endswith(".npz")
+    if standardize:
+        x_train, x_test = standardized(x_train, x_test)
 
     (out / "data").mkdir(parents=True, exist_ok=True)
     for peer, rows in zip(layout.peers, parts, strict=True):
-        np.savez(layout.data(peer), x=split.x_train[rows], y=split.y_train[rows])
-    np.savez(layout.test_data, x=split.x_test, y=split.y_test)
+        np.savez(layout.data(peer), x=x_train[rows], y=split.y_train[rows])
+    np.savez(layout.test_data, x=x_test, y=split.y_test)
     # One input scale for everyone (and the baseline): from all the training data.
-    scale = input_scale_for(Dataset(split.x_train, split.y_train, None, None), None)
+    scale = (
+        1.0 if standardize else input_scale_for(Dataset(x_train, split.y_train, None, None), None)
+    )
 
     (out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
     public = {peer: generate_key_file(layout.key(peer)) for peer in layout.peers}
@@ -507,7 +524,7 @@ def prepare(options: HarnessOptions) -> Prepared:
         public_keys=public,
         host="127.0.0.1",
         ports=ports,
-        network=f"harness-{options.dataset.split(':')[0]}-{options.seed}",
+        network=network_name(options.dataset, options.seed),
         seed=options.seed,
         rounds=options.rounds,
         topology=dict(options.topology),
@@ -532,10 +549,10 @@ def prepare(options: HarnessOptions) -> Prepared:
     return Prepared(
         layout=layout,
         split_name=split.name,
-        split_description=describe(split),
-        x_train=split.x_train,
+        split_description=describe(split) + (", standardized" if standardize else ""),
+        x_train=x_train,
         y_train=split.y_train,
-        x_test=split.x_test,
+        x_test=x_test,
         y_test=split.y_test,
         classes=split.classes,
         inputs=split.inputs,
@@ -547,6 +564,19 @@ def prepare(options: HarnessOptions) -> Prepared:
 
 
 # --------------------------------------------------------------------------- the whole run
+
+
+def standardized(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature to mean 0, standard deviation 1 over the pooled training data (constant
+    features are only centred). A simulation convenience: real peers would agree on such a
+    transform up front, since none of them sees the pooled data."""
+    mean = x_train.mean(axis=0, dtype=np.float64)
+    std = x_train.std(axis=0, dtype=np.float64)
+    std[std == 0] = 1.0
+    return (
+        ((x_train - mean) / std).astype(np.float32),
+        ((x_test - mean) / std).astype(np.float32),
+    )
 
 
 def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> int:
