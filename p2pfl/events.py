@@ -56,6 +56,38 @@ class LamportClock:
         return self.value
 
 
+def last_lamport(path: Path, window: int = 65536) -> int:
+    """The Lamport time of the last complete event in an existing log (0 if none), so a
+    restarted node's clock continues past everything it logged before: its checkpoint can
+    be a round older than its log."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - window))
+            tail = f.read()
+    except OSError:
+        return 0
+    for line in reversed(tail.split(b"\n")):
+        try:
+            value = json.loads(line).get("lamport")
+        except (ValueError, AttributeError, RecursionError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53:
+            return value
+    return 0
+
+
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
 class EventLog:
     """Append-only JSONL writer. Each line is flushed so ``tail -f`` and ``jq`` see it at once."""
 
@@ -64,8 +96,11 @@ class EventLog:
         self.node_id = node_id
         self.clock = clock
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        clock.value = max(clock.value, last_lamport(path))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file: IO[str] | None = os.fdopen(fd, "a", encoding="utf-8")
+        if _ends_mid_line(path):  # killed mid-write: start on a fresh line, keep the rest whole
+            self._file.write("\n")
 
     def emit(self, event_type: str, round_index: int | None = None, **fields: Any) -> None:
         """Write one event stamped with the current time and a fresh Lamport tick."""

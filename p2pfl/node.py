@@ -272,7 +272,8 @@ class Node:
             "send",
             round_index,
             peer=link.peer_id,
-            bytes=sent,
+            bytes=params.nbytes,  # as in recv; wire_bytes adds headers and AEAD tags
+            wire_bytes=sent,
             duration_s=round(time.monotonic() - started, 6),
             lamport=lamport,
         )
@@ -310,8 +311,12 @@ class Node:
         assert self._changed is not None and callable(done)
         loop = asyncio.get_running_loop()
         when = deadline if callable(deadline) else lambda: deadline
-        while not done():
+        while True:
+            # The wake-up first, then done(): a grace that ends between the two is then
+            # seen by done(), instead of being skipped until the next wake-up.
             deadline_now = when()
+            if done():
+                return True
             if deadline_now is not None and loop.time() >= deadline_now:
                 return False
             self._changed.clear()
@@ -320,19 +325,34 @@ class Node:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline_now):
                     await self._changed.wait()
-        return True
 
-    async def _startup(self, start_round: int) -> int:
-        """Wait (bounded) for this round's neighbours and their round numbers."""
+    async def _startup(self, start_round: int, resumed: bool) -> int:
+        """Wait (bounded) for this round's neighbours and their round numbers.
+
+        A fresh node waits up to ``training.startup_timeout`` (peers start at different
+        times). A node resuming from a checkpoint joins a network that is already running:
+        a neighbour that has not connected within ``net.down_grace`` is down, and waiting
+        longer would also hold up the live neighbours, who wait for this node's rounds.
+        """
         loop = asyncio.get_running_loop()
         neighbours = self.neighbours_of(start_round)
         deadline = loop.time() + self.training.startup_timeout
-        ready = await self._wait_until(
-            lambda: (
-                neighbours <= set(self.net.links) and neighbours <= set(self.tracker.peer_rounds)
-            ),
-            deadline,
-        )
+        tracker = self.tracker
+
+        def waiting(now: float) -> list[str]:
+            return [
+                p
+                for p in neighbours
+                if not (p in self.net.links and p in tracker.peer_rounds)
+                and not (resumed and tracker.gone(p, now))
+            ]
+
+        def wake_up() -> float:
+            now = loop.time()
+            graces = [tracker.grace_ends(p) for p in waiting(now) if resumed]
+            return min([deadline, *(g for g in graces if g is not None)])
+
+        ready = await self._wait_until(lambda: not waiting(loop.time()), wake_up)
         if not ready:
             missing = sorted(neighbours - set(self.net.links))
             log.warning("%s: starting without %s (startup timeout)", self.id, ", ".join(missing))
@@ -432,23 +452,36 @@ class Node:
         round does not wait for the disk. Until the commit, the previous checkpoint stands
         (a restart then redoes one round)."""
         await self._committed()
-        tmp = await self._in_worker(self._write_round_files, round_index, next_round)
+        try:
+            tmp = await self._in_worker(self._write_round_files, round_index, next_round)
+        except OSError as exc:  # e.g. a full disk: the previous checkpoint stands
+            log.error("%s: round %d checkpoint not written: %s", self.id, round_index, exc)
+            return
         self._commit = asyncio.ensure_future(
             asyncio.to_thread(commit_checkpoint, self.options.state_dir, tmp)
         )
 
     async def _committed(self) -> None:
-        """Wait for the checkpoint commit in flight, if any."""
-        if self._commit is not None:
-            commit, self._commit = self._commit, None
-            try:
-                await asyncio.shield(commit)
-            except OSError as exc:
-                log.error("%s: checkpoint commit failed: %s", self.id, exc)
+        """Wait for the checkpoint commit in flight, if any. It stays tracked until it has
+        finished, even if this wait is cancelled (a stop): nobody may write the next
+        checkpoint file while a commit still renames the last one."""
+        commit = self._commit
+        if commit is None:
+            return
+        try:
+            await asyncio.shield(commit)
+        except OSError as exc:
+            log.error("%s: checkpoint commit failed: %s", self.id, exc)
+        finally:
+            if commit.done() and self._commit is commit:
+                self._commit = None
 
     def _write_round_files(self, round_index: int, next_round: int) -> Path:
         if self.options.snapshots:
-            self._write_snapshot(round_index)
+            try:
+                self._write_snapshot(round_index)
+            except OSError as exc:  # analysis only: never worth stopping a node for
+                log.error("%s: round %d snapshot not written: %s", self.id, round_index, exc)
         return write_checkpoint(
             self.options.state_dir,
             Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
@@ -520,8 +553,8 @@ class Node:
             self.net.broadcast_status(self.tracker.current)
             self.net.check_heartbeats(time.monotonic(), self.config.net.heartbeat_timeout)
 
-    async def _rounds(self, start_round: int) -> None:
-        r = await self._startup(start_round)
+    async def _rounds(self, start_round: int, resumed: bool) -> None:
+        r = await self._startup(start_round, resumed)
         if r != start_round:
             self.events.emit("resume", r, reason="neighbours are ahead", from_round=start_round)
         while r < self.training.rounds:
@@ -585,7 +618,7 @@ class Node:
                 else:  # e.g. after a restart: do not wait out their reconnect backoff
                     self.net.announce(target)
             heartbeat = asyncio.ensure_future(self._heartbeat())
-            main = asyncio.ensure_future(self._rounds(start_round))
+            main = asyncio.ensure_future(self._rounds(start_round, checkpoint is not None))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
             heartbeat.cancel()

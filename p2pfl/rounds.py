@@ -73,9 +73,15 @@ class RoundTracker:
     def mark_up(self, peer: str) -> None:
         self.down_since.pop(peer, None)
 
-    def _gone(self, peer: str, now: float) -> bool:
+    def gone(self, peer: str, now: float) -> bool:
+        """No connection for ``down_grace`` or longer: crashed or left."""
         since = self.down_since.get(peer)
         return since is not None and now >= since + self.down_grace
+
+    def grace_ends(self, peer: str) -> float | None:
+        """When a disconnected ``peer`` will count as gone (None: it is connected)."""
+        since = self.down_since.get(peer)
+        return None if since is None else since + self.down_grace
 
     def consensus_round(self, round_index: int | None = None) -> int:
         """The lower median of the rounds announced by this round's neighbours (0 if none)."""
@@ -129,7 +135,7 @@ class RoundTracker:
         return frozenset(
             p
             for p in self.missing()
-            if self.peer_rounds.get(p, 0) <= self.current and not self._gone(p, now)
+            if self.peer_rounds.get(p, 0) <= self.current and not self.gone(p, now)
         )
 
     def collection_done(self, now: float) -> bool:
