@@ -761,3 +761,45 @@ def test_real_run_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         assert all(e.match.lamport < e.event.lamport for e in recvs if e.match)
     assert run(["logs", str(out / "state")]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1 + 3 + 2
+
+
+# --- hostile content (found by a review) ------------------------------------------------
+
+
+def test_hostile_lines_are_reported_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    good = '{"ts": 1.0, "node": "a", "type": "send", "round": 0, "lamport": 1, "peer": "b"'
+    path.write_text(
+        "[" * 5000
+        + "]" * 5000
+        + "\n"  # nested deeper than the JSON parser recurses
+        + good
+        + ', "bytes": NaN}\n'
+        + good.replace('"lamport": 1', '"lamport": 2')
+        + ', "bytes": 1e999}\n'
+        + '{"x": "'
+        + "y" * (2 << 20)
+        + '"}\n'  # a 2 MiB line
+        + good.replace('"lamport": 1', '"lamport": 3')
+        + ', "bytes": 10}\n'
+    )
+    logs = read_logs(path)
+    assert [p.line for p in logs.problems] == [1, 4]
+    assert "nested too deeply" in logs.problems[0].reason
+    assert "longer than" in logs.problems[1].reason
+    (summary,) = summarize(logs.events)
+    assert summary.sent == 3 and summary.bytes_sent == 10  # NaN and inf count as nothing
+
+
+def test_tail_skips_an_endless_line_in_bounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    tail = Tail(path)
+    with path.open("w") as f:
+        f.write("z" * (3 << 20))  # no newline yet, longer than a line may be
+        f.flush()
+        assert tail.poll()[1][0].reason.startswith("line longer than")
+        f.write("z" * 1000 + "\n")  # its end: dropped, not reported again
+        f.write('{"ts": 1, "node": "a", "type": "eval", "round": 0, "lamport": 4}\n')
+    events, problems = tail.poll()
+    assert problems == [] and [e.lamport for e in events] == [4]
+    assert events[0].line == 2

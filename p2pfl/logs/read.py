@@ -18,6 +18,11 @@ from typing import Any
 
 from p2pfl.errors import P2PFLError
 
+#: Longest line accepted (an event is a few hundred bytes; a longer line is not ours).
+MAX_LINE = 1 << 20
+#: Bytes read at a time, so a huge file or a line without end never fills memory.
+CHUNK = 4 << 20
+
 
 class LogError(P2PFLError):
     """The logs cannot be read at all (missing path, no ``*.jsonl`` files, nothing valid)."""
@@ -72,6 +77,17 @@ def merge(events: Iterable[Event]) -> list[Event]:
     return sorted(events, key=lambda e: e.sort_key)
 
 
+def finite(value: Any) -> float | None:
+    """A log field as a finite number, or None (a log may hold anything: NaN, 1e999, text)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -83,6 +99,8 @@ def parse_record(text: str, file: Path, line: int) -> Event | Problem:
     except ValueError as exc:
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         return Problem(file, line, f"not JSON ({msg})")
+    except RecursionError:
+        return Problem(file, line, "not JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return Problem(file, line, f"not a JSON object (got {type(obj).__name__})")
     for key in ("ts", "node", "type", "lamport"):
@@ -119,16 +137,21 @@ class _Cursor:
         self.partial = b""
         self.inode: int | None = None
         self.head = b""
+        #: Inside a line already reported as too long: drop bytes until its newline.
+        self.skipping = False
+        self.unreadable = False
 
     def _restart(self) -> None:
         self.offset = 0
         self.line = 0
         self.partial = b""
         self.head = b""
+        self.skipping = False
 
     def read(self, final: bool) -> tuple[list[Event], list[Problem]]:
         """Parse the lines completed since the last read; ``final`` also parses the
-        incomplete last line (batch mode, where nobody is still writing it)."""
+        incomplete last line (batch mode, where nobody is still writing it). Reads in
+        bounded chunks; a line longer than MAX_LINE bytes is reported and skipped."""
         try:
             st = self.path.stat()
         except OSError:
@@ -140,46 +163,73 @@ class _Cursor:
             self._restart()
         if st.st_size == self.offset and not (final and self.partial):
             return [], []
+        events: list[Event] = []
+        problems: list[Problem] = []
         try:
             with self.path.open("rb") as f:
                 if self.head and f.read(len(self.head)) != self.head:
                     self._restart()
                 f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return [], []
-        if self.offset < self._HEAD:
-            self.head = (self.head + data)[: self._HEAD] if self.offset else data[: self._HEAD]
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
+                while data := f.read(CHUNK):
+                    if self.offset < self._HEAD:
+                        self.head = (self.head + data)[: self._HEAD]
+                    self.offset += len(data)
+                    self._lines(data, events, problems)
+        except OSError as exc:
+            if not self.unreadable:
+                self.unreadable = True
+                problems.append(Problem(self.path, self.line, f"cannot read the file: {exc}"))
+            return events, problems
+        self.unreadable = False
         if final and self.partial:
-            lines.append(self.partial)
+            self._parse(self.partial, events, problems, incomplete=True)
             self.partial = b""
-            incomplete = True
-        else:
-            incomplete = False
-        events: list[Event] = []
-        problems: list[Problem] = []
-        for i, raw in enumerate(lines):
-            self.line += 1
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                problems.append(Problem(self.path, self.line, "not UTF-8 text"))
-                continue
-            if not text.strip():
-                continue
-            parsed = parse_record(text, self.path, self.line)
-            if isinstance(parsed, Problem) and incomplete and i == len(lines) - 1:
-                parsed = Problem(
-                    self.path, self.line, f"incomplete last line (no newline), {parsed.reason}"
-                )
-            if isinstance(parsed, Problem):
-                problems.append(parsed)
-            else:
-                events.append(parsed)
         return events, problems
+
+    def _lines(self, data: bytes, events: list[Event], problems: list[Problem]) -> None:
+        lines = data.split(b"\n")
+        last = lines.pop()  # incomplete: keep it until its newline arrives
+        for i, raw in enumerate(lines):
+            if i == 0:
+                raw = self.partial + raw
+                self.partial = b""
+                if self.skipping:  # the end of an over-long line, already reported
+                    self.skipping = False
+                    continue
+            self._parse(raw, events, problems, incomplete=False)
+        if lines:
+            self.partial = last
+        elif not self.skipping:
+            self.partial += last
+        if len(self.partial) > MAX_LINE and not self.skipping:
+            self.line += 1
+            problems.append(Problem(self.path, self.line, f"line longer than {MAX_LINE} bytes"))
+            self.partial = b""
+            self.skipping = True
+
+    def _parse(
+        self, raw: bytes, events: list[Event], problems: list[Problem], *, incomplete: bool
+    ) -> None:
+        self.line += 1
+        if len(raw) > MAX_LINE:
+            problems.append(Problem(self.path, self.line, f"line longer than {MAX_LINE} bytes"))
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(Problem(self.path, self.line, "not UTF-8 text"))
+            return
+        if not text.strip():
+            return
+        parsed = parse_record(text, self.path, self.line)
+        if isinstance(parsed, Problem) and incomplete:
+            parsed = Problem(
+                self.path, self.line, f"incomplete last line (no newline), {parsed.reason}"
+            )
+        if isinstance(parsed, Problem):
+            problems.append(parsed)
+        else:
+            events.append(parsed)
 
 
 def _walk_jsonl(folder: Path) -> list[Path]:

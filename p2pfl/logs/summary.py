@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from p2pfl.logs.read import Event
+from p2pfl.logs.read import Event, finite
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +32,7 @@ class PeerSummary:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
+    return finite(value)
 
 
 def _mean(values: Sequence[float]) -> float | None:
