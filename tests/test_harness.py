@@ -294,6 +294,21 @@ def test_harness_on_a_tabular_npz_with_shards(tmp_path: Path) -> None:
     assert summary["accuracy"]["mean"] > 0.6
 
 
+@pytest.mark.slow
+def test_two_peers_kill_and_restart_the_survivor_waits(tmp_path: Path) -> None:
+    """p00's only neighbour is down, but a restart of it is pending: p00 is not stranded."""
+    out = tmp_path / "run"
+    done = harness(
+        out,
+        *("--peers", "2", "--rounds", "150", "--no-baseline", "--no-snapshots"),
+        *("--kill", "p01@3", "--restart", "p01@6"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stranded"] == [] and summary["faults_not_done"] == []
+    assert all(p["finished"] for p in summary["peers_detail"])
+
+
 def _children_of_run(out: Path) -> list[int]:
     """PIDs of processes whose command line mentions the run folder."""
     pids = []

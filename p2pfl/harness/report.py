@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.harness.baseline import BaselineResult
-from p2pfl.logs.read import Event
+from p2pfl.logs.read import Event, finite
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,11 @@ def per_round_accuracy(events: Sequence[Event], peers: Sequence[str]) -> dict[st
     return table
 
 
+def _number(value: Any) -> float:
+    """A finite number from a log field, else 0 (the logs are read as untrusted)."""
+    return finite(value) or 0.0
+
+
 def peer_stats(events: Sequence[Event]) -> dict[str, dict[str, Any]]:
     grouped: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"sent": 0, "recv": 0, "rounds": [], "train": 0.0, "rss": None, "finished": False}
@@ -113,13 +118,13 @@ def peer_stats(events: Sequence[Event]) -> dict[str, dict[str, Any]]:
     for e in events:
         s = grouped[e.node]
         if e.type == "send":
-            s["sent"] += int(e.get("bytes", 0))
+            s["sent"] += int(_number(e.get("bytes")))
         elif e.type == "recv":
-            s["recv"] += int(e.get("bytes", 0))
+            s["recv"] += int(_number(e.get("bytes")))
         elif e.type == "round_end":
-            s["rounds"].append(float(e.get("duration_s", 0.0)))
+            s["rounds"].append(_number(e.get("duration_s")))
         elif e.type == "train":
-            s["train"] += float(e.get("duration_s", 0.0))
+            s["train"] += _number(e.get("duration_s"))
         elif e.type == "node_stop":
             s["rss"] = e.get("peak_rss_mb")
             s["finished"] = bool(e.get("finished"))
@@ -141,8 +146,8 @@ def build_summary(
     finished = [p.test_accuracy for p in peers if p.finished and p.test_accuracy is not None]
     counted = finished or list(finals.values())
     mean = statistics.fmean(counted) if counted else None
-    durations = [float(e.get("duration_s", 0.0)) for e in events if e.type == "round_end"]
-    train = sum(float(e.get("duration_s", 0.0)) for e in events if e.type == "train")
+    durations = [_number(e.get("duration_s")) for e in events if e.type == "round_end"]
+    train = sum(_number(e.get("duration_s")) for e in events if e.type == "train")
     central = baseline.final_accuracy if baseline else None
     summary: dict[str, Any] = {
         **options,

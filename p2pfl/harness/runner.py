@@ -36,8 +36,10 @@ from p2pfl.harness.partition import PartitionSpec
 from p2pfl.harness.progress import RunProgress
 from p2pfl.logs.read import Event, Tail
 
-#: Monitor loop period. Faults fire within one period of the round they name.
+#: Monitor loop period; faults fire within one period of the round they name, so while a
+#: kill is pending the loop runs faster.
 POLL_S = 0.01
+FAULT_POLL_S = 0.002
 #: How long stopped peers get to write their final checkpoint before SIGKILL.
 STOP_GRACE_S = 10.0
 
@@ -194,22 +196,27 @@ class PeerProcess:
 
 
 def stop_all(processes: Mapping[str, PeerProcess], grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM every running peer (they write a final checkpoint), SIGKILL stragglers."""
+    """SIGTERM every running peer (they write a final checkpoint), SIGKILL stragglers.
+    A second Ctrl-C while waiting skips the grace: everything left is SIGKILLed."""
     running = [p for p in processes.values() if p.running]
     for p in running:
         assert p.proc is not None
         with contextlib.suppress(ProcessLookupError):
             p.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
-    for p in running:
-        assert p.proc is not None
-        try:
-            p.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.proc.kill()
-            p.proc.wait()
-    for p in processes.values():
-        p.close_log()
+    try:
+        for p in running:
+            assert p.proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in running:
+            assert p.proc is not None
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+        for p in processes.values():
+            p.close_log()
 
 
 @contextlib.contextmanager
@@ -377,10 +384,15 @@ def launch_and_watch(
                 running = [p for p in processes.values() if p.running]
                 if not running:  # a restart still pending then can never fire: reported
                     break
-                for p in running:  # e.g. restarted after its neighbours finished
+                # A peer none of whose neighbours runs or will be restarted can only train
+                # alone (e.g. restarted after its neighbours finished): stop it.
+                coming = {q.peer for q in running} | {
+                    f.peer for f in plan.pending if f.action == "restart"
+                }
+                for p in running:
                     if p.peer in record.stranded or progress.is_done(p.peer):
                         continue
-                    if not neighbours[p.peer] & {q.peer for q in running}:
+                    if not neighbours[p.peer] & coming:
                         p.stop()
                         record.stranded.append(p.peer)
                 if now - last_rss >= 0.5:
@@ -399,7 +411,9 @@ def launch_and_watch(
                         out_stream.flush()
                         last_print = now
                     last_line = line
-                time.sleep(POLL_S)
+                # Faster while a kill waits for its round: rounds can take milliseconds.
+                kills = any(f.action == "kill" for f in plan.pending)
+                time.sleep(FAULT_POLL_S if kills else POLL_S)
             record.wall_s = time.monotonic() - started
             if options.progress and tty:
                 out_stream.write("\n")
