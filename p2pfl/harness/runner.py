@@ -305,128 +305,174 @@ def peer_command(layout: Layout, peer: str, snapshots: bool) -> list[str]:
     return command
 
 
+class Monitor:
+    """The harness's watch over a running network: one ``step()`` per poll folds the new
+    events into the progress, carries out the faults that are due, checks the processes
+    and shows the status line."""
+
+    def __init__(self, layout: Layout, options: HarnessOptions, out_stream: IO[str]) -> None:
+        self.layout = layout
+        self.options = options
+        self.out = out_stream
+        self.env = python_env()
+        self.processes = {
+            peer: PeerProcess(peer, peer_command(layout, peer, options.snapshots), layout.log(peer))
+            for peer in layout.peers
+        }
+        self.plan = FaultPlan(options.faults)
+        self.neighbours = _ever_neighbours(layout)
+        self.progress = RunProgress(list(layout.peers), options.rounds)
+        self.record = RunRecord()
+        # One Tail per file: the state folders also hold snapshots, not worth walking.
+        self.tails = [Tail(layout.state(peer) / "events.jsonl") for peer in layout.peers]
+        self.restarts: dict[str, FaultRecord] = {}  # restarted peers not yet back
+        self.tty = out_stream.isatty()
+        self.started = time.monotonic()
+        self._last_line = ""
+        self._last_print = 0.0
+        self._last_rss = 0.0
+
+    def start(self) -> None:
+        self.layout.log(self.layout.peers[0]).parent.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        for p in self.processes.values():
+            p.start(self.env)
+
+    def running(self) -> list[PeerProcess]:
+        return [p for p in self.processes.values() if p.running]
+
+    def step(self) -> bool:
+        """One poll. False once no peer runs any more."""
+        now = time.monotonic()
+        events = _poll_all(self.tails, self.record)
+        self.progress.update(events)
+        self._note_rejoins(events)
+        self._apply_faults(now)
+        self._check_exits()
+        running = self.running()
+        if not running:  # a restart still pending then can never fire: it is reported
+            return False
+        self._stop_stranded(running)
+        if now - self._last_rss >= 0.5:
+            self._last_rss = now
+            self.record.peak_total_rss_mb = max(
+                self.record.peak_total_rss_mb, sum(p.rss_mb() for p in running)
+            )
+        if self.options.progress:
+            self._show(self.progress.line(len(running), now - self.started), now)
+        return True
+
+    def poll_interval(self) -> float:
+        """Faster while a kill waits for its round: rounds can take milliseconds."""
+        return FAULT_POLL_S if any(f.action == "kill" for f in self.plan.pending) else POLL_S
+
+    def _note_rejoins(self, events: list[Event]) -> None:
+        for event in events:
+            pending = self.restarts.get(event.node)
+            if (
+                pending is not None
+                and event.type == "round_end"
+                and event.round is not None
+                and event.ts >= pending.wall_time
+            ):
+                pending.rejoined_round = event.round
+                pending.rejoin_s = event.ts - pending.wall_time
+                del self.restarts[pending.peer]
+
+    def _apply_faults(self, now: float) -> None:
+        alive = {p.peer for p in self.running()}
+        for fault in self.plan.due(self.progress.started_rounds(), alive):
+            proc = self.processes[fault.peer]
+            if fault.action == "kill" or proc.running:
+                proc.kill()
+                name = str(fault) if fault.action == "kill" else f"kill {fault.peer}"
+                self.record.faults.append(
+                    FaultRecord(
+                        name,
+                        fault.peer,
+                        now - self.started,
+                        time.time(),
+                        self.progress.by_peer[fault.peer].round,
+                    )
+                )
+            if fault.action == "restart":
+                proc.start(self.env)
+                others = [r for p, r in self.progress.started_rounds().items() if p != fault.peer]
+                restart = FaultRecord(
+                    str(fault), fault.peer, now - self.started, time.time(), max(others)
+                )
+                self.record.faults.append(restart)
+                self.restarts[fault.peer] = restart
+
+    def _check_exits(self) -> None:
+        """A peer that fails on its own (not killed or stopped by us) ends the run."""
+        for peer, p in self.processes.items():
+            assert p.proc is not None
+            code = p.proc.poll()
+            if code not in (None, 0) and not (p.killed_by_harness or p.stopped_by_harness):
+                log = self.layout.log(peer)
+                raise HarnessError(
+                    f"peer {peer} exited with code {code}; its output ({log}) ends with:\n"
+                    f"{_tail_text(log)}"
+                )
+
+    def _stop_stranded(self, running: list[PeerProcess]) -> None:
+        """A peer none of whose neighbours runs or will be restarted can only train alone
+        (e.g. restarted after its neighbours finished): stop it, and say so."""
+        coming = {q.peer for q in running} | {
+            f.peer for f in self.plan.pending if f.action == "restart"
+        }
+        for p in running:
+            if p.peer in self.record.stranded or self.progress.is_done(p.peer):
+                continue
+            if not self.neighbours[p.peer] & coming:
+                p.stop()
+                self.record.stranded.append(p.peer)
+
+    def _show(self, line: str, now: float) -> None:
+        if self.tty:
+            if line != self._last_line:
+                self.out.write("\r" + line + "\033[K")
+                self.out.flush()
+        elif now - self._last_print >= 2.0:
+            self.out.write(line + "\n")
+            self.out.flush()
+            self._last_print = now
+        self._last_line = line
+
+    def finish(self) -> RunRecord:
+        """After every process has stopped: the last events, and what the run did."""
+        _poll_all(self.tails, self.record)
+        record = self.record
+        record.faults_not_done = [str(f) for f in self.plan.pending]
+        record.exit_codes = {
+            peer: (None if p.killed_by_harness else (p.proc.returncode if p.proc else None))
+            for peer, p in self.processes.items()
+        }
+        record.peak_rss_mb = {peer: round(p.peak_rss_mb, 1) for peer, p in self.processes.items()}
+        return record
+
+
 def launch_and_watch(
     layout: Layout,
     options: HarnessOptions,
     *,
     out_stream: IO[str],
 ) -> RunRecord:
-    """Start every peer, show progress, inject faults, and return when all are done."""
-    env = python_env()
-    processes = {
-        peer: PeerProcess(peer, peer_command(layout, peer, options.snapshots), layout.log(peer))
-        for peer in layout.peers
-    }
-    layout.log(layout.peers[0]).parent.mkdir(parents=True, exist_ok=True)
-    plan = FaultPlan(options.faults)
-    neighbours = _ever_neighbours(layout)
-    progress = RunProgress(list(layout.peers), options.rounds)
-    record = RunRecord()
-    # One Tail per file: the state folders also fill up with snapshots, not worth walking.
-    tails = [Tail(layout.state(peer) / "events.jsonl") for peer in layout.peers]
-    tty = out_stream.isatty()
-    last_line = ""
-    last_print = 0.0
-    last_rss = 0.0
-    restarts: dict[str, FaultRecord] = {}
-    started = time.monotonic()
+    """Start every peer, show progress, inject faults, and return when all are done.
+    Whatever happens (Ctrl-C, SIGTERM, a failing peer), every process started is stopped."""
+    monitor = Monitor(layout, options, out_stream)
     with sigterm_as_interrupt():
         try:
-            for p in processes.values():
-                p.start(env)
-            while True:
-                now = time.monotonic()
-                events = _poll_all(tails, record)
-                progress.update(events)
-                for event in events:
-                    pending = restarts.get(event.node)
-                    if (
-                        pending is not None
-                        and event.type == "round_end"
-                        and event.round is not None
-                        and event.ts >= pending.wall_time
-                    ):
-                        pending.rejoined_round = event.round
-                        pending.rejoin_s = event.ts - pending.wall_time
-                        del restarts[pending.peer]
-                alive = {peer for peer, p in processes.items() if p.running}
-                for fault in plan.due(progress.started_rounds(), alive):
-                    proc = processes[fault.peer]
-                    if fault.action == "kill" or proc.running:
-                        proc.kill()
-                        record.faults.append(
-                            FaultRecord(
-                                str(fault) if fault.action == "kill" else f"kill {fault.peer}",
-                                fault.peer,
-                                now - started,
-                                time.time(),
-                                progress.by_peer[fault.peer].round,
-                            )
-                        )
-                    if fault.action == "restart":
-                        proc.start(env)
-                        others = [
-                            r for p, r in progress.started_rounds().items() if p != fault.peer
-                        ]
-                        restart = FaultRecord(
-                            str(fault), fault.peer, now - started, time.time(), max(others)
-                        )
-                        record.faults.append(restart)
-                        restarts[fault.peer] = restart
-                for peer, p in processes.items():
-                    assert p.proc is not None
-                    code = p.proc.poll()
-                    if code not in (None, 0) and not (p.killed_by_harness or p.stopped_by_harness):
-                        raise HarnessError(
-                            f"peer {peer} exited with code {code}; its output "
-                            f"({layout.log(peer)}) ends with:\n{_tail_text(layout.log(peer))}"
-                        )
-                running = [p for p in processes.values() if p.running]
-                if not running:  # a restart still pending then can never fire: reported
-                    break
-                # A peer none of whose neighbours runs or will be restarted can only train
-                # alone (e.g. restarted after its neighbours finished): stop it.
-                coming = {q.peer for q in running} | {
-                    f.peer for f in plan.pending if f.action == "restart"
-                }
-                for p in running:
-                    if p.peer in record.stranded or progress.is_done(p.peer):
-                        continue
-                    if not neighbours[p.peer] & coming:
-                        p.stop()
-                        record.stranded.append(p.peer)
-                if now - last_rss >= 0.5:
-                    last_rss = now
-                    record.peak_total_rss_mb = max(
-                        record.peak_total_rss_mb, sum(p.rss_mb() for p in running)
-                    )
-                if options.progress:
-                    line = progress.line(len(running), now - started)
-                    if tty:
-                        if line != last_line:
-                            out_stream.write("\r" + line + "\033[K")
-                            out_stream.flush()
-                    elif now - last_print >= 2.0:
-                        out_stream.write(line + "\n")
-                        out_stream.flush()
-                        last_print = now
-                    last_line = line
-                # Faster while a kill waits for its round: rounds can take milliseconds.
-                kills = any(f.action == "kill" for f in plan.pending)
-                time.sleep(FAULT_POLL_S if kills else POLL_S)
-            record.wall_s = time.monotonic() - started
-            if options.progress and tty:
+            monitor.start()
+            while monitor.step():
+                time.sleep(monitor.poll_interval())
+            monitor.record.wall_s = time.monotonic() - monitor.started
+            if options.progress and monitor.tty:
                 out_stream.write("\n")
         finally:
-            stop_all(processes)
-    _poll_all(tails, record)
-    record.faults_not_done = [str(f) for f in plan.pending]
-    record.exit_codes = {
-        peer: (None if p.killed_by_harness else (p.proc.returncode if p.proc else None))
-        for peer, p in processes.items()
-    }
-    record.peak_rss_mb = {peer: round(p.peak_rss_mb, 1) for peer, p in processes.items()}
-    return record
+            stop_all(monitor.processes)
+    return monitor.finish()
 
 
 def _ever_neighbours(layout: Layout) -> dict[str, frozenset[str]]:
