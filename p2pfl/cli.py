@@ -274,6 +274,7 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         snapshots=not args.no_snapshots,
         standardize=args.standardize,
+        secure=args.secure,
         progress=not args.quiet,
     )
     return run_harness(options)
@@ -396,6 +397,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--standardize",
         action=argparse.BooleanOptionalAction,
         help="z-score every feature over the pooled training data (default: only for .npz)",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="secure aggregation: each peer learns only its neighbourhood's weighted sum",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the centralised model")
     p.add_argument(

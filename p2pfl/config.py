@@ -145,6 +145,10 @@ class TrainingConfig:
 class AggregationConfig:
     rule: str
     secure: bool
+    #: Secure aggregation's fixed point: parameters are clipped to [-clip, clip] and
+    #: scaled by 2**frac_bits (clip * 2**frac_bits must stay below 2**31).
+    clip: float = 64.0
+    frac_bits: int = 20
 
 
 @dataclass(frozen=True)
@@ -765,14 +769,22 @@ class _Parser:
         return tuple(self.integer(size, f"{path}[{i}]", 1) for i, size in enumerate(value))
 
     def aggregation(self, value: object) -> AggregationConfig:
-        section = self.section(value, "aggregation", ("rule", "secure"))
+        section = self.section(value, "aggregation", ("rule", "secure", "clip", "frac_bits"))
         rule = self.choice(section.get("rule", "metropolis"), "aggregation.rule", AGGREGATION_RULES)
         secure = self.boolean(section.get("secure", False), "aggregation.secure")
-        if secure:
+        d = AggregationConfig(rule, secure)
+        clip = self.positive(section.get("clip", d.clip), "aggregation.clip", 2.0**30, "a number")
+        frac_bits = self.integer(
+            section.get("frac_bits", d.frac_bits), "aggregation.frac_bits", 1, 30
+        )
+        if clip * 2.0**frac_bits >= 2.0**31:
             self.fail(
-                "aggregation.secure", "secure aggregation is not implemented in this version yet"
+                "aggregation.clip",
+                f"clip * 2**frac_bits must be below 2**31 (sums are signed 32-bit integers); "
+                f"{clip:g} * 2**{frac_bits} is {clip * 2.0**frac_bits:.3g}: "
+                "lower clip or frac_bits",
             )
-        return AggregationConfig(rule, secure)
+        return AggregationConfig(rule, secure, clip, frac_bits)
 
     def limits(self, value: object) -> LimitsConfig:
         d = LimitsConfig()
@@ -887,7 +899,12 @@ def _shared_mapping(
             "input_scale": "auto" if training.input_scale is None else training.input_scale,
             "model": training.model.as_mapping(),
         },
-        "aggregation": {"rule": aggregation.rule, "secure": aggregation.secure},
+        "aggregation": {
+            "rule": aggregation.rule,
+            "secure": aggregation.secure,
+            "clip": aggregation.clip,
+            "frac_bits": aggregation.frac_bits,
+        },
         "limits": {
             "max_buffered_rounds": limits.max_buffered_rounds,
             "chunk_bytes": limits.chunk_bytes,

@@ -36,6 +36,7 @@ from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
 from p2pfl.transfer import StreamReceiver, iter_chunks
 from p2pfl.wire import (
     CHUNK_OVERHEAD,
+    DTYPE_FLOAT32,
     PROLOGUE,
     REPLY_DIGEST_MISMATCH,
     REPLY_OK,
@@ -124,12 +125,19 @@ class PeerLink:
             await self._send_record(encode_status(lamport, round_index))
 
     async def send_params(
-        self, lamport: int, round_index: int, flat_params: np.ndarray, chunk_bytes: int
+        self,
+        lamport: int,
+        round_index: int,
+        flat_params: np.ndarray,
+        chunk_bytes: int,
+        dtype: int = DTYPE_FLOAT32,
     ) -> int:
         """Send one parameter stream; returns the bytes put on the wire."""
         before = self.bytes_sent
         async with self._send_lock:
-            await self._send_record(encode_params_begin(lamport, round_index, flat_params.nbytes))
+            await self._send_record(
+                encode_params_begin(lamport, round_index, flat_params.nbytes, dtype)
+            )
             for offset, piece in iter_chunks(flat_params, chunk_bytes):
                 await self._send_record(encode_params_chunk(lamport, round_index, offset, piece))
         return self.bytes_sent - before

@@ -16,7 +16,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,12 +34,22 @@ from p2pfl.checkpoint import (
     write_checkpoint,
 )
 from p2pfl.config import Config
+from p2pfl.errors import ConfigError, MessageError
 from p2pfl.events import EventLog, LamportClock
+from p2pfl.keys import pairwise_secret
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
 from p2pfl.rounds import RoundTracker
+from p2pfl.secagg import FixedPoint, masked_contribution, member_mask, unmask_average
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
-from p2pfl.wire import Message, ParamsBegin, ParamsChunk, Status
+from p2pfl.wire import (
+    DTYPE_FLOAT32,
+    DTYPE_MASKED_U32,
+    Message,
+    ParamsBegin,
+    ParamsChunk,
+    Status,
+)
 
 log = logging.getLogger("p2pfl.node")
 T = TypeVar("T")
@@ -82,6 +92,26 @@ def scale_inputs(data: Dataset, scale: float) -> Dataset:
     )
 
 
+#: Purpose bound into the pairwise secrets that key secure-aggregation masks.
+MASK_PURPOSE = b"p2pfl secagg mask"
+
+
+def check_secure_topology(config: Config) -> None:
+    """Secure aggregation needs every group to have two members besides its owner (with one,
+    its contribution could not be masked): every peer needs two neighbours in every round."""
+    rounds = range(config.training.rounds) if config.topology.resample_every else range(1)
+    for r in rounds:
+        graph = graph_for_round(config.topology, config.peer_ids, config.seed, r)
+        for peer, neighbours in graph.items():
+            if len(neighbours) < 2:
+                raise ConfigError(
+                    config.source,
+                    "aggregation.secure",
+                    f"needs every peer to have at least 2 neighbours, but {peer} has "
+                    f"{len(neighbours)} in round {r} (use a topology of degree >= 2)",
+                )
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM, where Linux has it: ru_maxrss can carry
     over the parent's peak across fork and exec (a node started by a big harness)."""
@@ -119,6 +149,16 @@ class Node:
         # May be a view of the learner's own storage (single-array learners): no extra copy.
         self.params = flatten(self.learner.get_weights())
         self.peer_index = config.peer_ids.index(self.id)
+        aggregation = config.aggregation
+        #: The fixed point of secure aggregation, or None for plain averaging.
+        self.secure = (
+            FixedPoint(aggregation.clip, aggregation.frac_bits) if aggregation.secure else None
+        )
+        if self.secure is not None:
+            check_secure_topology(config)
+        self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
+        self._private_key = private_key
+        self._mask_secrets: dict[str, bytes] = {}
         # The model and the log say something about local data: owner-only (0700 / 0600).
         options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.clock = LamportClock()
@@ -139,7 +179,9 @@ class Node:
             expected_bytes=self.params.nbytes,
         )
         self.collecting = False
-        self.outgoing: tuple[int, np.ndarray] | None = None
+        #: This round's parameters to send, per neighbour (plain: one array for all; secure:
+        #: each neighbour's group gets its own masked contribution).
+        self.outgoing: tuple[int, Mapping[str, np.ndarray]] | None = None
         self._changed: asyncio.Event | None = None
         #: Streams in flight, per link (a replaced link's stream is tracked on its own).
         self._send_tasks: dict[PeerLink, asyncio.Task[None]] = {}
@@ -202,6 +244,11 @@ class Node:
             self._offer(link)
             self._notify()
         elif isinstance(msg, ParamsBegin):
+            if msg.dtype != self.params_dtype:
+                raise MessageError(
+                    f"parameters of dtype code {msg.dtype}, this network uses "
+                    f"{self.params_dtype} (aggregation.secure: {self.secure is not None})"
+                )
             verdict = self.tracker.judge(link.peer_id, msg.round)
             if not verdict.keep:
                 self.events.emit("reject", msg.round, peer=link.peer_id, reason=verdict.reason)
@@ -214,7 +261,7 @@ class Node:
                 return
             # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
             # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
-            if not np.isfinite(np.sum(done.params, dtype=np.float64)):
+            if self.secure is None and not np.isfinite(np.sum(done.params, dtype=np.float64)):
                 self.events.emit(
                     "reject", done.round, peer=link.peer_id, reason="non-finite parameters"
                 )
@@ -242,8 +289,9 @@ class Node:
         at its checkpoint round gets them when it announces our round)."""
         if not self.collecting or self.outgoing is None:
             return
-        round_index, params = self.outgoing
-        if link.sent_round == round_index or link.peer_id not in self.neighbours_of(round_index):
+        round_index, per_peer = self.outgoing
+        params = per_peer.get(link.peer_id)
+        if link.sent_round == round_index or params is None:
             return
         announced = link.announced  # said on this link: never stale news from a replaced one
         if announced is None:
@@ -263,7 +311,7 @@ class Node:
         lamport = self.clock.tick()
         try:
             sent = await link.send_params(
-                lamport, round_index, params, self.config.limits.chunk_bytes
+                lamport, round_index, params, self.config.limits.chunk_bytes, self.params_dtype
             )
         except Exception as exc:  # the link died mid-stream; the receiver discards the partial
             log.debug("send to %s failed: %s", link.peer_id, exc)
@@ -378,7 +426,12 @@ class Node:
             samples=len(self.data.y),
         )
 
-        self.outgoing = (r, self.params)
+        clipped = 0
+        if self.secure is None:
+            self.outgoing = (r, dict.fromkeys(neighbours, self.params))
+        else:
+            contributions, clipped = await self._in_worker(self._masked_contributions, r)
+            self.outgoing = (r, contributions)
         self.collecting = True
         for peer in sorted(neighbours):
             link = self.net.links.get(peer)
@@ -399,16 +452,32 @@ class Node:
         received = self.tracker.take_received()
         missing = sorted(neighbours - set(received))
         weights = metropolis_weights(self.graph(r), self.id)
-        self.params, used = metropolis_average(self.id, self.params, received, weights)
+        outcome: dict[str, Any] = {}
+        if self.secure is None:
+            self.params, used = metropolis_average(self.id, self.params, received, weights)
+        elif missing:
+            # Without every member the masks do not cancel. Dropout recovery is not built
+            # yet: keep the own model this round and say why.
+            used = {self.id: 1.0}
+            outcome = {"kept_own": True, "reason": "members missing; masks cannot be removed"}
+        else:
+            self.params, own_clipped = await self._in_worker(
+                self._unmask, [received[p] for p in sorted(received)], weights[self.id]
+            )
+            used = weights
+            clipped += own_clipped
         next_round = self.tracker.next_round()
         self._resume_round = next_round  # from here on, self.params is "round r done"
+        if self.secure is not None:
+            outcome["clipped"] = clipped
         self.events.emit(
             "aggregate",
             r,
-            rule="metropolis",
+            rule="secure-metropolis" if self.secure is not None else "metropolis",
             members=sorted(used),
             weights={k: round(v, 6) for k, v in used.items()},
             missing=missing,
+            **outcome,
         )
         if missing:
             log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
@@ -434,6 +503,47 @@ class Node:
             duration,
         )
         return next_round
+
+    # --- secure aggregation ----------------------------------------------------------------
+
+    def _mask_secret(self, peer: str) -> bytes:
+        """The pairwise secret for masks with ``peer`` (also 2-hop peers: every member of a
+        neighbour's group). Derived once from peers.yaml; never sent anywhere."""
+        secret = self._mask_secrets.get(peer)
+        if secret is None:
+            secret = pairwise_secret(
+                self._private_key,
+                self.config.peers[peer].public_key,
+                network=self.config.network,
+                own_id=self.id,
+                their_id=peer,
+                purpose=MASK_PURPOSE,
+            )
+            self._mask_secrets[peer] = secret
+        return secret
+
+    def _masked_contributions(self, round_index: int) -> tuple[dict[str, np.ndarray], int]:
+        """Worker thread: for each neighbour i, encode(w_i,self * params) masked with every
+        other member of i's group (see ``secagg``); and how many entries were clipped."""
+        assert self.secure is not None
+        graph = self.graph(round_index)
+        contributions: dict[str, np.ndarray] = {}
+        clipped = 0
+        for owner in sorted(graph[self.id]):
+            group = sorted(graph[owner] | {owner})
+            secrets = {k: self._mask_secret(k) for k in group if k not in (owner, self.id)}
+            mask = member_mask(self.id, owner, group, round_index, secrets, self.params.size)
+            weight = metropolis_weights(graph, owner)[self.id]
+            contributions[owner], n = masked_contribution(self.params, weight, mask, self.secure)
+            clipped += n
+        return contributions, clipped
+
+    def _unmask(self, received: list[np.ndarray], own_weight: float) -> tuple[np.ndarray, int]:
+        """Worker thread: the group's weighted average from every member's contribution."""
+        assert self.secure is not None
+        return unmask_average(
+            [r.view(np.uint32) for r in received], self.params, own_weight, self.secure
+        )
 
     async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work in a thread. Shielded: a shutdown waits for it instead of

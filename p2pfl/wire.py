@@ -29,6 +29,9 @@ _OFFSET = struct.Struct(">Q")
 HEADER_BYTES = _HEADER.size
 CHUNK_OVERHEAD = HEADER_BYTES + _OFFSET.size
 DTYPE_FLOAT32 = 1
+#: A masked secure-aggregation contribution: uint32 little-endian, same size as the model.
+DTYPE_MASKED_U32 = 2
+DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32})
 #: Largest Lamport time accepted from a peer. Far below u64 (our own clock must stay encodable
 #: after observing it), int64 (the checkpoint) and 2**53 (jq and JavaScript read JSON numbers
 #: as doubles, and the logs are merged by lamport).
@@ -70,9 +73,11 @@ def encode_status(lamport: int, round_index: int) -> bytes:
     return _HEADER.pack(MessageType.STATUS, lamport, round_index)
 
 
-def encode_params_begin(lamport: int, round_index: int, total_bytes: int) -> bytes:
+def encode_params_begin(
+    lamport: int, round_index: int, total_bytes: int, dtype: int = DTYPE_FLOAT32
+) -> bytes:
     return _HEADER.pack(MessageType.PARAMS_BEGIN, lamport, round_index) + _BEGIN.pack(
-        total_bytes, DTYPE_FLOAT32
+        total_bytes, dtype
     )
 
 
@@ -103,7 +108,7 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
         if body != _BEGIN.size:
             raise MessageError(f"PARAMS_BEGIN body of {body} bytes, expected {_BEGIN.size}")
         total, dtype = _BEGIN.unpack_from(plaintext, HEADER_BYTES)
-        if dtype != DTYPE_FLOAT32:
+        if dtype not in DTYPES:
             raise MessageError(f"PARAMS_BEGIN with unknown dtype code {dtype}")
         return ParamsBegin(lamport, round_index, total, dtype)
     if kind == MessageType.PARAMS_CHUNK:

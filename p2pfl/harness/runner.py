@@ -70,6 +70,7 @@ class HarnessOptions:
     snapshots: bool = True
     #: Standardize features (z-score over the pooled training data); None: only for .npz.
     standardize: bool | None = None
+    secure: bool = False
     progress: bool = True
 
 
@@ -600,6 +601,7 @@ def prepare(options: HarnessOptions) -> Prepared:
     # Many processes start at once on few cores: give them time to find each other.
     shared["training"]["startup_timeout"] = max(60.0, 2.0 * options.peers)
     shared["net"] = {"down_grace": options.down_grace}
+    shared["aggregation"]["secure"] = options.secure
     header = (
         "# Written by `p2pfl harness`: every peer on 127.0.0.1, one process each.\n"
         f"# Peers {layout.peers[0]}..{layout.peers[-1]}; keys in keys/, data in data/.\n"
@@ -732,6 +734,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
             "partition": str(options.partition),
             "partition_info": prepared.heterogeneity,
             "topology": options.topology_text,
+            "secure": options.secure,
             "model": options.model_text,
             "seed": options.seed,
             "local_epochs": options.local_epochs,

@@ -1,0 +1,137 @@
+"""Secure aggregation between real nodes: same model as plain averaging (within the
+fixed-point error), masked bytes on the wire, and a missing member never unmasks anyone."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from p2pfl.errors import ConfigError, MessageError
+from p2pfl.wire import DTYPE_FLOAT32, ParamsBegin
+
+from .test_node import make_node, read_events, run_all
+
+PEERS = ("alice", "bob", "carol", "dave")
+SECURE = {"aggregation": {"secure": True, "clip": 64.0, "frac_bits": 20}}
+
+
+@pytest.fixture
+def four(make_network, tmp_path: Path) -> Any:
+    """A factory of 4-peer networks, each peer with its own share of the digits."""
+    from p2pfl.learning.prepare import load_digits_arrays, write_partitions
+
+    x, y = load_digits_arrays()
+    data = write_partitions(x, y, len(PEERS), tmp_path / "four", seed=3, names=list(PEERS))
+
+    def make(**kwargs: Any) -> Any:
+        net = make_network(PEERS, **kwargs)
+        net.data = {p: data / f"{p}.npz" for p in PEERS}
+        return net
+
+    return make
+
+
+def aggregates(path: Path) -> list[dict[str, Any]]:
+    return [e for e in read_events(path) if e["type"] == "aggregate"]
+
+
+async def test_secure_rounds_match_plain_averaging(four, tmp_path: Path) -> None:
+    secure = four(rounds=4, extra=SECURE)
+    nodes = [make_node(secure, p) for p in PEERS]
+    assert await run_all(nodes) == [0] * 4
+    for peer in PEERS:
+        for e in aggregates(secure.state(peer) / "events.jsonl"):
+            assert e["rule"] == "secure-metropolis" and e["missing"] == []
+            assert set(e["members"]) == set(PEERS) and e["clipped"] == 0
+    # The same network without masks (same seed and data, own state folders): the same
+    # models, up to the fixed point's rounding (2**-21 per term per round).
+    baseline = [make_node(secure_plain(secure, tmp_path), p) for p in PEERS]
+    assert await run_all(baseline) == [0] * 4
+    for masked, clear in zip(nodes, baseline, strict=True):
+        assert np.max(np.abs(masked.params - clear.params)) < 1e-3
+
+
+def secure_plain(net: Any, tmp_path: Path) -> Any:
+    """``net`` with aggregation.secure off and its own state folders."""
+    import dataclasses
+
+    import yaml
+
+    from p2pfl.config import load_config
+
+    data = yaml.safe_load(net.config_path.read_text())
+    data["aggregation"]["secure"] = False
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    root = tmp_path / "plain-state"
+    root.mkdir(exist_ok=True)
+    clone = dataclasses.replace(net, config_path=path, config=load_config(path), root=root)
+    return clone
+
+
+async def test_what_a_neighbour_receives_is_masked(four, monkeypatch) -> None:
+    """Capture bob's contribution to alice's group on its way out: it is uniform noise,
+    uncorrelated with bob's parameters."""
+    import p2pfl.node as node_mod
+
+    net = four(rounds=1, extra=SECURE)
+    sent: dict[tuple[str, str], np.ndarray] = {}
+    original = node_mod.Node._masked_contributions
+
+    def capture(self: Any, round_index: int) -> tuple[dict[str, np.ndarray], int]:
+        out, clipped = original(self, round_index)
+        for owner, y in out.items():
+            sent[(self.id, owner)] = y.copy()
+        sent[(self.id, "params")] = self.params.copy()
+        return out, clipped
+
+    monkeypatch.setattr(node_mod.Node, "_masked_contributions", capture)
+    assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
+    y, x = sent[("bob", "alice")], sent[("bob", "params")]
+    counts = np.bincount(y.view(np.uint8), minlength=256)
+    expected = y.nbytes / 256
+    assert float(np.sum((counts - expected) ** 2 / expected)) < 340
+    assert abs(np.corrcoef(y.view(np.int32).astype(np.float64), x)[0, 1]) < 0.1
+    assert not np.array_equal(sent[("bob", "alice")], sent[("bob", "carol")])
+
+
+async def test_a_missing_member_keeps_every_owner_on_its_own_model(four) -> None:
+    """dave never comes: no group can remove his masks, so nobody averages (and no
+    individual contribution is ever unmasked); each node keeps its own model and says why."""
+    net = four(
+        rounds=2,
+        round_timeout=30,
+        startup_timeout=0.5,
+        extra={**SECURE, "net": {"down_grace": 0.2}},
+    )
+    nodes = [make_node(net, p) for p in PEERS[:3]]
+    assert await run_all(nodes) == [0] * 3
+    for peer in PEERS[:3]:
+        for e in aggregates(net.state(peer) / "events.jsonl"):
+            assert e["missing"] == ["dave"] and e["members"] == [peer]
+            assert e["kept_own"] is True and "masks" in e["reason"]
+
+
+def test_secure_aggregation_needs_two_neighbours_everywhere(make_network) -> None:
+    net = make_network(("alice", "bob"), rounds=1, extra=SECURE)
+    with pytest.raises(ConfigError, match="at least 2 neighbours"):
+        make_node(net, "alice")
+
+
+async def test_plain_parameters_are_refused_by_a_secure_node(four) -> None:
+    net = four(rounds=1, extra=SECURE)
+    alice = make_node(net, "alice")
+    try:
+        with pytest.raises(MessageError, match="dtype code 1"):
+            alice.message(
+                types.SimpleNamespace(peer_id="bob"),  # type: ignore[arg-type]
+                ParamsBegin(1, 0, alice.params.nbytes, DTYPE_FLOAT32),
+            )
+    finally:
+        alice.events.close()
+    await asyncio.sleep(0)
