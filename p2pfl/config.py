@@ -149,6 +149,8 @@ class AggregationConfig:
     #: scaled by 2**frac_bits (clip * 2**frac_bits must stay below 2**31).
     clip: float = 64.0
     frac_bits: int = 20
+    #: How long an owner waits for the survivors' recovery answers after a dropout.
+    recovery_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -769,7 +771,9 @@ class _Parser:
         return tuple(self.integer(size, f"{path}[{i}]", 1) for i, size in enumerate(value))
 
     def aggregation(self, value: object) -> AggregationConfig:
-        section = self.section(value, "aggregation", ("rule", "secure", "clip", "frac_bits"))
+        section = self.section(
+            value, "aggregation", ("rule", "secure", "clip", "frac_bits", "recovery_timeout")
+        )
         rule = self.choice(section.get("rule", "metropolis"), "aggregation.rule", AGGREGATION_RULES)
         secure = self.boolean(section.get("secure", False), "aggregation.secure")
         d = AggregationConfig(rule, secure)
@@ -784,7 +788,10 @@ class _Parser:
                 f"{clip:g} * 2**{frac_bits} is {clip * 2.0**frac_bits:.3g}: "
                 "lower clip or frac_bits",
             )
-        return AggregationConfig(rule, secure, clip, frac_bits)
+        recovery_timeout = self.seconds(
+            section.get("recovery_timeout", d.recovery_timeout), "aggregation.recovery_timeout"
+        )
+        return AggregationConfig(rule, secure, clip, frac_bits, recovery_timeout)
 
     def limits(self, value: object) -> LimitsConfig:
         d = LimitsConfig()
@@ -904,6 +911,7 @@ def _shared_mapping(
             "secure": aggregation.secure,
             "clip": aggregation.clip,
             "frac_bits": aggregation.frac_bits,
+            "recovery_timeout": aggregation.recovery_timeout,
         },
         "limits": {
             "max_buffered_rounds": limits.max_buffered_rounds,

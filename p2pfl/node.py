@@ -17,7 +17,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,15 +39,24 @@ from p2pfl.events import EventLog, LamportClock
 from p2pfl.keys import pairwise_secret
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
-from p2pfl.rounds import RoundTracker
-from p2pfl.secagg import FixedPoint, masked_contribution, member_mask, unmask_average
+from p2pfl.rounds import RoundTracker, Verdict
+from p2pfl.secagg import (
+    FixedPoint,
+    masked_contribution,
+    member_mask,
+    recover_average,
+    recovery_mask,
+    unmask_average,
+)
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
+    DTYPE_RECOVERY_U32,
     Message,
     ParamsBegin,
     ParamsChunk,
+    Recover,
     Status,
 )
 
@@ -94,6 +103,20 @@ def scale_inputs(data: Dataset, scale: float) -> Dataset:
 
 #: Purpose bound into the pairwise secrets that key secure-aggregation masks.
 MASK_PURPOSE = b"p2pfl secagg mask"
+
+
+@dataclass
+class RecoveryWait:
+    """An owner's recovery in progress: which survivors must answer, and their answers."""
+
+    round: int
+    survivors: frozenset[str]
+    replies: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+async def _quietly(coro: Any) -> None:
+    with contextlib.suppress(Exception):
+        await coro
 
 
 def check_secure_topology(config: Config) -> None:
@@ -159,6 +182,11 @@ class Node:
         self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
         self._private_key = private_key
         self._mask_secrets: dict[str, bytes] = {}
+        #: (round, owner) -> that owner's group, for each masked contribution we sent
+        #: (a recovery request must match one), and the requests already answered.
+        self._contributed: dict[tuple[int, str], tuple[str, ...]] = {}
+        self._answered: set[tuple[int, str]] = set()
+        self._recovery: RecoveryWait | None = None
         # The model and the log say something about local data: owner-only (0700 / 0600).
         options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.clock = LamportClock()
@@ -244,20 +272,29 @@ class Node:
             self._offer(link)
             self._notify()
         elif isinstance(msg, ParamsBegin):
-            if msg.dtype != self.params_dtype:
+            if msg.dtype == DTYPE_RECOVERY_U32 and self.secure is not None:
+                verdict = self._judge_recovery(link.peer_id, msg.round)
+            elif msg.dtype != self.params_dtype:
                 raise MessageError(
                     f"parameters of dtype code {msg.dtype}, this network uses "
                     f"{self.params_dtype} (aggregation.secure: {self.secure is not None})"
                 )
-            verdict = self.tracker.judge(link.peer_id, msg.round)
+            else:
+                verdict = self.tracker.judge(link.peer_id, msg.round)
             if not verdict.keep:
                 self.events.emit("reject", msg.round, peer=link.peer_id, reason=verdict.reason)
             link.receiver.begin(msg.round, msg.total_bytes, keep=verdict.keep)
             link.stream_started = time.monotonic()
             link.stream_lamport = msg.lamport
+            link.stream_dtype = msg.dtype
+        elif isinstance(msg, Recover):
+            self._answer_recovery(link, msg)
         elif isinstance(msg, ParamsChunk):
             done = link.receiver.chunk(msg.round, msg.offset, msg.data)
             if done is None or done.params is None:
+                return
+            if link.stream_dtype == DTYPE_RECOVERY_U32:
+                self._recovery_reply(link.peer_id, done.round, done.params)
                 return
             # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
             # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
@@ -412,6 +449,10 @@ class Node:
         neighbours = self.neighbours_of(r)
         self.tracker.start_round(r)
         self._resume_round = r
+        if self.secure is not None:  # recovery answers are only given for recent rounds
+            horizon = r - self.config.limits.max_buffered_rounds - 2
+            self._contributed = {k: v for k, v in self._contributed.items() if k[0] >= horizon}
+            self._answered = {k for k in self._answered if k[0] >= horizon}
         self.net.broadcast_status(r)
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
 
@@ -455,16 +496,8 @@ class Node:
         outcome: dict[str, Any] = {}
         if self.secure is None:
             self.params, used = metropolis_average(self.id, self.params, received, weights)
-        elif missing:
-            # Without every member the masks do not cancel. Dropout recovery is not built
-            # yet: keep the own model this round and say why.
-            used = {self.id: 1.0}
-            outcome = {"kept_own": True, "reason": "members missing; masks cannot be removed"}
         else:
-            self.params, own_clipped = await self._in_worker(
-                self._unmask, [received[p] for p in sorted(received)], weights[self.id]
-            )
-            used = weights
+            used, outcome, own_clipped = await self._secure_aggregate(r, received, missing, weights)
             clipped += own_clipped
         next_round = self.tracker.next_round()
         self._resume_round = next_round  # from here on, self.params is "round r done"
@@ -506,6 +539,136 @@ class Node:
 
     # --- secure aggregation ----------------------------------------------------------------
 
+    def _judge_recovery(self, peer: str, round_index: int) -> Verdict:
+        wait = self._recovery
+        if wait is None or wait.round != round_index or peer not in wait.survivors:
+            return Verdict(False, f"unrequested recovery answer for round {round_index}")
+        if peer in wait.replies:
+            return Verdict(False, f"duplicate recovery answer for round {round_index}")
+        return Verdict(True)
+
+    def _recovery_reply(self, peer: str, round_index: int, data: np.ndarray) -> None:
+        verdict = self._judge_recovery(peer, round_index)  # the wait may have ended meanwhile
+        if not verdict.keep:
+            self.events.emit("reject", round_index, peer=peer, reason=verdict.reason)
+            return
+        assert self._recovery is not None
+        self._recovery.replies[peer] = data.view(np.uint32)
+        self._notify()
+
+    def _answer_recovery(self, link: PeerLink, msg: Recover) -> None:
+        """A survivor's side: send the owner the sum of our masks with the members it says
+        are missing, once per round and owner, only for a group we contributed to, and only
+        if at least two contributors are left (else the answer would unmask somebody)."""
+        owner = link.peer_id
+        key = (msg.round, owner)
+        group = self._contributed.get(key)
+        missing = set(msg.missing)
+        if self.secure is None:
+            problem = "this network does not use secure aggregation"
+        elif group is None:
+            problem = f"we sent {owner} no contribution for round {msg.round}"
+        elif key in self._answered:
+            problem = f"already answered for round {msg.round}"
+        elif not missing <= set(group) - {owner, self.id}:
+            problem = "it names peers outside its group, or us"
+        elif len(set(group) - {owner} - missing) < 2:
+            problem = "fewer than two contributors would be left"
+        else:
+            problem = ""
+        if problem:
+            self.events.emit(
+                "reject", msg.round, peer=owner, reason=f"recovery request refused: {problem}"
+            )
+            return
+        assert group is not None
+        self._answered.add(key)
+        self.events.emit(
+            "recovery", msg.round, role="survivor", owner=owner, missing=sorted(missing)
+        )
+        self.net.spawn(self._send_recovery(link, msg.round, owner, sorted(missing)))
+
+    async def _send_recovery(
+        self, link: PeerLink, round_index: int, owner: str, missing: list[str]
+    ) -> None:
+        secrets = {m: self._mask_secret(m) for m in missing}
+        answer = await asyncio.to_thread(
+            recovery_mask, self.id, owner, missing, round_index, secrets, self.params.size
+        )
+        try:
+            await link.send_params(
+                self.clock.tick(),
+                round_index,
+                answer,
+                self.config.limits.chunk_bytes,
+                DTYPE_RECOVERY_U32,
+            )
+        except Exception as exc:  # the owner went away: its recovery fails, it keeps its model
+            log.debug("recovery answer to %s failed: %s", owner, exc)
+
+    async def _secure_aggregate(
+        self,
+        r: int,
+        received: dict[str, np.ndarray],
+        missing: list[str],
+        weights: dict[str, float],
+    ) -> tuple[dict[str, float], dict[str, Any], int]:
+        """The owner's step: unmask the group's weighted sum, after a recovery if members
+        are missing. Returns (weights used, extra event fields, own clipped entries); on
+        failure the node keeps its own model and the fields say why."""
+        survivors = sorted(received)
+        if not missing:
+            self.params, clipped = await self._in_worker(
+                self._unmask, [received[p] for p in survivors], weights[self.id]
+            )
+            return weights, {}, clipped
+        if len(survivors) < 2:
+            reason = f"fewer than two other contributors ({len(survivors)}) left"
+            return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
+        replies, reason = await self._recover(r, missing, survivors)
+        if replies is None:
+            return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
+        present = {p: weights[p] for p in [self.id, *survivors]}
+        self.params, clipped = await self._in_worker(
+            recover_average,
+            [received[p].view(np.uint32) for p in survivors],
+            [replies[p] for p in survivors],
+            self.params,
+            weights[self.id],
+            sum(present.values()),
+            self.secure,
+        )
+        total = sum(present.values())
+        return {p: w / total for p, w in present.items()}, {"recovered": missing}, clipped
+
+    async def _recover(
+        self, r: int, missing: list[str], survivors: list[str]
+    ) -> tuple[dict[str, np.ndarray] | None, str]:
+        """Ask every survivor for its masks with the missing members (this round, this
+        group only) and wait, bounded, for all answers."""
+        assert self.secure is not None
+        loop = asyncio.get_running_loop()
+        self._recovery = RecoveryWait(r, frozenset(survivors))
+        try:
+            lamport = self.clock.tick()
+            for peer in survivors:
+                link = self.net.links.get(peer)
+                if link is None:
+                    return None, f"recovery failed: {peer} is not connected"
+                self.net.spawn(_quietly(link.send_recover(lamport, r, tuple(missing))))
+            self.events.emit("recovery", r, role="owner", missing=missing, survivors=survivors)
+            wait = self._recovery
+            timeout = self.config.aggregation.recovery_timeout
+            done = await self._wait_until(
+                lambda: len(wait.replies) == len(survivors), loop.time() + timeout
+            )
+            if not done:
+                silent = sorted(set(survivors) - set(wait.replies))
+                return None, f"recovery failed: no answer from {', '.join(silent)}"
+            return dict(wait.replies), ""
+        finally:
+            self._recovery = None
+
     def _mask_secret(self, peer: str) -> bytes:
         """The pairwise secret for masks with ``peer`` (also 2-hop peers: every member of a
         neighbour's group). Derived once from peers.yaml; never sent anywhere."""
@@ -536,6 +699,7 @@ class Node:
             weight = metropolis_weights(graph, owner)[self.id]
             contributions[owner], n = masked_contribution(self.params, weight, mask, self.secure)
             clipped += n
+            self._contributed[(round_index, owner)] = tuple(group)
         return contributions, clipped
 
     def _unmask(self, received: list[np.ndarray], own_weight: float) -> tuple[np.ndarray, int]:

@@ -180,3 +180,43 @@ def unmask_average(
     total = group_sum(contributions)
     clipped = fixed.encode_add(np.ravel(own), own_weight, total)
     return fixed.decode(total), clipped
+
+
+def recovery_mask(
+    member: str,
+    owner: str,
+    missing: Sequence[str],
+    round_index: int,
+    pair_secrets: Mapping[str, bytes],
+    size: int,
+) -> np.ndarray:
+    """A survivor's answer to a recovery request: the part of its mask M_j made with the
+    ``missing`` members. The owner subtracts it; the masks among survivors still cancel."""
+    if member == owner or member in missing or owner in missing:
+        raise ValueError("recovery is about other members than the owner and the survivor")
+    mask = np.zeros(size, dtype=np.uint32)
+    for m in missing:
+        add_keystream(mask, mask_key(pair_secrets[m], round_index, owner), 1 if member < m else -1)
+    return mask
+
+
+def recover_average(
+    contributions: Sequence[np.ndarray],
+    recoveries: Sequence[np.ndarray],
+    own: np.ndarray,
+    own_weight: float,
+    present_weight: float,
+    fixed: FixedPoint,
+) -> tuple[np.ndarray, int]:
+    """The owner's step after dropouts: survivors' contributions minus their masks with the
+    missing, plus its own term, decoded and renormalised over those present
+    (``present_weight`` = own weight + the survivors' weights)."""
+    total = group_sum(contributions)
+    for r in recoveries:
+        if r.dtype != np.uint32 or r.shape != total.shape:
+            raise ValueError("recovery masks must be uint32 arrays shaped like the model")
+        np.subtract(total, r, out=total)
+    clipped = fixed.encode_add(np.ravel(own), own_weight, total)
+    average = fixed.decode(total)
+    average /= np.float32(present_weight)
+    return average, clipped

@@ -31,7 +31,12 @@ CHUNK_OVERHEAD = HEADER_BYTES + _OFFSET.size
 DTYPE_FLOAT32 = 1
 #: A masked secure-aggregation contribution: uint32 little-endian, same size as the model.
 DTYPE_MASKED_U32 = 2
-DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32})
+#: A survivor's reply to a recovery request: the sum of its masks with the missing members.
+DTYPE_RECOVERY_U32 = 3
+DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32, DTYPE_RECOVERY_U32})
+#: A recovery request names at most this many missing members (a group is a neighbourhood).
+MAX_RECOVER_IDS = 64
+MAX_ID_BYTES = 64
 #: Largest Lamport time accepted from a peer. Far below u64 (our own clock must stay encodable
 #: after observing it), int64 (the checkpoint) and 2**53 (jq and JavaScript read JSON numbers
 #: as doubles, and the logs are merged by lamport).
@@ -42,6 +47,7 @@ class MessageType(enum.IntEnum):
     STATUS = 0x01
     PARAMS_BEGIN = 0x10
     PARAMS_CHUNK = 0x11
+    RECOVER = 0x20
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +72,55 @@ class ParamsChunk:
     data: memoryview
 
 
-Message = Status | ParamsBegin | ParamsChunk
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Secure aggregation, owner to a survivor of its group: "these members' contributions
+    for round R are missing; send me the sum of your masks with them"."""
+
+    lamport: int
+    round: int
+    missing: tuple[str, ...]
+
+
+Message = Status | ParamsBegin | ParamsChunk | Recover
+
+
+def encode_recover(lamport: int, round_index: int, missing: tuple[str, ...]) -> bytes:
+    if not 0 < len(missing) <= MAX_RECOVER_IDS:
+        raise ValueError(f"1..{MAX_RECOVER_IDS} missing members, got {len(missing)}")
+    body = bytearray([len(missing)])
+    for peer in missing:
+        raw = peer.encode("utf-8")
+        if not 0 < len(raw) <= MAX_ID_BYTES:
+            raise ValueError(f"peer id of {len(raw)} bytes")
+        body += bytes([len(raw)]) + raw
+    return _HEADER.pack(MessageType.RECOVER, lamport, round_index) + bytes(body)
+
+
+def _decode_recover(lamport: int, round_index: int, body: memoryview) -> Recover:
+    if not body:
+        raise MessageError("RECOVER without a body")
+    count = body[0]
+    if not 0 < count <= MAX_RECOVER_IDS:
+        raise MessageError(f"RECOVER naming {count} members (1..{MAX_RECOVER_IDS})")
+    ids: list[str] = []
+    at = 1
+    for _ in range(count):
+        if at >= len(body):
+            raise MessageError("RECOVER truncated")
+        size = body[at]
+        if not 0 < size <= MAX_ID_BYTES or at + 1 + size > len(body):
+            raise MessageError("RECOVER with a malformed member id")
+        try:
+            ids.append(bytes(body[at + 1 : at + 1 + size]).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MessageError("RECOVER member id is not UTF-8") from None
+        at += 1 + size
+    if at != len(body):
+        raise MessageError(f"RECOVER with {len(body) - at} trailing bytes")
+    if len(set(ids)) != len(ids):
+        raise MessageError("RECOVER names a member twice")
+    return Recover(lamport, round_index, tuple(ids))
 
 
 def encode_status(lamport: int, round_index: int) -> bytes:
@@ -119,6 +173,8 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
             raise MessageError(f"PARAMS_CHUNK of {data_len} bytes exceeds limit {max_chunk}")
         (offset,) = _OFFSET.unpack_from(plaintext, HEADER_BYTES)
         return ParamsChunk(lamport, round_index, offset, memoryview(plaintext)[CHUNK_OVERHEAD:])
+    if kind == MessageType.RECOVER:
+        return _decode_recover(lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
     raise MessageError(f"unknown message type 0x{kind:02x}")
 
 

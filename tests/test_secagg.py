@@ -20,6 +20,8 @@ from p2pfl.secagg import (
     mask_key,
     masked_contribution,
     member_mask,
+    recover_average,
+    recovery_mask,
     unmask_average,
 )
 
@@ -165,3 +167,50 @@ def test_fixed_point_refuses_settings_that_could_overflow(clip: float, bits: int
 def test_a_group_needs_a_member_to_mask_with() -> None:
     with pytest.raises(ValueError, match="no other member"):
         member_mask("b", "a", ["a", "b"], 0, {"a": b"x" * 32}, 10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    members=st.integers(min_value=4, max_value=7),
+    seed=st.integers(min_value=0, max_value=2**16),
+    data=st.data(),
+)
+def test_recovery_after_random_drops_is_exact_and_never_reveals_one_vector(
+    members: int, seed: int, data: st.DataObject
+) -> None:
+    """Any drop pattern leaving >= 2 survivors: the owner recovers exactly the renormalised
+    weighted average of those present; and one survivor's contribution minus its recovery
+    answer is still masked (by the other survivors)."""
+    rng = np.random.default_rng(seed)
+    group = [f"p{i}" for i in range(members)]
+    owner = group[0]
+    others = group[1:]
+    dropped = data.draw(
+        st.lists(st.sampled_from(others), unique=True, min_size=1, max_size=len(others) - 2)
+    )
+    survivors = [p for p in others if p not in dropped]
+    size = 64
+    xs = {p: rng.normal(size=size).astype(np.float32) for p in group}
+    raw = rng.random(members) + 0.05
+    weights = dict(zip(group, (raw / raw.sum()).tolist(), strict=True))
+    secrets = secrets_for(group)
+    got = contributions(owner, group, xs, weights, secrets, round_index=9)
+    answers = {s: recovery_mask(s, owner, dropped, 9, secrets[s], size) for s in survivors}
+    present = weights[owner] + sum(weights[s] for s in survivors)
+    average, _ = recover_average(
+        [got[s] for s in survivors],
+        list(answers.values()),
+        xs[owner],
+        weights[owner],
+        present,
+        FIXED,
+    )
+    expected = (
+        weights[owner] * xs[owner].astype(np.float64)
+        + sum(weights[s] * xs[s].astype(np.float64) for s in survivors)
+    ) / present
+    assert np.max(np.abs(average - expected)) <= FIXED.error_bound(members) / present + 1e-6
+    # one survivor alone, its recovery answer removed: still noise
+    lone = survivors[0]
+    alone = FIXED.decode(got[lone] - answers[lone])
+    assert np.std(alone - weights[lone] * xs[lone]) > 100

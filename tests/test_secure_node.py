@@ -100,21 +100,22 @@ async def test_what_a_neighbour_receives_is_masked(four, monkeypatch) -> None:
     assert not np.array_equal(sent[("bob", "alice")], sent[("bob", "carol")])
 
 
-async def test_a_missing_member_keeps_every_owner_on_its_own_model(four) -> None:
-    """dave never comes: no group can remove his masks, so nobody averages (and no
-    individual contribution is ever unmasked); each node keeps its own model and says why."""
+async def test_with_one_contributor_left_every_owner_keeps_its_own_model(four) -> None:
+    """carol and dave never come: alice's group has bob alone, and bob's contribution
+    could only be unmasked by revealing it; so nobody averages, each keeps its own model
+    and says why."""
     net = four(
         rounds=2,
         round_timeout=30,
         startup_timeout=0.5,
         extra={**SECURE, "net": {"down_grace": 0.2}},
     )
-    nodes = [make_node(net, p) for p in PEERS[:3]]
-    assert await run_all(nodes) == [0] * 3
-    for peer in PEERS[:3]:
+    nodes = [make_node(net, p) for p in ("alice", "bob")]
+    assert await run_all(nodes) == [0, 0]
+    for peer in ("alice", "bob"):
         for e in aggregates(net.state(peer) / "events.jsonl"):
-            assert e["missing"] == ["dave"] and e["members"] == [peer]
-            assert e["kept_own"] is True and "masks" in e["reason"]
+            assert e["missing"] == ["carol", "dave"] and e["members"] == [peer]
+            assert e["kept_own"] is True and "fewer than two" in e["reason"]
 
 
 def test_secure_aggregation_needs_two_neighbours_everywhere(make_network) -> None:
@@ -135,3 +136,48 @@ async def test_plain_parameters_are_refused_by_a_secure_node(four) -> None:
     finally:
         alice.events.close()
     await asyncio.sleep(0)
+
+
+async def test_survivors_recover_the_average_without_a_member_that_left(four) -> None:
+    """dave stops after round 1: from then on every owner asks its survivors for their masks
+    with dave, removes them, and averages over those present, exactly."""
+    net = four(rounds=5, round_timeout=30, extra={**SECURE, "net": {"down_grace": 0.2}})
+    nodes = [make_node(net, p) for p in PEERS]
+    tasks = [asyncio.ensure_future(n.run()) for n in nodes]
+    dave_log = net.state("dave") / "events.jsonl"
+    while '"round_end","round":1' not in (dave_log.read_text() if dave_log.exists() else ""):
+        await asyncio.sleep(0.01)
+    nodes[3].request_stop()
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0] * 4
+    for peer in PEERS[:3]:
+        events = read_events(net.state(peer) / "events.jsonl")
+        last = [e for e in events if e["type"] == "aggregate"][-1]
+        assert last["missing"] == ["dave"] and last["recovered"] == ["dave"]
+        assert "kept_own" not in last
+        assert sorted(last["members"]) == ["alice", "bob", "carol"]
+        assert sum(last["weights"].values()) == pytest.approx(1.0, abs=1e-5)
+        helped = [e for e in events if e["type"] == "recovery" and e["role"] == "survivor"]
+        assert helped and all(e["missing"] == ["dave"] for e in helped)
+    alice, bob, carol = (n.params for n in nodes[:3])
+    assert np.max(np.abs(alice - bob)) < 1e-4 and np.max(np.abs(alice - carol)) < 1e-4
+
+
+async def test_recovery_requests_that_could_unmask_are_refused(four) -> None:
+    from p2pfl.wire import Recover
+
+    net = four(rounds=1, extra=SECURE)
+    bob = make_node(net, "bob")
+    bob._contributed[(3, "alice")] = tuple(PEERS)
+    link = types.SimpleNamespace(peer_id="alice")
+    try:
+        for request, problem in (
+            (Recover(1, 2, ("dave",)), "no contribution"),  # not a round bob took part in
+            (Recover(1, 3, ("bob",)), "outside its group, or us"),
+            (Recover(1, 3, ("zed",)), "outside its group, or us"),
+            (Recover(1, 3, ("carol", "dave")), "fewer than two contributors"),
+        ):
+            bob._answer_recovery(link, request)  # type: ignore[arg-type]
+            last = read_events(net.state("bob") / "events.jsonl")[-1]
+            assert last["type"] == "reject" and problem in last["reason"], (request, last)
+    finally:
+        bob.events.close()

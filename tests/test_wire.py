@@ -155,3 +155,21 @@ def test_stream_receiver_never_corrupts_state(ops: list[tuple[int, int, int]]) -
                     assert done.params is not None and done.params.nbytes == 400
         except MessageError:
             rx.abort()
+
+
+def test_recover_round_trips_and_malformed_ones_are_refused() -> None:
+    from p2pfl.wire import Recover, encode_recover
+
+    msg = decode_message(encode_recover(7, 3, ("carol", "dave")), max_chunk=1024)
+    assert msg == Recover(7, 3, ("carol", "dave"))
+    good = encode_recover(7, 3, ("carol",))
+    for bad, problem in (
+        (good[:13], "without a body"),
+        (good[:13] + b"\x00", "naming 0 members"),
+        (good[:-1], "malformed member id"),
+        (good + b"x", "trailing bytes"),
+        (good[:13] + b"\x02\x01a\x01a", "names a member twice"),
+        (good[:13] + b"\x01\x02\xff\xfe", "not UTF-8"),
+    ):
+        with pytest.raises(MessageError, match=problem):
+            decode_message(bad, max_chunk=1024)
