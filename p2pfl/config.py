@@ -27,6 +27,7 @@ import yaml
 
 from p2pfl.errors import ConfigError
 from p2pfl.keys import decode_public_key
+from p2pfl.privacy import DPConfig
 from p2pfl.topology import graph_for_round, is_connected
 
 __all__ = [
@@ -151,6 +152,8 @@ class AggregationConfig:
     frac_bits: int = 20
     #: How long an owner waits for the survivors' recovery answers after a dropout.
     recovery_timeout: float = 5.0
+    #: Differential privacy of every peer's updates (None: off).
+    dp: DPConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -772,7 +775,9 @@ class _Parser:
 
     def aggregation(self, value: object) -> AggregationConfig:
         section = self.section(
-            value, "aggregation", ("rule", "secure", "clip", "frac_bits", "recovery_timeout")
+            value,
+            "aggregation",
+            ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "dp"),
         )
         rule = self.choice(section.get("rule", "metropolis"), "aggregation.rule", AGGREGATION_RULES)
         secure = self.boolean(section.get("secure", False), "aggregation.secure")
@@ -791,7 +796,16 @@ class _Parser:
         recovery_timeout = self.seconds(
             section.get("recovery_timeout", d.recovery_timeout), "aggregation.recovery_timeout"
         )
-        return AggregationConfig(rule, secure, clip, frac_bits, recovery_timeout)
+        dp = self.dp(section["dp"]) if section.get("dp") is not None else None
+        return AggregationConfig(rule, secure, clip, frac_bits, recovery_timeout, dp)
+
+    def dp(self, value: object) -> DPConfig:
+        keys = ("clip_norm", "noise_multiplier", "delta")
+        section = self.section(value, "aggregation.dp", keys, keys)
+        clip_norm = self.positive(section["clip_norm"], "aggregation.dp.clip_norm")
+        noise = self.positive(section["noise_multiplier"], "aggregation.dp.noise_multiplier")
+        delta = self.positive(section["delta"], "aggregation.dp.delta", 0.5)
+        return DPConfig(clip_norm, noise, delta)
 
     def limits(self, value: object) -> LimitsConfig:
         d = LimitsConfig()
@@ -912,6 +926,13 @@ def _shared_mapping(
             "clip": aggregation.clip,
             "frac_bits": aggregation.frac_bits,
             "recovery_timeout": aggregation.recovery_timeout,
+            "dp": None
+            if aggregation.dp is None
+            else {
+                "clip_norm": aggregation.dp.clip_norm,
+                "noise_multiplier": aggregation.dp.noise_multiplier,
+                "delta": aggregation.dp.delta,
+            },
         },
         "limits": {
             "max_buffered_rounds": limits.max_buffered_rounds,

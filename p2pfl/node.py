@@ -39,6 +39,7 @@ from p2pfl.events import EventLog, LamportClock
 from p2pfl.keys import pairwise_secret
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
+from p2pfl.privacy import epsilon, privatize
 from p2pfl.rounds import RoundTracker, Verdict
 from p2pfl.secagg import (
     FixedPoint,
@@ -119,6 +120,16 @@ async def _quietly(coro: Any) -> None:
         await coro
 
 
+def count_trained_rounds(path: Path) -> int:
+    """How many ``train`` events an existing log holds: a restarted node's privacy budget
+    counts every update it ever released (a redone round is a second release)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if b'"type":"train"' in line)
+    except OSError:
+        return 0
+
+
 def check_secure_topology(config: Config) -> None:
     """Secure aggregation needs every group to have two members besides its owner (with one,
     its contribution could not be masked): every peer needs two neighbours in every round."""
@@ -187,6 +198,9 @@ class Node:
         self._contributed: dict[tuple[int, str], tuple[str, ...]] = {}
         self._answered: set[tuple[int, str]] = set()
         self._recovery: RecoveryWait | None = None
+        self._dp_rng = np.random.default_rng()  # OS entropy
+        #: Updates released so far (a restarted node counts its earlier life's too).
+        self._dp_releases = count_trained_rounds(options.state_dir / "events.jsonl")
         # The model and the log say something about local data: owner-only (0700 / 0600).
         options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.clock = LamportClock()
@@ -365,8 +379,12 @@ class Node:
 
     # --- the round loop ------------------------------------------------------------------
 
-    def _train(self, round_index: int) -> tuple[float, np.ndarray]:
-        """Runs in a worker thread: the event loop keeps receiving meanwhile."""
+    def _train(self, round_index: int) -> tuple[float, np.ndarray, dict[str, Any]]:
+        """Runs in a worker thread: the event loop keeps receiving meanwhile. With
+        differential privacy, the update is clipped and noised before anything leaves."""
+        dp = self.config.aggregation.dp
+        # A copy: a single-array learner may train in the very memory self.params views.
+        start = self.params.copy() if dp is not None else None
         self.learner.set_weights(unflatten(self.params, self.template))
         rng = np.random.default_rng([self.config.seed, self.peer_index, round_index])
         loss = self.learner.fit(
@@ -377,7 +395,22 @@ class Node:
             learning_rate=self.training.learning_rate,
             rng=rng,
         )
-        return float(loss), flatten(self.learner.get_weights())
+        trained = flatten(self.learner.get_weights())
+        if dp is None or start is None:
+            return float(loss), trained, {}
+        # Noise from the OS's entropy, never the shared seed (which every peer knows).
+        noised, norm, clipped = privatize(start, trained, dp, self._dp_rng)
+        self._dp_releases += 1
+        return (
+            float(loss),
+            noised,
+            {
+                "dp_update_norm": round(norm, 6),
+                "dp_clipped": clipped,
+                "dp_epsilon": round(epsilon(self._dp_releases, dp.noise_multiplier, dp.delta), 6),
+                "dp_delta": dp.delta,
+            },
+        )
 
     def _evaluate(self) -> tuple[str, float, float]:
         self.learner.set_weights(unflatten(self.params, self.template))
@@ -457,7 +490,7 @@ class Node:
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
 
         t0 = time.monotonic()
-        loss, trained = await self._in_worker(self._train, r)
+        loss, trained, privacy = await self._in_worker(self._train, r)
         self.params = trained
         self.events.emit(
             "train",
@@ -465,6 +498,7 @@ class Node:
             loss=round(loss, 6),
             duration_s=round(time.monotonic() - t0, 6),
             samples=len(self.data.y),
+            **privacy,
         )
 
         clipped = 0

@@ -181,3 +181,24 @@ async def test_recovery_requests_that_could_unmask_are_refused(four) -> None:
             assert last["type"] == "reject" and problem in last["reason"], (request, last)
     finally:
         bob.events.close()
+
+
+async def test_dp_noise_is_added_and_the_budget_is_logged_every_round(four) -> None:
+    from p2pfl.privacy import epsilon
+
+    dp = {"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1.0e-5}
+    net = four(rounds=3, extra={"aggregation": {**SECURE["aggregation"], "dp": dp}})
+    nodes = [make_node(net, p) for p in PEERS]
+    assert await run_all(nodes) == [0] * 4
+    for peer in PEERS:
+        trains = [e for e in read_events(net.state(peer) / "events.jsonl") if e["type"] == "train"]
+        assert [e["dp_epsilon"] for e in trains] == [
+            pytest.approx(epsilon(k, 1.1, 1e-5), abs=1e-5) for k in (1, 2, 3)
+        ]
+        assert all(e["dp_delta"] == 1e-5 and e["dp_update_norm"] > 0 for e in trains)
+    # A restarted node counts its earlier releases too.
+    again = make_node(net, "alice")
+    try:
+        assert again._dp_releases == 3
+    finally:
+        again.events.close()

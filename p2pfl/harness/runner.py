@@ -71,6 +71,8 @@ class HarnessOptions:
     #: Standardize features (z-score over the pooled training data); None: only for .npz.
     standardize: bool | None = None
     secure: bool = False
+    #: aggregation.dp for peers.yaml (clip_norm, noise_multiplier, delta), or None.
+    dp: Mapping[str, float] | None = None
     progress: bool = True
 
 
@@ -602,6 +604,8 @@ def prepare(options: HarnessOptions) -> Prepared:
     shared["training"]["startup_timeout"] = max(60.0, 2.0 * options.peers)
     shared["net"] = {"down_grace": options.down_grace}
     shared["aggregation"]["secure"] = options.secure
+    if options.dp is not None:
+        shared["aggregation"]["dp"] = dict(options.dp)
     header = (
         "# Written by `p2pfl harness`: every peer on 127.0.0.1, one process each.\n"
         f"# Peers {layout.peers[0]}..{layout.peers[-1]}; keys in keys/, data in data/.\n"
@@ -735,6 +739,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
             "partition_info": prepared.heterogeneity,
             "topology": options.topology_text,
             "secure": options.secure,
+            "dp": None if options.dp is None else dict(options.dp),
             "model": options.model_text,
             "seed": options.seed,
             "local_epochs": options.local_epochs,
