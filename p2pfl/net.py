@@ -50,6 +50,7 @@ from p2pfl.wire import (
     encode_params_chunk,
     encode_recover,
     encode_reply,
+    encode_seed,
     encode_status,
 )
 
@@ -126,6 +127,10 @@ class PeerLink:
     async def send_recover(self, lamport: int, round_index: int, missing: tuple[str, ...]) -> None:
         async with self._send_lock:
             await self._send_record(encode_recover(lamport, round_index, missing))
+
+    async def send_seed(self, lamport: int, round_index: int, seed: bytes) -> None:
+        async with self._send_lock:
+            await self._send_record(encode_seed(lamport, round_index, seed))
 
     async def send_status(self, lamport: int, round_index: int) -> None:
         async with self._send_lock:

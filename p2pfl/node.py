@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -36,6 +36,7 @@ from p2pfl.checkpoint import (
 from p2pfl.config import Config
 from p2pfl.errors import ConfigError, MessageError
 from p2pfl.events import EventLog, LamportClock
+from p2pfl.guard import Throttle
 from p2pfl.keys import pairwise_secret
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
@@ -45,7 +46,6 @@ from p2pfl.secagg import (
     FixedPoint,
     masked_contribution,
     member_mask,
-    recover_average,
     recovery_mask,
     unmask_average,
 )
@@ -58,6 +58,7 @@ from p2pfl.wire import (
     ParamsBegin,
     ParamsChunk,
     Recover,
+    Seed,
     Status,
 )
 
@@ -108,16 +109,44 @@ MASK_PURPOSE = b"p2pfl secagg mask"
 
 @dataclass
 class RecoveryWait:
-    """An owner's recovery in progress: which survivors must answer, and their answers."""
+    """An owner's unmasking in progress: the members it counts as present, whether they
+    must also send masks with missing members, and their answers so far."""
 
     round: int
     survivors: frozenset[str]
+    need_masks: bool
+    seeds: dict[str, bytes] = field(default_factory=dict)
     replies: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def complete(self) -> bool:
+        return len(self.seeds) == len(self.survivors) and (
+            not self.need_masks or len(self.replies) == len(self.survivors)
+        )
 
 
 async def _quietly(coro: Any) -> None:
     with contextlib.suppress(Exception):
         await coro
+
+
+SECAGG_JOURNAL = "secagg.log"
+
+
+def read_secagg_journal(path: Path) -> tuple[int, set[tuple[int, str]]]:
+    """(last round we contributed to, unmask requests answered) from an earlier life."""
+    through = -1
+    answered: set[tuple[int, str]] = set()
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return through, answered
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "contributed" and parts[1].isdigit():
+            through = max(through, int(parts[1]))
+        elif len(parts) == 3 and parts[0] == "answered" and parts[1].isdigit():
+            answered.add((int(parts[1]), parts[2]))
+    return through, answered
 
 
 def count_trained_rounds(path: Path) -> int:
@@ -196,7 +225,12 @@ class Node:
         #: (round, owner) -> that owner's group, for each masked contribution we sent
         #: (a recovery request must match one), and the requests already answered.
         self._contributed: dict[tuple[int, str], tuple[str, ...]] = {}
-        self._answered: set[tuple[int, str]] = set()
+        self._self_seeds: dict[tuple[int, str], bytes] = {}
+        self._journal: IO[str] | None = None
+        self._contributed_through, self._answered = read_secagg_journal(
+            options.state_dir / SECAGG_JOURNAL
+        )
+        self._refusals = Throttle(burst=5, window=10.0)
         self._recovery: RecoveryWait | None = None
         self._dp_rng = np.random.default_rng()  # OS entropy
         #: Updates released so far (a restarted node counts its earlier life's too).
@@ -303,6 +337,20 @@ class Node:
             link.stream_dtype = msg.dtype
         elif isinstance(msg, Recover):
             self._answer_recovery(link, msg)
+        elif isinstance(msg, Seed):
+            wait = self._recovery
+            if (
+                wait is None
+                or wait.round != msg.round
+                or link.peer_id not in wait.survivors
+                or link.peer_id in wait.seeds
+            ):
+                self.events.emit(
+                    "reject", msg.round, peer=link.peer_id, reason="unrequested self-mask seed"
+                )
+                return
+            wait.seeds[link.peer_id] = msg.seed
+            self._notify()
         elif isinstance(msg, ParamsChunk):
             done = link.receiver.chunk(msg.round, msg.offset, msg.data)
             if done is None or done.params is None:
@@ -485,6 +533,7 @@ class Node:
         if self.secure is not None:  # recovery answers are only given for recent rounds
             horizon = r - self.config.limits.max_buffered_rounds - 2
             self._contributed = {k: v for k, v in self._contributed.items() if k[0] >= horizon}
+            self._self_seeds = {k: v for k, v in self._self_seeds.items() if k[0] >= horizon}
             self._answered = {k for k in self._answered if k[0] >= horizon}
         self.net.broadcast_status(r)
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
@@ -504,8 +553,20 @@ class Node:
         clipped = 0
         if self.secure is None:
             self.outgoing = (r, dict.fromkeys(neighbours, self.params))
+        elif r <= self._contributed_through:
+            # Before a restart we already sent masked vectors for this round: another vector
+            # under the same masks would reveal a difference of our models. Sit it out.
+            log.info("%s round %d: contributed before a restart, not again", self.id, r)
+            self.outgoing = (r, {})
         else:
-            contributions, clipped = await self._in_worker(self._masked_contributions, r)
+            try:
+                contributions, clipped = await self._in_worker(self._masked_contributions, r)
+            except ValueError as exc:  # non-finite parameters: nothing to contribute
+                log.error("%s round %d: no contribution: %s", self.id, r, exc)
+                contributions = {}
+            if contributions:
+                self._secagg_journal(f"contributed {r}")
+                self._contributed_through = r
             self.outgoing = (r, contributions)
         self.collecting = True
         for peer in sorted(neighbours):
@@ -591,16 +652,18 @@ class Node:
         self._notify()
 
     def _answer_recovery(self, link: PeerLink, msg: Recover) -> None:
-        """A survivor's side: send the owner the sum of our masks with the members it says
-        are missing, once per round and owner, only for a group we contributed to, and only
-        if at least two contributors are left (else the answer would unmask somebody)."""
+        """A member's side of unmasking: reveal our self-mask seed for this round's
+        contribution to the owner and, if it names missing members, the sum of our masks
+        with them. Once per round and owner (recorded on disk first), only for a group we
+        contributed to, and only if at least two contributors are left."""
         owner = link.peer_id
         key = (msg.round, owner)
         group = self._contributed.get(key)
+        seed = self._self_seeds.get(key)
         missing = set(msg.missing)
         if self.secure is None:
             problem = "this network does not use secure aggregation"
-        elif group is None:
+        elif group is None or seed is None:
             problem = f"we sent {owner} no contribution for round {msg.round}"
         elif key in self._answered:
             problem = f"already answered for round {msg.round}"
@@ -611,25 +674,33 @@ class Node:
         else:
             problem = ""
         if problem:
-            self.events.emit(
-                "reject", msg.round, peer=owner, reason=f"recovery request refused: {problem}"
-            )
+            suppressed = self._refusals.allow(owner, time.monotonic())
+            if suppressed is not None:  # a flood of requests must not flood the log
+                self.events.emit(
+                    "reject",
+                    msg.round,
+                    peer=owner,
+                    reason=f"unmask request refused: {problem}",
+                    **({"suppressed": suppressed} if suppressed else {}),
+                )
             return
-        assert group is not None
+        assert seed is not None
         self._answered.add(key)
-        self.events.emit(
-            "recovery", msg.round, role="survivor", owner=owner, missing=sorted(missing)
-        )
-        self.net.spawn(self._send_recovery(link, msg.round, owner, sorted(missing)))
+        self._secagg_journal(f"answered {msg.round} {owner}")
+        self.events.emit("recovery", msg.round, role="member", owner=owner, missing=sorted(missing))
+        self.net.spawn(self._send_unmask_answer(link, msg.round, owner, seed, sorted(missing)))
 
-    async def _send_recovery(
-        self, link: PeerLink, round_index: int, owner: str, missing: list[str]
+    async def _send_unmask_answer(
+        self, link: PeerLink, round_index: int, owner: str, seed: bytes, missing: list[str]
     ) -> None:
-        secrets = {m: self._mask_secret(m) for m in missing}
-        answer = await asyncio.to_thread(
-            recovery_mask, self.id, owner, missing, round_index, secrets, self.params.size
-        )
         try:
+            await link.send_seed(self.clock.tick(), round_index, seed)
+            if not missing:
+                return
+            secrets = {m: self._mask_secret(m) for m in missing}
+            answer = await asyncio.to_thread(
+                recovery_mask, self.id, owner, missing, round_index, secrets, self.params.size
+            )
             await link.send_params(
                 self.clock.tick(),
                 round_index,
@@ -637,8 +708,23 @@ class Node:
                 self.config.limits.chunk_bytes,
                 DTYPE_RECOVERY_U32,
             )
-        except Exception as exc:  # the owner went away: its recovery fails, it keeps its model
-            log.debug("recovery answer to %s failed: %s", owner, exc)
+        except Exception as exc:  # the owner went away: its unmasking fails, it keeps its model
+            log.debug("unmask answer to %s failed: %s", owner, exc)
+
+    def _secagg_journal(self, line: str) -> None:
+        """Append to state_dir/secagg.log what must survive a crash: the rounds we sent
+        masked contributions for (never again after a restart: a second vector under the
+        same masks would reveal a difference of our models) and the unmask requests we
+        answered (never twice). Flushed before the action it records."""
+        if self._journal is None:
+            fd = os.open(
+                self.options.state_dir / SECAGG_JOURNAL,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                0o600,
+            )
+            self._journal = os.fdopen(fd, "a", encoding="utf-8")
+        self._journal.write(line + "\n")
+        self._journal.flush()
 
     async def _secure_aggregate(
         self,
@@ -647,59 +733,62 @@ class Node:
         missing: list[str],
         weights: dict[str, float],
     ) -> tuple[dict[str, float], dict[str, Any], int]:
-        """The owner's step: unmask the group's weighted sum, after a recovery if members
-        are missing. Returns (weights used, extra event fields, own clipped entries); on
-        failure the node keeps its own model and the fields say why."""
+        """The owner's step: ask the members present for their self-mask seeds (and, after
+        dropouts, their masks with the missing), then unmask the group's weighted sum.
+        Returns (weights used, extra event fields, own clipped entries); on failure the
+        node keeps its own model and the fields say why."""
         survivors = sorted(received)
-        if not missing:
-            self.params, clipped = await self._in_worker(
-                self._unmask, [received[p] for p in survivors], weights[self.id]
-            )
-            return weights, {}, clipped
         if len(survivors) < 2:
             reason = f"fewer than two other contributors ({len(survivors)}) left"
             return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
-        replies, reason = await self._recover(r, missing, survivors)
-        if replies is None:
+        wait, reason = await self._collect_unmasking(r, missing, survivors)
+        if wait is None:
             return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
         present = {p: weights[p] for p in [self.id, *survivors]}
+        total = sum(present.values())
+        assert self.secure is not None
         self.params, clipped = await self._in_worker(
-            recover_average,
+            unmask_average,
             [received[p].view(np.uint32) for p in survivors],
-            [replies[p] for p in survivors],
+            [wait.seeds[p] for p in survivors],
+            [wait.replies[p] for p in survivors] if missing else [],
             self.params,
             weights[self.id],
-            sum(present.values()),
+            total,
             self.secure,
         )
-        total = sum(present.values())
-        return {p: w / total for p, w in present.items()}, {"recovered": missing}, clipped
+        extra: dict[str, Any] = {"recovered": missing} if missing else {}
+        return {p: w / total for p, w in present.items()}, extra, clipped
 
-    async def _recover(
+    async def _collect_unmasking(
         self, r: int, missing: list[str], survivors: list[str]
-    ) -> tuple[dict[str, np.ndarray] | None, str]:
-        """Ask every survivor for its masks with the missing members (this round, this
-        group only) and wait, bounded, for all answers."""
+    ) -> tuple[RecoveryWait | None, str]:
+        """Send every present member the unmask request and wait, bounded, for all answers
+        (a bigger model gets longer: the answers may queue behind model-sized streams)."""
         assert self.secure is not None
         loop = asyncio.get_running_loop()
-        self._recovery = RecoveryWait(r, frozenset(survivors))
+        links = {p: self.net.links.get(p) for p in survivors}
+        gone = sorted(p for p, link in links.items() if link is None)
+        if gone:
+            return None, f"unmasking failed: {', '.join(gone)} not connected"
+        wait = RecoveryWait(r, frozenset(survivors), need_masks=bool(missing))
+        self._recovery = wait
         try:
             lamport = self.clock.tick()
-            for peer in survivors:
-                link = self.net.links.get(peer)
-                if link is None:
-                    return None, f"recovery failed: {peer} is not connected"
+            for link in links.values():
+                assert link is not None
                 self.net.spawn(_quietly(link.send_recover(lamport, r, tuple(missing))))
-            self.events.emit("recovery", r, role="owner", missing=missing, survivors=survivors)
-            wait = self._recovery
-            timeout = self.config.aggregation.recovery_timeout
-            done = await self._wait_until(
-                lambda: len(wait.replies) == len(survivors), loop.time() + timeout
-            )
-            if not done:
-                silent = sorted(set(survivors) - set(wait.replies))
-                return None, f"recovery failed: no answer from {', '.join(silent)}"
-            return dict(wait.replies), ""
+            if missing:
+                self.events.emit("recovery", r, role="owner", missing=missing, survivors=survivors)
+            timeout = self.config.aggregation.recovery_timeout + self.params.nbytes / 50e6
+            if not await self._wait_until(wait.complete, loop.time() + timeout):
+                silent = sorted(
+                    p
+                    for p in survivors
+                    if p not in wait.seeds or (missing and p not in wait.replies)
+                )
+                return None, f"unmasking failed: no answer from {', '.join(silent)}"
+            return wait, ""
         finally:
             self._recovery = None
 
@@ -731,17 +820,14 @@ class Node:
             secrets = {k: self._mask_secret(k) for k in group if k not in (owner, self.id)}
             mask = member_mask(self.id, owner, group, round_index, secrets, self.params.size)
             weight = metropolis_weights(graph, owner)[self.id]
-            contributions[owner], n = masked_contribution(self.params, weight, mask, self.secure)
+            seed = os.urandom(32)  # fresh for every contribution; revealed only on request
+            contributions[owner], n = masked_contribution(
+                self.params, weight, mask, self.secure, seed
+            )
             clipped += n
             self._contributed[(round_index, owner)] = tuple(group)
+            self._self_seeds[(round_index, owner)] = seed
         return contributions, clipped
-
-    def _unmask(self, received: list[np.ndarray], own_weight: float) -> tuple[np.ndarray, int]:
-        """Worker thread: the group's weighted average from every member's contribution."""
-        assert self.secure is not None
-        return unmask_average(
-            [r.view(np.uint32) for r in received], self.params, own_weight, self.secure
-        )
 
     async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work in a thread. Shielded: a shutdown waits for it instead of
@@ -947,4 +1033,7 @@ class Node:
                 reason="completed" if self.finished else "stopped",
             )
             self.events.close()
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
         return 0

@@ -52,10 +52,11 @@ class FixedPoint:
     def __post_init__(self) -> None:
         if not 0 < self.frac_bits < 31:
             raise ValueError(f"frac_bits must be between 1 and 30, got {self.frac_bits}")
-        if not self.clip > 0 or self.clip * 2.0**self.frac_bits >= 2.0**31:
+        if not self.clip > 0 or self.clip * 2.0**self.frac_bits > 2.0**30:
             raise ValueError(
-                f"clip * 2**frac_bits must be below 2**31 (the sum is decoded as a signed "
-                f"32-bit integer); clip {self.clip:g} with {self.frac_bits} bits is "
+                f"clip * 2**frac_bits must be at most 2**30 (the sum is decoded as a signed "
+                f"32-bit integer, and every term is rounded on its own); clip "
+                f"{self.clip:g} with {self.frac_bits} bits is "
                 f"{self.clip * 2.0**self.frac_bits:.3g}"
             )
 
@@ -72,6 +73,8 @@ class FixedPoint:
         ``x`` were clipped. Works chunk by chunk: temporaries stay small."""
         if out.dtype != np.uint32 or out.shape != x.shape:
             raise ValueError("out must be a uint32 array shaped like x")
+        if not np.isfinite(np.sum(x, dtype=np.float64)):
+            raise ValueError("non-finite parameters cannot be encoded")
         factor = weight * self.scale
         clipped = 0
         for start in range(0, x.size, CHUNK):
@@ -149,11 +152,14 @@ def member_mask(
 
 
 def masked_contribution(
-    x: np.ndarray, weight: float, mask: np.ndarray, fixed: FixedPoint
+    x: np.ndarray, weight: float, mask: np.ndarray, fixed: FixedPoint, self_seed: bytes
 ) -> tuple[np.ndarray, int]:
-    """y_j = encode(weight * x) + mask, and how many entries were clipped. ``mask`` is
-    consumed (the result is written into it: one model-sized buffer per owner)."""
+    """y_j = encode(weight * x) + mask + PRG(self_seed), and how many entries were clipped.
+    ``mask`` is consumed (the result is written into it). The self-mask's seed is fresh
+    randomness the member reveals only when the owner counts it as present: a vector the
+    owner declared missing (e.g. a late one) stays masked even after a recovery."""
     clipped = fixed.encode_add(np.ravel(x), weight, mask)
+    add_keystream(mask, self_seed, 1)
     return mask, clipped
 
 
@@ -167,19 +173,6 @@ def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
             raise ValueError("contributions must be uint32 arrays of one shape")
         np.add(total, y, out=total)
     return total
-
-
-def unmask_average(
-    contributions: Sequence[np.ndarray],
-    own: np.ndarray,
-    own_weight: float,
-    fixed: FixedPoint,
-) -> tuple[np.ndarray, int]:
-    """The owner's step: sum every other member's contribution, add its own weighted
-    term, decode. Returns the weighted average and how many own entries were clipped."""
-    total = group_sum(contributions)
-    clipped = fixed.encode_add(np.ravel(own), own_weight, total)
-    return fixed.decode(total), clipped
 
 
 def recovery_mask(
@@ -200,18 +193,22 @@ def recovery_mask(
     return mask
 
 
-def recover_average(
+def unmask_average(
     contributions: Sequence[np.ndarray],
+    seeds: Sequence[bytes],
     recoveries: Sequence[np.ndarray],
     own: np.ndarray,
     own_weight: float,
     present_weight: float,
     fixed: FixedPoint,
 ) -> tuple[np.ndarray, int]:
-    """The owner's step after dropouts: survivors' contributions minus their masks with the
-    missing, plus its own term, decoded and renormalised over those present
-    (``present_weight`` = own weight + the survivors' weights)."""
+    """The owner's step: the present members' contributions, minus their self-masks (from
+    the ``seeds`` they revealed) and, after dropouts, minus their masks with the missing
+    (``recoveries``), plus its own term; decoded and renormalised over those present
+    (``present_weight`` = own weight + the present members' weights; 1 with no dropout)."""
     total = group_sum(contributions)
+    for seed in seeds:
+        add_keystream(total, seed, -1)
     for r in recoveries:
         if r.dtype != np.uint32 or r.shape != total.shape:
             raise ValueError("recovery masks must be uint32 arrays shaped like the model")

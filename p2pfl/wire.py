@@ -48,6 +48,7 @@ class MessageType(enum.IntEnum):
     PARAMS_BEGIN = 0x10
     PARAMS_CHUNK = 0x11
     RECOVER = 0x20
+    SEED = 0x21
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,20 +75,37 @@ class ParamsChunk:
 
 @dataclass(frozen=True, slots=True)
 class Recover:
-    """Secure aggregation, owner to a survivor of its group: "these members' contributions
-    for round R are missing; send me the sum of your masks with them"."""
+    """Secure aggregation, owner to each member it counts as present in round R: "send me
+    your self-mask seed, and the sum of your masks with these missing members (if any)"."""
 
     lamport: int
     round: int
     missing: tuple[str, ...]
 
 
-Message = Status | ParamsBegin | ParamsChunk | Recover
+@dataclass(frozen=True, slots=True)
+class Seed:
+    """A member's answer: the seed of its self-mask on its round-R contribution to us."""
+
+    lamport: int
+    round: int
+    seed: bytes
+
+
+SEED_BYTES = 32
+
+Message = Status | ParamsBegin | ParamsChunk | Recover | Seed
+
+
+def encode_seed(lamport: int, round_index: int, seed: bytes) -> bytes:
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a seed is {SEED_BYTES} bytes")
+    return _HEADER.pack(MessageType.SEED, lamport, round_index) + seed
 
 
 def encode_recover(lamport: int, round_index: int, missing: tuple[str, ...]) -> bytes:
-    if not 0 < len(missing) <= MAX_RECOVER_IDS:
-        raise ValueError(f"1..{MAX_RECOVER_IDS} missing members, got {len(missing)}")
+    if not 0 <= len(missing) <= MAX_RECOVER_IDS:
+        raise ValueError(f"0..{MAX_RECOVER_IDS} missing members, got {len(missing)}")
     body = bytearray([len(missing)])
     for peer in missing:
         raw = peer.encode("utf-8")
@@ -101,8 +119,8 @@ def _decode_recover(lamport: int, round_index: int, body: memoryview) -> Recover
     if not body:
         raise MessageError("RECOVER without a body")
     count = body[0]
-    if not 0 < count <= MAX_RECOVER_IDS:
-        raise MessageError(f"RECOVER naming {count} members (1..{MAX_RECOVER_IDS})")
+    if count > MAX_RECOVER_IDS:
+        raise MessageError(f"RECOVER naming {count} members (at most {MAX_RECOVER_IDS})")
     ids: list[str] = []
     at = 1
     for _ in range(count):
@@ -175,6 +193,10 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
         return ParamsChunk(lamport, round_index, offset, memoryview(plaintext)[CHUNK_OVERHEAD:])
     if kind == MessageType.RECOVER:
         return _decode_recover(lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
+    if kind == MessageType.SEED:
+        if body != SEED_BYTES:
+            raise MessageError(f"SEED body of {body} bytes, expected {SEED_BYTES}")
+        return Seed(lamport, round_index, bytes(plaintext[HEADER_BYTES:]))
     raise MessageError(f"unknown message type 0x{kind:02x}")
 
 

@@ -20,7 +20,6 @@ from p2pfl.secagg import (
     mask_key,
     masked_contribution,
     member_mask,
-    recover_average,
     recovery_mask,
     unmask_average,
 )
@@ -65,8 +64,16 @@ def contributions(
         if member == owner:
             continue
         mask = member_mask(member, owner, group, round_index, secrets[member], size)
-        out[member], _ = masked_contribution(xs[member], weights[member], mask, FIXED)
+        out[member], _ = masked_contribution(
+            xs[member], weights[member], mask, FIXED, SEEDS[member]
+        )
     return out
+
+
+#: Each member's self-mask seed (fresh randomness in a node; fixed here for the tests).
+SEEDS = {f"p{i}": bytes([i + 1]) * 32 for i in range(8)} | {
+    p: bytes([ord(p)]) * 32 for p in "abcde"
+}
 
 
 @settings(max_examples=40, deadline=None)
@@ -85,7 +92,9 @@ def test_unmasked_sum_equals_the_weighted_sum_within_the_bound(
     raw = rng.random(members) + 0.05
     weights = dict(zip(group, (raw / raw.sum()).tolist(), strict=True))
     got = contributions(owner, group, xs, weights, secrets_for(group))
-    average, clipped = unmask_average(list(got.values()), xs[owner], weights[owner], FIXED)
+    average, clipped = unmask_average(
+        list(got.values()), [SEEDS[p] for p in got], [], xs[owner], weights[owner], 1.0, FIXED
+    )
     expected = sum(weights[p] * xs[p].astype(np.float64) for p in group)
     assert clipped == 0
     assert np.max(np.abs(average - expected)) <= FIXED.error_bound(members) + 1e-6 * np.max(
@@ -107,8 +116,11 @@ def test_a_missing_member_leaves_the_masks_in() -> None:
     xs = {p: rng.normal(size=1000).astype(np.float32) for p in group}
     weights = dict.fromkeys(group, 0.25)
     got = contributions("a", group, xs, weights, secrets_for(group))
-    partial, _ = unmask_average([got["b"], got["c"]], xs["a"], 0.25, FIXED)  # d is missing
-    expected = sum(0.25 * xs[p] for p in ("a", "b", "c"))
+    # d is missing: even with b's and c's self-masks removed, their masks with d stay
+    partial, _ = unmask_average(
+        [got["b"], got["c"]], [SEEDS["b"], SEEDS["c"]], [], xs["a"], 0.25, 0.75, FIXED
+    )
+    expected = sum(0.25 * xs[p] for p in ("a", "b", "c")) / 0.75
     assert np.mean(np.abs(partial - expected)) > 100  # noise, not the partial sum
 
 
@@ -158,7 +170,9 @@ def test_keystream_masks_cancel_and_wrap() -> None:
     assert np.array_equal(out, before)
 
 
-@pytest.mark.parametrize(("clip", "bits"), [(0.0, 20), (2048.0, 20), (1.0, 0), (1.0, 31)])
+@pytest.mark.parametrize(
+    ("clip", "bits"), [(0.0, 20), (2048.0, 20), (1024.5, 20), (1.0, 0), (1.0, 31)]
+)
 def test_fixed_point_refuses_settings_that_could_overflow(clip: float, bits: int) -> None:
     with pytest.raises(ValueError):
         FixedPoint(clip=clip, frac_bits=bits)
@@ -197,8 +211,9 @@ def test_recovery_after_random_drops_is_exact_and_never_reveals_one_vector(
     got = contributions(owner, group, xs, weights, secrets, round_index=9)
     answers = {s: recovery_mask(s, owner, dropped, 9, secrets[s], size) for s in survivors}
     present = weights[owner] + sum(weights[s] for s in survivors)
-    average, _ = recover_average(
+    average, _ = unmask_average(
         [got[s] for s in survivors],
+        [SEEDS[s] for s in survivors],
         list(answers.values()),
         xs[owner],
         weights[owner],
@@ -214,3 +229,27 @@ def test_recovery_after_random_drops_is_exact_and_never_reveals_one_vector(
     lone = survivors[0]
     alone = FIXED.decode(got[lone] - answers[lone])
     assert np.std(alone - weights[lone] * xs[lone]) > 100
+
+
+def test_a_late_vector_stays_masked_after_an_honest_recovery() -> None:
+    """The review's F2: the owner declared b missing and recovered with the others' masks
+    with b; then b's vector arrives anyway. The survivors' answers strip every pairwise
+    mask off it, but b was not asked for its self-mask seed (it was declared missing), so
+    the owner still cannot read it."""
+    group = ["a", "b", "c", "d", "e"]
+    rng = np.random.default_rng(5)
+    xs = {p: rng.normal(size=500).astype(np.float32) for p in group}
+    secrets = secrets_for(group)
+    got = contributions("a", group, xs, dict.fromkeys(group, 0.2), secrets)
+    stripped = got["b"].copy()
+    for k in ("c", "d", "e"):
+        np.add(stripped, recovery_mask(k, "a", ["b"], 3, secrets[k], 500), out=stripped)
+    assert np.std(FIXED.decode(stripped) - 0.2 * xs["b"]) > 100  # the self-mask still hides b
+    add_keystream(stripped, SEEDS["b"], -1)  # (had b revealed its seed, it would be exposed)
+    assert np.max(np.abs(FIXED.decode(stripped) - 0.2 * xs["b"])) < 1e-5
+
+
+def test_non_finite_parameters_are_not_encoded() -> None:
+    out = np.zeros(3, dtype=np.uint32)
+    with pytest.raises(ValueError, match="non-finite"):
+        FIXED.encode_add(np.array([0.0, np.nan, 1.0], dtype=np.float32), 1.0, out)
