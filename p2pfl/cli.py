@@ -384,7 +384,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="SGD step size (default per dataset: digits 0.3, others 0.1)",
     )
     p.add_argument(
-        "--batch-size", type=int, help="minibatch size (default per dataset: digits 8, others 32)"
+        "--batch-size", type=int, help="minibatch size (default per dataset: digits 4, others 32)"
     )
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--round-timeout", type=float, default=30.0)
@@ -473,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     except P2PFLError as exc:
         print(f"p2pfl: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # SIGTERM in the harness arrives as its subclass
+        return 143 if type(exc).__name__ == "Terminated" else 130
 
 
 if __name__ == "__main__":

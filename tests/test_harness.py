@@ -244,8 +244,9 @@ def test_harness_kill_and_restart_is_measured(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = harness(
         out,
-        # enough rounds that the others are still at it when p02 is back (~0.3 s later)
-        *("--peers", "4", "--topology", "full", "--rounds", "300", "--no-baseline"),
+        # rounds take ~10 ms, starting a process ~0.4 s: the others are paused meanwhile,
+        # so p02 still rejoins with 30 rounds to go
+        *("--peers", "4", "--topology", "full", "--rounds", "40", "--no-baseline"),
         *("--kill", "p02@2", "--restart", "p02@5", "--no-snapshots"),
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -254,11 +255,11 @@ def test_harness_kill_and_restart_is_measured(tmp_path: Path) -> None:
     assert kill["fault"] == "kill p02@2" and kill["round"] >= 2
     assert restart["fault"] == "restart p02@5" and restart["round"] >= 5
     assert restart["rejoined_round"] is not None and restart["rejoined_round"] >= 5
-    assert restart["rejoin_s"] >= 0
+    assert restart["rejoin_s"] >= 0 and restart["paused_s"] > 0
     assert summary["faults_not_done"] == []
     details = {p["peer"]: p for p in summary["peers_detail"]}
     assert all(p["finished"] for p in details.values())
-    assert details["p02"]["rounds_done"] < 300  # it missed the rounds it was down
+    assert details["p02"]["rounds_done"] < 40  # it missed the rounds it was down
     assert summary["stranded"] == []
     events = [
         json.loads(line)
@@ -354,7 +355,7 @@ def test_interrupted_harness_stops_every_peer(tmp_path: Path, sig: signal.Signal
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert code == 130
+    assert code == (130 if sig == signal.SIGINT else 143)
     assert _children_of_run(out) == []
     for log in (out / "state").glob("*/events.jsonl"):
         last = json.loads(log.read_text().splitlines()[-1])
@@ -373,7 +374,23 @@ def test_harness_refuses_a_used_folder_and_bad_options(tmp_path: Path) -> None:
         (("--partition", "zipf:2"), "--partition"),
         (("--kill", "p07@1", "--peers", "3"), "no peer 'p07'"),
         (("--dataset", str(tmp_path / "nothing.npz")), "nothing.npz"),
+        (("--rounds", "0"), "at least 1"),
+        (("--peers", "4", "--topology", "k-regular:4"), "needs more than 4 peers"),
+        (
+            (
+                "--peers",
+                "3",
+                "--partition",
+                "dirichlet:0.5",
+                "--seed",
+                "1",
+                "--round-timeout",
+                "-1",
+            ),
+            "round_timeout",
+        ),
     ):
         done = harness(tmp_path / "new", *args)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert problem in done.stderr, (args, done.stderr)
+        assert not (tmp_path / "new").exists(), args  # nothing half-made left behind

@@ -441,7 +441,7 @@ _Y = np.arange(10) % 2
         ({"x": np.float64(1.0), "y": _Y}, "scalar"),
         ({"x": _X, "y": _Y + 0.5}, "integer class labels, found 0.5 at index 0"),
         ({"x": _X, "y": np.r_[_Y[:9], np.nan]}, "integer class labels, found nan at index 9"),
-        ({"x": _X, "y": np.array(["a", "b"] * 5)}, "integer class labels, got dtype"),
+        ({"x": _X, "y": np.array([1j, 2j] * 5)}, "must hold class labels"),
         ({"x": _X, "y": _Y.reshape(5, 2)}, "must be 1-D"),
         ({"x": _X, "y": _Y[:9]}, "y has 9 labels but x has 10 rows"),
         (
@@ -467,7 +467,7 @@ _Y = np.arange(10) % 2
         "scalar x",
         "fractional y",
         "nan y",
-        "string y",
+        "complex y",
         "2-D y",
         "length mismatch",
         "test length mismatch",
@@ -803,3 +803,18 @@ def test_label_histogram_and_description() -> None:
     assert "of 4 classes" in describe_heterogeneity(hist, threshold=0.25)
     with pytest.raises(ValueError, match=r"0\.\.1"):
         label_histogram(y, parts, 2)
+
+
+def test_npz_text_and_boolean_labels_become_classes(tmp_path: Path) -> None:
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    path = tmp_path / "text.npz"
+    np.savez(path, x=x, y=np.array(["cat", "dog"] * 10))
+    split = load_split(str(path), seed=1)
+    assert split.classes == 2 and set(np.concatenate([split.y_train, split.y_test])) == {0, 1}
+    path = tmp_path / "bool.npz"
+    np.savez(path, x=x, y=np.array([True, False] * 10))
+    assert load_split(str(path), seed=1).classes == 2
+    path = tmp_path / "mixed.npz"
+    np.savez(path, x=x, y=np.array(["a", "b"] * 10), x_test=x, y_test=np.array([0, 1] * 10))
+    with pytest.raises(DataError, match="both be text labels"):
+        load_split(str(path), seed=1)

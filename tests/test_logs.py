@@ -631,8 +631,48 @@ def test_follow_exits_cleanly_on_ctrl_c(
     monkeypatch.setattr("p2pfl.logs.command.time.sleep", scripted_sleep([interrupt]))
     assert run(["logs", "follow", str(two_machines), "-n", "0"]) == 0
     assert capsys.readouterr().out == ""
-    with pytest.raises(P2PFLError, match="no such file"):
-        run(["logs", "follow", str(two_machines / "missing")])
+
+
+def test_follow_waits_for_a_run_folder_that_does_not_exist_yet(
+    two_machines: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """Like tail -F: started before the run, follow picks the logs up once they appear."""
+    import shutil
+
+    later = tmp_path / "later"
+
+    def appear() -> None:
+        shutil.copytree(two_machines, later)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("p2pfl.logs.command.time.sleep", scripted_sleep([appear, interrupt]))
+    assert run(["logs", "follow", str(later), "-n", "0"]) == 0
+    assert "round_start" in capsys.readouterr().out
+
+
+def test_merging_runs_of_different_configurations_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for ts, (name, digest) in enumerate((("run1", "aaaa"), ("run2", "bbbb"))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "events.jsonl").write_text(
+            json.dumps(
+                {
+                    "ts": 1 + ts,
+                    "node": "p00",
+                    "type": "node_start",
+                    "round": 0,
+                    "lamport": 1,
+                    "config_digest": digest,
+                }
+            )
+            + "\n"
+        )
+    assert run(["logs", "summary", str(tmp_path)]) == 0
+    assert "2 different configurations" in capsys.readouterr().err
 
 
 def test_follow_really_polls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

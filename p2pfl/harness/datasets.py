@@ -320,7 +320,9 @@ def _load_npz_split(path: Path, seed: int, test_fraction: float) -> SplitData:
         x, x_test = x[train], x[test_idx]
         y, y_test = y[train], y[test_idx]
         how = f"stratified {test_fraction:g} holdout (seed {seed})"
-    # Arbitrary integer labels become 0..C-1 by sorted value, over train and test together.
+    if (y.dtype.kind == "U") != (y_test.dtype.kind == "U"):
+        raise DataError(f"{path}: y and y_test must both be text labels or both numbers")
+    # Arbitrary labels become 0..C-1 by sorted value, over train and test together.
     values, index = np.unique(np.concatenate([y, y_test]), return_inverse=True)
     if values.size < 2:
         raise DataError(f"{path}: all labels are {values[0]}; a classifier needs two classes")
@@ -388,7 +390,8 @@ def _npz_features(path: Path, name: str, arr: np.ndarray) -> np.ndarray:
 
 
 def _npz_labels(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str) -> np.ndarray:
-    """Integer-valued labels as int64 (not yet remapped), one per row of ``x_name``."""
+    """Labels, one per row of ``x_name``, not yet remapped: integer-valued numbers as int64,
+    booleans as 0/1, text labels (``"cat"``) as str. They become 0..C-1 later."""
     if arr.ndim != 1:
         raise DataError(f"{path}: {name} must be 1-D (one label per row), got shape {arr.shape}")
     if arr.shape[0] != rows:
@@ -403,8 +406,13 @@ def _npz_labels(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str) 
             )
     elif arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise DataError(f"{path}: {name} has an implausibly large label ({arr.max()})")
-    elif arr.dtype.kind not in "iu":
-        raise DataError(f"{path}: {name} must hold integer class labels, got dtype {arr.dtype}")
+    elif arr.dtype.kind in "US":
+        return arr.astype(str)
+    elif arr.dtype.kind not in "iub":
+        raise DataError(
+            f"{path}: {name} must hold class labels (integers, booleans or text), "
+            f"got dtype {arr.dtype}"
+        )
     return arr.astype(np.int64)
 
 
@@ -412,7 +420,7 @@ def _npz_labels(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str) 
 #: with plain SGD; measured with scripts/bench_accuracy.py). Small peers' shares (digits: ~180
 #: samples each among 8) need small batches for enough steps per round.
 RECIPES: dict[str, tuple[float, int]] = {
-    "digits": (0.3, 8),
+    "digits": (0.3, 4),
     "fashion-mnist": (0.1, 32),
 }
 DEFAULT_RECIPE = (0.1, 32)

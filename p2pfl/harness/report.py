@@ -18,6 +18,9 @@ import numpy as np
 from p2pfl.harness.baseline import BaselineResult
 from p2pfl.logs.read import Event, finite
 
+#: As in ``p2pfl logs`` (and ``ls -h``): 1 MB = 2**20 bytes.
+MB = 2**20
+
 
 @dataclass(frozen=True)
 class PeerResult:
@@ -113,7 +116,7 @@ def _number(value: Any) -> float:
 
 def peer_stats(events: Sequence[Event]) -> dict[str, dict[str, Any]]:
     grouped: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"sent": 0, "recv": 0, "rounds": [], "train": 0.0, "rss": None, "finished": False}
+        lambda: {"sent": 0, "recv": 0, "rounds": [], "trains": [], "rss": None, "finished": False}
     )
     for e in events:
         s = grouped[e.node]
@@ -124,7 +127,7 @@ def peer_stats(events: Sequence[Event]) -> dict[str, dict[str, Any]]:
         elif e.type == "round_end":
             s["rounds"].append(_number(e.get("duration_s")))
         elif e.type == "train":
-            s["train"] += _number(e.get("duration_s"))
+            s["trains"].append(_number(e.get("duration_s")))
         elif e.type == "node_stop":
             s["rss"] = e.get("peak_rss_mb")
             s["finished"] = bool(e.get("finished"))
@@ -147,7 +150,7 @@ def build_summary(
     counted = finished or list(finals.values())
     mean = statistics.fmean(counted) if counted else None
     durations = [_number(e.get("duration_s")) for e in events if e.type == "round_end"]
-    train = sum(_number(e.get("duration_s")) for e in events if e.type == "train")
+    trains = [_number(e.get("duration_s")) for e in events if e.type == "train"]
     central = baseline.final_accuracy if baseline else None
     summary: dict[str, Any] = {
         **options,
@@ -167,7 +170,13 @@ def build_summary(
         "round_time_s": round(statistics.median(durations), 6) if durations else None,
         "round_time_s_mean": round(statistics.fmean(durations), 6) if durations else None,
         "round_time_s_p90": round(float(np.percentile(durations, 90)), 6) if durations else None,
-        "train_share": round(train / sum(durations), 4) if durations and sum(durations) else None,
+        # median training time / median round time: one slow round (a dead neighbour's grace)
+        # would otherwise dominate a ratio of sums
+        "train_share": (
+            round(statistics.median(trains) / statistics.median(durations), 4)
+            if trains and durations and statistics.median(durations) > 0
+            else None
+        ),
         "bytes_sent": sum(p.bytes_sent for p in peers),
         "bytes_received": sum(p.bytes_received for p in peers),
         "peak_rss_mb": {
@@ -240,8 +249,8 @@ def render_table(summary: Mapping[str, Any]) -> str:
         share = p["train_share"]
         rows.append(
             f"{p['peer']:<5} {p['samples']:>7} {p['classes_held']:>7} {p['rounds_done']:>6} "
-            f"{_fmt(p['test_accuracy'], '.4f'):>8} {p['bytes_sent'] / 1e6:>8.2f} "
-            f"{p['bytes_received'] / 1e6:>8.2f} "
+            f"{_fmt(p['test_accuracy'], '.4f'):>8} {p['bytes_sent'] / MB:>8.2f} "
+            f"{p['bytes_received'] / MB:>8.2f} "
             f"{_fmt(None if median is None else median * 1000, '.1f'):>8} "
             f"{_fmt(None if share is None else share * 100, '.0f'):>7}"
         )
@@ -262,7 +271,7 @@ def render_table(summary: Mapping[str, Any]) -> str:
     rows.append(
         f"round time: median {_fmt(None if median is None else median * 1000, '.1f')} ms, "
         f"training {_fmt(None if share is None else share * 100, '.0f')}% of it; "
-        f"wall {summary['wall_s']:.1f} s; {summary['bytes_sent'] / 1e6:.1f} MB of parameters sent"
+        f"wall {summary['wall_s']:.1f} s; {summary['bytes_sent'] / MB:.1f} MB of parameters sent"
     )
     rss = summary["peak_rss_mb"]
     rows.append(
@@ -276,6 +285,8 @@ def render_table(summary: Mapping[str, Any]) -> str:
                 f", back in round {fault['rejoined_round']} "
                 f"{fault['rejoin_s']:.2f} s after the restart"
             )
+        if fault.get("paused_s") is not None:
+            line += f" (the others paused {fault['paused_s']:.2f} s while it started)"
         rows.append(line)
     if summary.get("privacy"):
         privacy = summary["privacy"]
@@ -302,16 +313,28 @@ def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
 
     fig, (ax_acc, ax_dist) = plt.subplots(1, 2, figsize=(13, 5))
     for peer, accs in summary["accuracy_per_round"].items():
-        xs = [r + 1 for r, a in enumerate(accs) if a is not None]
+        xs = [r for r, a in enumerate(accs) if a is not None]
         ys = [a for a in accs if a is not None]
         ax_acc.plot(xs, ys, linewidth=1, alpha=0.7, label=peer)
     central = summary.get("centralized_accuracy_per_epoch")
     if central:
         epochs_per_round = max(1, int(summary.get("local_epochs", 1)))
-        xs_central = [(e + 1) / epochs_per_round for e in range(len(central))]
+        # epoch e+1 of the baseline matches the end of round e (rounds count from 0)
+        xs_central = [(e + 1) / epochs_per_round - 1 for e in range(len(central))]
         ax_acc.plot(xs_central, central, "k--", linewidth=2, label="centralised (same epochs)")
         ax_acc.axhline(central[-1], color="k", linewidth=0.8, alpha=0.5)
-    ax_acc.set_xlabel("round")
+    for fault in summary.get("faults", []):
+        color = "red" if fault["fault"].startswith("kill") else "green"
+        ax_acc.axvline(fault["round"], color=color, linestyle=":", linewidth=1)
+        ax_acc.annotate(
+            fault["fault"],
+            (fault["round"], 0.02),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=7,
+            color=color,
+        )
+    ax_acc.set_xlabel("round (from 0, as in the event logs)")
     ax_acc.set_ylabel("test accuracy")
     ax_acc.set_title(
         f"{summary['dataset']}, {summary['partition']}, {summary['peers']} peers, "
@@ -324,7 +347,7 @@ def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
         handles, labels = ax_acc.get_legend_handles_labels()
         ax_acc.legend(handles[-1:], labels[-1:], fontsize=8, loc="lower right")
     dist = summary["consensus_distance"]
-    xs = [r + 1 for r, d in enumerate(dist) if d is not None]
+    xs = [r for r, d in enumerate(dist) if d is not None]
     ys = [d for d in dist if d is not None]
     if ys:
         ax_dist.plot(xs, ys, "o-", markersize=3)
@@ -332,7 +355,7 @@ def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
             ax_dist.set_yscale("log")
     else:
         ax_dist.text(0.5, 0.5, "no snapshots (--no-snapshots)", ha="center", va="center")
-    ax_dist.set_xlabel("round")
+    ax_dist.set_xlabel("round (from 0, as in the event logs)")
     ax_dist.set_ylabel("RMS distance from the mean model / its norm")
     ax_dist.set_title("consensus distance (spread of the peers' models)")
     ax_dist.grid(alpha=0.3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,8 +41,14 @@ from p2pfl.logs.read import Event, Tail
 #: kill is pending the loop runs faster.
 POLL_S = 0.01
 FAULT_POLL_S = 0.002
+#: Longest pause of the other peers while a restarted one starts up.
+MAX_PAUSE_S = 10.0
 #: How long stopped peers get to write their final checkpoint before SIGKILL.
 STOP_GRACE_S = 10.0
+
+
+class Terminated(KeyboardInterrupt):
+    """The harness got SIGTERM: it cleans up as on Ctrl-C, then exits 143."""
 
 
 class HarnessError(P2PFLError):
@@ -172,6 +179,19 @@ class PeerProcess:
             self.stopped_by_harness = True  # before its signal handler is set, -15 is fine
             self.proc.send_signal(signal.SIGTERM)
 
+    def pause(self) -> bool:
+        """SIGSTOP (True if it was running)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGSTOP)
+                return True
+        return False
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.killed_by_harness = True
@@ -206,6 +226,7 @@ def stop_all(processes: Mapping[str, PeerProcess], grace: float = STOP_GRACE_S) 
         assert p.proc is not None
         with contextlib.suppress(ProcessLookupError):
             p.proc.send_signal(signal.SIGTERM)
+            p.proc.send_signal(signal.SIGCONT)  # a paused peer handles SIGTERM only once woken
     deadline = time.monotonic() + grace
     try:
         for p in running:
@@ -227,7 +248,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     """A SIGTERM to the harness cleans up like Ctrl-C does."""
 
     def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -249,6 +270,8 @@ class FaultRecord:
     round: int
     rejoined_round: int | None = None
     rejoin_s: float | None = None
+    #: restart: how long the other peers were paused while this one started.
+    paused_s: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -258,13 +281,14 @@ class FaultRecord:
             "round": self.round,
             "rejoined_round": self.rejoined_round,
             "rejoin_s": None if self.rejoin_s is None else round(self.rejoin_s, 3),
+            "paused_s": None if self.paused_s is None else round(self.paused_s, 3),
         }
 
 
 @dataclass
 class RunRecord:
     wall_s: float = 0.0
-    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    exit_codes: dict[str, int | str | None] = field(default_factory=dict)
     faults: list[FaultRecord] = field(default_factory=list)
     faults_not_done: list[str] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
@@ -329,6 +353,8 @@ class Monitor:
         # One Tail per file: the state folders also hold snapshots, not worth walking.
         self.tails = [Tail(layout.state(peer) / "events.jsonl") for peer in layout.peers]
         self.restarts: dict[str, FaultRecord] = {}  # restarted peers not yet back
+        #: While a restarted peer starts up, the others are paused: (its record, paused).
+        self.paused: tuple[FaultRecord, list[PeerProcess]] | None = None
         self.tty = out_stream.isatty()
         self.started = time.monotonic()
         self._last_line = ""
@@ -351,6 +377,7 @@ class Monitor:
         self.progress.update(events)
         self._note_rejoins(events)
         self._apply_faults(now)
+        self._check_paused()
         self._check_exits()
         running = self.running()
         if not running:  # a restart still pending then can never fire: it is reported
@@ -371,6 +398,13 @@ class Monitor:
 
     def _note_rejoins(self, events: list[Event]) -> None:
         for event in events:
+            if (
+                self.paused is not None
+                and event.node == self.paused[0].peer
+                and event.type == "node_start"
+                and event.ts >= self.paused[0].wall_time
+            ):
+                self._resume_others()
             pending = self.restarts.get(event.node)
             if (
                 pending is not None
@@ -399,6 +433,10 @@ class Monitor:
                     )
                 )
             if fault.action == "restart":
+                # Starting a process takes ~0.4 s, rounds can take milliseconds: pause the
+                # others until it is up, so that the rejoin happens (and can be watched).
+                self._resume_others()
+                paused = [p for p in self.running() if p.peer != fault.peer and p.pause()]
                 proc.start(self.env)
                 others = [r for p, r in self.progress.started_rounds().items() if p != fault.peer]
                 restart = FaultRecord(
@@ -406,6 +444,23 @@ class Monitor:
                 )
                 self.record.faults.append(restart)
                 self.restarts[fault.peer] = restart
+                self.paused = (restart, paused)
+
+    def _resume_others(self) -> None:
+        if self.paused is not None:
+            restart, paused = self.paused
+            for p in paused:
+                p.resume()
+            restart.paused_s = time.time() - restart.wall_time
+            self.paused = None
+
+    def _check_paused(self) -> None:
+        """Never keep the others paused long: the restarted peer may fail to start."""
+        if self.paused is not None:
+            restart, _ = self.paused
+            proc = self.processes[restart.peer]
+            if not proc.running or time.time() - restart.wall_time > MAX_PAUSE_S:
+                self._resume_others()
 
     def _check_exits(self) -> None:
         """A peer that fails on its own (not killed or stopped by us) ends the run."""
@@ -449,7 +504,7 @@ class Monitor:
         record = self.record
         record.faults_not_done = [str(f) for f in self.plan.pending]
         record.exit_codes = {
-            peer: (None if p.killed_by_harness else (p.proc.returncode if p.proc else None))
+            peer: ("killed" if p.killed_by_harness else (p.proc.returncode if p.proc else None))
             for peer, p in self.processes.items()
         }
         record.peak_rss_mb = {peer: round(p.peak_rss_mb, 1) for peer, p in self.processes.items()}
@@ -474,6 +529,7 @@ def launch_and_watch(
             if options.progress and monitor.tty:
                 out_stream.write("\n")
         finally:
+            monitor._resume_others()
             stop_all(monitor.processes)
     return monitor.finish()
 
@@ -531,7 +587,19 @@ class Prepared:
 
 
 def prepare(options: HarnessOptions) -> Prepared:
-    """Data files, keys and peers.yaml for a run (nothing is started)."""
+    """Data files, keys and peers.yaml for a run (nothing is started). If set-up fails,
+    the run folder is removed again when this call created it: a retry can reuse it."""
+    out = options.out
+    created = not out.exists()
+    try:
+        return _prepare(options)
+    except BaseException:
+        if created and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(options: HarnessOptions) -> Prepared:
     from p2pfl.cli import build_local_config
     from p2pfl.config import load_config
     from p2pfl.harness.datasets import describe, load_split
@@ -665,6 +733,8 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
         out_stream.write(text + "\n")
         out_stream.flush()
 
+    if options.rounds < 1:
+        raise HarnessError(f"--rounds must be at least 1, got {options.rounds}")
     prepared = prepare(options)
     layout = prepared.layout
     say(f"{prepared.split_description}")
@@ -678,7 +748,11 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
         f"{options.rounds} rounds, topology {options.topology_text}"
     )
     say(f"run folder: {layout.out}")
-    record = launch_and_watch(layout, options, out_stream=out_stream)
+    try:
+        record = launch_and_watch(layout, options, out_stream=out_stream)
+    except KeyboardInterrupt:
+        say(f"\ninterrupted: every peer process was stopped; what they wrote is in {layout.out}")
+        raise
 
     events = read_logs(layout.state_root).events
     states = {peer: layout.state(peer) for peer in layout.peers}
@@ -704,30 +778,39 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
                 bytes_sent=s["sent"],
                 bytes_received=s["recv"],
                 median_round_s=float(np.median(rounds)) if rounds else None,
-                train_share=s["train"] / sum(rounds) if rounds and sum(rounds) > 0 else None,
+                train_share=(
+                    float(np.median(s["trains"]) / np.median(rounds))
+                    if rounds and s["trains"] and np.median(rounds) > 0
+                    else None
+                ),
                 peak_rss_mb=s["rss"] if s["rss"] is not None else record.peak_rss_mb.get(peer),
                 finished=s["finished"],
             )
         )
 
     baseline = None
+    interrupted = False
     if options.baseline:
         epochs = options.local_epochs * options.rounds
         say(
             f"training the centralised baseline: {epochs} epochs on all "
             f"{prepared.y_train.size} training samples ..."
         )
-        baseline = train_centralized(
-            learner_model_mapping(layout.config),
-            seed=options.seed,
-            x=prepared.x_train / np.float32(prepared.input_scale),
-            y=prepared.y_train,
-            x_test=x_test,
-            y_test=prepared.y_test,
-            epochs=epochs,
-            batch_size=options.batch_size,
-            learning_rate=options.learning_rate,
-        )
+        try:
+            baseline = train_centralized(
+                learner_model_mapping(layout.config),
+                seed=options.seed,
+                x=prepared.x_train / np.float32(prepared.input_scale),
+                y=prepared.y_train,
+                x_test=x_test,
+                y_test=prepared.y_test,
+                epochs=epochs,
+                batch_size=options.batch_size,
+                learning_rate=options.learning_rate,
+            )
+        except KeyboardInterrupt:  # keep the peers' results: write the summary without it
+            say("centralised baseline interrupted: the summary is written without it")
+            interrupted = True
 
     summary = build_summary(
         options={
@@ -776,12 +859,22 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
     except ImportError:
         say("report.png not written: matplotlib is missing (pip install 'p2pfl[tools]')")
     say(f"summary: {summary_path}")
-    say(f"logs:    p2pfl logs summary {layout.state_root}")
+    say(f"logs:    {p2pfl_command()} logs summary {layout.out}")
+    if interrupted:
+        return 130
     unfinished = [p.peer for p in results if not p.finished]
     killed_for_good = {f.peer for f in options.faults if f.action == "kill"} - {
         f.peer for f in options.faults if f.action == "restart"
     }
     return 1 if set(unfinished) - killed_for_good - set(record.stranded) else 0
+
+
+def p2pfl_command() -> str:
+    """How to run p2pfl from a shell here: ``p2pfl`` if it is on PATH, else its full path."""
+    if shutil.which("p2pfl"):
+        return "p2pfl"
+    beside = Path(sys.executable).parent / "p2pfl"
+    return str(beside) if beside.exists() else f"{sys.executable} -m p2pfl"
 
 
 def learner_model_mapping(config_path: Path) -> dict[str, Any]:

@@ -168,6 +168,14 @@ def _load(path: str) -> Logs:
         )
     if not logs.events:
         raise LogError(f"{path}: no valid events in {len(logs.files)} log file(s)")
+    digests = sorted({str(e.get("config_digest")) for e in logs.events if e.type == "node_start"})
+    if len(digests) > 1:
+        print(
+            f"warning: these logs come from {len(digests)} different configurations (config "
+            f"digests {', '.join(digests)}): separate runs are being merged; point p2pfl logs "
+            "at one run's folder",
+            file=sys.stderr,
+        )
     return logs
 
 
@@ -248,9 +256,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 @_pipe_safe
 def cmd_follow(args: argparse.Namespace) -> int:
     """``tail -f`` over every log: the last ``-n`` events first, then new ones as they come."""
-    path = Path(args.path)
-    if not path.exists():
-        raise LogError(f"{path}: no such file or directory")
+    path = Path(args.path)  # it may not exist yet: like tail -F, wait for it
     tail = Tail(path)
     selected = EventFilter.from_args(args)
     printer = ProblemPrinter()
