@@ -786,10 +786,11 @@ class _Parser:
         frac_bits = self.integer(
             section.get("frac_bits", d.frac_bits), "aggregation.frac_bits", 1, 30
         )
-        if clip * 2.0**frac_bits >= 2.0**31:
+        if clip * 2.0**frac_bits > 2.0**30:
             self.fail(
                 "aggregation.clip",
-                f"clip * 2**frac_bits must be below 2**31 (sums are signed 32-bit integers); "
+                f"clip * 2**frac_bits must be at most 2**30 (sums are signed 32-bit "
+                f"integers, every term rounded on its own); "
                 f"{clip:g} * 2**{frac_bits} is {clip * 2.0**frac_bits:.3g}: "
                 "lower clip or frac_bits",
             )

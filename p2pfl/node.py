@@ -345,9 +345,15 @@ class Node:
                 or link.peer_id not in wait.survivors
                 or link.peer_id in wait.seeds
             ):
-                self.events.emit(
-                    "reject", msg.round, peer=link.peer_id, reason="unrequested self-mask seed"
-                )
+                suppressed = self._refusals.allow(link.peer_id, time.monotonic())
+                if suppressed is not None:
+                    self.events.emit(
+                        "reject",
+                        msg.round,
+                        peer=link.peer_id,
+                        reason="unrequested self-mask seed",
+                        **({"suppressed": suppressed} if suppressed else {}),
+                    )
                 return
             wait.seeds[link.peer_id] = msg.seed
             self._notify()
@@ -725,6 +731,8 @@ class Node:
             self._journal = os.fdopen(fd, "a", encoding="utf-8")
         self._journal.write(line + "\n")
         self._journal.flush()
+        if line.startswith("contributed"):  # must outlive a power loss as checkpoints do
+            os.fsync(self._journal.fileno())
 
     async def _secure_aggregate(
         self,
@@ -747,6 +755,10 @@ class Node:
         present = {p: weights[p] for p in [self.id, *survivors]}
         total = sum(present.values())
         assert self.secure is not None
+        if not np.isfinite(np.sum(self.params, dtype=np.float64)):
+            reason = "own parameters are not finite; nothing can be averaged with them"
+            log.error("%s round %d: %s", self.id, r, reason)
+            return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
         self.params, clipped = await self._in_worker(
             unmask_average,
             [received[p].view(np.uint32) for p in survivors],
@@ -781,7 +793,11 @@ class Node:
             if missing:
                 self.events.emit("recovery", r, role="owner", missing=missing, survivors=survivors)
             timeout = self.config.aggregation.recovery_timeout + self.params.nbytes / 50e6
-            if not await self._wait_until(wait.complete, loop.time() + timeout):
+            await self._wait_until(
+                lambda: wait.complete() or not set(survivors) <= set(self.net.links),
+                loop.time() + timeout,
+            )
+            if not wait.complete():
                 silent = sorted(
                     p
                     for p in survivors

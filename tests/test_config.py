@@ -399,9 +399,9 @@ BAD: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
         "expected one of: metropolis; got 'fedavg'",
     ),
     (
-        setting("aggregation", value={"secure": True, "clip": 4096, "frac_bits": 20}),
+        setting("aggregation", value={"secure": True, "clip": 1536, "frac_bits": 20}),
         "aggregation.clip",
-        "must be below 2**31",
+        "must be at most 2**30",
     ),
     (
         setting("aggregation", value={"secure": True, "frac_bits": 31}),

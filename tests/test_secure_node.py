@@ -238,3 +238,44 @@ async def test_unmask_requests_are_answered_once_even_across_restarts(four) -> N
         assert last["type"] == "reject" and "already answered" in last["reason"]
     finally:
         bob.events.close()
+
+
+async def test_a_node_whose_model_turns_nan_neither_crashes_nor_spreads_it(
+    four, monkeypatch
+) -> None:
+    """alice's training diverges to NaN in round 1: she contributes nothing (the others
+    recover without her) and, as an owner, keeps her own model and says why."""
+    import p2pfl.node as node_mod
+
+    original = node_mod.Node._train
+
+    def diverging(self: Any, round_index: int) -> Any:
+        loss, trained, extra = original(self, round_index)
+        if self.id == "alice" and round_index == 1:
+            trained = np.full_like(trained, np.nan)
+        return loss, trained, extra
+
+    monkeypatch.setattr(node_mod.Node, "_train", diverging)
+    net = four(rounds=2, extra={**SECURE, "net": {"down_grace": 0.2}})
+    assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
+    last = aggregates(net.state("alice") / "events.jsonl")[-1]
+    assert last["kept_own"] is True and "not finite" in last["reason"]
+    for peer in ("bob", "carol", "dave"):
+        final = aggregates(net.state(peer) / "events.jsonl")[-1]
+        assert final["missing"] == ["alice"] and final["recovered"] == ["alice"]
+
+
+async def test_a_flood_of_unrequested_seeds_is_logged_sparingly(four) -> None:
+    from p2pfl.wire import Seed
+
+    net = four(rounds=1, extra=SECURE)
+    alice = make_node(net, "alice")
+    try:
+        for i in range(1000):
+            alice.message(types.SimpleNamespace(peer_id="bob"), Seed(i, 0, b"x" * 32))  # type: ignore[arg-type]
+        rejects = [
+            e for e in read_events(net.state("alice") / "events.jsonl") if e["type"] == "reject"
+        ]
+        assert 1 <= len(rejects) <= 10
+    finally:
+        alice.events.close()
