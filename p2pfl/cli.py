@@ -274,6 +274,16 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         snapshots=not args.no_snapshots,
         standardize=args.standardize,
+        secure=args.secure,
+        dp=(
+            None
+            if args.dp_noise is None
+            else {
+                "clip_norm": args.dp_clip,
+                "noise_multiplier": args.dp_noise,
+                "delta": args.dp_delta,
+            }
+        ),
         progress=not args.quiet,
     )
     return run_harness(options)
@@ -397,6 +407,21 @@ def make_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="z-score every feature over the pooled training data (default: only for .npz)",
     )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="secure aggregation: each peer learns only its neighbourhood's weighted sum",
+    )
+    p.add_argument(
+        "--dp-noise",
+        type=float,
+        metavar="SIGMA",
+        help="differential privacy: Gaussian noise multiplier of every peer's update",
+    )
+    p.add_argument(
+        "--dp-clip", type=float, default=1.0, help="DP: L2 clip of every update (default 1)"
+    )
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="DP: delta (default 1e-5)")
     p.add_argument("--no-baseline", action="store_true", help="skip the centralised model")
     p.add_argument(
         "--no-snapshots",

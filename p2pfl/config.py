@@ -27,6 +27,7 @@ import yaml
 
 from p2pfl.errors import ConfigError
 from p2pfl.keys import decode_public_key
+from p2pfl.privacy import DPConfig
 from p2pfl.topology import graph_for_round, is_connected
 
 __all__ = [
@@ -145,6 +146,14 @@ class TrainingConfig:
 class AggregationConfig:
     rule: str
     secure: bool
+    #: Secure aggregation's fixed point: parameters are clipped to [-clip, clip] and
+    #: scaled by 2**frac_bits (clip * 2**frac_bits must stay below 2**31).
+    clip: float = 64.0
+    frac_bits: int = 20
+    #: How long an owner waits for the survivors' recovery answers after a dropout.
+    recovery_timeout: float = 5.0
+    #: Differential privacy of every peer's updates (None: off).
+    dp: DPConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -765,14 +774,39 @@ class _Parser:
         return tuple(self.integer(size, f"{path}[{i}]", 1) for i, size in enumerate(value))
 
     def aggregation(self, value: object) -> AggregationConfig:
-        section = self.section(value, "aggregation", ("rule", "secure"))
+        section = self.section(
+            value,
+            "aggregation",
+            ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "dp"),
+        )
         rule = self.choice(section.get("rule", "metropolis"), "aggregation.rule", AGGREGATION_RULES)
         secure = self.boolean(section.get("secure", False), "aggregation.secure")
-        if secure:
+        d = AggregationConfig(rule, secure)
+        clip = self.positive(section.get("clip", d.clip), "aggregation.clip", 2.0**30, "a number")
+        frac_bits = self.integer(
+            section.get("frac_bits", d.frac_bits), "aggregation.frac_bits", 1, 30
+        )
+        if clip * 2.0**frac_bits > 2.0**30:
             self.fail(
-                "aggregation.secure", "secure aggregation is not implemented in this version yet"
+                "aggregation.clip",
+                f"clip * 2**frac_bits must be at most 2**30 (sums are signed 32-bit "
+                f"integers, every term rounded on its own); "
+                f"{clip:g} * 2**{frac_bits} is {clip * 2.0**frac_bits:.3g}: "
+                "lower clip or frac_bits",
             )
-        return AggregationConfig(rule, secure)
+        recovery_timeout = self.seconds(
+            section.get("recovery_timeout", d.recovery_timeout), "aggregation.recovery_timeout"
+        )
+        dp = self.dp(section["dp"]) if section.get("dp") is not None else None
+        return AggregationConfig(rule, secure, clip, frac_bits, recovery_timeout, dp)
+
+    def dp(self, value: object) -> DPConfig:
+        keys = ("clip_norm", "noise_multiplier", "delta")
+        section = self.section(value, "aggregation.dp", keys, keys)
+        clip_norm = self.positive(section["clip_norm"], "aggregation.dp.clip_norm")
+        noise = self.positive(section["noise_multiplier"], "aggregation.dp.noise_multiplier")
+        delta = self.positive(section["delta"], "aggregation.dp.delta", 0.5)
+        return DPConfig(clip_norm, noise, delta)
 
     def limits(self, value: object) -> LimitsConfig:
         d = LimitsConfig()
@@ -887,7 +921,20 @@ def _shared_mapping(
             "input_scale": "auto" if training.input_scale is None else training.input_scale,
             "model": training.model.as_mapping(),
         },
-        "aggregation": {"rule": aggregation.rule, "secure": aggregation.secure},
+        "aggregation": {
+            "rule": aggregation.rule,
+            "secure": aggregation.secure,
+            "clip": aggregation.clip,
+            "frac_bits": aggregation.frac_bits,
+            "recovery_timeout": aggregation.recovery_timeout,
+            "dp": None
+            if aggregation.dp is None
+            else {
+                "clip_norm": aggregation.dp.clip_norm,
+                "noise_multiplier": aggregation.dp.noise_multiplier,
+                "delta": aggregation.dp.delta,
+            },
+        },
         "limits": {
             "max_buffered_rounds": limits.max_buffered_rounds,
             "chunk_bytes": limits.chunk_bytes,

@@ -36,6 +36,7 @@ from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
 from p2pfl.transfer import StreamReceiver, iter_chunks
 from p2pfl.wire import (
     CHUNK_OVERHEAD,
+    DTYPE_FLOAT32,
     PROLOGUE,
     REPLY_DIGEST_MISMATCH,
     REPLY_OK,
@@ -47,7 +48,9 @@ from p2pfl.wire import (
     encode_hello,
     encode_params_begin,
     encode_params_chunk,
+    encode_recover,
     encode_reply,
+    encode_seed,
     encode_status,
 )
 
@@ -100,6 +103,8 @@ class PeerLink:
         self.stream_started = 0.0
         #: The sender's Lamport time of the stream being received (its ``send`` event's).
         self.stream_lamport = 0
+        #: What the stream being received carries (wire.DTYPE_*).
+        self.stream_dtype = 0
         self.last_heard = time.monotonic()
         self.created = self.last_heard
         self.bytes_sent = 0
@@ -119,17 +124,32 @@ class PeerLink:
         self.bytes_sent += len(record)
         await self.ws.send(record)
 
+    async def send_recover(self, lamport: int, round_index: int, missing: tuple[str, ...]) -> None:
+        async with self._send_lock:
+            await self._send_record(encode_recover(lamport, round_index, missing))
+
+    async def send_seed(self, lamport: int, round_index: int, seed: bytes) -> None:
+        async with self._send_lock:
+            await self._send_record(encode_seed(lamport, round_index, seed))
+
     async def send_status(self, lamport: int, round_index: int) -> None:
         async with self._send_lock:
             await self._send_record(encode_status(lamport, round_index))
 
     async def send_params(
-        self, lamport: int, round_index: int, flat_params: np.ndarray, chunk_bytes: int
+        self,
+        lamport: int,
+        round_index: int,
+        flat_params: np.ndarray,
+        chunk_bytes: int,
+        dtype: int = DTYPE_FLOAT32,
     ) -> int:
         """Send one parameter stream; returns the bytes put on the wire."""
         before = self.bytes_sent
         async with self._send_lock:
-            await self._send_record(encode_params_begin(lamport, round_index, flat_params.nbytes))
+            await self._send_record(
+                encode_params_begin(lamport, round_index, flat_params.nbytes, dtype)
+            )
             for offset, piece in iter_chunks(flat_params, chunk_bytes):
                 await self._send_record(encode_params_chunk(lamport, round_index, offset, piece))
         return self.bytes_sent - before
@@ -227,7 +247,7 @@ class Network:
 
     def dial(self, peer_id: str) -> None:
         """Keep a connection to ``peer_id`` up for as long as the network runs."""
-        self._spawn(self._dial_forever(peer_id))
+        self.spawn(self._dial_forever(peer_id))
 
     def announce(self, peer_id: str) -> None:
         """Dial ``peer_id`` once, without retrying.
@@ -238,7 +258,7 @@ class Network:
         ends dial at the same moment, the newer link replaces the older one as on any
         reconnection, and the smaller id's dialer keeps the pair connected after that.
         """
-        self._spawn(self._announce(peer_id))
+        self.spawn(self._announce(peer_id))
 
     async def _announce(self, peer_id: str) -> None:
         if peer_id in self.links:
@@ -250,7 +270,8 @@ class Network:
             return
         await self._run_link(link, None)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a task that ``close()`` cancels and awaits."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -438,7 +459,7 @@ class Network:
             return
         self.links[link.peer_id] = link
         if old is not None:  # the peer restarted or reconnected: the new link wins
-            self._spawn(old.close(CLOSE_NORMAL, "replaced"))
+            self.spawn(old.close(CLOSE_NORMAL, "replaced"))
         self.events.emit("connect", peer=link.peer_id, role="out" if link.initiator else "in")
         self.events.emit("handshake_ok", peer=link.peer_id)
         log.info("%s: connected to %s", self.own_id, link.peer_id)
@@ -490,7 +511,7 @@ class Network:
         for link in list(self.links.values()):
             if now - link.last_heard > timeout:
                 self.events.emit("reject", peer=link.peer_id, reason="heartbeat timeout")
-                self._spawn(link.close(CLOSE_GOING_AWAY, "heartbeat timeout"))
+                self.spawn(link.close(CLOSE_GOING_AWAY, "heartbeat timeout"))
 
     def broadcast_status(
         self, round_index: int, peers: Callable[[str], bool] | None = None
@@ -499,7 +520,7 @@ class Network:
         lamport = self.events.clock.tick()
         for link in list(self.links.values()):
             if peers is None or peers(link.peer_id):
-                self._spawn(_quiet(link.send_status(lamport, round_index)))
+                self.spawn(_quiet(link.send_status(lamport, round_index)))
 
 
 def _counted_connection(network: Network) -> type[ServerConnection]:

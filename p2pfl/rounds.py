@@ -51,6 +51,8 @@ class RoundTracker:
         self.peer_rounds: dict[str, int] = {}
         self._received: dict[int, dict[str, np.ndarray]] = {}
         self.down_grace = down_grace
+        #: The last round whose parameters were handed over for aggregation.
+        self.closed = -1
         #: Neighbours without a connection, and since when (the caller's monotonic clock).
         self.down_since: dict[str, float] = {}
 
@@ -95,6 +97,8 @@ class RoundTracker:
         """Decide, before receiving it, whether a parameter stream is worth keeping."""
         if round_index < self.current:
             return Verdict(False, f"past round {round_index} (now at round {self.current})")
+        if round_index <= self.closed:
+            return Verdict(False, f"round {round_index} arrived after its members were fixed")
         if round_index >= self.total_rounds:
             return Verdict(False, f"round {round_index} is beyond the last round")
         horizon = self.current + self.max_buffered_rounds
@@ -156,7 +160,9 @@ class RoundTracker:
         return min(times) if times else None
 
     def take_received(self) -> dict[str, np.ndarray]:
-        """Hand over this round's parameters (the caller aggregates them)."""
+        """Hand over this round's parameters (the caller aggregates them). Later arrivals
+        for this round are refused: its members are fixed now."""
+        self.closed = max(self.closed, self.current)
         return self._received.pop(self.current, {})
 
     def next_round(self) -> int:

@@ -16,8 +16,11 @@ from p2pfl.errors import MessageError
 
 
 def iter_chunks(flat: np.ndarray, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
-    """Yield (byte offset, view) pieces of a contiguous float32 vector, without copying."""
-    raw = _bytes_view(np.ascontiguousarray(flat, dtype=np.float32))
+    """Yield (byte offset, view) pieces of a contiguous 4-byte vector (float32 parameters,
+    or uint32 masked contributions, sent bit for bit), without copying."""
+    if flat.dtype not in (np.float32, np.uint32):
+        flat = flat.astype(np.float32)  # never a reinterpretation of other types
+    raw = _bytes_view(np.ascontiguousarray(flat))
     for offset in range(0, len(raw), chunk_bytes):
         yield offset, raw[offset : offset + chunk_bytes]
 

@@ -29,6 +29,14 @@ _OFFSET = struct.Struct(">Q")
 HEADER_BYTES = _HEADER.size
 CHUNK_OVERHEAD = HEADER_BYTES + _OFFSET.size
 DTYPE_FLOAT32 = 1
+#: A masked secure-aggregation contribution: uint32 little-endian, same size as the model.
+DTYPE_MASKED_U32 = 2
+#: A survivor's reply to a recovery request: the sum of its masks with the missing members.
+DTYPE_RECOVERY_U32 = 3
+DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32, DTYPE_RECOVERY_U32})
+#: A recovery request names at most this many missing members (a group is a neighbourhood).
+MAX_RECOVER_IDS = 64
+MAX_ID_BYTES = 64
 #: Largest Lamport time accepted from a peer. Far below u64 (our own clock must stay encodable
 #: after observing it), int64 (the checkpoint) and 2**53 (jq and JavaScript read JSON numbers
 #: as doubles, and the logs are merged by lamport).
@@ -39,6 +47,8 @@ class MessageType(enum.IntEnum):
     STATUS = 0x01
     PARAMS_BEGIN = 0x10
     PARAMS_CHUNK = 0x11
+    RECOVER = 0x20
+    SEED = 0x21
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +73,83 @@ class ParamsChunk:
     data: memoryview
 
 
-Message = Status | ParamsBegin | ParamsChunk
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Secure aggregation, owner to each member it counts as present in round R: "send me
+    your self-mask seed, and the sum of your masks with these missing members (if any)"."""
+
+    lamport: int
+    round: int
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Seed:
+    """A member's answer: the seed of its self-mask on its round-R contribution to us."""
+
+    lamport: int
+    round: int
+    seed: bytes
+
+
+SEED_BYTES = 32
+
+Message = Status | ParamsBegin | ParamsChunk | Recover | Seed
+
+
+def encode_seed(lamport: int, round_index: int, seed: bytes) -> bytes:
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a seed is {SEED_BYTES} bytes")
+    return _HEADER.pack(MessageType.SEED, lamport, round_index) + seed
+
+
+def encode_recover(lamport: int, round_index: int, missing: tuple[str, ...]) -> bytes:
+    if not 0 <= len(missing) <= MAX_RECOVER_IDS:
+        raise ValueError(f"0..{MAX_RECOVER_IDS} missing members, got {len(missing)}")
+    body = bytearray([len(missing)])
+    for peer in missing:
+        raw = peer.encode("utf-8")
+        if not 0 < len(raw) <= MAX_ID_BYTES:
+            raise ValueError(f"peer id of {len(raw)} bytes")
+        body += bytes([len(raw)]) + raw
+    return _HEADER.pack(MessageType.RECOVER, lamport, round_index) + bytes(body)
+
+
+def _decode_recover(lamport: int, round_index: int, body: memoryview) -> Recover:
+    if not body:
+        raise MessageError("RECOVER without a body")
+    count = body[0]
+    if count > MAX_RECOVER_IDS:
+        raise MessageError(f"RECOVER naming {count} members (at most {MAX_RECOVER_IDS})")
+    ids: list[str] = []
+    at = 1
+    for _ in range(count):
+        if at >= len(body):
+            raise MessageError("RECOVER truncated")
+        size = body[at]
+        if not 0 < size <= MAX_ID_BYTES or at + 1 + size > len(body):
+            raise MessageError("RECOVER with a malformed member id")
+        try:
+            ids.append(bytes(body[at + 1 : at + 1 + size]).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MessageError("RECOVER member id is not UTF-8") from None
+        at += 1 + size
+    if at != len(body):
+        raise MessageError(f"RECOVER with {len(body) - at} trailing bytes")
+    if len(set(ids)) != len(ids):
+        raise MessageError("RECOVER names a member twice")
+    return Recover(lamport, round_index, tuple(ids))
 
 
 def encode_status(lamport: int, round_index: int) -> bytes:
     return _HEADER.pack(MessageType.STATUS, lamport, round_index)
 
 
-def encode_params_begin(lamport: int, round_index: int, total_bytes: int) -> bytes:
+def encode_params_begin(
+    lamport: int, round_index: int, total_bytes: int, dtype: int = DTYPE_FLOAT32
+) -> bytes:
     return _HEADER.pack(MessageType.PARAMS_BEGIN, lamport, round_index) + _BEGIN.pack(
-        total_bytes, DTYPE_FLOAT32
+        total_bytes, dtype
     )
 
 
@@ -103,7 +180,7 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
         if body != _BEGIN.size:
             raise MessageError(f"PARAMS_BEGIN body of {body} bytes, expected {_BEGIN.size}")
         total, dtype = _BEGIN.unpack_from(plaintext, HEADER_BYTES)
-        if dtype != DTYPE_FLOAT32:
+        if dtype not in DTYPES:
             raise MessageError(f"PARAMS_BEGIN with unknown dtype code {dtype}")
         return ParamsBegin(lamport, round_index, total, dtype)
     if kind == MessageType.PARAMS_CHUNK:
@@ -114,6 +191,12 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
             raise MessageError(f"PARAMS_CHUNK of {data_len} bytes exceeds limit {max_chunk}")
         (offset,) = _OFFSET.unpack_from(plaintext, HEADER_BYTES)
         return ParamsChunk(lamport, round_index, offset, memoryview(plaintext)[CHUNK_OVERHEAD:])
+    if kind == MessageType.RECOVER:
+        return _decode_recover(lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
+    if kind == MessageType.SEED:
+        if body != SEED_BYTES:
+            raise MessageError(f"SEED body of {body} bytes, expected {SEED_BYTES}")
+        return Seed(lamport, round_index, bytes(plaintext[HEADER_BYTES:]))
     raise MessageError(f"unknown message type 0x{kind:02x}")
 
 

@@ -399,9 +399,19 @@ BAD: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
         "expected one of: metropolis; got 'fedavg'",
     ),
     (
-        setting("aggregation", value={"rule": "metropolis", "secure": True}),
-        "aggregation.secure",
-        "secure aggregation is not implemented in this version yet",
+        setting("aggregation", value={"secure": True, "clip": 1536, "frac_bits": 20}),
+        "aggregation.clip",
+        "must be at most 2**30",
+    ),
+    (
+        setting("aggregation", value={"secure": True, "frac_bits": 31}),
+        "aggregation.frac_bits",
+        "between 1 and 30",
+    ),
+    (
+        setting("aggregation", value={"secure": True, "clip": -1}),
+        "aggregation.clip",
+        "expected a number > 0",
     ),
     (
         setting("aggregation", value={"secure": "no"}),

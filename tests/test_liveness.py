@@ -339,8 +339,8 @@ async def test_crossing_dials_keep_the_same_link_at_both_ends(make_network: Make
         await wait_until(lambda: "bob" in alice.links)
         at_alice = alice.links["bob"]
         # Only now do the two initiators run their links (each end sees its own last).
-        alice._spawn(alice._run_link(canonical, None))
-        bob_run = bob._spawn(bob._run_link(crossing, None))
+        alice.spawn(alice._run_link(canonical, None))
+        bob_run = bob.spawn(bob._run_link(crossing, None))
         await asyncio.wait_for(bob_run, 5 * TIMEOUT)
         await asyncio.wait_for(at_alice.closed.wait(), 5 * TIMEOUT)
 

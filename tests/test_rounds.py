@@ -187,3 +187,14 @@ def test_gossip_averaging_reaches_the_global_mean() -> None:
         x = new
     for v in x.values():
         np.testing.assert_allclose(v, vec(target), rtol=1e-4)
+
+
+def test_a_vector_arriving_after_the_round_was_aggregated_is_refused() -> None:
+    """Once the members of a round are fixed (a missing one declared so), its late vector is
+    discarded with a reason, not buffered."""
+    t = tracker()
+    t.start_round(0)
+    t.deliver("b", 0, vec(1))
+    assert set(t.take_received()) == {"b"}
+    late = t.deliver("c", 0, vec(2))
+    assert not late.keep and "after its members were fixed" in late.reason

@@ -155,3 +155,30 @@ def test_stream_receiver_never_corrupts_state(ops: list[tuple[int, int, int]]) -
                     assert done.params is not None and done.params.nbytes == 400
         except MessageError:
             rx.abort()
+
+
+def test_recover_round_trips_and_malformed_ones_are_refused() -> None:
+    from p2pfl.wire import Recover, encode_recover
+
+    msg = decode_message(encode_recover(7, 3, ("carol", "dave")), max_chunk=1024)
+    assert msg == Recover(7, 3, ("carol", "dave"))
+    assert decode_message(encode_recover(7, 3, ()), max_chunk=1024) == Recover(7, 3, ())
+    good = encode_recover(7, 3, ("carol",))
+    for bad, problem in (
+        (good[:13], "without a body"),
+        (good[:13] + b"\x41", "naming 65 members"),
+        (good[:-1], "malformed member id"),
+        (good + b"x", "trailing bytes"),
+        (good[:13] + b"\x02\x01a\x01a", "names a member twice"),
+        (good[:13] + b"\x01\x02\xff\xfe", "not UTF-8"),
+    ):
+        with pytest.raises(MessageError, match=problem):
+            decode_message(bad, max_chunk=1024)
+
+
+def test_seed_round_trips_and_wrong_sizes_are_refused() -> None:
+    from p2pfl.wire import Seed, encode_seed
+
+    assert decode_message(encode_seed(1, 2, b"s" * 32), max_chunk=8) == Seed(1, 2, b"s" * 32)
+    with pytest.raises(MessageError, match="SEED body of 31 bytes"):
+        decode_message(encode_seed(1, 2, b"s" * 32)[:-1], max_chunk=8)

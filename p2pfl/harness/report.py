@@ -204,6 +204,7 @@ def build_summary(
         "centralized_accuracy_per_epoch": (
             [round(a, 6) for a in baseline.accuracy_per_epoch] if baseline else None
         ),
+        "privacy": privacy_spent(events),
         "faults": record.get("faults", []),
         "faults_not_done": record.get("faults_not_done", []),
         "exit_codes": record.get("exit_codes", {}),
@@ -211,6 +212,22 @@ def build_summary(
         "stranded": record.get("stranded", []),
     }
     return summary
+
+
+def privacy_spent(events: Sequence[Event]) -> dict[str, Any] | None:
+    """The largest (epsilon, delta) any peer has spent (from its last train event)."""
+    latest: dict[str, tuple[float, float]] = {}
+    for e in events:
+        eps, delta = finite(e.get("dp_epsilon")), finite(e.get("dp_delta"))
+        if e.type == "train" and eps is not None and delta is not None:
+            latest[e.node] = (eps, delta)
+    if not latest:
+        return None
+    return {
+        "epsilon": max(eps for eps, _ in latest.values()),
+        "delta": max(delta for _, delta in latest.values()),
+        "per_peer": {peer: eps for peer, (eps, _) in sorted(latest.items())},
+    }
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
@@ -271,6 +288,12 @@ def render_table(summary: Mapping[str, Any]) -> str:
         if fault.get("paused_s") is not None:
             line += f" (the others paused {fault['paused_s']:.2f} s while it started)"
         rows.append(line)
+    if summary.get("privacy"):
+        privacy = summary["privacy"]
+        rows.append(
+            f"differential privacy spent: epsilon {privacy['epsilon']:.2f} at delta "
+            f"{privacy['delta']:g} (the most of any peer)"
+        )
     for peer in summary["stranded"]:
         rows.append(f"{peer} was stopped early: none of its neighbours was running any more")
     for fault in summary["faults_not_done"]:

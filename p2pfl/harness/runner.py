@@ -77,6 +77,9 @@ class HarnessOptions:
     snapshots: bool = True
     #: Standardize features (z-score over the pooled training data); None: only for .npz.
     standardize: bool | None = None
+    secure: bool = False
+    #: aggregation.dp for peers.yaml (clip_norm, noise_multiplier, delta), or None.
+    dp: Mapping[str, float] | None = None
     progress: bool = True
 
 
@@ -668,6 +671,9 @@ def _prepare(options: HarnessOptions) -> Prepared:
     # Many processes start at once on few cores: give them time to find each other.
     shared["training"]["startup_timeout"] = max(60.0, 2.0 * options.peers)
     shared["net"] = {"down_grace": options.down_grace}
+    shared["aggregation"]["secure"] = options.secure
+    if options.dp is not None:
+        shared["aggregation"]["dp"] = dict(options.dp)
     header = (
         "# Written by `p2pfl harness`: every peer on 127.0.0.1, one process each.\n"
         f"# Peers {layout.peers[0]}..{layout.peers[-1]}; keys in keys/, data in data/.\n"
@@ -815,6 +821,8 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
             "partition": str(options.partition),
             "partition_info": prepared.heterogeneity,
             "topology": options.topology_text,
+            "secure": options.secure,
+            "dp": None if options.dp is None else dict(options.dp),
             "model": options.model_text,
             "seed": options.seed,
             "local_epochs": options.local_epochs,

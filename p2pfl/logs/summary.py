@@ -29,6 +29,9 @@ class PeerSummary:
     peak_rss_mb: float | None
     finished: bool | None
     stop_reason: str | None
+    #: Differential privacy spent so far (the last train event's), if the network uses it.
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
 
 
 def _number(value: Any) -> float | None:
@@ -59,6 +62,8 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
     peak: float | None = None
     finished: bool | None = None
     stop_reason: str | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
     for e in events:
         counts[e.type] += 1
         if e.type in nbytes:
@@ -73,6 +78,9 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
             duration = _number(e.get("duration_s"))
             if duration is not None:
                 train_times[e.round].append(duration)
+            if _number(e.get("dp_epsilon")) is not None:
+                dp_epsilon = _number(e.get("dp_epsilon"))
+                dp_delta = _number(e.get("dp_delta"))
         elif e.type == "handshake_ok":
             handshake_peers.add(str(e.get("peer", e.get("addr", "?"))))
         elif e.type == "eval":
@@ -105,6 +113,8 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
         peak_rss_mb=peak,
         finished=finished,
         stop_reason=stop_reason,
+        dp_epsilon=dp_epsilon,
+        dp_delta=dp_delta,
     )
 
 
@@ -161,15 +171,24 @@ def _row(s: PeerSummary) -> list[str]:
 
 def format_summary(summaries: Sequence[PeerSummary]) -> str:
     """A plain-text table, one row per peer, columns padded to their widest cell."""
-    rows = [[name for name, _ in _COLUMNS]] + [_row(s) for s in summaries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    columns = list(_COLUMNS)
+    rows = [[name for name, _ in columns]] + [_row(s) for s in summaries]
+    if any(s.dp_epsilon is not None for s in summaries):  # a DP network: its budget so far
+        columns.append(("epsilon", ">"))
+        rows[0].append("epsilon")
+        for row, s in zip(rows[1:], summaries, strict=True):
+            row.append(_opt(s.dp_epsilon, ".2f"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = [
         "  ".join(
             format(cell, f"{align}{width}")
-            for cell, (_, align), width in zip(row, _COLUMNS, widths, strict=True)
+            for cell, (_, align), width in zip(row, columns, widths, strict=True)
         ).rstrip()
         for row in rows
     ]
+    deltas = {s.dp_delta for s in summaries if s.dp_delta is not None}
+    if deltas:
+        lines.append(f"epsilon: differential privacy spent so far, at delta {min(deltas):g}")
     if any(s.finished is None for s in summaries):
         lines.append("finished '-': no node_stop logged (still running, or killed)")
     return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Per-round cost of secure aggregation against plain exchange, measured in the same run.
+
+For each model size: five real ``p2pfl run`` processes on 127.0.0.1, a full graph (degree
+4, every group has five members), a one-vector model (``scripts/big_model.py``) so that the
+round is all exchange. First with plain averaging (the baseline), then with
+``aggregation.secure``. Prints the median round time and the median time from the end of
+local training to the aggregate (send, collect, mask/unmask), and their ratios.
+
+    python scripts/bench_secure.py --params 1000000,10000000 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from p2pfl.cli import build_local_config  # noqa: E402
+from p2pfl.keys import generate_key_file  # noqa: E402
+
+PEERS = ["p0", "p1", "p2", "p3", "p4"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_network(root: Path, size: int, rounds: int, secure: bool) -> dict[str, float]:
+    root.mkdir(parents=True)
+    keys = {p: root / f"{p}.key" for p in PEERS}
+    public = {p: generate_key_file(keys[p]) for p in PEERS}
+    shared = build_local_config(
+        peers=PEERS,
+        public_keys=public,
+        host="127.0.0.1",
+        ports=dict(zip(PEERS, free_ports(len(PEERS)), strict=True)),
+        network="bench",
+        seed=1,
+        rounds=rounds,
+        topology={"kind": "full"},
+        model={"kind": "custom", "factory": "big_model:factory", "options": {"size": size}},
+        inputs=8,
+        classes=2,
+        learning_rate=0.1,
+        batch_size=32,
+        round_timeout=60.0,
+    )
+    shared["aggregation"]["secure"] = secure
+    config = root / "peers.yaml"
+    config.write_text(yaml.safe_dump(shared))
+    rng = np.random.default_rng(0)
+    data = root / "data.npz"
+    np.savez(data, x=rng.random((64, 8), dtype=np.float32), y=rng.integers(0, 2, 64))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "scripts")]),
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "p2pfl", "-q", "run", str(config), "--id", p),
+                *("--key", str(keys[p]), "--data", str(data), "--state-dir", str(root / p)),
+            ],
+            env=env,
+        )
+        for p in PEERS
+    ]
+    try:
+        codes = [proc.wait(600) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if codes != [0] * len(PEERS):
+        raise SystemExit(f"a node failed: exit codes {codes}")
+    rounds_s: list[float] = []
+    exchange_s: list[float] = []
+    for p in PEERS:
+        events = [json.loads(line) for line in (root / p / "events.jsonl").open()]
+        trained = {e["round"]: e["ts"] for e in events if e["type"] == "train"}
+        for e in events:
+            if e["type"] == "round_end" and e["round"] > 0:  # round 0 includes connecting
+                rounds_s.append(e["duration_s"])
+            if e["type"] == "aggregate" and e["round"] > 0 and e["round"] in trained:
+                exchange_s.append(e["ts"] - trained[e["round"]])
+    return {"round": statistics.median(rounds_s), "exchange": statistics.median(exchange_s)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="1000000,10000000")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    print(
+        f"{'params':>10} {'plain round':>12} {'secure round':>13} {'x':>5} "
+        f"{'plain exch':>11} {'secure exch':>12} {'x':>5}"
+    )
+    with tempfile.TemporaryDirectory(prefix="p2pfl-bench-secure-") as tmp:
+        for size in [int(s) for s in args.params.split(",")]:
+            plain = run_network(Path(tmp) / f"plain-{size}", size, args.rounds, secure=False)
+            secure = run_network(Path(tmp) / f"secure-{size}", size, args.rounds, secure=True)
+            print(
+                f"{size:>10} {plain['round'] * 1000:>10.0f}ms {secure['round'] * 1000:>11.0f}ms "
+                f"{secure['round'] / plain['round']:>5.2f} {plain['exchange'] * 1000:>9.0f}ms "
+                f"{secure['exchange'] * 1000:>10.0f}ms "
+                f"{secure['exchange'] / plain['exchange']:>5.2f}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
