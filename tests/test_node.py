@@ -21,10 +21,12 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def make_node(net: LocalNetwork, peer: str) -> Node:
+def make_node(net: LocalNetwork, peer: str, *, snapshots: bool = False) -> Node:
     return Node(
         net.config,
-        NodeOptions(node_id=peer, state_dir=net.state(peer), handle_signals=False),
+        NodeOptions(
+            node_id=peer, state_dir=net.state(peer), handle_signals=False, snapshots=snapshots
+        ),
         load_private_key(net.keys[peer]),
         load_dataset(net.data[peer]),
     )
@@ -145,17 +147,7 @@ async def test_wait_asks_for_the_deadline_again_after_each_wake_up(make_network)
 
 async def test_snapshots_keep_every_rounds_model(make_network) -> None:
     net = make_network(("alice", "bob"), rounds=3)
-    nodes = [
-        Node(
-            net.config,
-            NodeOptions(
-                node_id=p, state_dir=net.state(p), handle_signals=False, snapshots=p == "alice"
-            ),
-            load_private_key(net.keys[p]),
-            load_dataset(net.data[p]),
-        )
-        for p in net.peers
-    ]
+    nodes = [make_node(net, p, snapshots=p == "alice") for p in net.peers]
     assert await run_all(nodes) == [0, 0]
     raw = np.fromfile(net.state("alice") / "snapshots.f32", dtype="<f4")
     size = nodes[0].params.size

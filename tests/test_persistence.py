@@ -16,9 +16,6 @@ from typing import Any
 import p2pfl.node as node_mod
 from p2pfl import checkpoint as ckpt
 from p2pfl.events import EventLog, LamportClock, last_lamport
-from p2pfl.keys import load_private_key
-from p2pfl.learning import load_dataset
-from p2pfl.node import Node, NodeOptions
 
 from .conftest import TIMEOUT
 from .test_node import make_node, read_events
@@ -100,17 +97,7 @@ async def test_full_disk_for_snapshots_and_checkpoints_does_not_stop_a_node(
 
     monkeypatch.setattr(node_mod.os, "pwrite", full_pwrite)
     monkeypatch.setattr(node_mod, "write_checkpoint", full_write)
-    nodes = [
-        Node(
-            net.config,
-            NodeOptions(
-                node_id=p, state_dir=net.state(p), handle_signals=False, snapshots=p == "alice"
-            ),
-            load_private_key(net.keys[p]),
-            load_dataset(net.data[p]),
-        )
-        for p in net.peers
-    ]
+    nodes = [make_node(net, p, snapshots=p == "alice") for p in net.peers]
     results = await asyncio.wait_for(asyncio.gather(*(n.run() for n in nodes)), 60 * TIMEOUT)
     assert results == [0, 0]
     assert calls["pwrite"] >= 2 and calls["write"] >= 3  # the faults did happen

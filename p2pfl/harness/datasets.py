@@ -19,6 +19,7 @@ from typing import BinaryIO
 import numpy as np
 
 from p2pfl.errors import DataError
+from p2pfl.learning.data import read_npz
 from p2pfl.learning.prepare import _stratified_holdout, load_digits_arrays
 
 __all__ = [
@@ -288,19 +289,7 @@ def _load_npz_split(path: Path, seed: int, test_fraction: float) -> SplitData:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise DataError(f"{path}: data file {what}")
-    try:
-        # Opened here so the handle is closed even when np.load fails on a bad archive.
-        with path.open("rb") as fh:
-            # allow_pickle=False: NEVER change this; unpickling runs the file author's code.
-            archive = np.load(fh, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: is a single .npy array, not an .npz archive with x and y")
-            with archive:
-                arrays = _npz_arrays(path, archive)
-    except DataError:
-        raise
-    except (*_READ_ERRORS, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: cannot read as an .npz archive: {exc}") from exc
+    arrays = read_npz(path, lambda archive: _npz_arrays(path, archive))
 
     x = _npz_features(path, "x", arrays["x"])
     y = _npz_labels(path, "y", arrays["y"], x.shape[0], "x")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -101,7 +103,16 @@ def _load_any(path: Path, *, allow_val: bool) -> _Arrays:
     raise DataError(f"{path}: unknown data file extension {path.suffix!r} (use .npz or .csv)")
 
 
+T = TypeVar("T")
+
+
 def _load_npz(path: Path, *, allow_val: bool) -> _Arrays:
+    return read_npz(path, lambda archive: _npz_arrays(path, archive, allow_val=allow_val))
+
+
+def read_npz(path: Path, read: Callable[[np.lib.npyio.NpzFile], T]) -> T:
+    """Open an .npz safely (never unpickling) and hand it to ``read``; a damaged archive
+    becomes a DataError naming the file."""
     try:
         # Opened here rather than by np.load, so the file is closed even when np.load fails
         # halfway (it leaks its own handle on a corrupt archive).
@@ -112,7 +123,7 @@ def _load_npz(path: Path, *, allow_val: bool) -> _Arrays:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise DataError(f"{path}: is a single .npy array, not an .npz archive with x and y")
             with archive:
-                return _npz_arrays(path, archive, allow_val=allow_val)
+                return read(archive)
     except DataError:
         raise
     except _READ_ERRORS as exc:
