@@ -113,7 +113,11 @@ class PeerLink:
         self.sent_round: int | None = None
         #: The round the peer announced on this link (None until its first STATUS here).
         self.announced: int | None = None
+        #: One record at a time (sealing order is sending order: counters are implicit).
         self._send_lock = asyncio.Lock()
+        #: One parameter stream at a time; short messages (STATUS, RECOVER, SEED) still go
+        #: out between its chunks instead of waiting behind a whole model.
+        self._stream_lock = asyncio.Lock()
         self.closed = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -146,12 +150,15 @@ class PeerLink:
     ) -> int:
         """Send one parameter stream; returns the bytes put on the wire."""
         before = self.bytes_sent
-        async with self._send_lock:
-            await self._send_record(
-                encode_params_begin(lamport, round_index, flat_params.nbytes, dtype)
-            )
+        async with self._stream_lock:
+            async with self._send_lock:
+                await self._send_record(
+                    encode_params_begin(lamport, round_index, flat_params.nbytes, dtype)
+                )
             for offset, piece in iter_chunks(flat_params, chunk_bytes):
-                await self._send_record(encode_params_chunk(lamport, round_index, offset, piece))
+                record = encode_params_chunk(lamport, round_index, offset, piece)
+                async with self._send_lock:
+                    await self._send_record(record)
         return self.bytes_sent - before
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "", timeout: float = 2.0) -> None:

@@ -182,3 +182,34 @@ def test_seed_round_trips_and_wrong_sizes_are_refused() -> None:
     assert decode_message(encode_seed(1, 2, b"s" * 32), max_chunk=8) == Seed(1, 2, b"s" * 32)
     with pytest.raises(MessageError, match="SEED body of 31 bytes"):
         decode_message(encode_seed(1, 2, b"s" * 32)[:-1], max_chunk=8)
+
+
+async def test_short_messages_go_out_between_the_chunks_of_a_stream() -> None:
+    """A STATUS (or an unmask request, or a seed) does not wait behind a whole model: it
+    is sent between two chunks, and the chunks stay in order."""
+    import asyncio
+    import types
+
+    from p2pfl.net import PeerLink
+    from p2pfl.wire import MessageType
+
+    sent: list[bytes] = []
+
+    async def send(record: bytes) -> None:
+        await asyncio.sleep(0.001)  # a socket that takes a moment per record
+        sent.append(record)
+
+    ws = types.SimpleNamespace(send=send)
+    channel = types.SimpleNamespace(seal=bytes)  # plaintext "records" for the test
+    link = PeerLink("bob", ws, channel, expected_bytes=4000, initiator=True)  # type: ignore[arg-type]
+    stream = asyncio.ensure_future(
+        link.send_params(1, 0, np.zeros(1000, dtype=np.float32), chunk_bytes=400)
+    )
+    await asyncio.sleep(0.0025)  # a couple of chunks are out
+    await link.send_status(2, 0)
+    await stream
+    kinds = [record[0] for record in sent]
+    status_at = kinds.index(MessageType.STATUS)
+    assert 0 < status_at < len(kinds) - 1  # between the stream's first and last records
+    offsets = [int.from_bytes(r[13:21], "big") for r in sent if r[0] == MessageType.PARAMS_CHUNK]
+    assert offsets == sorted(offsets) and len(offsets) == 10
