@@ -150,7 +150,7 @@ class AggregationConfig:
     #: scaled by 2**frac_bits (clip * 2**frac_bits must stay below 2**31).
     clip: float = 64.0
     frac_bits: int = 20
-    #: How long an owner waits for the survivors' recovery answers after a dropout.
+    #: How long an owner waits for the members' unmasking answers (REVEAL) each round.
     recovery_timeout: float = 5.0
     #: Differential privacy of every peer's updates (None: off).
     dp: DPConfig | None = None

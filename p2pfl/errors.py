@@ -55,5 +55,12 @@ class MessageError(RemoteProtocolError):
     """A decrypted message is malformed or breaks a limit."""
 
 
+class SecureAggregationError(P2PFLError, ValueError):
+    """A secure-aggregation step cannot go on: a share box that does not open, shares that
+    disagree, too few members left to stay private. The round goes on without that step
+    (the owner keeps its own model, or the member does not contribute), and the event is
+    logged; the connection stays (the fault may lie with a peer two hops away)."""
+
+
 class LocalProtocolError(P2PFLError, AssertionError):
     """This process misused the protocol API (a bug in p2pfl, not the peer's fault)."""

@@ -48,9 +48,7 @@ from p2pfl.wire import (
     encode_hello,
     encode_params_begin,
     encode_params_chunk,
-    encode_recover,
     encode_reply,
-    encode_seed,
     encode_status,
 )
 
@@ -103,20 +101,20 @@ class PeerLink:
         self.stream_started = 0.0
         #: The sender's Lamport time of the stream being received (its ``send`` event's).
         self.stream_lamport = 0
-        #: What the stream being received carries (wire.DTYPE_*).
-        self.stream_dtype = 0
         self.last_heard = time.monotonic()
         self.created = self.last_heard
         self.bytes_sent = 0
         self.bytes_received = 0
         #: The round whose parameters were sent on this link (each link gets them once).
         self.sent_round: int | None = None
+        #: The round whose secure-aggregation KEYS were sent on this link.
+        self.keys_round: int | None = None
         #: The round the peer announced on this link (None until its first STATUS here).
         self.announced: int | None = None
         #: One record at a time (sealing order is sending order: counters are implicit).
         self._send_lock = asyncio.Lock()
-        #: One parameter stream at a time; short messages (STATUS, RECOVER, SEED) still go
-        #: out between its chunks instead of waiting behind a whole model.
+        #: One parameter stream at a time; short messages (STATUS and the secure-aggregation
+        #: exchange) still go out between its chunks instead of waiting behind a whole model.
         self._stream_lock = asyncio.Lock()
         self.closed = asyncio.Event()
 
@@ -128,13 +126,11 @@ class PeerLink:
         self.bytes_sent += len(record)
         await self.ws.send(record)
 
-    async def send_recover(self, lamport: int, round_index: int, missing: tuple[str, ...]) -> None:
+    async def send_message(self, plaintext: bytes) -> None:
+        """Send one short message (``wire.encode_*``): it goes out between the chunks of a
+        parameter stream, never behind a whole model."""
         async with self._send_lock:
-            await self._send_record(encode_recover(lamport, round_index, missing))
-
-    async def send_seed(self, lamport: int, round_index: int, seed: bytes) -> None:
-        async with self._send_lock:
-            await self._send_record(encode_seed(lamport, round_index, seed))
+            await self._send_record(plaintext)
 
     async def send_status(self, lamport: int, round_index: int) -> None:
         async with self._send_lock:

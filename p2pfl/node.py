@@ -16,10 +16,10 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -36,30 +36,24 @@ from p2pfl.checkpoint import (
 from p2pfl.config import Config
 from p2pfl.errors import ConfigError, MessageError
 from p2pfl.events import EventLog, LamportClock
-from p2pfl.guard import Throttle
-from p2pfl.keys import pairwise_secret
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
 from p2pfl.privacy import epsilon, privatize
-from p2pfl.rounds import RoundTracker, Verdict
-from p2pfl.secagg import (
-    FixedPoint,
-    masked_contribution,
-    member_mask,
-    recovery_mask,
-    unmask_average,
-)
+from p2pfl.rounds import RoundTracker
+from p2pfl.secagg import FixedPoint
+from p2pfl.secure_exchange import SecureExchange
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
-    DTYPE_RECOVERY_U32,
+    Keys,
     Message,
     ParamsBegin,
     ParamsChunk,
-    Recover,
-    Seed,
+    Reveal,
+    Shares,
     Status,
+    Unmask,
 )
 
 log = logging.getLogger("p2pfl.node")
@@ -101,52 +95,6 @@ def scale_inputs(data: Dataset, scale: float) -> Dataset:
         x_val=None if data.x_val is None else data.x_val * factor,
         y_val=data.y_val,
     )
-
-
-#: Purpose bound into the pairwise secrets that key secure-aggregation masks.
-MASK_PURPOSE = b"p2pfl secagg mask"
-
-
-@dataclass
-class RecoveryWait:
-    """An owner's unmasking in progress: the members it counts as present, whether they
-    must also send masks with missing members, and their answers so far."""
-
-    round: int
-    survivors: frozenset[str]
-    need_masks: bool
-    seeds: dict[str, bytes] = field(default_factory=dict)
-    replies: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def complete(self) -> bool:
-        return len(self.seeds) == len(self.survivors) and (
-            not self.need_masks or len(self.replies) == len(self.survivors)
-        )
-
-
-async def _quietly(coro: Any) -> None:
-    with contextlib.suppress(Exception):
-        await coro
-
-
-SECAGG_JOURNAL = "secagg.log"
-
-
-def read_secagg_journal(path: Path) -> tuple[int, set[tuple[int, str]]]:
-    """(last round we contributed to, unmask requests answered) from an earlier life."""
-    through = -1
-    answered: set[tuple[int, str]] = set()
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return through, answered
-    for line in lines:
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == "contributed" and parts[1].isdigit():
-            through = max(through, int(parts[1]))
-        elif len(parts) == 3 and parts[0] == "answered" and parts[1].isdigit():
-            answered.add((int(parts[1]), parts[2]))
-    return through, answered
 
 
 def count_trained_rounds(path: Path) -> int:
@@ -221,17 +169,6 @@ class Node:
             check_secure_topology(config)
         self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
         self._private_key = private_key
-        self._mask_secrets: dict[str, bytes] = {}
-        #: (round, owner) -> that owner's group, for each masked contribution we sent
-        #: (a recovery request must match one), and the requests already answered.
-        self._contributed: dict[tuple[int, str], tuple[str, ...]] = {}
-        self._self_seeds: dict[tuple[int, str], bytes] = {}
-        self._journal: IO[str] | None = None
-        self._contributed_through, self._answered = read_secagg_journal(
-            options.state_dir / SECAGG_JOURNAL
-        )
-        self._refusals = Throttle(burst=5, window=10.0)
-        self._recovery: RecoveryWait | None = None
         self._dp_rng = np.random.default_rng()  # OS entropy
         #: Updates released so far (a restarted node counts its earlier life's too).
         self._dp_releases = count_trained_rounds(options.state_dir / "events.jsonl")
@@ -254,10 +191,12 @@ class Node:
             events=self.events,
             expected_bytes=self.params.nbytes,
         )
+        #: Secure aggregation's key exchange, masking and unmasking (None: plain averaging).
+        self.exchange = SecureExchange(self, self.secure) if self.secure is not None else None
         self.collecting = False
         #: This round's parameters to send, per neighbour (plain: one array for all; secure:
-        #: each neighbour's group gets its own masked contribution).
-        self.outgoing: tuple[int, Mapping[str, np.ndarray]] | None = None
+        #: each neighbour's group gets its own masked contribution, added as it is ready).
+        self.outgoing: tuple[int, dict[str, np.ndarray]] | None = None
         self._changed: asyncio.Event | None = None
         #: Streams in flight, per link (a replaced link's stream is tracked on its own).
         self._send_tasks: dict[PeerLink, asyncio.Task[None]] = {}
@@ -320,49 +259,22 @@ class Node:
             self._offer(link)
             self._notify()
         elif isinstance(msg, ParamsBegin):
-            if msg.dtype == DTYPE_RECOVERY_U32 and self.secure is not None:
-                verdict = self._judge_recovery(link.peer_id, msg.round)
-            elif msg.dtype != self.params_dtype:
+            if msg.dtype != self.params_dtype:
                 raise MessageError(
                     f"parameters of dtype code {msg.dtype}, this network uses "
                     f"{self.params_dtype} (aggregation.secure: {self.secure is not None})"
                 )
-            else:
-                verdict = self.tracker.judge(link.peer_id, msg.round)
+            verdict = self.tracker.judge(link.peer_id, msg.round)
             if not verdict.keep:
                 self.events.emit("reject", msg.round, peer=link.peer_id, reason=verdict.reason)
             link.receiver.begin(msg.round, msg.total_bytes, keep=verdict.keep)
             link.stream_started = time.monotonic()
             link.stream_lamport = msg.lamport
-            link.stream_dtype = msg.dtype
-        elif isinstance(msg, Recover):
-            self._answer_recovery(link, msg)
-        elif isinstance(msg, Seed):
-            wait = self._recovery
-            if (
-                wait is None
-                or wait.round != msg.round
-                or link.peer_id not in wait.survivors
-                or link.peer_id in wait.seeds
-            ):
-                suppressed = self._refusals.allow(link.peer_id, time.monotonic())
-                if suppressed is not None:
-                    self.events.emit(
-                        "reject",
-                        msg.round,
-                        peer=link.peer_id,
-                        reason="unrequested self-mask seed",
-                        **({"suppressed": suppressed} if suppressed else {}),
-                    )
-                return
-            wait.seeds[link.peer_id] = msg.seed
-            self._notify()
+        elif isinstance(msg, Keys | Shares | Unmask | Reveal):
+            self._secure_message(link, msg)
         elif isinstance(msg, ParamsChunk):
             done = link.receiver.chunk(msg.round, msg.offset, msg.data)
             if done is None or done.params is None:
-                return
-            if link.stream_dtype == DTYPE_RECOVERY_U32:
-                self._recovery_reply(link.peer_id, done.round, done.params)
                 return
             # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
             # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
@@ -386,12 +298,29 @@ class Node:
                 self.events.emit("reject", done.round, peer=link.peer_id, reason=verdict.reason)
             self._notify()
 
+    def _secure_message(self, link: PeerLink, msg: Keys | Shares | Unmask | Reveal) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            raise MessageError(
+                f"{type(msg).__name__.upper()} in a network without secure aggregation"
+            )
+        if isinstance(msg, Keys):
+            exchange.on_keys(link, msg)
+        elif isinstance(msg, Shares):
+            exchange.on_shares(link, msg)
+        elif isinstance(msg, Unmask):
+            exchange.on_unmask(link, msg)
+        else:
+            exchange.on_reveal(link, msg)
+
     # --- sending -------------------------------------------------------------------------
 
     def _offer(self, link: PeerLink) -> None:
         """Send this round's parameters over ``link`` once, as soon as the neighbour can
         use them: it announced a round it would buffer them in (a restarted neighbour still
         at its checkpoint round gets them when it announces our round)."""
+        if self.exchange is not None:
+            self.exchange.offer_keys(link)
         if not self.collecting or self.outgoing is None:
             return
         round_index, per_peer = self.outgoing
@@ -536,13 +465,10 @@ class Node:
         neighbours = self.neighbours_of(r)
         self.tracker.start_round(r)
         self._resume_round = r
-        if self.secure is not None:  # recovery answers are only given for recent rounds
-            horizon = r - self.config.limits.max_buffered_rounds - 2
-            self._contributed = {k: v for k, v in self._contributed.items() if k[0] >= horizon}
-            self._self_seeds = {k: v for k, v in self._self_seeds.items() if k[0] >= horizon}
-            self._answered = {k for k in self._answered if k[0] >= horizon}
         self.net.broadcast_status(r)
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
+        if self.exchange is not None:  # keys first: the owners relay them while we train
+            self.exchange.start_round(r)
 
         t0 = time.monotonic()
         loss, trained, privacy = await self._in_worker(self._train, r)
@@ -556,24 +482,11 @@ class Node:
             **privacy,
         )
 
-        clipped = 0
-        if self.secure is None:
+        if self.exchange is None:
             self.outgoing = (r, dict.fromkeys(neighbours, self.params))
-        elif r <= self._contributed_through:
-            # Before a restart we already sent masked vectors for this round: another vector
-            # under the same masks would reveal a difference of our models. Sit it out.
-            log.info("%s round %d: contributed before a restart, not again", self.id, r)
+        else:  # each owner's vector is added as its key exchange and mask are done
             self.outgoing = (r, {})
-        else:
-            try:
-                contributions, clipped = await self._in_worker(self._masked_contributions, r)
-            except ValueError as exc:  # non-finite parameters: nothing to contribute
-                log.error("%s round %d: no contribution: %s", self.id, r, exc)
-                contributions = {}
-            if contributions:
-                self._secagg_journal(f"contributed {r}")
-                self._contributed_through = r
-            self.outgoing = (r, contributions)
+            self.exchange.trained(r, trained)
         self.collecting = True
         for peer in sorted(neighbours):
             link = self.net.links.get(peer)
@@ -582,10 +495,18 @@ class Node:
         self.tracker.start_collecting(loop.time(), self.training.round_timeout)
         # Woken by network news, by the deadline, or when a disconnected neighbour's grace
         # runs out (then it is not waited for).
-        await self._wait_until(
-            lambda: self.tracker.collection_done(loop.time()),
-            lambda: self.tracker.next_wakeup(loop.time()),
-        )
+        exchange = self.exchange
+        if exchange is None:
+            await self._wait_until(
+                lambda: self.tracker.collection_done(loop.time()),
+                lambda: self.tracker.next_wakeup(loop.time()),
+            )
+        else:
+            exchange.start_collecting(loop.time())
+            await self._wait_until(
+                lambda: exchange.collection_done(r, loop.time()),
+                lambda: exchange.next_wakeup(r, loop.time()),
+            )
         self.collecting = False
         assert self.tracker.deadline is not None
         await self._finish_sends(self.tracker.deadline)
@@ -595,15 +516,13 @@ class Node:
         missing = sorted(neighbours - set(received))
         weights = metropolis_weights(self.graph(r), self.id)
         outcome: dict[str, Any] = {}
-        if self.secure is None:
+        if exchange is None:
             self.params, used = metropolis_average(self.id, self.params, received, weights)
         else:
-            used, outcome, own_clipped = await self._secure_aggregate(r, received, missing, weights)
-            clipped += own_clipped
+            used, outcome, own_clipped = await exchange.aggregate(r, received, weights)
+            outcome["clipped"] = exchange.clipped + own_clipped
         next_round = self.tracker.next_round()
         self._resume_round = next_round  # from here on, self.params is "round r done"
-        if self.secure is not None:
-            outcome["clipped"] = clipped
         self.events.emit(
             "aggregate",
             r,
@@ -637,213 +556,6 @@ class Node:
             duration,
         )
         return next_round
-
-    # --- secure aggregation ----------------------------------------------------------------
-
-    def _judge_recovery(self, peer: str, round_index: int) -> Verdict:
-        wait = self._recovery
-        if wait is None or wait.round != round_index or peer not in wait.survivors:
-            return Verdict(False, f"unrequested recovery answer for round {round_index}")
-        if peer in wait.replies:
-            return Verdict(False, f"duplicate recovery answer for round {round_index}")
-        return Verdict(True)
-
-    def _recovery_reply(self, peer: str, round_index: int, data: np.ndarray) -> None:
-        verdict = self._judge_recovery(peer, round_index)  # the wait may have ended meanwhile
-        if not verdict.keep:
-            self.events.emit("reject", round_index, peer=peer, reason=verdict.reason)
-            return
-        assert self._recovery is not None
-        self._recovery.replies[peer] = data.view(np.uint32)
-        self._notify()
-
-    def _answer_recovery(self, link: PeerLink, msg: Recover) -> None:
-        """A member's side of unmasking: reveal our self-mask seed for this round's
-        contribution to the owner and, if it names missing members, the sum of our masks
-        with them. Once per round and owner (recorded on disk first), only for a group we
-        contributed to, and only if at least two contributors are left."""
-        owner = link.peer_id
-        key = (msg.round, owner)
-        group = self._contributed.get(key)
-        seed = self._self_seeds.get(key)
-        missing = set(msg.missing)
-        if self.secure is None:
-            problem = "this network does not use secure aggregation"
-        elif group is None or seed is None:
-            problem = f"we sent {owner} no contribution for round {msg.round}"
-        elif key in self._answered:
-            problem = f"already answered for round {msg.round}"
-        elif not missing <= set(group) - {owner, self.id}:
-            problem = "it names peers outside its group, or us"
-        elif len(set(group) - {owner} - missing) < 2:
-            problem = "fewer than two contributors would be left"
-        else:
-            problem = ""
-        if problem:
-            suppressed = self._refusals.allow(owner, time.monotonic())
-            if suppressed is not None:  # a flood of requests must not flood the log
-                self.events.emit(
-                    "reject",
-                    msg.round,
-                    peer=owner,
-                    reason=f"unmask request refused: {problem}",
-                    **({"suppressed": suppressed} if suppressed else {}),
-                )
-            return
-        assert seed is not None
-        self._answered.add(key)
-        self._secagg_journal(f"answered {msg.round} {owner}")
-        self.events.emit("recovery", msg.round, role="member", owner=owner, missing=sorted(missing))
-        self.net.spawn(self._send_unmask_answer(link, msg.round, owner, seed, sorted(missing)))
-
-    async def _send_unmask_answer(
-        self, link: PeerLink, round_index: int, owner: str, seed: bytes, missing: list[str]
-    ) -> None:
-        try:
-            await link.send_seed(self.clock.tick(), round_index, seed)
-            if not missing:
-                return
-            secrets = {m: self._mask_secret(m) for m in missing}
-            answer = await asyncio.to_thread(
-                recovery_mask, self.id, owner, missing, round_index, secrets, self.params.size
-            )
-            await link.send_params(
-                self.clock.tick(),
-                round_index,
-                answer,
-                self.config.limits.chunk_bytes,
-                DTYPE_RECOVERY_U32,
-            )
-        except Exception as exc:  # the owner went away: its unmasking fails, it keeps its model
-            log.debug("unmask answer to %s failed: %s", owner, exc)
-
-    def _secagg_journal(self, line: str) -> None:
-        """Append to state_dir/secagg.log what must survive a crash: the rounds we sent
-        masked contributions for (never again after a restart: a second vector under the
-        same masks would reveal a difference of our models) and the unmask requests we
-        answered (never twice). Flushed before the action it records."""
-        if self._journal is None:
-            fd = os.open(
-                self.options.state_dir / SECAGG_JOURNAL,
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                0o600,
-            )
-            self._journal = os.fdopen(fd, "a", encoding="utf-8")
-        self._journal.write(line + "\n")
-        self._journal.flush()
-        if line.startswith("contributed"):  # must outlive a power loss as checkpoints do
-            os.fsync(self._journal.fileno())
-
-    async def _secure_aggregate(
-        self,
-        r: int,
-        received: dict[str, np.ndarray],
-        missing: list[str],
-        weights: dict[str, float],
-    ) -> tuple[dict[str, float], dict[str, Any], int]:
-        """The owner's step: ask the members present for their self-mask seeds (and, after
-        dropouts, their masks with the missing), then unmask the group's weighted sum.
-        Returns (weights used, extra event fields, own clipped entries); on failure the
-        node keeps its own model and the fields say why."""
-        survivors = sorted(received)
-        if len(survivors) < 2:
-            reason = f"fewer than two other contributors ({len(survivors)}) left"
-            return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
-        wait, reason = await self._collect_unmasking(r, missing, survivors)
-        if wait is None:
-            return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
-        present = {p: weights[p] for p in [self.id, *survivors]}
-        total = sum(present.values())
-        assert self.secure is not None
-        if not np.isfinite(np.sum(self.params, dtype=np.float64)):
-            reason = "own parameters are not finite; nothing can be averaged with them"
-            log.error("%s round %d: %s", self.id, r, reason)
-            return {self.id: 1.0}, {"kept_own": True, "reason": reason}, 0
-        self.params, clipped = await self._in_worker(
-            unmask_average,
-            [received[p].view(np.uint32) for p in survivors],
-            [wait.seeds[p] for p in survivors],
-            [wait.replies[p] for p in survivors] if missing else [],
-            self.params,
-            weights[self.id],
-            total,
-            self.secure,
-        )
-        extra: dict[str, Any] = {"recovered": missing} if missing else {}
-        return {p: w / total for p, w in present.items()}, extra, clipped
-
-    async def _collect_unmasking(
-        self, r: int, missing: list[str], survivors: list[str]
-    ) -> tuple[RecoveryWait | None, str]:
-        """Send every present member the unmask request and wait, bounded, for all answers
-        (a bigger model gets longer: the answers may queue behind model-sized streams)."""
-        assert self.secure is not None
-        loop = asyncio.get_running_loop()
-        links = {p: self.net.links.get(p) for p in survivors}
-        gone = sorted(p for p, link in links.items() if link is None)
-        if gone:
-            return None, f"unmasking failed: {', '.join(gone)} not connected"
-        wait = RecoveryWait(r, frozenset(survivors), need_masks=bool(missing))
-        self._recovery = wait
-        try:
-            lamport = self.clock.tick()
-            for link in links.values():
-                assert link is not None
-                self.net.spawn(_quietly(link.send_recover(lamport, r, tuple(missing))))
-            if missing:
-                self.events.emit("recovery", r, role="owner", missing=missing, survivors=survivors)
-            timeout = self.config.aggregation.recovery_timeout + self.params.nbytes / 50e6
-            await self._wait_until(
-                lambda: wait.complete() or not set(survivors) <= set(self.net.links),
-                loop.time() + timeout,
-            )
-            if not wait.complete():
-                silent = sorted(
-                    p
-                    for p in survivors
-                    if p not in wait.seeds or (missing and p not in wait.replies)
-                )
-                return None, f"unmasking failed: no answer from {', '.join(silent)}"
-            return wait, ""
-        finally:
-            self._recovery = None
-
-    def _mask_secret(self, peer: str) -> bytes:
-        """The pairwise secret for masks with ``peer`` (also 2-hop peers: every member of a
-        neighbour's group). Derived once from peers.yaml; never sent anywhere."""
-        secret = self._mask_secrets.get(peer)
-        if secret is None:
-            secret = pairwise_secret(
-                self._private_key,
-                self.config.peers[peer].public_key,
-                network=self.config.network,
-                own_id=self.id,
-                their_id=peer,
-                purpose=MASK_PURPOSE,
-            )
-            self._mask_secrets[peer] = secret
-        return secret
-
-    def _masked_contributions(self, round_index: int) -> tuple[dict[str, np.ndarray], int]:
-        """Worker thread: for each neighbour i, encode(w_i,self * params) masked with every
-        other member of i's group (see ``secagg``); and how many entries were clipped."""
-        assert self.secure is not None
-        graph = self.graph(round_index)
-        contributions: dict[str, np.ndarray] = {}
-        clipped = 0
-        for owner in sorted(graph[self.id]):
-            group = sorted(graph[owner] | {owner})
-            secrets = {k: self._mask_secret(k) for k in group if k not in (owner, self.id)}
-            mask = member_mask(self.id, owner, group, round_index, secrets, self.params.size)
-            weight = metropolis_weights(graph, owner)[self.id]
-            seed = os.urandom(32)  # fresh for every contribution; revealed only on request
-            contributions[owner], n = masked_contribution(
-                self.params, weight, mask, self.secure, seed
-            )
-            clipped += n
-            self._contributed[(round_index, owner)] = tuple(group)
-            self._self_seeds[(round_index, owner)] = seed
-        return contributions, clipped
 
     async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work in a thread. Shielded: a shutdown waits for it instead of
@@ -1049,7 +761,6 @@ class Node:
                 reason="completed" if self.finished else "stopped",
             )
             self.events.close()
-            if self._journal is not None:
-                self._journal.close()
-                self._journal = None
+            if self.exchange is not None:
+                self.exchange.close()
         return 0

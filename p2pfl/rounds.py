@@ -55,6 +55,8 @@ class RoundTracker:
         self.closed = -1
         #: Neighbours without a connection, and since when (the caller's monotonic clock).
         self.down_since: dict[str, float] = {}
+        #: Neighbours left out of the current round (secure aggregation: no keys from them).
+        self.excluded: frozenset[str] = frozenset()
 
     # --- what neighbours tell us ---------------------------------------------------------
 
@@ -106,6 +108,8 @@ class RoundTracker:
             return Verdict(False, f"round {round_index} too far ahead (buffering up to {horizon})")
         if peer not in self.neighbours_of(round_index):
             return Verdict(False, f"not a neighbour in round {round_index}")
+        if round_index == self.current and peer in self.excluded:
+            return Verdict(False, f"left out of round {round_index} (no keys in time)")
         if peer in self._received.get(round_index, {}):
             return Verdict(False, f"duplicate parameters for round {round_index}")
         return Verdict(True)
@@ -123,11 +127,16 @@ class RoundTracker:
         """Enter a round; buffered parameters of earlier rounds are released."""
         self.current = round_index
         self.deadline = None
+        self.excluded = frozenset()
         for old in [r for r in self._received if r < round_index]:
             del self._received[old]
 
     def start_collecting(self, now: float, timeout: float) -> None:
         self.deadline = now + timeout
+
+    def exclude(self, peers: frozenset[str]) -> None:
+        """Stop waiting for, and refuse, these neighbours' parameters this round."""
+        self.excluded = self.excluded | peers
 
     def missing(self) -> frozenset[str]:
         got = self._received.get(self.current, {})
@@ -139,7 +148,9 @@ class RoundTracker:
         return frozenset(
             p
             for p in self.missing()
-            if self.peer_rounds.get(p, 0) <= self.current and not self.gone(p, now)
+            if self.peer_rounds.get(p, 0) <= self.current
+            and not self.gone(p, now)
+            and p not in self.excluded
         )
 
     def collection_done(self, now: float) -> bool:

@@ -2,19 +2,19 @@
 
 Node i's group for round r is G = {i} plus its neighbours. Every other member j sends i
 
-    y_j = encode(w_ij * x_j) + M_j,    M_j = sum over k in G, k not in {i, j}, of
-                                             s(j, k) * PRG(K_jk(r, i))
+    y_j = encode(w_ij * x_j) + sum over k in U1, k != j, of s(j, k) * PRG(K_jk) + PRG(b_j)
 
-in the ring of unsigned 32-bit integers, where s(j, k) = +1 if j sorts before k, else -1,
-and K_jk(r, i) is a key only j and k can derive (HKDF from their pairwise secret, bound to
-the round and the group owner). Over all members the masks cancel pair by pair, so
-i learns sum_j encode(w_ij x_j), adds its own encode(w_ii x_i) and decodes the weighted
-average, and nothing else: each y_j alone is uniformly distributed as long as one other
-member k does not collude with i. The owner takes no part in the masks (it knows its own
-term), which is why a group needs at least two members besides the owner.
+in the ring of unsigned 32-bit integers, where U1 is the set of members that took part in
+the round's key exchange, s(j, k) = +1 if j sorts before k, else -1, K_jk is a key only j and
+k can derive and b_j is j's fresh self-mask seed (``secure_group`` has the protocol that
+agrees on the keys and recovers from dropouts). Over the members the pairwise masks cancel,
+so i learns sum_j encode(w_ij x_j) once it has removed the self-masks, adds its own
+encode(w_ii x_i) and decodes the weighted average. The owner takes no part in the masks (it
+knows its own term), which is why a group needs at least two members besides the owner.
 
-Masks depend on keys, round and owner only, never on parameters: a node computes them
-while it trains, and the round path pays only for encode-and-add.
+Masks depend on keys, round and owner only, never on parameters: a node computes them as
+soon as the key exchange is done, while it trains, and the round path pays only for
+encode-and-add. PRG is the AES-256-CTR keystream read as little-endian uint32.
 
 ``encode`` is fixed point: values are clipped to [-clip, clip] (clipped entries are counted)
 and scaled by 2**frac_bits. The weights of a group sum to one, so the sum stays within
@@ -25,17 +25,12 @@ len(group) / 2**(frac_bits + 1) per entry.
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-#: Salt of the per-round mask keys (the pairwise secret is already bound to its purpose).
-MASK_SALT = b"p2pfl/v1 mask"
 #: Elements handled at a time: bounded temporaries whatever the model size.
 CHUNK = 1 << 16
 _ZERO_BLOCK = bytes(CHUNK * 4)
@@ -100,15 +95,6 @@ class FixedPoint:
         return result
 
 
-def mask_key(pair_secret: bytes, round_index: int, owner: str) -> bytes:
-    """K_jk(r, i): 32 bytes only j and k can derive, for one round and one group owner."""
-    if len(pair_secret) != 32:
-        raise ValueError("a pairwise secret is 32 bytes")
-    owner_bytes = owner.encode("utf-8")
-    info = struct.pack(">QH", round_index, len(owner_bytes)) + owner_bytes
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=MASK_SALT, info=info).derive(pair_secret)
-
-
 def add_keystream(out: np.ndarray, key: bytes, sign: int) -> None:
     """``out += sign * PRG(key)`` in place (mod 2**32), PRG = the AES-256-CTR keystream
     read as little-endian uint32. Each key is used for one mask only (it is bound to the
@@ -130,41 +116,18 @@ def add_keystream(out: np.ndarray, key: bytes, sign: int) -> None:
             np.subtract(view, buffer[:count], out=view)
 
 
-def member_mask(
-    member: str,
-    owner: str,
-    group: Sequence[str],
-    round_index: int,
-    pair_secrets: Mapping[str, bytes],
-    size: int,
-) -> np.ndarray:
-    """M_j: what ``member`` adds to its contribution to ``owner``'s group this round.
-    ``pair_secrets[k]`` is the member's pairwise mask secret with k."""
-    if owner not in group or member not in group or member == owner:
-        raise ValueError("the member and the owner must be two different group members")
-    others = [k for k in group if k not in (owner, member)]
-    if len(others) < 1:
-        raise ValueError(f"{owner}'s group has no other member to mask {member} with")
-    mask = np.zeros(size, dtype=np.uint32)
-    for k in others:
-        add_keystream(mask, mask_key(pair_secrets[k], round_index, owner), 1 if member < k else -1)
-    return mask
-
-
 def masked_contribution(
-    x: np.ndarray, weight: float, mask: np.ndarray, fixed: FixedPoint, self_seed: bytes
+    x: np.ndarray, weight: float, mask: np.ndarray, fixed: FixedPoint
 ) -> tuple[np.ndarray, int]:
-    """y_j = encode(weight * x) + mask + PRG(self_seed), and how many entries were clipped.
-    ``mask`` is consumed (the result is written into it). The self-mask's seed is fresh
-    randomness the member reveals only when the owner counts it as present: a vector the
-    owner declared missing (e.g. a late one) stays masked even after a recovery."""
+    """y_j = encode(weight * x) + mask, and how many entries were clipped. ``mask`` (the
+    pairwise masks plus the self-mask, see ``secure_group``) is consumed: the result is
+    written into it."""
     clipped = fixed.encode_add(np.ravel(x), weight, mask)
-    add_keystream(mask, self_seed, 1)
     return mask, clipped
 
 
 def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
-    """The ring sum of the members' contributions (masks cancel once all are in)."""
+    """The ring sum of the members' contributions."""
     if not contributions:
         raise ValueError("no contributions")
     total = np.zeros(contributions[0].shape, dtype=np.uint32)
@@ -175,44 +138,22 @@ def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
     return total
 
 
-def recovery_mask(
-    member: str,
-    owner: str,
-    missing: Sequence[str],
-    round_index: int,
-    pair_secrets: Mapping[str, bytes],
-    size: int,
-) -> np.ndarray:
-    """A survivor's answer to a recovery request: the part of its mask M_j made with the
-    ``missing`` members. The owner subtracts it; the masks among survivors still cancel."""
-    if member == owner or member in missing or owner in missing:
-        raise ValueError("recovery is about other members than the owner and the survivor")
-    mask = np.zeros(size, dtype=np.uint32)
-    for m in missing:
-        add_keystream(mask, mask_key(pair_secrets[m], round_index, owner), 1 if member < m else -1)
-    return mask
-
-
 def unmask_average(
     contributions: Sequence[np.ndarray],
-    seeds: Sequence[bytes],
-    recoveries: Sequence[np.ndarray],
+    correction: np.ndarray,
     own: np.ndarray,
     own_weight: float,
     present_weight: float,
     fixed: FixedPoint,
 ) -> tuple[np.ndarray, int]:
-    """The owner's step: the present members' contributions, minus their self-masks (from
-    the ``seeds`` they revealed) and, after dropouts, minus their masks with the missing
-    (``recoveries``), plus its own term; decoded and renormalised over those present
-    (``present_weight`` = own weight + the present members' weights; 1 with no dropout)."""
+    """The owner's step: the present members' contributions minus the ``correction`` (their
+    self-masks and their masks with dropped members), plus its own term; decoded and
+    renormalised over those present (``present_weight`` = own weight + the present members'
+    weights; 1 with no dropout)."""
     total = group_sum(contributions)
-    for seed in seeds:
-        add_keystream(total, seed, -1)
-    for r in recoveries:
-        if r.dtype != np.uint32 or r.shape != total.shape:
-            raise ValueError("recovery masks must be uint32 arrays shaped like the model")
-        np.subtract(total, r, out=total)
+    if correction.dtype != np.uint32 or correction.shape != total.shape:
+        raise ValueError("the correction must be a uint32 array shaped like the model")
+    np.subtract(total, correction, out=total)
     clipped = fixed.encode_add(np.ravel(own), own_weight, total)
     average = fixed.decode(total)
     average /= np.float32(present_weight)

@@ -7,6 +7,13 @@ network is ever unpickled or evaluated. A record carries exactly one message:
     STATUS        header                               "I am at round R" (R == rounds: done)
     PARAMS_BEGIN  header  total_bytes:u64  dtype:u8    a parameter stream for round R starts
     PARAMS_CHUNK  header  offset:u64  data             the next piece of that stream
+    UNMASK        header  ids                          secure aggregation (docs/protocol.md)
+    REVEAL        header  entries(kind:u8 share:66)
+    KEYS          header  public:32  entries(box:192)
+    SHARES        header  entries(box:192)
+
+    ids     = count:u8  (id_len:u8  id)*count
+    entries = count:u8  (id_len:u8  id  payload)*count   (fixed-size payloads)
 
 A parameter stream is one PARAMS_BEGIN then chunks in order until ``total_bytes`` arrived.
 """
@@ -18,6 +25,7 @@ import struct
 from dataclasses import dataclass
 
 from p2pfl.errors import HandshakeError, MessageError
+from p2pfl.secure_group import BOX_BYTES, KIND_KEY, KIND_SELF_SEED, PUBLIC_BYTES, REVEAL_BYTES
 
 PROTOCOL_VERSION = 1
 #: Bound into the Noise handshake: peers speaking another protocol fail to authenticate.
@@ -31,11 +39,9 @@ CHUNK_OVERHEAD = HEADER_BYTES + _OFFSET.size
 DTYPE_FLOAT32 = 1
 #: A masked secure-aggregation contribution: uint32 little-endian, same size as the model.
 DTYPE_MASKED_U32 = 2
-#: A survivor's reply to a recovery request: the sum of its masks with the missing members.
-DTYPE_RECOVERY_U32 = 3
-DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32, DTYPE_RECOVERY_U32})
-#: A recovery request names at most this many missing members (a group is a neighbourhood).
-MAX_RECOVER_IDS = 64
+DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32})
+#: Secure-aggregation messages name at most this many members (a group is a neighbourhood).
+MAX_GROUP_IDS = 64
 MAX_ID_BYTES = 64
 #: Largest Lamport time accepted from a peer. Far below u64 (our own clock must stay encodable
 #: after observing it), int64 (the checkpoint) and 2**53 (jq and JavaScript read JSON numbers
@@ -47,8 +53,15 @@ class MessageType(enum.IntEnum):
     STATUS = 0x01
     PARAMS_BEGIN = 0x10
     PARAMS_CHUNK = 0x11
-    RECOVER = 0x20
-    SEED = 0x21
+    UNMASK = 0x20
+    REVEAL = 0x21
+    KEYS = 0x22
+    SHARES = 0x23
+
+
+_SECURE_TYPES = frozenset(
+    {MessageType.UNMASK, MessageType.REVEAL, MessageType.KEYS, MessageType.SHARES}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,71 +87,131 @@ class ParamsChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class Recover:
-    """Secure aggregation, owner to each member it counts as present in round R: "send me
-    your self-mask seed, and the sum of your masks with these missing members (if any)"."""
+class Unmask:
+    """Secure aggregation, owner to each member whose round-R vector it counts: "reveal
+    your shares; these keyed members dropped out" (see ``secure_group``)."""
 
     lamport: int
     round: int
-    missing: tuple[str, ...]
+    dropped: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class Seed:
-    """A member's answer: the seed of its self-mask on its round-R contribution to us."""
+class Reveal:
+    """A member's answer to UNMASK: per keyed member, (kind, share)."""
 
     lamport: int
     round: int
-    seed: bytes
+    shares: dict[str, tuple[int, bytes]]
 
 
-SEED_BYTES = 32
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Member to owner at the start of round R: its ephemeral public key for the owner's
+    group, and one sealed share box per other member, for the owner to relay."""
 
-Message = Status | ParamsBegin | ParamsChunk | Recover | Seed
+    lamport: int
+    round: int
+    public: bytes
+    boxes: dict[str, bytes]
 
 
-def encode_seed(lamport: int, round_index: int, seed: bytes) -> bytes:
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"a seed is {SEED_BYTES} bytes")
-    return _HEADER.pack(MessageType.SEED, lamport, round_index) + seed
+@dataclass(frozen=True, slots=True)
+class Shares:
+    """Owner to member: the boxes the other keyed members sealed for it."""
+
+    lamport: int
+    round: int
+    boxes: dict[str, bytes]
 
 
-def encode_recover(lamport: int, round_index: int, missing: tuple[str, ...]) -> bytes:
-    if not 0 <= len(missing) <= MAX_RECOVER_IDS:
-        raise ValueError(f"0..{MAX_RECOVER_IDS} missing members, got {len(missing)}")
-    body = bytearray([len(missing)])
-    for peer in missing:
+Message = Status | ParamsBegin | ParamsChunk | Unmask | Reveal | Keys | Shares
+
+
+def _encode_entries(entries: dict[str, bytes], size: int) -> bytes:
+    """count:u8, then per entry id_len:u8 id payload (``size`` bytes each; 0: ids only)."""
+    if not 0 <= len(entries) <= MAX_GROUP_IDS:
+        raise ValueError(f"0..{MAX_GROUP_IDS} member ids, got {len(entries)}")
+    body = bytearray([len(entries)])
+    for peer, payload in entries.items():
         raw = peer.encode("utf-8")
         if not 0 < len(raw) <= MAX_ID_BYTES:
             raise ValueError(f"peer id of {len(raw)} bytes")
-        body += bytes([len(raw)]) + raw
-    return _HEADER.pack(MessageType.RECOVER, lamport, round_index) + bytes(body)
+        if len(payload) != size:
+            raise ValueError(f"an entry payload is {size} bytes, got {len(payload)}")
+        body += bytes([len(raw)]) + raw + payload
+    return bytes(body)
 
 
-def _decode_recover(lamport: int, round_index: int, body: memoryview) -> Recover:
+def _decode_entries(name: str, body: memoryview, size: int) -> dict[str, bytes]:
+    """The inverse of ``_encode_entries`` (``size`` 0: ids only), with exact lengths."""
     if not body:
-        raise MessageError("RECOVER without a body")
+        raise MessageError(f"{name} without a body")
     count = body[0]
-    if count > MAX_RECOVER_IDS:
-        raise MessageError(f"RECOVER naming {count} members (at most {MAX_RECOVER_IDS})")
-    ids: list[str] = []
+    if count > MAX_GROUP_IDS:
+        raise MessageError(f"{name} naming {count} members (at most {MAX_GROUP_IDS})")
+    out: dict[str, bytes] = {}
     at = 1
     for _ in range(count):
         if at >= len(body):
-            raise MessageError("RECOVER truncated")
-        size = body[at]
-        if not 0 < size <= MAX_ID_BYTES or at + 1 + size > len(body):
-            raise MessageError("RECOVER with a malformed member id")
+            raise MessageError(f"{name} truncated")
+        id_len = body[at]
+        end = at + 1 + id_len + size
+        if not 0 < id_len <= MAX_ID_BYTES or end > len(body):
+            raise MessageError(f"{name} with a malformed entry")
         try:
-            ids.append(bytes(body[at + 1 : at + 1 + size]).decode("utf-8"))
+            peer = bytes(body[at + 1 : at + 1 + id_len]).decode("utf-8")
         except UnicodeDecodeError:
-            raise MessageError("RECOVER member id is not UTF-8") from None
-        at += 1 + size
+            raise MessageError(f"{name} member id is not UTF-8") from None
+        if peer in out:
+            raise MessageError(f"{name} names a member twice")
+        out[peer] = bytes(body[at + 1 + id_len : end])
+        at = end
     if at != len(body):
-        raise MessageError(f"RECOVER with {len(body) - at} trailing bytes")
-    if len(set(ids)) != len(ids):
-        raise MessageError("RECOVER names a member twice")
-    return Recover(lamport, round_index, tuple(ids))
+        raise MessageError(f"{name} with {len(body) - at} trailing bytes")
+    return out
+
+
+def encode_unmask(lamport: int, round_index: int, dropped: tuple[str, ...]) -> bytes:
+    return _HEADER.pack(MessageType.UNMASK, lamport, round_index) + _encode_entries(
+        dict.fromkeys(dropped, b""), 0
+    )
+
+
+def encode_reveal(lamport: int, round_index: int, shares: dict[str, tuple[int, bytes]]) -> bytes:
+    entries = {k: bytes([kind]) + share for k, (kind, share) in shares.items()}
+    body = _encode_entries(entries, REVEAL_BYTES)
+    return _HEADER.pack(MessageType.REVEAL, lamport, round_index) + body
+
+
+def encode_keys(lamport: int, round_index: int, public: bytes, boxes: dict[str, bytes]) -> bytes:
+    if len(public) != PUBLIC_BYTES:
+        raise ValueError(f"a public key is {PUBLIC_BYTES} bytes")
+    body = _encode_entries(boxes, BOX_BYTES)
+    return _HEADER.pack(MessageType.KEYS, lamport, round_index) + public + body
+
+
+def encode_shares(lamport: int, round_index: int, boxes: dict[str, bytes]) -> bytes:
+    body = _encode_entries(boxes, BOX_BYTES)
+    return _HEADER.pack(MessageType.SHARES, lamport, round_index) + body
+
+
+def _decode_secure(kind: int, lamport: int, round_index: int, body: memoryview) -> Message:
+    if kind == MessageType.UNMASK:
+        return Unmask(lamport, round_index, tuple(_decode_entries("UNMASK", body, 0)))
+    if kind == MessageType.REVEAL:
+        shares: dict[str, tuple[int, bytes]] = {}
+        for k, raw in _decode_entries("REVEAL", body, REVEAL_BYTES).items():
+            if raw[0] not in (KIND_SELF_SEED, KIND_KEY):
+                raise MessageError(f"REVEAL with an unknown share kind {raw[0]}")
+            shares[k] = (raw[0], raw[1:])
+        return Reveal(lamport, round_index, shares)
+    if kind == MessageType.KEYS:
+        if len(body) < PUBLIC_BYTES:
+            raise MessageError("KEYS shorter than a public key")
+        boxes = _decode_entries("KEYS", body[PUBLIC_BYTES:], BOX_BYTES)
+        return Keys(lamport, round_index, bytes(body[:PUBLIC_BYTES]), boxes)
+    return Shares(lamport, round_index, _decode_entries("SHARES", body, BOX_BYTES))
 
 
 def encode_status(lamport: int, round_index: int) -> bytes:
@@ -191,12 +264,8 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
             raise MessageError(f"PARAMS_CHUNK of {data_len} bytes exceeds limit {max_chunk}")
         (offset,) = _OFFSET.unpack_from(plaintext, HEADER_BYTES)
         return ParamsChunk(lamport, round_index, offset, memoryview(plaintext)[CHUNK_OVERHEAD:])
-    if kind == MessageType.RECOVER:
-        return _decode_recover(lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
-    if kind == MessageType.SEED:
-        if body != SEED_BYTES:
-            raise MessageError(f"SEED body of {body} bytes, expected {SEED_BYTES}")
-        return Seed(lamport, round_index, bytes(plaintext[HEADER_BYTES:]))
+    if kind in _SECURE_TYPES:
+        return _decode_secure(kind, lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
     raise MessageError(f"unknown message type 0x{kind:02x}")
 
 

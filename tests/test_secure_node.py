@@ -4,6 +4,7 @@ fixed-point error), masked bytes on the wire, and a missing member never unmasks
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -75,35 +76,36 @@ def secure_plain(net: Any, tmp_path: Path) -> Any:
 
 
 async def test_what_a_neighbour_receives_is_masked(four, monkeypatch) -> None:
-    """Capture bob's contribution to alice's group on its way out: it is uniform noise,
-    uncorrelated with bob's parameters."""
-    import p2pfl.node as node_mod
+    """Capture every masked vector on its way out: uniform noise, uncorrelated with the
+    sender's parameters, and different for each owner."""
+    import p2pfl.secure_exchange as exchange_mod
 
     net = four(rounds=1, extra=SECURE)
-    sent: dict[tuple[str, str], np.ndarray] = {}
-    original = node_mod.Node._masked_contributions
+    sent: list[tuple[np.ndarray, np.ndarray]] = []
+    original = exchange_mod.masked_contribution
 
-    def capture(self: Any, round_index: int) -> tuple[dict[str, np.ndarray], int]:
-        out, clipped = original(self, round_index)
-        for owner, y in out.items():
-            sent[(self.id, owner)] = y.copy()
-        sent[(self.id, "params")] = self.params.copy()
-        return out, clipped
+    def capture(x: np.ndarray, *args: Any) -> tuple[np.ndarray, int]:
+        y, clipped = original(x, *args)
+        sent.append((x.copy(), y.copy()))
+        return y, clipped
 
-    monkeypatch.setattr(node_mod.Node, "_masked_contributions", capture)
+    monkeypatch.setattr(exchange_mod, "masked_contribution", capture)
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
-    y, x = sent[("bob", "alice")], sent[("bob", "params")]
-    counts = np.bincount(y.view(np.uint8), minlength=256)
-    expected = y.nbytes / 256
-    assert float(np.sum((counts - expected) ** 2 / expected)) < 340
-    assert abs(np.corrcoef(y.view(np.int32).astype(np.float64), x)[0, 1]) < 0.1
-    assert not np.array_equal(sent[("bob", "alice")], sent[("bob", "carol")])
+    assert len(sent) == 12  # 4 peers, 3 owners each
+    for x, y in sent:
+        counts = np.bincount(y.view(np.uint8), minlength=256)
+        expected = y.nbytes / 256
+        assert float(np.sum((counts - expected) ** 2 / expected)) < 340
+        assert abs(np.corrcoef(y.view(np.int32).astype(np.float64), x)[0, 1]) < 0.1
+    same_sender = [y for x, y in sent if np.array_equal(x, sent[0][0])]
+    assert len(same_sender) == 3
+    assert not np.array_equal(same_sender[0], same_sender[1])
 
 
 async def test_with_one_contributor_left_every_owner_keeps_its_own_model(four) -> None:
-    """carol and dave never come: alice's group has bob alone, and bob's contribution
-    could only be unmasked by revealing it; so nobody averages, each keeps its own model
-    and says why."""
+    """carol and dave never come: alice's group has bob alone, below the threshold of two
+    (bob's vector could only be unmasked by revealing it); so no key exchange completes,
+    nobody averages, and each keeps its own model and says why."""
     net = four(
         rounds=2,
         round_timeout=30,
@@ -114,8 +116,8 @@ async def test_with_one_contributor_left_every_owner_keeps_its_own_model(four) -
     assert await run_all(nodes) == [0, 0]
     for peer in ("alice", "bob"):
         for e in aggregates(net.state(peer) / "events.jsonl"):
-            assert e["missing"] == ["carol", "dave"] and e["members"] == [peer]
-            assert e["kept_own"] is True and "fewer than two" in e["reason"]
+            assert e["missing"] == sorted(set(PEERS) - {peer}) and e["members"] == [peer]
+            assert e["kept_own"] is True and "1 of 3 members, 2 needed" in e["reason"]
 
 
 def test_secure_aggregation_needs_two_neighbours_everywhere(make_network) -> None:
@@ -138,46 +140,72 @@ async def test_plain_parameters_are_refused_by_a_secure_node(four) -> None:
     await asyncio.sleep(0)
 
 
-async def test_survivors_recover_the_average_without_a_member_that_left(four) -> None:
-    """dave stops after round 1: from then on every owner asks its survivors for their masks
-    with dave, removes them, and averages over those present, exactly."""
-    net = four(rounds=5, round_timeout=30, extra={**SECURE, "net": {"down_grace": 0.2}})
+async def test_survivors_recover_the_average_without_a_member_that_left(four, monkeypatch) -> None:
+    """dave sends his keys for round 2 and then stops while training: every owner rebuilds
+    dave's key from the others' shares, removes his masks, and averages over those present,
+    exactly. In later rounds dave is not in the key exchange at all."""
+    import p2pfl.node as node_mod
+
+    original = node_mod.Node._train
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(self: Any, round_index: int) -> Any:
+        if self.id == "dave" and round_index == 2:
+            loop.call_soon_threadsafe(stopping.set)
+            time.sleep(0.3)
+        return original(self, round_index)
+
+    monkeypatch.setattr(node_mod.Node, "_train", slow)
+    net = four(rounds=4, round_timeout=30, extra={**SECURE, "net": {"down_grace": 0.2}})
     nodes = [make_node(net, p) for p in PEERS]
     tasks = [asyncio.ensure_future(n.run()) for n in nodes]
-    dave_log = net.state("dave") / "events.jsonl"
-    while '"round_end","round":1' not in (dave_log.read_text() if dave_log.exists() else ""):
-        await asyncio.sleep(0.01)
+    await stopping.wait()
     nodes[3].request_stop()
     assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0] * 4
     for peer in PEERS[:3]:
         events = read_events(net.state(peer) / "events.jsonl")
-        last = [e for e in events if e["type"] == "aggregate"][-1]
-        assert last["missing"] == ["dave"] and last["recovered"] == ["dave"]
-        assert "kept_own" not in last
-        assert sorted(last["members"]) == ["alice", "bob", "carol"]
-        assert sum(last["weights"].values()) == pytest.approx(1.0, abs=1e-5)
+        (two, three) = [e for e in events if e["type"] == "aggregate" and e["round"] >= 2]
+        assert two["missing"] == ["dave"] and two["recovered"] == ["dave"]
+        assert three["missing"] == ["dave"] and "recovered" not in three
+        for e in (two, three):
+            assert "kept_own" not in e and sorted(e["members"]) == ["alice", "bob", "carol"]
+            assert sum(e["weights"].values()) == pytest.approx(1.0, abs=1e-5)
         helped = [e for e in events if e["type"] == "recovery" and e["role"] == "member"]
         assert helped and helped[-1]["missing"] == ["dave"]
     alice, bob, carol = (n.params for n in nodes[:3])
     assert np.max(np.abs(alice - bob)) < 1e-4 and np.max(np.abs(alice - carol)) < 1e-4
 
 
-async def test_recovery_requests_that_could_unmask_are_refused(four) -> None:
-    from p2pfl.wire import Recover
+async def test_unmask_requests_that_could_unmask_are_refused_and_logged(four) -> None:
+    from p2pfl.secure_group import MemberRound
+    from p2pfl.wire import Unmask
 
     net = four(rounds=1, extra=SECURE)
     bob = make_node(net, "bob")
-    bob._contributed[(3, "alice")] = tuple(PEERS)
-    bob._self_seeds[(3, "alice")] = b"s" * 32
+    assert bob.exchange is not None
+    others = [p for p in PEERS if p != "bob"]
+    member = MemberRound(
+        "bob", "alice", ["bob", "carol", "dave"], 3, {p: b"s" * 32 for p in others}
+    )
+    bob.exchange.members[(3, "alice")] = member
+    member.keyed = frozenset({"bob", "carol", "dave"})
     link = types.SimpleNamespace(peer_id="alice")
     try:
         for request, problem in (
-            (Recover(1, 2, ("dave",)), "no contribution"),  # not a round bob took part in
-            (Recover(1, 3, ("bob",)), "outside its group, or us"),
-            (Recover(1, 3, ("zed",)), "outside its group, or us"),
-            (Recover(1, 3, ("carol", "dave")), "fewer than two contributors"),
+            (Unmask(1, 3, ()), "sent alice no vector"),  # not contributed yet
+            (Unmask(1, 2, ()), "sent alice no vector"),  # not a round bob took part in
         ):
-            bob._answer_recovery(link, request)  # type: ignore[arg-type]
+            bob.exchange.on_unmask(link, request)  # type: ignore[arg-type]
+            last = read_events(net.state("bob") / "events.jsonl")[-1]
+            assert last["type"] == "reject" and problem in last["reason"], (request, last)
+        member.contributed = True
+        for request, problem in (
+            (Unmask(1, 3, ("bob",)), "outside the keyed group, or us"),
+            (Unmask(1, 3, ("zed",)), "outside the keyed group, or us"),
+            (Unmask(1, 3, ("carol", "dave")), "1 members would be present, 2 needed"),
+        ):
+            bob.exchange.on_unmask(link, request)  # type: ignore[arg-type]
             last = read_events(net.state("bob") / "events.jsonl")[-1]
             assert last["type"] == "reject" and problem in last["reason"], (request, last)
     finally:
@@ -211,33 +239,16 @@ async def test_a_restarted_node_never_contributes_twice_to_a_round(four) -> None
     under the same masks: he sits round 0 out, and the others recover without him."""
     net = four(rounds=2, extra={**SECURE, "net": {"down_grace": 0.2}})
     net.state("bob").mkdir(parents=True)
-    (net.state("bob") / "secagg.log").write_text("contributed 0\nanswered 0 alice\n")
+    (net.state("bob") / "secagg.log").write_text("contributed 0\n")
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
     bob = read_events(net.state("bob") / "events.jsonl")
     assert not [e for e in bob if e["type"] == "send" and e["round"] == 0]
     assert [e for e in bob if e["type"] == "send" and e["round"] == 1]
     (first, second) = aggregates(net.state("alice") / "events.jsonl")
-    assert first["missing"] == ["bob"] and first["recovered"] == ["bob"]
+    assert first["missing"] == ["bob"] and "kept_own" not in first
     assert second["missing"] == []
     journal = (net.state("bob") / "secagg.log").read_text().split("\n")
-    assert "contributed 1" in journal and any(line.startswith("answered 1 ") for line in journal)
-
-
-async def test_unmask_requests_are_answered_once_even_across_restarts(four) -> None:
-    from p2pfl.wire import Recover
-
-    net = four(rounds=1, extra=SECURE)
-    net.state("bob").mkdir(parents=True)
-    (net.state("bob") / "secagg.log").write_text("answered 3 alice\n")
-    bob = make_node(net, "bob")
-    bob._contributed[(3, "alice")] = tuple(PEERS)
-    bob._self_seeds[(3, "alice")] = b"s" * 32
-    try:
-        bob._answer_recovery(types.SimpleNamespace(peer_id="alice"), Recover(1, 3, ()))  # type: ignore[arg-type]
-        last = read_events(net.state("bob") / "events.jsonl")[-1]
-        assert last["type"] == "reject" and "already answered" in last["reason"]
-    finally:
-        bob.events.close()
+    assert "contributed 1" in journal
 
 
 async def test_a_node_whose_model_turns_nan_neither_crashes_nor_spreads_it(
@@ -265,17 +276,17 @@ async def test_a_node_whose_model_turns_nan_neither_crashes_nor_spreads_it(
         assert final["missing"] == ["alice"] and final["recovered"] == ["alice"]
 
 
-async def test_a_flood_of_unrequested_seeds_is_logged_sparingly(four) -> None:
-    from p2pfl.wire import Seed
+async def test_a_flood_of_unrequested_reveals_is_logged_sparingly(four) -> None:
+    from p2pfl.wire import Reveal
 
     net = four(rounds=1, extra=SECURE)
     alice = make_node(net, "alice")
     try:
         for i in range(1000):
-            alice.message(types.SimpleNamespace(peer_id="bob"), Seed(i, 0, b"x" * 32))  # type: ignore[arg-type]
+            alice.message(types.SimpleNamespace(peer_id="bob"), Reveal(i, 0, {}))  # type: ignore[arg-type]
         rejects = [
             e for e in read_events(net.state("alice") / "events.jsonl") if e["type"] == "reject"
         ]
-        assert 1 <= len(rejects) <= 10
+        assert 1 <= len(rejects) <= 10 and "unrequested reveal" in rejects[0]["reason"]
     finally:
         alice.events.close()

@@ -157,17 +157,17 @@ def test_stream_receiver_never_corrupts_state(ops: list[tuple[int, int, int]]) -
             rx.abort()
 
 
-def test_recover_round_trips_and_malformed_ones_are_refused() -> None:
-    from p2pfl.wire import Recover, encode_recover
+def test_unmask_round_trips_and_malformed_ones_are_refused() -> None:
+    from p2pfl.wire import Unmask, encode_unmask
 
-    msg = decode_message(encode_recover(7, 3, ("carol", "dave")), max_chunk=1024)
-    assert msg == Recover(7, 3, ("carol", "dave"))
-    assert decode_message(encode_recover(7, 3, ()), max_chunk=1024) == Recover(7, 3, ())
-    good = encode_recover(7, 3, ("carol",))
+    msg = decode_message(encode_unmask(7, 3, ("carol", "dave")), max_chunk=1024)
+    assert msg == Unmask(7, 3, ("carol", "dave"))
+    assert decode_message(encode_unmask(7, 3, ()), max_chunk=1024) == Unmask(7, 3, ())
+    good = encode_unmask(7, 3, ("carol",))
     for bad, problem in (
         (good[:13], "without a body"),
         (good[:13] + b"\x41", "naming 65 members"),
-        (good[:-1], "malformed member id"),
+        (good[:-1], "malformed entry"),
         (good + b"x", "trailing bytes"),
         (good[:13] + b"\x02\x01a\x01a", "names a member twice"),
         (good[:13] + b"\x01\x02\xff\xfe", "not UTF-8"),
@@ -176,16 +176,40 @@ def test_recover_round_trips_and_malformed_ones_are_refused() -> None:
             decode_message(bad, max_chunk=1024)
 
 
-def test_seed_round_trips_and_wrong_sizes_are_refused() -> None:
-    from p2pfl.wire import Seed, encode_seed
+def test_key_exchange_messages_round_trip_with_exact_sizes() -> None:
+    from p2pfl.secure_group import BOX_BYTES, KIND_KEY, KIND_SELF_SEED
+    from p2pfl.shamir import SHARE_BYTES
+    from p2pfl.wire import (
+        Keys,
+        Reveal,
+        Shares,
+        encode_keys,
+        encode_reveal,
+        encode_shares,
+    )
 
-    assert decode_message(encode_seed(1, 2, b"s" * 32), max_chunk=8) == Seed(1, 2, b"s" * 32)
-    with pytest.raises(MessageError, match="SEED body of 31 bytes"):
-        decode_message(encode_seed(1, 2, b"s" * 32)[:-1], max_chunk=8)
+    boxes = {"bob": b"b" * BOX_BYTES, "carol": b"c" * BOX_BYTES}
+    keys = encode_keys(1, 2, b"p" * 32, boxes)
+    assert decode_message(keys, max_chunk=8) == Keys(1, 2, b"p" * 32, boxes)
+    shares = encode_shares(3, 2, boxes)
+    assert decode_message(shares, max_chunk=8) == Shares(3, 2, boxes)
+    answer = {"bob": (KIND_SELF_SEED, b"s" * SHARE_BYTES), "dave": (KIND_KEY, b"k" * SHARE_BYTES)}
+    reveal = encode_reveal(4, 2, answer)
+    assert decode_message(reveal, max_chunk=8) == Reveal(4, 2, answer)
+    for bad, problem in (
+        (keys[:40], "shorter than a public key"),
+        (keys[:-1], "malformed entry"),
+        (shares + b"x", "trailing bytes"),
+        (reveal[: -SHARE_BYTES - 1] + b"\x09" + reveal[-SHARE_BYTES:], "unknown share kind"),
+    ):
+        with pytest.raises(MessageError, match=problem):
+            decode_message(bad, max_chunk=8)
+    with pytest.raises(ValueError, match="payload"):
+        encode_shares(1, 1, {"bob": b"short"})
 
 
 async def test_short_messages_go_out_between_the_chunks_of_a_stream() -> None:
-    """A STATUS (or an unmask request, or a seed) does not wait behind a whole model: it
+    """A STATUS (or a secure-aggregation message) does not wait behind a whole model: it
     is sent between two chunks, and the chunks stay in order."""
     import asyncio
     import types

@@ -1,0 +1,430 @@
+"""A node's secure-aggregation exchange: the glue between the protocol states of
+``secure_group`` (sans I/O) and the node's links, clock, log and round loop.
+
+Per round r a node is a *member* of each neighbour's group and the *owner* of its own:
+
+- round start: as a member, one ``MemberRound`` per neighbour; KEYS go out on each link as
+  soon as the neighbour can buffer them (``offer_keys``);
+- as an owner: KEYS are collected (for the current round or a few ahead); SHARES go out as
+  soon as every neighbour's keys are in, or, once our own training is done, when those
+  missing are gone, have moved past the round, or half the round timeout passed. Members
+  left out are not waited for;
+- as a member, a SHARES starts the mask computation at once (a worker thread, during
+  training); once trained, the vector is encoded into it and offered to the owner;
+- collection ends when the owner's vectors are in *and* our own vectors went out (or their
+  owners are gone), or at the deadline;
+- aggregation: UNMASK to the members whose vectors arrived, REVEAL back, rebuild, decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from p2pfl.errors import SecureAggregationError
+from p2pfl.guard import Throttle
+from p2pfl.keys import pairwise_secret
+from p2pfl.secagg import FixedPoint, masked_contribution, unmask_average
+from p2pfl.secure_group import MemberRound, OwnerRound
+from p2pfl.topology import metropolis_weights
+from p2pfl.wire import (
+    Keys,
+    Reveal,
+    Shares,
+    Unmask,
+    encode_keys,
+    encode_reveal,
+    encode_shares,
+    encode_unmask,
+)
+
+if TYPE_CHECKING:
+    from p2pfl.net import PeerLink
+    from p2pfl.node import Node
+
+log = logging.getLogger("p2pfl.secure")
+
+#: Purpose bound into the pairwise secrets behind the share boxes.
+SHARE_PURPOSE = b"p2pfl secagg share"
+JOURNAL = "secagg.log"
+
+
+def read_journal(path: Path) -> int:
+    """The last round this node took part in before a restart (-1: none)."""
+    through = -1
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return through
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "contributed" and parts[1].isdigit():
+            through = max(through, int(parts[1]))
+    return through
+
+
+async def _quietly(coro: Any) -> None:
+    with contextlib.suppress(Exception):
+        await coro
+
+
+class SecureExchange:
+    """Secure aggregation for one node (see the module docstring)."""
+
+    def __init__(self, node: Node, fixed: FixedPoint) -> None:
+        self.node = node
+        self.fixed = fixed
+        self.members: dict[tuple[int, str], MemberRound] = {}
+        self.owners: dict[int, OwnerRound] = {}
+        self._masks: dict[tuple[int, str], asyncio.Future[np.ndarray]] = {}
+        self._secrets: dict[str, bytes] = {}
+        self._journal: IO[str] | None = None
+        self._journal_path = node.options.state_dir / JOURNAL
+        self._through = read_journal(self._journal_path)
+        self._refusals = Throttle(burst=5, window=10.0)
+        #: This round's trained parameters, once training is done.
+        self._trained: tuple[int, np.ndarray] | None = None
+        self._keys_deadline: float | None = None
+        #: Clipped entries of this round's contributions.
+        self.clipped = 0
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    # --- round lifecycle -----------------------------------------------------------------
+
+    def start_round(self, r: int) -> None:
+        """Forget old rounds; as a member, draw this round's secrets and offer KEYS."""
+        node = self.node
+        horizon = r - node.config.limits.max_buffered_rounds - 2
+        self.members = {k: v for k, v in self.members.items() if k[0] >= horizon}
+        self.owners = {k: v for k, v in self.owners.items() if k >= r}
+        self._trained = None
+        self._keys_deadline = None
+        self.clipped = 0
+        if r <= self._through:
+            # Before a restart we already sent keys (and maybe vectors) for this round: new
+            # secrets would put a second vector under other masks, or contradict the first.
+            log.info("%s round %d: took part before a restart, not again", node.id, r)
+            return
+        self._write_journal(f"contributed {r}")
+        self._through = r
+        graph = node.graph(r)
+        for owner in sorted(graph[node.id]):
+            members = graph[owner]
+            secrets = {k: self._secret(k) for k in members if k != node.id}
+            self.members[(r, owner)] = MemberRound(node.id, owner, members, r, secrets)
+        for owner in sorted(graph[node.id]):
+            link = node.net.links.get(owner)
+            if link is not None:
+                self.offer_keys(link)
+
+    def offer_keys(self, link: PeerLink) -> None:
+        """Send this round's KEYS over ``link`` once the owner can buffer them."""
+        node = self.node
+        r = node.tracker.current
+        member = self.members.get((r, link.peer_id))
+        announced = link.announced
+        if member is None or link.keys_round == r or announced is None:
+            return
+        if not r - node.config.limits.max_buffered_rounds <= announced <= r:
+            return
+        link.keys_round = r
+        message = encode_keys(node.clock.tick(), r, member.public, member.boxes)
+        node.net.spawn(_quietly(link.send_message(message)))
+
+    def trained(self, r: int, params: np.ndarray) -> None:
+        """Training for round r is done: encode into every mask that is ready."""
+        self._trained = (r, params)
+        for (round_index, owner), member in self.members.items():
+            if round_index == r and member.keyed is not None and member.failure is None:
+                self.node.net.spawn(self._contribute(r, owner))
+
+    def start_collecting(self, now: float) -> None:
+        self._keys_deadline = now + self.node.training.round_timeout / 2
+
+    def collection_done(self, r: int, now: float) -> bool:
+        """Also the owner's clock: sends SHARES when waiting for more keys is over."""
+        state = self._owner(r)
+        if state is not None and state.keyed is None and self._keys_wait_over(state, now):
+            self._dispatch(state)
+        return self.node.tracker.collection_done(now) and not self._pending(r, now)
+
+    def next_wakeup(self, r: int, now: float) -> float | None:
+        """When ``collection_done`` may turn true without news (never a time already past,
+        but for the round's deadline: the wait would end there)."""
+        tracker = self.node.tracker
+        times = [tracker.next_wakeup(now)]
+        times += [tracker.grace_ends(owner) for owner in self._pending(r, now)]
+        state = self.owners.get(r)
+        if state is not None and state.keyed is None:  # a member without keys may go
+            if self._keys_deadline is not None and self._keys_deadline > now:
+                times.append(self._keys_deadline)
+            times += [
+                tracker.grace_ends(m)
+                for m in state.members
+                if m not in state.publics and not tracker.gone(m, now)
+            ]
+        known = [t for t in times if t is not None]
+        return min(known) if known else None
+
+    def _pending(self, r: int, now: float) -> list[str]:
+        """Owners we may still send a vector to this round."""
+        tracker = self.node.tracker
+        return [
+            owner
+            for (round_index, owner), member in self.members.items()
+            if round_index == r
+            and not member.contributed
+            and member.failure is None
+            and not tracker.gone(owner, now)
+            and tracker.peer_rounds.get(owner, r) <= r
+        ]
+
+    # --- member role ---------------------------------------------------------------------
+
+    def on_shares(self, link: PeerLink, msg: Shares) -> None:
+        node = self.node
+        key = (msg.round, link.peer_id)
+        member = self.members.get(key)
+        if member is None:
+            self._refuse(link.peer_id, msg.round, f"unrequested SHARES for round {msg.round}")
+            return
+        try:
+            member.accept_shares(msg.boxes)
+        except SecureAggregationError as exc:
+            self._refuse(link.peer_id, msg.round, f"SHARES refused: {exc}")
+            node._notify()
+            return
+        self._masks[key] = asyncio.ensure_future(asyncio.to_thread(member.mask, node.params.size))
+        if self._trained is not None and self._trained[0] == msg.round:
+            node.net.spawn(self._contribute(msg.round, link.peer_id))
+
+    async def _contribute(self, r: int, owner: str) -> None:
+        node = self.node
+        member = self.members[(r, owner)]
+        mask_task = self._masks.pop((r, owner), None)
+        if mask_task is None or self._trained is None or self._trained[0] != r:
+            return
+        weight = metropolis_weights(node.graph(r), owner)[node.id]
+        try:
+            mask = await mask_task
+            vector, clipped = await asyncio.to_thread(
+                masked_contribution, self._trained[1], weight, mask, self.fixed
+            )
+        except ValueError as exc:  # non-finite parameters, or a key that does not agree
+            member.failure = str(exc)
+            log.error("%s round %d: no contribution to %s: %s", node.id, r, owner, exc)
+            node._notify()
+            return
+        if node.outgoing is None or node.outgoing[0] != r:
+            return  # the round ended meanwhile
+        member.contributed = True
+        self.clipped += clipped
+        node.outgoing[1][owner] = vector
+        link = node.net.links.get(owner)
+        if link is not None:
+            node._offer(link)
+        node._notify()
+
+    def on_unmask(self, link: PeerLink, msg: Unmask) -> None:
+        owner = link.peer_id
+        member = self.members.get((msg.round, owner))
+        try:
+            if member is None:
+                raise SecureAggregationError(f"we sent {owner} no vector in round {msg.round}")
+            shares = member.reveal(msg.dropped)
+        except SecureAggregationError as exc:
+            self._refuse(owner, msg.round, f"unmask request refused: {exc}")
+            return
+        node = self.node
+        if msg.dropped:
+            node.events.emit(
+                "recovery", msg.round, role="member", owner=owner, missing=sorted(msg.dropped)
+            )
+        message = encode_reveal(node.clock.tick(), msg.round, shares)
+        node.net.spawn(_quietly(link.send_message(message)))
+
+    # --- owner role ----------------------------------------------------------------------
+
+    def _owner(self, r: int) -> OwnerRound | None:
+        """Our group's state for round r (created on first use, within the buffer window)."""
+        node = self.node
+        state = self.owners.get(r)
+        current = node.tracker.current
+        window = current <= r <= current + node.config.limits.max_buffered_rounds
+        if state is None and window and r < node.training.rounds:
+            state = OwnerRound(node.id, node.graph(r)[node.id], r)
+            self.owners[r] = state
+        return state
+
+    def on_keys(self, link: PeerLink, msg: Keys) -> None:
+        state = self._owner(msg.round)
+        try:
+            if state is None:
+                raise SecureAggregationError(
+                    f"KEYS for round {msg.round} outside rounds {self.node.tracker.current}.."
+                    f"{self.node.tracker.current + self.node.config.limits.max_buffered_rounds}"
+                )
+            state.add_keys(link.peer_id, msg.public, msg.boxes)
+        except SecureAggregationError as exc:
+            self._refuse(link.peer_id, msg.round, f"KEYS refused: {exc}")
+            return
+        if state.all_keyed():
+            self._dispatch(state)
+
+    def _keys_wait_over(self, state: OwnerRound, now: float) -> bool:
+        """After our training: stop waiting for keys from those that will not send them."""
+        tracker = self.node.tracker
+        if self._keys_deadline is not None and now >= self._keys_deadline:
+            return True
+        return self._trained is not None and all(
+            tracker.gone(m, now) or tracker.peer_rounds.get(m, state.round) > state.round
+            for m in state.members
+            if m not in state.publics
+        )
+
+    def _dispatch(self, state: OwnerRound) -> None:
+        node = self.node
+        per_member = state.dispatch()
+        if state.failure is not None:
+            log.warning("%s round %d: %s", node.id, state.round, state.failure)
+        if state.round == node.tracker.current:
+            node.tracker.exclude(frozenset(state.members) - (state.keyed or frozenset()))
+        lamport = node.clock.tick()
+        for member, boxes in per_member.items():
+            link = node.net.links.get(member)
+            if link is not None:
+                message = encode_shares(lamport, state.round, boxes)
+                node.net.spawn(_quietly(link.send_message(message)))
+        node._notify()
+
+    def on_reveal(self, link: PeerLink, msg: Reveal) -> None:
+        state = self.owners.get(msg.round)
+        try:
+            if state is None:
+                raise SecureAggregationError(f"unrequested reveal for round {msg.round}")
+            state.add_reveal(link.peer_id, msg.shares)
+        except SecureAggregationError as exc:
+            self._refuse(link.peer_id, msg.round, f"reveal refused: {exc}")
+            return
+        self.node._notify()
+
+    async def aggregate(
+        self,
+        r: int,
+        received: dict[str, np.ndarray],
+        weights: dict[str, float],
+    ) -> tuple[dict[str, float], dict[str, Any], int]:
+        """Unmask our group's weighted average. Returns (weights used, extra event fields,
+        own clipped entries); on failure the node keeps its own model and says why."""
+        node = self.node
+        state = self.owners.get(r)
+        try:
+            if state is None or state.keyed is None:
+                raise SecureAggregationError("no key exchange took place this round")
+            dropped = state.unmask_request(received)
+            present = sorted(state.present or ())
+            await self._collect_reveals(state, present, sorted(dropped))
+            if not np.isfinite(np.sum(node.params, dtype=np.float64)):
+                raise SecureAggregationError(
+                    "own parameters are not finite; nothing can be averaged with them"
+                )
+            correction = await node._in_worker(state.correction, node.params.size)
+        except SecureAggregationError as exc:
+            log.warning("%s round %d: keeping own model: %s", node.id, r, exc)
+            return {node.id: 1.0}, {"kept_own": True, "reason": str(exc)}, 0
+        finally:
+            self.owners.pop(r, None)  # later reveals are refused
+        kept = {p: weights[p] for p in [node.id, *present]}
+        total = sum(kept.values())
+        node.params, clipped = await node._in_worker(
+            unmask_average,
+            [received[p].view(np.uint32) for p in present],
+            correction,
+            node.params,
+            weights[node.id],
+            total,
+            self.fixed,
+        )
+        extra: dict[str, Any] = {"recovered": sorted(dropped)} if dropped else {}
+        return {p: w / total for p, w in kept.items()}, extra, clipped
+
+    async def _collect_reveals(
+        self, state: OwnerRound, present: list[str], dropped: list[str]
+    ) -> None:
+        """UNMASK to every present member; wait (bounded) for all connected ones to answer.
+        Raises SecureAggregationError with fewer than the threshold's answers."""
+        node = self.node
+        loop = asyncio.get_running_loop()
+        if dropped:
+            node.events.emit(
+                "recovery", state.round, role="owner", missing=dropped, survivors=present
+            )
+        message = encode_unmask(node.clock.tick(), state.round, tuple(dropped))
+        for p in present:
+            link = node.net.links.get(p)
+            if link is not None:
+                node.net.spawn(_quietly(link.send_message(message)))
+
+        def answered() -> bool:
+            waiting = [p for p in present if p not in state.reveals and p in node.net.links]
+            return state.complete() or (state.enough() and not waiting)
+
+        await node._wait_until(answered, loop.time() + node.config.aggregation.recovery_timeout)
+        if not state.enough():
+            silent = sorted(p for p in present if p not in state.reveals)
+            raise SecureAggregationError(
+                f"unmasking failed: {len(state.reveals)} of {len(present)} answered "
+                f"({state.threshold} needed); no answer from {', '.join(silent)}"
+            )
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _refuse(self, peer: str, round_index: int, reason: str) -> None:
+        """Log a refused step, at most a few times per peer and window (floods stay quiet)."""
+        suppressed = self._refusals.allow(peer, time.monotonic())
+        if suppressed is not None:
+            self.node.events.emit(
+                "reject",
+                round_index,
+                peer=peer,
+                reason=reason,
+                **({"suppressed": suppressed} if suppressed else {}),
+            )
+
+    def _secret(self, peer: str) -> bytes:
+        """The long-term pairwise secret behind our share boxes with ``peer`` (a member of a
+        neighbour's group, perhaps two hops away). Derived once from peers.yaml."""
+        secret = self._secrets.get(peer)
+        if secret is None:
+            node = self.node
+            secret = pairwise_secret(
+                node._private_key,
+                node.config.peers[peer].public_key,
+                network=node.config.network,
+                own_id=node.id,
+                their_id=peer,
+                purpose=SHARE_PURPOSE,
+            )
+            self._secrets[peer] = secret
+        return secret
+
+    def _write_journal(self, line: str) -> None:
+        """Append to state_dir/secagg.log, fsynced before the action it records: the rounds
+        we took part in are never joined again after a restart."""
+        if self._journal is None:
+            fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._journal = os.fdopen(fd, "a", encoding="utf-8")
+        self._journal.write(line + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())

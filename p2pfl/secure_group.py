@@ -1,0 +1,348 @@
+"""One group's secure-aggregation protocol for one round, both roles, sans I/O.
+
+This is the protocol of Bonawitz et al. (CCS 2017), run inside each neighbourhood: the
+owner i of the group plays the server, its neighbours the members (``secagg`` has the
+arithmetic). For round r and owner i, with members M (i's neighbours, sorted), n = |M| and
+threshold t = n // 2 + 1:
+
+1. KEYS (member j -> owner): j draws an ephemeral X25519 key e_j and a self-mask seed b_j,
+   splits both t-of-n (Shamir) and sends, for every other member k, a *box*: e_j's public
+   key and k's shares, AES-GCM-sealed under a key only j and k can derive (HKDF from their
+   long-term pairwise secret, bound to r, i and the direction). The owner relays boxes it
+   can neither read nor forge; a member that got a box knows the public key is j's.
+2. SHARES (owner -> member): once it has the keys of every member (or of all it will get),
+   the owner sends each member of that set U1 the boxes addressed to it.
+3. The member's vector y_j = encode(w_ij x_j) + sum over k in U1 \\ {j} of +-PRG(K_jk) +
+   PRG(b_j), with K_jk from the ephemeral Diffie-Hellman of j and k.
+4. UNMASK (owner -> member): the members U2 whose vectors arrived are asked to reveal, naming
+   those dropped (U1 \\ U2). REVEAL (member -> owner): for each k in U1 a share of b_k if k is
+   in U2, else a share of e_k; never both, and only once per round and owner, only if U2
+   has at least t members.
+5. The owner rebuilds b_k for the present and e_k for the dropped from any t answers,
+   removes the self-masks and the masks between the present and the dropped, and decodes.
+
+Why the threshold is a majority: to see one member's vector the owner needs that member's
+b (t members told "present") and, for each mask on it, an e (t members told "dropped");
+honest members each reveal one kind per member, so with t > n/2 a lying owner cannot
+collect both, however it splits its stories (``docs/threat-model.md``). A vector that
+arrives after its sender was counted as dropped stays under its self-mask for good.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from p2pfl.errors import SecureAggregationError
+from p2pfl.secagg import add_keystream
+from p2pfl.shamir import SHARE_BYTES, combine, split
+
+BOX_SALT = b"p2pfl/v1 share box"
+PAIR_MASK_SALT = b"p2pfl/v1 pair mask"
+PUBLIC_BYTES = 32
+_NONCE_BYTES = 12
+_BOX_PLAIN = PUBLIC_BYTES + 2 * SHARE_BYTES
+#: A sealed box on the wire: nonce, ciphertext, GCM tag.
+BOX_BYTES = _NONCE_BYTES + _BOX_PLAIN + 16
+#: What a revealed share is of.
+KIND_SELF_SEED = 1
+KIND_KEY = 2
+REVEAL_BYTES = 1 + SHARE_BYTES
+
+
+def threshold(members: int) -> int:
+    """Shares needed to rebuild a member's secret: a strict majority of the group's members
+    (the owner holds none)."""
+    return members // 2 + 1
+
+
+def _info(round_index: int, *names: str) -> bytes:
+    out = struct.pack(">Q", round_index)
+    for name in names:
+        raw = name.encode("utf-8")
+        out += struct.pack(">H", len(raw)) + raw
+    return out
+
+
+def _hkdf(material: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(material)
+
+
+def box_key(pair_secret: bytes, round_index: int, owner: str, sender: str, recipient: str) -> bytes:
+    """The key of the box ``sender`` seals for ``recipient`` in ``owner``'s group: one per
+    direction, round and group, from their long-term pairwise secret."""
+    if len(pair_secret) != 32:
+        raise ValueError("a pairwise secret is 32 bytes")
+    return _hkdf(pair_secret, BOX_SALT, _info(round_index, owner, sender, recipient))
+
+
+def _public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def pair_mask_key(
+    own: X25519PrivateKey, their_public: bytes, round_index: int, owner: str, a: str, b: str
+) -> bytes:
+    """K_ab for ``owner``'s group in this round, from a's and b's ephemeral keys (either end,
+    or the owner once it has rebuilt a dropped member's key, can compute it)."""
+    try:
+        shared = own.exchange(X25519PublicKey.from_public_bytes(their_public))
+    except ValueError:  # a low-order point: OpenSSL refuses the all-zero result
+        raise SecureAggregationError("an ephemeral public key is a low-order point") from None
+    low, high = sorted((a, b))
+    return _hkdf(shared, PAIR_MASK_SALT, _info(round_index, owner, low, high))
+
+
+@dataclass(frozen=True)
+class BoxContent:
+    """What member j tells member k through the owner: j's ephemeral public key and k's
+    shares of j's ephemeral key seed and self-mask seed."""
+
+    public: bytes
+    key_share: bytes
+    seed_share: bytes
+
+
+def seal_box(key: bytes, content: BoxContent) -> bytes:
+    nonce = os.urandom(_NONCE_BYTES)  # random: a restarted node may seal again under one key
+    plain = content.public + content.key_share + content.seed_share
+    return nonce + AESGCM(key).encrypt(nonce, plain, None)
+
+
+def open_box(key: bytes, box: bytes) -> BoxContent:
+    if len(box) != BOX_BYTES:
+        raise SecureAggregationError(f"a share box is {BOX_BYTES} bytes, got {len(box)}")
+    try:
+        plain = AESGCM(key).decrypt(box[:_NONCE_BYTES], box[_NONCE_BYTES:], None)
+    except InvalidTag:
+        raise SecureAggregationError("a share box does not open (forged or altered)") from None
+    return BoxContent(
+        plain[:PUBLIC_BYTES],
+        plain[PUBLIC_BYTES : PUBLIC_BYTES + SHARE_BYTES],
+        plain[PUBLIC_BYTES + SHARE_BYTES :],
+    )
+
+
+def _sign(a: str, b: str) -> int:
+    return 1 if a < b else -1
+
+
+class MemberRound:
+    """A member's side for one (round, owner): its secrets, the shares it holds for the
+    other members, and whether it has contributed and answered."""
+
+    def __init__(
+        self,
+        me: str,
+        owner: str,
+        members: Collection[str],
+        round_index: int,
+        pair_secrets: Mapping[str, bytes],
+    ) -> None:
+        self.me, self.owner, self.round = me, owner, round_index
+        self.members = tuple(sorted(members))
+        if me not in self.members or owner in self.members:
+            raise ValueError("the member must be in the group and the owner outside it")
+        self.threshold = threshold(len(self.members))
+        key_seed, self._self_seed = os.urandom(32), os.urandom(32)
+        self._private = X25519PrivateKey.from_private_bytes(key_seed)
+        self.public = _public_bytes(self._private)
+        count = len(self.members)
+        key_shares = split(key_seed, count, self.threshold)
+        seed_shares = split(self._self_seed, count, self.threshold)
+        self._secrets = pair_secrets
+        #: The boxes for the owner to relay, one per other member.
+        self.boxes: dict[str, bytes] = {}
+        #: Shares we hold, per member (ours included): public key, key share, seed share.
+        self._held: dict[str, BoxContent] = {}
+        for x, k in enumerate(self.members):
+            content = BoxContent(self.public, key_shares[x], seed_shares[x])
+            if k == me:
+                self._held[k] = content
+            else:
+                key = box_key(pair_secrets[k], round_index, owner, me, k)
+                self.boxes[k] = seal_box(key, content)
+        #: U1, the members whose keys the owner relayed to us (None until SHARES).
+        self.keyed: frozenset[str] | None = None
+        #: Why we will not contribute to this group (None: we may).
+        self.failure: str | None = None
+        self.contributed = False
+        self.answered = False
+
+    def accept_shares(self, boxes: Mapping[str, bytes]) -> None:
+        """The owner's SHARES: every box must open. Raises SecureAggregationError if not
+        (then nothing is kept, and we do not contribute to this group this round)."""
+        if self.keyed is not None or self.failure is not None:
+            raise SecureAggregationError("a second SHARES for this round")
+        try:
+            self._accept(boxes)
+        except SecureAggregationError as exc:
+            self.failure = str(exc)
+            raise
+
+    def _accept(self, boxes: Mapping[str, bytes]) -> None:
+        held: dict[str, BoxContent] = {}
+        for sender, box in boxes.items():
+            if sender not in self.members or sender == self.me:
+                raise SecureAggregationError(f"a box from {sender}, not another group member")
+            key = box_key(self._secrets[sender], self.round, self.owner, sender, self.me)
+            held[sender] = open_box(key, box)
+        keyed = frozenset(held) | {self.me}
+        if len(keyed) < self.threshold:
+            raise SecureAggregationError(
+                f"keys from {len(keyed)} of {len(self.members)} members, {self.threshold} needed"
+            )
+        self._held.update(held)
+        self.keyed = keyed
+
+    def mask(self, size: int) -> np.ndarray:
+        """Our pairwise masks with the other keyed members plus our self-mask."""
+        if self.keyed is None:
+            raise SecureAggregationError("no SHARES yet")
+        mask = np.zeros(size, dtype=np.uint32)
+        for k in sorted(self.keyed - {self.me}):
+            key = pair_mask_key(
+                self._private, self._held[k].public, self.round, self.owner, self.me, k
+            )
+            add_keystream(mask, key, _sign(self.me, k))
+        add_keystream(mask, self._self_seed, 1)
+        return mask
+
+    def reveal(self, dropped: Collection[str]) -> dict[str, tuple[int, bytes]]:
+        """Our answer to UNMASK: per keyed member, a share of its self-mask seed if present,
+        of its ephemeral key if dropped. Once, after we contributed, and only if at least
+        ``threshold`` members stay present."""
+        dropped = frozenset(dropped)
+        if self.keyed is None or not self.contributed:
+            raise SecureAggregationError(f"we sent {self.owner} no vector in round {self.round}")
+        if self.answered:
+            raise SecureAggregationError(f"already answered for round {self.round}")
+        if not dropped <= self.keyed - {self.me}:
+            raise SecureAggregationError("it names members outside the keyed group, or us")
+        if len(self.keyed - dropped) < self.threshold:
+            raise SecureAggregationError(
+                f"only {len(self.keyed - dropped)} members would be present, "
+                f"{self.threshold} needed"
+            )
+        self.answered = True
+        return {
+            k: (KIND_KEY, self._held[k].key_share)
+            if k in dropped
+            else (KIND_SELF_SEED, self._held[k].seed_share)
+            for k in sorted(self.keyed)
+        }
+
+
+class OwnerRound:
+    """The owner's side for one round: the members' keys and boxes, the keyed set U1, the
+    dropped members and the reveals."""
+
+    def __init__(self, owner: str, members: Collection[str], round_index: int) -> None:
+        self.owner, self.round = owner, round_index
+        self.members = tuple(sorted(members))
+        self.threshold = threshold(len(self.members))
+        self.publics: dict[str, bytes] = {}
+        self._boxes: dict[str, Mapping[str, bytes]] = {}
+        self.keyed: frozenset[str] | None = None
+        #: Why this round cannot be unmasked (set when too few members sent keys).
+        self.failure: str | None = None
+        self.present: frozenset[str] | None = None
+        self.reveals: dict[str, dict[str, tuple[int, bytes]]] = {}
+
+    def add_keys(self, member: str, public: bytes, boxes: Mapping[str, bytes]) -> None:
+        if member not in self.members:
+            raise SecureAggregationError(f"{member} is not in this round's group")
+        if member in self.publics:
+            raise SecureAggregationError(f"second KEYS from {member}")
+        if self.keyed is not None:
+            raise SecureAggregationError("KEYS after the shares went out")
+        if set(boxes) != set(self.members) - {member}:
+            raise SecureAggregationError("KEYS must hold one box for every other member")
+        if len(public) != PUBLIC_BYTES or any(len(b) != BOX_BYTES for b in boxes.values()):
+            raise SecureAggregationError("malformed KEYS")
+        self.publics[member] = public
+        self._boxes[member] = dict(boxes)
+
+    def all_keyed(self) -> bool:
+        return len(self.publics) == len(self.members)
+
+    def dispatch(self) -> dict[str, dict[str, bytes]]:
+        """Fix U1 (those whose keys arrived) and the SHARES for each of them. With fewer
+        than ``threshold`` keyed, U1 is empty and each keyed member gets an empty SHARES:
+        it learns at once that it will not contribute (instead of waiting for the deadline)."""
+        if self.keyed is not None:
+            raise SecureAggregationError("shares already sent")
+        keyed = frozenset(self.publics)
+        if len(keyed) < self.threshold:
+            self.keyed = frozenset()
+            self.failure = (
+                f"keys from {len(keyed)} of {len(self.members)} members, {self.threshold} needed"
+            )
+            return {m: {} for m in sorted(keyed)}
+        self.keyed = keyed
+        return {m: {k: self._boxes[k][m] for k in sorted(keyed - {m})} for m in sorted(keyed)}
+
+    def unmask_request(self, received: Collection[str]) -> frozenset[str]:
+        """Fix U2 from the vectors that arrived; returns the dropped (U1 \\ U2)."""
+        if self.keyed is None:
+            raise SecureAggregationError("no shares were sent")
+        if self.failure is not None:
+            raise SecureAggregationError(self.failure)
+        present = frozenset(received) & self.keyed
+        if len(present) < self.threshold:
+            raise SecureAggregationError(
+                f"vectors from {len(present)} members, {self.threshold} needed"
+            )
+        self.present = present
+        return self.keyed - present
+
+    def add_reveal(self, member: str, shares: Mapping[str, tuple[int, bytes]]) -> None:
+        if self.present is None or self.keyed is None or member not in self.present:
+            raise SecureAggregationError(f"unrequested reveal from {member}")
+        if member in self.reveals:
+            raise SecureAggregationError(f"second reveal from {member}")
+        if set(shares) != self.keyed:
+            raise SecureAggregationError("a reveal must cover every keyed member")
+        for k, (kind, share) in shares.items():
+            expected = KIND_SELF_SEED if k in self.present else KIND_KEY
+            if kind != expected or len(share) != SHARE_BYTES:
+                raise SecureAggregationError(f"a reveal with the wrong kind of share for {k}")
+        self.reveals[member] = dict(shares)
+
+    def complete(self) -> bool:
+        return self.present is not None and len(self.reveals) == len(self.present)
+
+    def enough(self) -> bool:
+        return len(self.reveals) >= self.threshold
+
+    def correction(self, size: int) -> np.ndarray:
+        """What to subtract from the sum of the present vectors: their self-masks and their
+        masks with the dropped, rebuilt from ``threshold`` reveals (or more: then every
+        extra share is checked against the others)."""
+        if self.present is None or self.keyed is None or not self.enough():
+            raise SecureAggregationError(f"{len(self.reveals)} reveals, {self.threshold} needed")
+        xs = {m: x + 1 for x, m in enumerate(self.members)}
+        correction = np.zeros(size, dtype=np.uint32)
+        for k in sorted(self.keyed):
+            shares = {xs[m]: reveal[k][1] for m, reveal in self.reveals.items()}
+            secret = combine(shares, self.threshold)
+            if k in self.present:
+                add_keystream(correction, secret, 1)
+                continue
+            private = X25519PrivateKey.from_private_bytes(secret)
+            if _public_bytes(private) != self.publics[k]:
+                raise SecureAggregationError(f"the rebuilt key of {k} does not match its KEYS")
+            for u in sorted(self.present):
+                key = pair_mask_key(private, self.publics[u], self.round, self.owner, u, k)
+                add_keystream(correction, key, _sign(u, k))
+        return correction
