@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -72,17 +73,29 @@ class FixedPoint:
             raise ValueError("non-finite parameters cannot be encoded")
         factor = weight * self.scale
         clipped = 0
+        scaled = np.empty(min(CHUNK, x.size), dtype=np.float64)
+        ints = np.empty(scaled.size, dtype=np.int32)
         for start in range(0, x.size, CHUNK):
-            part = np.asarray(x[start : start + CHUNK], dtype=np.float64)
-            over = np.abs(part) > self.clip
-            n_over = int(np.count_nonzero(over))
-            if n_over:
-                clipped += n_over
-                part = np.clip(part, -self.clip, self.clip)
-            scaled = np.rint(part * factor).astype(np.int64).astype(np.uint32)
-            view = out[start : start + CHUNK]
-            np.add(view, scaled, out=view)
+            part = x[start : start + CHUNK]
+            count = part.size
+            work = scaled[:count]
+            np.multiply(part, factor, out=work)
+            if count and (part.max() > self.clip or part.min() < -self.clip):
+                clipped += int(np.count_nonzero(np.abs(part) > self.clip))
+                limit = self.clip * abs(factor)
+                np.clip(work, -limit, limit, out=work)
+            np.rint(work, out=work)
+            # |values| <= 2**30: exact in int32, and int32 + uint32 wrap alike mod 2**32.
+            np.copyto(ints[:count], work, casting="unsafe")
+            view = out[start : start + count]
+            np.add(view, ints[:count].view(np.uint32), out=view)
         return clipped
+
+    def encode(self, x: np.ndarray, weight: float) -> tuple[np.ndarray, int]:
+        """A new uint32 array ``encode(weight * x)`` and how many entries were clipped."""
+        out = np.empty(x.size, dtype=np.uint32)  # (not np.zeros: see keystream_sum)
+        out.fill(0)
+        return out, self.encode_add(np.ravel(x), weight, out)
 
     def decode(self, total: np.ndarray) -> np.ndarray:
         """The float32 value of a group sum (read as signed 32-bit two's complement)."""
@@ -95,25 +108,51 @@ class FixedPoint:
         return result
 
 
+def _keystream(key: bytes) -> Any:
+    # Each key is used for one mask only (bound to a pair or a member, a round and an
+    # owner), so the all-zero counter block never repeats a stream.
+    return Cipher(algorithms.AES(key), modes.CTR(bytes(_AES_BLOCK))).encryptor()
+
+
 def add_keystream(out: np.ndarray, key: bytes, sign: int) -> None:
     """``out += sign * PRG(key)`` in place (mod 2**32), PRG = the AES-256-CTR keystream
-    read as little-endian uint32. Each key is used for one mask only (it is bound to the
-    pair, the round and the owner), so the all-zero counter block never repeats a stream."""
+    read as little-endian uint32."""
+    add_keystreams(out, [(key, sign)])
+
+
+def keystream_sum(size: int, streams: Sequence[tuple[bytes, int]]) -> np.ndarray:
+    """A new uint32 array holding the sum of sign * PRG(key) over ``streams``. Allocated
+    empty and zeroed chunk by chunk: numpy backs a big empty array with huge pages, while
+    np.zeros (calloc) faults in 4 KiB pages, which costs more than the AES itself."""
+    out = np.empty(size, dtype=np.uint32)
+    add_keystreams(out, streams, zero_first=True)
+    return out
+
+
+def add_keystreams(
+    out: np.ndarray, streams: Sequence[tuple[bytes, int]], *, zero_first: bool = False
+) -> None:
+    """``out += sum of sign * PRG(key)`` over ``streams`` (``zero_first``: ``out =``), in one
+    pass: chunk by chunk, every stream is added while the chunk is in cache (one sweep over
+    a big model instead of one per stream)."""
     if out.dtype != np.uint32 or not out.flags.c_contiguous:
         raise ValueError("out must be a contiguous uint32 array")
-    if sign not in (1, -1):
+    if any(sign not in (1, -1) for _, sign in streams):
         raise ValueError("sign must be +1 or -1")
-    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(_AES_BLOCK))).encryptor()
+    ciphers = [(_keystream(key), sign) for key, sign in streams]
     buffer = np.empty(CHUNK + _AES_BLOCK // 4, dtype="<u4")
     raw = buffer.data.cast("B")
     for start in range(0, out.size, CHUNK):
         count = min(CHUNK, out.size - start)
-        stream.update_into(_ZERO_BLOCK[: count * 4], raw)
         view = out[start : start + count]
-        if sign > 0:
-            np.add(view, buffer[:count], out=view)
-        else:
-            np.subtract(view, buffer[:count], out=view)
+        if zero_first:
+            view.fill(0)
+        for cipher, sign in ciphers:
+            cipher.update_into(_ZERO_BLOCK[: count * 4], raw)
+            if sign > 0:
+                np.add(view, buffer[:count], out=view)
+            else:
+                np.subtract(view, buffer[:count], out=view)
 
 
 def masked_contribution(
@@ -149,12 +188,28 @@ def unmask_average(
     """The owner's step: the present members' contributions minus the ``correction`` (their
     self-masks and their masks with dropped members), plus its own term; decoded and
     renormalised over those present (``present_weight`` = own weight + the present members'
-    weights; 1 with no dropout)."""
-    total = group_sum(contributions)
-    if correction.dtype != np.uint32 or correction.shape != total.shape:
-        raise ValueError("the correction must be a uint32 array shaped like the model")
-    np.subtract(total, correction, out=total)
-    clipped = fixed.encode_add(np.ravel(own), own_weight, total)
-    average = fixed.decode(total)
-    average /= np.float32(present_weight)
+    weights; 1 with no dropout). One pass, chunk by chunk; ``correction`` is consumed."""
+    if not contributions:
+        raise ValueError("no contributions")
+    shape = correction.shape
+    if correction.dtype != np.uint32 or any(
+        y.dtype != np.uint32 or y.shape != shape for y in contributions
+    ):
+        raise ValueError("contributions and correction must be uint32 arrays of one shape")
+    flat_own = np.ravel(own)
+    if not np.isfinite(np.sum(flat_own, dtype=np.float64)):
+        raise ValueError("non-finite parameters cannot be encoded")
+    average = np.empty(shape, dtype=np.float32)
+    total = np.empty(CHUNK, dtype=np.uint32)
+    clipped = 0
+    scale = np.float32(present_weight)
+    for start in range(0, correction.size, CHUNK):
+        end = min(start + CHUNK, correction.size)
+        part = total[: end - start]
+        np.negative(correction[start:end], out=part)
+        for y in contributions:
+            np.add(part, y[start:end], out=part)
+        clipped += fixed.encode_add(flat_own[start:end], own_weight, part)
+        average[start:end] = part.view(np.int32) / fixed.scale
+    average /= scale
     return average, clipped

@@ -31,7 +31,7 @@ import numpy as np
 from p2pfl.errors import SecureAggregationError
 from p2pfl.guard import Throttle
 from p2pfl.keys import pairwise_secret
-from p2pfl.secagg import FixedPoint, masked_contribution, unmask_average
+from p2pfl.secagg import FixedPoint, unmask_average
 from p2pfl.secure_group import MemberRound, OwnerRound
 from p2pfl.topology import metropolis_weights
 from p2pfl.wire import (
@@ -93,7 +93,18 @@ class SecureExchange:
         self._trained: tuple[int, np.ndarray] | None = None
         self._keys_deadline: float | None = None
         #: Clipped entries of this round's contributions.
-        self.clipped = 0
+        #: This round's encoded parameters, per Metropolis weight: owners whose weight for
+        #: us is the same (all of them in a regular graph) share one encoding.
+        self._encodings: dict[float, asyncio.Future[tuple[np.ndarray, int]]] = {}
+
+    @property
+    def clipped(self) -> int:
+        """Entries clipped when encoding this round's parameters (once per distinct weight)."""
+        return sum(
+            e.result()[1]
+            for e in self._encodings.values()
+            if e.done() and not e.cancelled() and e.exception() is None
+        )
 
     def close(self) -> None:
         if self._journal is not None:
@@ -110,7 +121,7 @@ class SecureExchange:
         self.owners = {k: v for k, v in self.owners.items() if k >= r}
         self._trained = None
         self._keys_deadline = None
-        self.clipped = 0
+        self._encodings = {}
         if r <= self._through:
             # Before a restart we already sent keys (and maybe vectors) for this round: new
             # secrets would put a second vector under other masks, or contradict the first.
@@ -216,11 +227,16 @@ class SecureExchange:
         if mask_task is None or self._trained is None or self._trained[0] != r:
             return
         weight = metropolis_weights(node.graph(r), owner)[node.id]
+        encoding = self._encodings.get(weight)
+        if encoding is None:
+            encoding = asyncio.ensure_future(
+                asyncio.to_thread(self.fixed.encode, self._trained[1], weight)
+            )
+            self._encodings[weight] = encoding
         try:
             mask = await mask_task
-            vector, clipped = await asyncio.to_thread(
-                masked_contribution, self._trained[1], weight, mask, self.fixed
-            )
+            encoded, _ = await asyncio.shield(encoding)  # shared by other owners' tasks
+            vector = await asyncio.to_thread(np.add, mask, encoded, out=mask)
         except ValueError as exc:  # non-finite parameters, or a key that does not agree
             member.failure = str(exc)
             log.error("%s round %d: no contribution to %s: %s", node.id, r, owner, exc)
@@ -229,7 +245,6 @@ class SecureExchange:
         if node.outgoing is None or node.outgoing[0] != r:
             return  # the round ended meanwhile
         member.contributed = True
-        self.clipped += clipped
         node.outgoing[1][owner] = vector
         link = node.net.links.get(owner)
         if link is not None:

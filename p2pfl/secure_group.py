@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2pfl.errors import SecureAggregationError
-from p2pfl.secagg import add_keystream
+from p2pfl.secagg import keystream_sum
 from p2pfl.shamir import SHARE_BYTES, combine, split
 
 BOX_SALT = b"p2pfl/v1 share box"
@@ -209,14 +209,16 @@ class MemberRound:
         """Our pairwise masks with the other keyed members plus our self-mask."""
         if self.keyed is None:
             raise SecureAggregationError("no SHARES yet")
-        mask = np.zeros(size, dtype=np.uint32)
-        for k in sorted(self.keyed - {self.me}):
-            key = pair_mask_key(
-                self._private, self._held[k].public, self.round, self.owner, self.me, k
+        streams = [
+            (
+                pair_mask_key(
+                    self._private, self._held[k].public, self.round, self.owner, self.me, k
+                ),
+                _sign(self.me, k),
             )
-            add_keystream(mask, key, _sign(self.me, k))
-        add_keystream(mask, self._self_seed, 1)
-        return mask
+            for k in sorted(self.keyed - {self.me})
+        ]
+        return keystream_sum(size, [*streams, (self._self_seed, 1)])
 
     def reveal(self, dropped: Collection[str]) -> dict[str, tuple[int, bytes]]:
         """Our answer to UNMASK: per keyed member, a share of its self-mask seed if present,
@@ -332,17 +334,17 @@ class OwnerRound:
         if self.present is None or self.keyed is None or not self.enough():
             raise SecureAggregationError(f"{len(self.reveals)} reveals, {self.threshold} needed")
         xs = {m: x + 1 for x, m in enumerate(self.members)}
-        correction = np.zeros(size, dtype=np.uint32)
+        streams: list[tuple[bytes, int]] = []
         for k in sorted(self.keyed):
             shares = {xs[m]: reveal[k][1] for m, reveal in self.reveals.items()}
             secret = combine(shares, self.threshold)
             if k in self.present:
-                add_keystream(correction, secret, 1)
+                streams.append((secret, 1))
                 continue
             private = X25519PrivateKey.from_private_bytes(secret)
             if _public_bytes(private) != self.publics[k]:
                 raise SecureAggregationError(f"the rebuilt key of {k} does not match its KEYS")
             for u in sorted(self.present):
                 key = pair_mask_key(private, self.publics[u], self.round, self.owner, u, k)
-                add_keystream(correction, key, _sign(u, k))
-        return correction
+                streams.append((key, _sign(u, k)))
+        return keystream_sum(size, streams)

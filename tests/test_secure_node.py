@@ -78,28 +78,34 @@ def secure_plain(net: Any, tmp_path: Path) -> Any:
 async def test_what_a_neighbour_receives_is_masked(four, monkeypatch) -> None:
     """Capture every masked vector on its way out: uniform noise, uncorrelated with the
     sender's parameters, and different for each owner."""
-    import p2pfl.secure_exchange as exchange_mod
+    import p2pfl.node as node_mod
 
     net = four(rounds=1, extra=SECURE)
-    sent: list[tuple[np.ndarray, np.ndarray]] = []
-    original = exchange_mod.masked_contribution
+    trained: dict[str, np.ndarray] = {}
+    sent: dict[tuple[str, str], np.ndarray] = {}
+    train, start_send = node_mod.Node._train, node_mod.Node._start_send
 
-    def capture(x: np.ndarray, *args: Any) -> tuple[np.ndarray, int]:
-        y, clipped = original(x, *args)
-        sent.append((x.copy(), y.copy()))
-        return y, clipped
+    def capture_train(self: Any, round_index: int) -> Any:
+        loss, params, extra = train(self, round_index)
+        trained[self.id] = params.copy()
+        return loss, params, extra
 
-    monkeypatch.setattr(exchange_mod, "masked_contribution", capture)
+    def capture_send(self: Any, link: Any, round_index: int, params: np.ndarray) -> None:
+        sent[(self.id, link.peer_id)] = params.copy()
+        start_send(self, link, round_index, params)
+
+    monkeypatch.setattr(node_mod.Node, "_train", capture_train)
+    monkeypatch.setattr(node_mod.Node, "_start_send", capture_send)
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
     assert len(sent) == 12  # 4 peers, 3 owners each
-    for x, y in sent:
+    for (sender, _), y in sent.items():
+        assert y.dtype == np.uint32
         counts = np.bincount(y.view(np.uint8), minlength=256)
         expected = y.nbytes / 256
         assert float(np.sum((counts - expected) ** 2 / expected)) < 340
+        x = trained[sender]
         assert abs(np.corrcoef(y.view(np.int32).astype(np.float64), x)[0, 1]) < 0.1
-    same_sender = [y for x, y in sent if np.array_equal(x, sent[0][0])]
-    assert len(same_sender) == 3
-    assert not np.array_equal(same_sender[0], same_sender[1])
+    assert not np.array_equal(sent[("bob", "alice")], sent[("bob", "carol")])
 
 
 async def test_with_one_contributor_left_every_owner_keeps_its_own_model(four) -> None:
