@@ -46,10 +46,13 @@ from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
+    MAX_GROUP_IDS,
+    Confirm,
     Keys,
     Message,
     ParamsBegin,
     ParamsChunk,
+    Present,
     Reveal,
     Shares,
     Status,
@@ -114,6 +117,13 @@ def check_secure_topology(config: Config) -> None:
     for r in rounds:
         graph = graph_for_round(config.topology, config.peer_ids, config.seed, r)
         for peer, neighbours in graph.items():
+            if len(neighbours) > MAX_GROUP_IDS:
+                raise ConfigError(
+                    config.source,
+                    "aggregation.secure",
+                    f"supports at most {MAX_GROUP_IDS} neighbours per peer, but {peer} has "
+                    f"{len(neighbours)} in round {r}",
+                )
             if len(neighbours) < 2:
                 raise ConfigError(
                     config.source,
@@ -270,7 +280,7 @@ class Node:
             link.receiver.begin(msg.round, msg.total_bytes, keep=verdict.keep)
             link.stream_started = time.monotonic()
             link.stream_lamport = msg.lamport
-        elif isinstance(msg, Keys | Shares | Unmask | Reveal):
+        elif isinstance(msg, Keys | Shares | Present | Confirm | Unmask | Reveal):
             self._secure_message(link, msg)
         elif isinstance(msg, ParamsChunk):
             done = link.receiver.chunk(msg.round, msg.offset, msg.data)
@@ -298,7 +308,9 @@ class Node:
                 self.events.emit("reject", done.round, peer=link.peer_id, reason=verdict.reason)
             self._notify()
 
-    def _secure_message(self, link: PeerLink, msg: Keys | Shares | Unmask | Reveal) -> None:
+    def _secure_message(
+        self, link: PeerLink, msg: Keys | Shares | Present | Confirm | Unmask | Reveal
+    ) -> None:
         exchange = self.exchange
         if exchange is None:
             raise MessageError(
@@ -308,6 +320,10 @@ class Node:
             exchange.on_keys(link, msg)
         elif isinstance(msg, Shares):
             exchange.on_shares(link, msg)
+        elif isinstance(msg, Present):
+            exchange.on_present(link, msg)
+        elif isinstance(msg, Confirm):
+            exchange.on_confirm(link, msg)
         elif isinstance(msg, Unmask):
             exchange.on_unmask(link, msg)
         else:

@@ -35,11 +35,15 @@ from p2pfl.secagg import FixedPoint, unmask_average
 from p2pfl.secure_group import MemberRound, OwnerRound
 from p2pfl.topology import metropolis_weights
 from p2pfl.wire import (
+    Confirm,
     Keys,
+    Present,
     Reveal,
     Shares,
     Unmask,
+    encode_confirm,
     encode_keys,
+    encode_present,
     encode_reveal,
     encode_shares,
     encode_unmask,
@@ -119,6 +123,8 @@ class SecureExchange:
         horizon = r - node.config.limits.max_buffered_rounds - 2
         self.members = {k: v for k, v in self.members.items() if k[0] >= horizon}
         self.owners = {k: v for k, v in self.owners.items() if k >= r}
+        for key in [k for k in self._masks if k[0] < r]:  # a round that ended before its mask
+            self._masks.pop(key).cancel()
         self._trained = None
         self._keys_deadline = None
         self._encodings = {}
@@ -207,7 +213,8 @@ class SecureExchange:
         node = self.node
         key = (msg.round, link.peer_id)
         member = self.members.get(key)
-        if member is None:
+        if member is None or msg.round != node.tracker.current:
+            # (a late one would leave a model-sized mask behind that no round ever uses)
             self._refuse(link.peer_id, msg.round, f"unrequested SHARES for round {msg.round}")
             return
         try:
@@ -251,21 +258,35 @@ class SecureExchange:
             node._offer(link)
         node._notify()
 
+    def on_present(self, link: PeerLink, msg: Present) -> None:
+        """The owner's U2: confirm it (tags for the other present members) if we can."""
+        owner = link.peer_id
+        member = self.members.get((msg.round, owner))
+        try:
+            if member is None:
+                raise SecureAggregationError(f"we sent {owner} no vector in round {msg.round}")
+            tags = member.confirm(msg.present)
+        except SecureAggregationError as exc:
+            self._refuse(owner, msg.round, f"present set refused: {exc}")
+            return
+        node = self.node
+        dropped = sorted((member.keyed or frozenset()) - frozenset(msg.present))
+        if dropped:
+            node.events.emit("recovery", msg.round, role="member", owner=owner, missing=dropped)
+        message = encode_confirm(node.clock.tick(), msg.round, tags)
+        node.net.spawn(_quietly(link.send_message(message)))
+
     def on_unmask(self, link: PeerLink, msg: Unmask) -> None:
         owner = link.peer_id
         member = self.members.get((msg.round, owner))
         try:
             if member is None:
                 raise SecureAggregationError(f"we sent {owner} no vector in round {msg.round}")
-            shares = member.reveal(msg.dropped)
+            shares = member.reveal(msg.tags)
         except SecureAggregationError as exc:
             self._refuse(owner, msg.round, f"unmask request refused: {exc}")
             return
         node = self.node
-        if msg.dropped:
-            node.events.emit(
-                "recovery", msg.round, role="member", owner=owner, missing=sorted(msg.dropped)
-            )
         message = encode_reveal(node.clock.tick(), msg.round, shares)
         node.net.spawn(_quietly(link.send_message(message)))
 
@@ -323,6 +344,17 @@ class SecureExchange:
                 node.net.spawn(_quietly(link.send_message(message)))
         node._notify()
 
+    def on_confirm(self, link: PeerLink, msg: Confirm) -> None:
+        state = self.owners.get(msg.round)
+        try:
+            if state is None:
+                raise SecureAggregationError(f"no key exchange for round {msg.round}")
+            state.add_confirm(link.peer_id, msg.tags)
+        except SecureAggregationError as exc:
+            self._refuse(link.peer_id, msg.round, f"CONFIRM refused: {exc}")
+            return
+        self.node._notify()
+
     def on_reveal(self, link: PeerLink, msg: Reveal) -> None:
         state = self.owners.get(msg.round)
         try:
@@ -377,31 +409,49 @@ class SecureExchange:
     async def _collect_reveals(
         self, state: OwnerRound, present: list[str], dropped: list[str]
     ) -> None:
-        """UNMASK to every present member; wait (bounded) for all connected ones to answer.
-        Raises SecureAggregationError with fewer than the threshold's answers."""
+        """PRESENT to every present member, then (with their tags) UNMASK to those who
+        confirmed; each step waits, bounded, for every connected member to answer. Raises
+        SecureAggregationError with fewer than the threshold's answers at either step."""
         node = self.node
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + node.config.aggregation.recovery_timeout
         if dropped:
             node.events.emit(
                 "recovery", state.round, role="owner", missing=dropped, survivors=present
             )
-        message = encode_unmask(node.clock.tick(), state.round, tuple(dropped))
-        for p in present:
+        message = encode_present(node.clock.tick(), state.round, tuple(present))
+        self._send_to(present, message)
+
+        def settled(answered: frozenset[str] | dict[str, Any], asked: list[str]) -> bool:
+            waiting = [p for p in asked if p not in answered and p in node.net.links]
+            return not waiting
+
+        await node._wait_until(lambda: settled(state.confirmed(), present), deadline)
+        confirmed = sorted(state.confirmed())
+        if len(confirmed) < state.threshold:
+            raise SecureAggregationError(
+                f"unmasking failed: {len(confirmed)} of {len(present)} confirmed the present "
+                f"set ({state.threshold} needed)"
+            )
+        lamport = node.clock.tick()
+        for p in confirmed:
             link = node.net.links.get(p)
             if link is not None:
-                node.net.spawn(_quietly(link.send_message(message)))
-
-        def answered() -> bool:
-            waiting = [p for p in present if p not in state.reveals and p in node.net.links]
-            return state.complete() or (state.enough() and not waiting)
-
-        await node._wait_until(answered, loop.time() + node.config.aggregation.recovery_timeout)
+                unmask = encode_unmask(lamport, state.round, state.tags_for(p))
+                node.net.spawn(_quietly(link.send_message(unmask)))
+        await node._wait_until(lambda: settled(state.reveals, confirmed), deadline)
         if not state.enough():
-            silent = sorted(p for p in present if p not in state.reveals)
+            silent = sorted(p for p in confirmed if p not in state.reveals)
             raise SecureAggregationError(
-                f"unmasking failed: {len(state.reveals)} of {len(present)} answered "
+                f"unmasking failed: {len(state.reveals)} of {len(confirmed)} answered "
                 f"({state.threshold} needed); no answer from {', '.join(silent)}"
             )
+
+    def _send_to(self, peers: list[str], message: bytes) -> None:
+        for p in peers:
+            link = self.node.net.links.get(p)
+            if link is not None:
+                self.node.net.spawn(_quietly(link.send_message(message)))
 
     # --- helpers -------------------------------------------------------------------------
 

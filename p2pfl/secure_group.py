@@ -14,22 +14,32 @@ threshold t = n // 2 + 1:
    the owner sends each member of that set U1 the boxes addressed to it.
 3. The member's vector y_j = encode(w_ij x_j) + sum over k in U1 \\ {j} of +-PRG(K_jk) +
    PRG(b_j), with K_jk from the ephemeral Diffie-Hellman of j and k.
-4. UNMASK (owner -> member): the members U2 whose vectors arrived are asked to reveal, naming
-   those dropped (U1 \\ U2). REVEAL (member -> owner): for each k in U1 a share of b_k if k is
-   in U2, else a share of e_k; never both, and only once per round and owner, only if U2
-   has at least t members.
-5. The owner rebuilds b_k for the present and e_k for the dropped from any t answers,
+4. PRESENT (owner -> member): the members U2 whose vectors arrived (U1 \\ U2 dropped out).
+   CONFIRM (member -> owner): if U2 lies inside the set it masked with, contains it and has
+   at least t members, an HMAC tag on U2 for every other member of U2, under a key only
+   the two members can derive. Once per round and owner.
+5. UNMASK (owner -> member): the other members' tags for it. REVEAL (member -> owner), only
+   with t tags (its own included) on the U2 it confirmed: for each k it masked with, a share
+   of b_k if k is in U2, else a share of e_k.
+6. The owner rebuilds b_k for the present and e_k for the dropped from any t answers,
    removes the self-masks and the masks between the present and the dropped, and decodes.
 
-Why the threshold is a majority: to see one member's vector the owner needs that member's
-b (t members told "present") and, for each mask on it, an e (t members told "dropped");
-honest members each reveal one kind per member, so with t > n/2 a lying owner cannot
-collect both, however it splits its stories (``docs/threat-model.md``). A vector that
-arrives after its sender was counted as dropped stays under its self-mask for good.
+Why a majority, and why the tags (Bonawitz's consistency round): an honest member tags one
+U2 per round and owner, and reveals only under t tags on it, so with t > n/2 everyone who
+reveals anything has the same U2, however the owner splits its stories. For every member
+the owner then gets shares of one kind only: b_k for k in U2, e_k for k outside. A present
+member v keeps its pairwise masks with the other present members (whose keys nobody
+reveals), so the owner reads only the sum over U2. A vector that arrives after its sender
+was counted as dropped stays under its self-mask for good. The owner cannot shrink the set
+a member masks with below t either (a member refuses SHARES with fewer keys, and a U2
+outside it). ``docs/threat-model.md`` has the whole argument; tests search every story for
+small groups.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 from collections.abc import Collection, Mapping
@@ -49,6 +59,9 @@ from p2pfl.shamir import SHARE_BYTES, combine, split
 
 BOX_SALT = b"p2pfl/v1 share box"
 PAIR_MASK_SALT = b"p2pfl/v1 pair mask"
+VIEW_SALT = b"p2pfl/v1 view tag"
+#: An HMAC-SHA256 tag on a member's view of the key exchange.
+TAG_BYTES = 32
 PUBLIC_BYTES = 32
 _NONCE_BYTES = 12
 _BOX_PLAIN = PUBLIC_BYTES + 2 * SHARE_BYTES
@@ -101,6 +114,20 @@ def pair_mask_key(
         raise SecureAggregationError("an ephemeral public key is a low-order point") from None
     low, high = sorted((a, b))
     return _hkdf(shared, PAIR_MASK_SALT, _info(round_index, owner, low, high))
+
+
+def view_tag(
+    pair_secret: bytes,
+    round_index: int,
+    owner: str,
+    sender: str,
+    recipient: str,
+    present: Collection[str],
+) -> bytes:
+    """``sender``'s tag, for ``recipient``, on the owner's present set U2: an HMAC under a
+    key only the two can derive, so the owner can relay it but not forge it."""
+    key = _hkdf(pair_secret, VIEW_SALT, _info(round_index, owner, sender, recipient))
+    return hmac.new(key, _info(round_index, owner, *sorted(present)), hashlib.sha256).digest()
 
 
 @dataclass(frozen=True)
@@ -177,6 +204,8 @@ class MemberRound:
         #: Why we will not contribute to this group (None: we may).
         self.failure: str | None = None
         self.contributed = False
+        #: U2 as the owner told us and we confirmed (None until PRESENT).
+        self.present: frozenset[str] | None = None
         self.answered = False
 
     def accept_shares(self, boxes: Mapping[str, bytes]) -> None:
@@ -220,26 +249,59 @@ class MemberRound:
         ]
         return keystream_sum(size, [*streams, (self._self_seed, 1)])
 
-    def reveal(self, dropped: Collection[str]) -> dict[str, tuple[int, bytes]]:
-        """Our answer to UNMASK: per keyed member, a share of its self-mask seed if present,
-        of its ephemeral key if dropped. Once, after we contributed, and only if at least
-        ``threshold`` members stay present."""
-        dropped = frozenset(dropped)
+    def confirm(self, present: Collection[str]) -> dict[str, bytes]:
+        """Our answer to PRESENT: tags on the owner's present set U2 for each other member
+        of it (CONFIRM). Once per round and owner, after we contributed, and only for a U2
+        we can stand behind: inside the set we masked with, with us in it, of at least
+        ``threshold`` members. The tags are what makes the owner's U2 the same for all who
+        reveal: we reveal only under ``threshold`` tags on the U2 we confirmed."""
+        present = frozenset(present)
         if self.keyed is None or not self.contributed:
             raise SecureAggregationError(f"we sent {self.owner} no vector in round {self.round}")
+        if self.present is not None:
+            raise SecureAggregationError(f"already confirmed a present set for round {self.round}")
+        if self.me not in present or not present <= self.keyed:
+            raise SecureAggregationError(
+                "its present set leaves us out or names members we did not mask with"
+            )
+        if len(present) < self.threshold:
+            raise SecureAggregationError(
+                f"only {len(present)} members would be present, {self.threshold} needed"
+            )
+        self.present = present
+        return {
+            k: view_tag(self._secrets[k], self.round, self.owner, self.me, k, present)
+            for k in sorted(present - {self.me})
+        }
+
+    def reveal(self, tags: Mapping[str, bytes]) -> dict[str, tuple[int, bytes]]:
+        """Our answer to UNMASK: per member we masked with, a share of its self-mask seed if
+        present, of its ephemeral key if not; never both kinds for one member, once, and
+        only once ``threshold`` members of U2 (us included) tagged the U2 we confirmed."""
+        present = self.present
+        if present is None:
+            raise SecureAggregationError(f"no present set confirmed for round {self.round}")
         if self.answered:
             raise SecureAggregationError(f"already answered for round {self.round}")
-        if not dropped <= self.keyed - {self.me}:
-            raise SecureAggregationError("it names members outside the keyed group, or us")
-        if len(self.keyed - dropped) < self.threshold:
+        assert self.keyed is not None
+        vouching = 1 + sum(
+            1
+            for k, tag in tags.items()
+            if k in present
+            and k != self.me
+            and hmac.compare_digest(
+                tag, view_tag(self._secrets[k], self.round, self.owner, k, self.me, present)
+            )
+        )
+        if vouching < self.threshold:
             raise SecureAggregationError(
-                f"only {len(self.keyed - dropped)} members would be present, "
+                f"only {vouching} members confirm the present set of {len(present)}, "
                 f"{self.threshold} needed"
             )
         self.answered = True
         return {
             k: (KIND_KEY, self._held[k].key_share)
-            if k in dropped
+            if k not in present
             else (KIND_SELF_SEED, self._held[k].seed_share)
             for k in sorted(self.keyed)
         }
@@ -260,6 +322,8 @@ class OwnerRound:
         self.failure: str | None = None
         self.present: frozenset[str] | None = None
         self.reveals: dict[str, dict[str, tuple[int, bytes]]] = {}
+        #: Each member's CONFIRM tags, per recipient.
+        self._confirms: dict[str, dict[str, bytes]] = {}
 
     def add_keys(self, member: str, public: bytes, boxes: Mapping[str, bytes]) -> None:
         if member not in self.members:
@@ -294,6 +358,26 @@ class OwnerRound:
         self.keyed = keyed
         return {m: {k: self._boxes[k][m] for k in sorted(keyed - {m})} for m in sorted(keyed)}
 
+    def add_confirm(self, member: str, tags: Mapping[str, bytes]) -> None:
+        if self.present is None or member not in self.present:
+            raise SecureAggregationError(f"CONFIRM from {member}, not asked")
+        if member in self._confirms:
+            raise SecureAggregationError(f"second CONFIRM from {member}")
+        if not set(tags) <= self.present - {member}:
+            raise SecureAggregationError("CONFIRM with tags for members not present")
+        self._confirms[member] = dict(tags)
+
+    def confirmed(self) -> frozenset[str]:
+        return frozenset(self._confirms)
+
+    def tags_for(self, member: str) -> dict[str, bytes]:
+        """The other members' tags for ``member``, to relay in its UNMASK."""
+        return {
+            sender: tags[member]
+            for sender, tags in sorted(self._confirms.items())
+            if member in tags and sender != member
+        }
+
     def unmask_request(self, received: Collection[str]) -> frozenset[str]:
         """Fix U2 from the vectors that arrived; returns the dropped (U1 \\ U2)."""
         if self.keyed is None:
@@ -309,7 +393,7 @@ class OwnerRound:
         return self.keyed - present
 
     def add_reveal(self, member: str, shares: Mapping[str, tuple[int, bytes]]) -> None:
-        if self.present is None or self.keyed is None or member not in self.present:
+        if self.present is None or self.keyed is None or member not in self._confirms:
             raise SecureAggregationError(f"unrequested reveal from {member}")
         if member in self.reveals:
             raise SecureAggregationError(f"second reveal from {member}")
@@ -322,7 +406,7 @@ class OwnerRound:
         self.reveals[member] = dict(shares)
 
     def complete(self) -> bool:
-        return self.present is not None and len(self.reveals) == len(self.present)
+        return len(self.reveals) == len(self._confirms)
 
     def enough(self) -> bool:
         return len(self.reveals) >= self.threshold

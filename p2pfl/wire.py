@@ -7,10 +7,12 @@ network is ever unpickled or evaluated. A record carries exactly one message:
     STATUS        header                               "I am at round R" (R == rounds: done)
     PARAMS_BEGIN  header  total_bytes:u64  dtype:u8    a parameter stream for round R starts
     PARAMS_CHUNK  header  offset:u64  data             the next piece of that stream
-    UNMASK        header  ids                          secure aggregation (docs/protocol.md)
-    REVEAL        header  entries(kind:u8 share:66)
-    KEYS          header  public:32  entries(box:192)
+    KEYS          header  public:32  entries(box:192)  secure aggregation (docs/protocol.md)
     SHARES        header  entries(box:192)
+    PRESENT       header  ids
+    CONFIRM       header  entries(tag:32)
+    UNMASK        header  entries(tag:32)
+    REVEAL        header  entries(kind:u8 share:66)
 
     ids     = count:u8  (id_len:u8  id)*count
     entries = count:u8  (id_len:u8  id  payload)*count   (fixed-size payloads)
@@ -25,7 +27,14 @@ import struct
 from dataclasses import dataclass
 
 from p2pfl.errors import HandshakeError, MessageError
-from p2pfl.secure_group import BOX_BYTES, KIND_KEY, KIND_SELF_SEED, PUBLIC_BYTES, REVEAL_BYTES
+from p2pfl.secure_group import (
+    BOX_BYTES,
+    KIND_KEY,
+    KIND_SELF_SEED,
+    PUBLIC_BYTES,
+    REVEAL_BYTES,
+    TAG_BYTES,
+)
 
 PROTOCOL_VERSION = 1
 #: Bound into the Noise handshake: peers speaking another protocol fail to authenticate.
@@ -53,14 +62,23 @@ class MessageType(enum.IntEnum):
     STATUS = 0x01
     PARAMS_BEGIN = 0x10
     PARAMS_CHUNK = 0x11
-    UNMASK = 0x20
+    PRESENT = 0x20
     REVEAL = 0x21
     KEYS = 0x22
     SHARES = 0x23
+    CONFIRM = 0x24
+    UNMASK = 0x25
 
 
 _SECURE_TYPES = frozenset(
-    {MessageType.UNMASK, MessageType.REVEAL, MessageType.KEYS, MessageType.SHARES}
+    {
+        MessageType.PRESENT,
+        MessageType.UNMASK,
+        MessageType.REVEAL,
+        MessageType.KEYS,
+        MessageType.SHARES,
+        MessageType.CONFIRM,
+    }
 )
 
 
@@ -87,13 +105,31 @@ class ParamsChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class Unmask:
-    """Secure aggregation, owner to each member whose round-R vector it counts: "reveal
-    your shares; these keyed members dropped out" (see ``secure_group``)."""
+class Present:
+    """Secure aggregation, owner to each member whose round-R vector arrived: "these are
+    the members whose vectors I count" (U2; see ``secure_group``)."""
 
     lamport: int
     round: int
-    dropped: tuple[str, ...]
+    present: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """Member to owner: a tag on U2 for each other member of U2, for the owner to relay."""
+
+    lamport: int
+    round: int
+    tags: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Unmask:
+    """Owner to member: the other members' tags on U2 for it; "now reveal your shares"."""
+
+    lamport: int
+    round: int
+    tags: dict[str, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +161,7 @@ class Shares:
     boxes: dict[str, bytes]
 
 
-Message = Status | ParamsBegin | ParamsChunk | Unmask | Reveal | Keys | Shares
+Message = Status | ParamsBegin | ParamsChunk | Present | Confirm | Unmask | Reveal | Keys | Shares
 
 
 def _encode_entries(entries: dict[str, bytes], size: int) -> bytes:
@@ -143,7 +179,7 @@ def _encode_entries(entries: dict[str, bytes], size: int) -> bytes:
     return bytes(body)
 
 
-def _decode_entries(name: str, body: memoryview, size: int) -> dict[str, bytes]:
+def _decode_entries(name: str, body: memoryview, size: int) -> tuple[dict[str, bytes], int]:
     """The inverse of ``_encode_entries`` (``size`` 0: ids only), with exact lengths."""
     if not body:
         raise MessageError(f"{name} without a body")
@@ -169,13 +205,22 @@ def _decode_entries(name: str, body: memoryview, size: int) -> dict[str, bytes]:
         at = end
     if at != len(body):
         raise MessageError(f"{name} with {len(body) - at} trailing bytes")
-    return out
+    return out, at
 
 
-def encode_unmask(lamport: int, round_index: int, dropped: tuple[str, ...]) -> bytes:
-    return _HEADER.pack(MessageType.UNMASK, lamport, round_index) + _encode_entries(
-        dict.fromkeys(dropped, b""), 0
-    )
+def encode_present(lamport: int, round_index: int, present: tuple[str, ...]) -> bytes:
+    body = _encode_entries(dict.fromkeys(present, b""), 0)
+    return _HEADER.pack(MessageType.PRESENT, lamport, round_index) + body
+
+
+def encode_confirm(lamport: int, round_index: int, tags: dict[str, bytes]) -> bytes:
+    body = _encode_entries(tags, TAG_BYTES)
+    return _HEADER.pack(MessageType.CONFIRM, lamport, round_index) + body
+
+
+def encode_unmask(lamport: int, round_index: int, tags: dict[str, bytes]) -> bytes:
+    body = _encode_entries(tags, TAG_BYTES)
+    return _HEADER.pack(MessageType.UNMASK, lamport, round_index) + body
 
 
 def encode_reveal(lamport: int, round_index: int, shares: dict[str, tuple[int, bytes]]) -> bytes:
@@ -197,11 +242,15 @@ def encode_shares(lamport: int, round_index: int, boxes: dict[str, bytes]) -> by
 
 
 def _decode_secure(kind: int, lamport: int, round_index: int, body: memoryview) -> Message:
+    if kind == MessageType.PRESENT:
+        return Present(lamport, round_index, tuple(_decode_entries("PRESENT", body, 0)[0]))
+    if kind == MessageType.CONFIRM:
+        return Confirm(lamport, round_index, _decode_entries("CONFIRM", body, TAG_BYTES)[0])
     if kind == MessageType.UNMASK:
-        return Unmask(lamport, round_index, tuple(_decode_entries("UNMASK", body, 0)))
+        return Unmask(lamport, round_index, _decode_entries("UNMASK", body, TAG_BYTES)[0])
     if kind == MessageType.REVEAL:
         shares: dict[str, tuple[int, bytes]] = {}
-        for k, raw in _decode_entries("REVEAL", body, REVEAL_BYTES).items():
+        for k, raw in _decode_entries("REVEAL", body, REVEAL_BYTES)[0].items():
             if raw[0] not in (KIND_SELF_SEED, KIND_KEY):
                 raise MessageError(f"REVEAL with an unknown share kind {raw[0]}")
             shares[k] = (raw[0], raw[1:])
@@ -209,9 +258,9 @@ def _decode_secure(kind: int, lamport: int, round_index: int, body: memoryview) 
     if kind == MessageType.KEYS:
         if len(body) < PUBLIC_BYTES:
             raise MessageError("KEYS shorter than a public key")
-        boxes = _decode_entries("KEYS", body[PUBLIC_BYTES:], BOX_BYTES)
+        boxes, _ = _decode_entries("KEYS", body[PUBLIC_BYTES:], BOX_BYTES)
         return Keys(lamport, round_index, bytes(body[:PUBLIC_BYTES]), boxes)
-    return Shares(lamport, round_index, _decode_entries("SHARES", body, BOX_BYTES))
+    return Shares(lamport, round_index, _decode_entries("SHARES", body, BOX_BYTES)[0])
 
 
 def encode_status(lamport: int, round_index: int) -> bytes:

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from p2pfl.errors import SecureAggregationError
 from p2pfl.keys import pairwise_secret
-from p2pfl.secagg import FixedPoint, add_keystream, group_sum, masked_contribution, unmask_average
+from p2pfl.secagg import (
+    FixedPoint,
+    add_keystream,
+    group_sum,
+    masked_contribution,
+    unmask_average,
+)
 from p2pfl.secure_group import (
     KIND_KEY,
     KIND_SELF_SEED,
@@ -69,6 +75,18 @@ class Group:
         for m, boxes in self.owner.dispatch().items():
             self.members[m].accept_shares(boxes)
 
+    def confirm_all(self, who: list[str] | None = None) -> None:
+        """The owner's PRESENT reaches every member of U2 (or ``who``), whose CONFIRM
+        comes back."""
+        present = self.owner.present
+        assert present is not None
+        for m in sorted(who if who is not None else present):
+            self.owner.add_confirm(m, self.members[m].confirm(present))
+
+    def reveal(self, member: str) -> dict[str, tuple[int, bytes]]:
+        """``member`` answers UNMASK, with the tags the owner relays."""
+        return self.members[member].reveal(self.owner.tags_for(member))
+
     def contribute(self, xs: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> dict:
         out = {}
         for m, x in xs.items():
@@ -106,8 +124,9 @@ def test_any_dropout_the_threshold_allows_gives_the_exact_average(
         return
     dropped = group.owner.unmask_request(vectors)
     assert dropped == set(keyed) - set(sent)
+    group.confirm_all()
     for m in sorted(sent):
-        group.owner.add_reveal(m, group.members[m].reveal(dropped))
+        group.owner.add_reveal(m, group.reveal(m))
     present = weights[OWNER] + sum(weights[m] for m in sent)
     average, _ = unmask_average(
         [vectors[m] for m in sorted(sent)],
@@ -133,8 +152,9 @@ def test_any_threshold_of_answers_is_enough() -> None:
     xs = {m: np.full(10, 0.5, dtype=np.float32) for m in names}
     vectors = group.contribute(xs, dict.fromkeys(names, 0.2))
     group.owner.unmask_request(vectors)
+    group.confirm_all()
     for m in ("a", "c", "e"):  # b and d never answer
-        group.owner.add_reveal(m, group.members[m].reveal(frozenset()))
+        group.owner.add_reveal(m, group.reveal(m))
     assert group.owner.enough() and not group.owner.complete()
     total = group_sum(list(vectors.values()))
     np.subtract(total, group.owner.correction(10), out=total)
@@ -171,14 +191,14 @@ def test_no_subset_of_vectors_unmasks_without_the_reveals() -> None:
 
 
 def stories(names: list[str]) -> list[dict[str, frozenset[str]]]:
-    """Every way a lying owner can tell each member who dropped out (members refuse
-    stories that leave fewer than the threshold present, so those are not sent)."""
+    """Every way a lying owner can tell each member which members are present (members
+    refuse sets without them or below the threshold, so those are not sent)."""
     t = threshold(len(names))
     options = {
         m: [
-            frozenset(d)
-            for size in range(len(names) - t + 1)
-            for d in itertools.combinations([k for k in names if k != m], size)
+            frozenset({m, *others})
+            for size in range(t - 1, len(names))
+            for others in itertools.combinations([k for k in names if k != m], size)
         ]
         for m in names
     }
@@ -212,72 +232,91 @@ def isolatable(names: list[str], seeds: set[str], keys: set[str]) -> set[str]:
     return found
 
 
-def rebuilt_secrets(group: Group, story: dict[str, frozenset[str]]) -> tuple[set[str], set[str]]:
-    """Every member answers the owner's story for it; the owner rebuilds each secret of
-    which it collected ``threshold`` shares."""
+def lying_owner(
+    group: Group, story: dict[str, frozenset[str]]
+) -> tuple[set[str], set[str], list[str]]:
+    """The owner tells each member its own present set and relays every tag it gets;
+    returns the self-mask seeds and keys it can rebuild, and the members' refusals."""
     t = group.owner.threshold
     xs = {m: i + 1 for i, m in enumerate(group.names)}
+    for member in group.members.values():  # replay the members under every story
+        member.present, member.answered = None, False
+    tags: dict[str, dict[str, bytes]] = {}
+    refusals = []
+    for m, present in story.items():
+        try:
+            tags[m] = group.members[m].confirm(present)
+        except SecureAggregationError as exc:
+            refusals.append(str(exc))
     seed_shares: dict[str, dict[int, bytes]] = {m: {} for m in group.names}
     key_shares: dict[str, dict[int, bytes]] = {m: {} for m in group.names}
-    for member, dropped in story.items():
-        for k, (kind, share) in group.members[member].reveal(dropped).items():
-            (key_shares if kind == KIND_KEY else seed_shares)[k][xs[member]] = share
-        group.members[member].answered = False  # replay the same member under every story
+    for m in tags:
+        relayed = {s: sent[m] for s, sent in tags.items() if m in sent}
+        try:
+            answer = group.members[m].reveal(relayed)
+        except SecureAggregationError as exc:
+            refusals.append(str(exc))
+            continue
+        for k, (kind, share) in answer.items():
+            (key_shares if kind == KIND_KEY else seed_shares)[k][xs[m]] = share
     seeds = {k for k, shares in seed_shares.items() if len(shares) >= t}
     keys = {k for k, shares in key_shares.items() if len(shares) >= t}
     for k in seeds:
         combine(seed_shares[k], t)  # well-formed: the owner really gets these secrets
-    return seeds, keys
+    return seeds, keys, refusals
+
+
+def honest_group(names: list[str]) -> Group:
+    """Every member keyed and contributed, ready for the owner's stories."""
+    group = Group(names)
+    group.exchange_keys()
+    group.contribute({m: np.zeros(1, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.1))
+    return group
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_a_lying_owner_learns_no_single_vector_whatever_it_tells_whom(n: int) -> None:
-    """Exhaustive over every combination of stories, for groups of 2, 3 and 4 members:
-    the owner never rebuilds both kinds of secret of one member, and never isolates one
-    member's vector (not even as a difference of readable sums)."""
+    """Exhaustive over every combination of present sets told to the members, for groups
+    of 2, 3 and 4: the owner never rebuilds both kinds of secret of one member, and never
+    isolates one member's vector (not even as a difference of readable sums)."""
     names = [f"m{i}" for i in range(n)]
-    group = Group(names)
-    group.exchange_keys()
-    group.contribute({m: np.zeros(1, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.1))
+    group = honest_group(names)
     for story in stories(names):
-        seeds, keys = rebuilt_secrets(group, story)
+        seeds, keys, _ = lying_owner(group, story)
         assert not seeds & keys, story
         assert not isolatable(names, seeds, keys), story
 
 
 def test_a_lying_owner_learns_no_single_vector_in_a_group_of_five() -> None:
     names = [f"m{i}" for i in range(5)]
-    group = Group(names)
-    group.exchange_keys()
-    group.contribute({m: np.zeros(1, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.1))
+    group = honest_group(names)
     every = stories(names)
     rng = np.random.default_rng(0)
     for i in rng.choice(len(every), size=1500, replace=False):
-        seeds, keys = rebuilt_secrets(group, every[int(i)])
+        seeds, keys, _ = lying_owner(group, every[int(i)])
         assert not seeds & keys and not isolatable(names, seeds, keys)
 
 
-def test_the_old_cyclic_attack_now_leaves_every_vector_masked() -> None:
-    """The attack the last review found against direct mask revelation, at degree 3: tell
-    a that b dropped, b that c dropped, c that a dropped. Now each answer is one share per
-    member, and no secret reaches the threshold in both kinds: the owner strips what it
-    can and still reads noise."""
-    names = ["a", "b", "c"]
-    group = Group(names)
-    group.exchange_keys()
-    rng = np.random.default_rng(4)
-    xs = {m: rng.normal(size=300).astype(np.float32) for m in names}
-    vectors = group.contribute(xs, dict.fromkeys(names, 0.25))
-    story = {"a": frozenset("b"), "b": frozenset("c"), "c": frozenset("a")}
-    seeds, keys = rebuilt_secrets(group, story)
-    assert keys == set()  # one "dropped" vote per member: below the threshold of 2
-    for m in names:
-        stripped = vectors[m].copy()
-        assert m in seeds
-        # even with its self-mask removed, a's pairwise masks stay on
-        group.members[m]._self_seed  # noqa: B018 (the seed the owner rebuilt)
-        add_keystream(stripped, group.members[m]._self_seed, -1)
-        assert np.std(FIXED.decode(stripped) - 0.25 * xs[m]) > 100
+def test_the_old_cyclic_attack_gets_no_answer_at_all() -> None:
+    """The attack the first review found against direct mask revelation, at degree 3:
+    tell a that b dropped, b that c dropped, c that a dropped. Each member's present set
+    is vouched for by no one else, so nobody reveals anything."""
+    group = honest_group(["a", "b", "c"])
+    story = {"a": frozenset("ac"), "b": frozenset("ab"), "c": frozenset("bc")}
+    seeds, keys, refusals = lying_owner(group, story)
+    assert seeds == keys == set()
+    assert len(refusals) == 3 and all("confirm the present set" in r for r in refusals)
+
+
+def test_an_owner_that_splits_the_present_set_gets_one_side_at_most() -> None:
+    """Half the group is told everyone is present, the other half that a dropped: with a
+    majority threshold only one side can gather enough tags."""
+    names = [f"m{i}" for i in range(4)]
+    group = honest_group(names)
+    full, without_a = frozenset(names), frozenset(names) - {"m0"}
+    story = {"m0": full, "m1": full, "m2": without_a, "m3": without_a}
+    seeds, keys, refusals = lying_owner(group, story)
+    assert seeds == keys == set() and len(refusals) == 4
 
 
 def test_a_late_vector_stays_masked_after_its_sender_was_dropped() -> None:
@@ -293,8 +332,9 @@ def test_a_late_vector_stays_masked_after_its_sender_was_dropped() -> None:
     late = vectors.pop("b")
     dropped = group.owner.unmask_request(vectors)
     assert dropped == {"b"}
+    group.confirm_all()
     for m in vectors:
-        answer = group.members[m].reveal(dropped)
+        answer = group.reveal(m)
         assert answer["b"][0] == KIND_KEY and all(
             kind == KIND_SELF_SEED for k, (kind, _) in answer.items() if k != "b"
         )
@@ -335,21 +375,35 @@ def test_members_refuse_requests_that_could_unmask() -> None:
     group.exchange_keys()
     b = group.members["b"]
     with pytest.raises(SecureAggregationError, match="no vector"):
-        b.reveal(frozenset())  # not contributed yet
+        b.confirm(frozenset(names))  # not contributed yet
     b.contributed = True
-    for dropped, problem in (
-        ({"b"}, "outside the keyed group, or us"),
-        ({"zed"}, "outside the keyed group, or us"),
-        ({"c", "d"}, "2 members would be present, 3 needed"),
+    with pytest.raises(SecureAggregationError, match="no present set confirmed"):
+        b.reveal({})
+    for present, problem in (
+        ({"a", "c", "d"}, "leaves us out"),
+        ({"a", "b", "zed"}, "did not mask with"),
+        ({"a", "b"}, "only 2 members would be present, 3 needed"),
     ):
         with pytest.raises(SecureAggregationError, match=problem):
-            b.reveal(frozenset(dropped))
-    b.reveal(frozenset({"d"}))
+            b.confirm(frozenset(present))
+    present = frozenset({"a", "b", "c"})
+    group.members["a"].contributed = group.members["c"].contributed = True
+    b.confirm(present)
+    with pytest.raises(SecureAggregationError, match="already confirmed"):
+        b.confirm(frozenset(names))
+    tag_a = group.members["a"].confirm(present)["b"]
+    tag_c = group.members["c"].confirm(present)["b"]
+    with pytest.raises(SecureAggregationError, match="only 1 members confirm the present set"):
+        b.reveal({"a": bytes(32), "c": bytes(32)})
+    with pytest.raises(SecureAggregationError, match="only 2 members confirm"):
+        b.reveal({"a": tag_a, "d": tag_c})  # d is not present; its tag does not count
+    answer = b.reveal({"a": tag_a, "c": tag_c})
+    assert answer["d"][0] == KIND_KEY and answer["a"][0] == KIND_SELF_SEED
     with pytest.raises(SecureAggregationError, match="already answered"):
-        b.reveal(frozenset())
+        b.reveal({"a": tag_a, "c": tag_c})
 
 
-def test_the_owner_refuses_malformed_keys_and_reveals() -> None:
+def test_the_owner_refuses_malformed_keys_confirms_and_reveals() -> None:
     names = ["a", "b", "c"]
     group = Group(names)
     a = group.members["a"]
@@ -363,10 +417,19 @@ def test_the_owner_refuses_malformed_keys_and_reveals() -> None:
     vectors = group.contribute(
         {m: np.zeros(4, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.2)
     )
+    with pytest.raises(SecureAggregationError, match="not asked"):
+        group.owner.add_confirm("a", {})
+    group.owner.unmask_request({"a": vectors["a"], "b": vectors["b"]})
+    with pytest.raises(SecureAggregationError, match="not asked"):
+        group.owner.add_confirm("c", {})
+    with pytest.raises(SecureAggregationError, match="not present"):
+        group.owner.add_confirm("a", {"c": bytes(32)})
     with pytest.raises(SecureAggregationError, match="unrequested"):
         group.owner.add_reveal("a", {})
-    group.owner.unmask_request(vectors)
-    honest = group.members["a"].reveal(frozenset())
+    group.confirm_all()
+    with pytest.raises(SecureAggregationError, match="second CONFIRM"):
+        group.owner.add_confirm("a", {})
+    honest = group.reveal("a")
     wrong_kind = {k: (KIND_KEY, share) for k, (_, share) in honest.items()}
     with pytest.raises(SecureAggregationError, match="wrong kind"):
         group.owner.add_reveal("a", wrong_kind)
@@ -390,38 +453,57 @@ def test_too_few_keys_means_no_secure_round_and_members_learn_it_at_once() -> No
         group.owner.unmask_request(["a", "b"])
 
 
-def test_a_wrong_share_is_caught() -> None:
-    """With one answer more than the threshold, a lying member's share is found; a wrong
-    share of a dropped member's key is caught by its public key even at the threshold."""
-    names = ["a", "b", "c", "d"]
+def unmasked_with(names: list[str], present: list[str], alter: tuple[str, str]) -> Group:
+    """Everyone in ``present`` reveals, but member ``alter[0]``'s share of ``alter[1]``'s
+    secret is altered on the way."""
     group = Group(names)
     group.exchange_keys()
     vectors = group.contribute(
-        {m: np.zeros(4, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.2)
-    )
-    del vectors["d"]
-    dropped = group.owner.unmask_request(vectors)
-    answers = {m: group.members[m].reveal(dropped) for m in vectors}
-    kind, share = answers["c"]["d"]
-    answers["c"]["d"] = (kind, bytes(len(share) - 1) + b"\x01")
-    for m in ("a", "b", "c"):  # exactly the threshold (3)
-        group.owner.add_reveal(m, answers[m])
-    with pytest.raises(SecureAggregationError, match=r"does not match|no 32-byte secret"):
-        group.owner.correction(4)
-
-
-def test_one_answer_more_than_the_threshold_catches_a_wrong_seed_share() -> None:
-    names = ["a", "b", "c", "d"]
-    group = Group(names)
-    group.exchange_keys()
-    vectors = group.contribute(
-        {m: np.zeros(4, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.2)
+        {m: np.zeros(4, dtype=np.float32) for m in present}, dict.fromkeys(names, 0.2)
     )
     group.owner.unmask_request(vectors)
-    answers = {m: group.members[m].reveal(frozenset()) for m in names}
-    kind, share = answers["d"]["a"]
-    answers["d"]["a"] = (kind, share[:-1] + bytes([share[-1] ^ 1]))
-    for m in names:
-        group.owner.add_reveal(m, answers[m])
+    group.confirm_all()
+    for m in present:
+        answer = group.reveal(m)
+        if m == alter[0]:
+            kind, share = answer[alter[1]]
+            answer[alter[1]] = (kind, share[:-1] + bytes([share[-1] ^ 1]))
+        group.owner.add_reveal(m, answer)
+    return group
+
+
+def test_a_wrong_share_is_caught() -> None:
+    """A wrong share of a dropped member's key is caught by its public key even at exactly
+    the threshold; with one answer more than the threshold, any wrong share is caught."""
+    at_threshold = unmasked_with(["a", "b", "c", "d"], ["a", "b", "c"], ("c", "d"))
+    with pytest.raises(SecureAggregationError, match=r"does not match|no 32-byte secret"):
+        at_threshold.owner.correction(4)
+    one_more = unmasked_with(["a", "b", "c", "d"], ["a", "b", "c", "d"], ("d", "a"))
     with pytest.raises(SecureAggregationError, match="inconsistent"):
-        group.owner.correction(4)
+        one_more.owner.correction(4)
+
+
+@pytest.mark.parametrize("n", [5, 7, 9])
+def test_an_owner_that_shrinks_one_members_key_set_gets_nothing(n: int) -> None:
+    """The second review's attack (it read j's vector for n = 5 and 7 or more before the
+    present-set tags): the owner gives target j the boxes of only t - 1 partners S, so j
+    masks with S alone, and wants b_j plus every key of S. That needs a present set with
+    j and without S: j will not confirm it (it names members j did not mask with), and
+    without j too few members are left to vouch for it."""
+    names = [f"m{i:02d}" for i in range(n)]
+    group = Group(names)
+    members, owner = group.members, group.owner
+    for m in names:
+        owner.add_keys(m, members[m].public, members[m].boxes)
+    honest = owner.dispatch()
+    t = owner.threshold
+    j, partners = names[0], names[1:t]
+    members[j].accept_shares({k: honest[j][k] for k in partners})
+    for m in names[1:]:
+        members[m].accept_shares(honest[m])
+    group.contribute({m: np.zeros(8, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.2))
+    wanted = frozenset(names) - set(partners)
+    seeds, keys, refusals = lying_owner(group, dict.fromkeys(names, wanted))
+    assert not ({j} <= seeds and set(partners) <= keys)
+    assert seeds == keys == set()
+    assert any("did not mask with" in r for r in refusals)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from p2pfl.errors import ConfigError, MessageError
-from p2pfl.wire import DTYPE_FLOAT32, ParamsBegin
+from p2pfl.wire import DTYPE_FLOAT32, ParamsBegin, Shares
 
 from .test_node import make_node, read_events, run_all
 
@@ -183,39 +183,98 @@ async def test_survivors_recover_the_average_without_a_member_that_left(four, mo
     assert np.max(np.abs(alice - bob)) < 1e-4 and np.max(np.abs(alice - carol)) < 1e-4
 
 
-async def test_unmask_requests_that_could_unmask_are_refused_and_logged(four) -> None:
+async def test_present_sets_and_unmask_requests_that_could_unmask_are_refused(four) -> None:
+    from p2pfl.guard import Throttle
     from p2pfl.secure_group import MemberRound
-    from p2pfl.wire import Unmask
+    from p2pfl.wire import MessageType, Present, Unmask
 
     net = four(rounds=1, extra=SECURE)
     bob = make_node(net, "bob")
     assert bob.exchange is not None
+    bob.exchange._refusals = Throttle(burst=100, window=10.0)  # every refusal logged here
     others = [p for p in PEERS if p != "bob"]
-    member = MemberRound(
-        "bob", "alice", ["bob", "carol", "dave"], 3, {p: b"s" * 32 for p in others}
-    )
+    secrets = {p: b"s" * 32 for p in others}
+    member = MemberRound("bob", "alice", ["bob", "carol", "dave"], 3, secrets)
     bob.exchange.members[(3, "alice")] = member
     member.keyed = frozenset({"bob", "carol", "dave"})
-    link = types.SimpleNamespace(peer_id="alice")
+    sent: list[bytes] = []
+
+    async def send_message(message: bytes) -> None:
+        sent.append(message)
+
+    link = types.SimpleNamespace(peer_id="alice", send_message=send_message)
+    everyone = ("bob", "carol", "dave")
+
+    def last_reject() -> dict[str, Any]:
+        return read_events(net.state("bob") / "events.jsonl")[-1]
+
     try:
         for request, problem in (
-            (Unmask(1, 3, ()), "sent alice no vector"),  # not contributed yet
-            (Unmask(1, 2, ()), "sent alice no vector"),  # not a round bob took part in
+            (Present(1, 3, everyone), "sent alice no vector"),  # not contributed yet
+            (Present(1, 2, everyone), "sent alice no vector"),  # not a round bob took part in
+            (Unmask(1, 3, {}), "no present set confirmed"),
         ):
-            bob.exchange.on_unmask(link, request)  # type: ignore[arg-type]
-            last = read_events(net.state("bob") / "events.jsonl")[-1]
-            assert last["type"] == "reject" and problem in last["reason"], (request, last)
+            bob.message(link, request)  # type: ignore[arg-type]
+            assert last_reject()["type"] == "reject" and problem in last_reject()["reason"]
         member.contributed = True
         for request, problem in (
-            (Unmask(1, 3, ("bob",)), "outside the keyed group, or us"),
-            (Unmask(1, 3, ("zed",)), "outside the keyed group, or us"),
-            (Unmask(1, 3, ("carol", "dave")), "1 members would be present, 2 needed"),
+            (Present(1, 3, ("carol", "dave")), "leaves us out"),
+            (Present(1, 3, ("bob", "zed", "dave")), "did not mask with"),
+            (Present(1, 3, ("bob",)), "1 members would be present, 2 needed"),
         ):
-            bob.exchange.on_unmask(link, request)  # type: ignore[arg-type]
-            last = read_events(net.state("bob") / "events.jsonl")[-1]
-            assert last["type"] == "reject" and problem in last["reason"], (request, last)
+            bob.message(link, request)  # type: ignore[arg-type]
+            assert last_reject()["type"] == "reject" and problem in last_reject()["reason"]
+        bob.message(link, Present(1, 3, everyone))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert len(sent) == 1 and sent[0][0] == MessageType.CONFIRM
+        bob.message(link, Unmask(1, 3, {"carol": bytes(32)}))  # type: ignore[arg-type]
+        assert "only 1 members confirm the present set" in last_reject()["reason"]
     finally:
         bob.events.close()
+
+
+async def test_a_late_shares_is_refused_and_leaves_no_mask_behind(four) -> None:
+    """The second review's F2: a SHARES for a round that already ended started a
+    model-sized mask that nothing ever collected."""
+    net = four(rounds=50, extra=SECURE)
+    nodes = {p: make_node(net, p) for p in PEERS}
+    alice = nodes["alice"]
+
+    def shares(r: int, owner: str) -> Shares:
+        boxes = {
+            k: nodes[k].exchange.members[(r, owner)].boxes["alice"]
+            for k in PEERS
+            if k not in (owner, "alice")
+        }
+        return Shares(1, r, boxes)
+
+    try:
+        for r in range(4):
+            for node in nodes.values():
+                node.tracker.start_round(r)
+                node.exchange.start_round(r)
+            if r:  # bob's SHARES for the round before arrive now
+                alice.message(types.SimpleNamespace(peer_id="bob"), shares(r - 1, "bob"))  # type: ignore[arg-type]
+        assert alice.exchange is not None and not alice.exchange._masks
+        last = read_events(net.state("alice") / "events.jsonl")[-1]
+        assert last["type"] == "reject" and "unrequested SHARES" in last["reason"]
+        alice.message(types.SimpleNamespace(peer_id="bob"), shares(3, "bob"))  # type: ignore[arg-type]
+        assert list(alice.exchange._masks) == [(3, "bob")]  # the current round's is kept
+    finally:
+        for node in nodes.values():
+            node.events.close()
+            assert node.exchange is not None
+            node.exchange.close()
+    await asyncio.sleep(0.05)
+
+
+def test_secure_aggregation_refuses_more_neighbours_than_its_messages_hold(make_network) -> None:
+    peers = [f"p{i:02d}" for i in range(66)]
+    from p2pfl.node import check_secure_topology
+
+    net = make_network(peers, rounds=1, extra=SECURE)
+    with pytest.raises(ConfigError, match="at most 64 neighbours"):
+        check_secure_topology(net.config)
 
 
 async def test_dp_noise_is_added_and_the_budget_is_logged_every_round(four) -> None:

@@ -157,13 +157,13 @@ def test_stream_receiver_never_corrupts_state(ops: list[tuple[int, int, int]]) -
             rx.abort()
 
 
-def test_unmask_round_trips_and_malformed_ones_are_refused() -> None:
-    from p2pfl.wire import Unmask, encode_unmask
+def test_present_round_trips_and_malformed_ones_are_refused() -> None:
+    from p2pfl.wire import Present, encode_present
 
-    msg = decode_message(encode_unmask(7, 3, ("carol", "dave")), max_chunk=1024)
-    assert msg == Unmask(7, 3, ("carol", "dave"))
-    assert decode_message(encode_unmask(7, 3, ()), max_chunk=1024) == Unmask(7, 3, ())
-    good = encode_unmask(7, 3, ("carol",))
+    msg = decode_message(encode_present(7, 3, ("carol", "dave")), max_chunk=1024)
+    assert msg == Present(7, 3, ("carol", "dave"))
+    assert decode_message(encode_present(7, 3, ()), max_chunk=1024) == Present(7, 3, ())
+    good = encode_present(7, 3, ("carol",))
     for bad, problem in (
         (good[:13], "without a body"),
         (good[:13] + b"\x41", "naming 65 members"),
@@ -180,12 +180,16 @@ def test_key_exchange_messages_round_trip_with_exact_sizes() -> None:
     from p2pfl.secure_group import BOX_BYTES, KIND_KEY, KIND_SELF_SEED
     from p2pfl.shamir import SHARE_BYTES
     from p2pfl.wire import (
+        Confirm,
         Keys,
         Reveal,
         Shares,
+        Unmask,
+        encode_confirm,
         encode_keys,
         encode_reveal,
         encode_shares,
+        encode_unmask,
     )
 
     boxes = {"bob": b"b" * BOX_BYTES, "carol": b"c" * BOX_BYTES}
@@ -196,10 +200,14 @@ def test_key_exchange_messages_round_trip_with_exact_sizes() -> None:
     answer = {"bob": (KIND_SELF_SEED, b"s" * SHARE_BYTES), "dave": (KIND_KEY, b"k" * SHARE_BYTES)}
     reveal = encode_reveal(4, 2, answer)
     assert decode_message(reveal, max_chunk=8) == Reveal(4, 2, answer)
+    tags = {"bob": b"t" * 32, "carol": b"u" * 32}
+    assert decode_message(encode_confirm(5, 2, tags), max_chunk=8) == Confirm(5, 2, tags)
+    assert decode_message(encode_unmask(6, 2, tags), max_chunk=8) == Unmask(6, 2, tags)
     for bad, problem in (
         (keys[:40], "shorter than a public key"),
         (keys[:-1], "malformed entry"),
         (shares + b"x", "trailing bytes"),
+        (encode_confirm(5, 2, tags)[:-1], "malformed entry"),
         (reveal[: -SHARE_BYTES - 1] + b"\x09" + reveal[-SHARE_BYTES:], "unknown share kind"),
     ):
         with pytest.raises(MessageError, match=problem):
