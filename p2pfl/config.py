@@ -152,6 +152,11 @@ class AggregationConfig:
     frac_bits: int = 20
     #: How long an owner waits for the members' unmasking answers (REVEAL) each round.
     recovery_timeout: float = 5.0
+    #: Secure aggregation's sharing threshold, as a fraction f of a group's n members:
+    #: t = floor(f * n) + 1 shares rebuild a secret. n - t dropouts are tolerated; an owner
+    #: colluding with fewer than 2t - n members cannot make members reveal both secrets of
+    #: anyone (0.5, a strict majority, stops an owner lying alone).
+    threshold: float = 0.5
     #: Differential privacy of every peer's updates (None: off).
     dp: DPConfig | None = None
 
@@ -777,7 +782,7 @@ class _Parser:
         section = self.section(
             value,
             "aggregation",
-            ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "dp"),
+            ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "threshold", "dp"),
         )
         rule = self.choice(section.get("rule", "metropolis"), "aggregation.rule", AGGREGATION_RULES)
         secure = self.boolean(section.get("secure", False), "aggregation.secure")
@@ -797,8 +802,19 @@ class _Parser:
         recovery_timeout = self.seconds(
             section.get("recovery_timeout", d.recovery_timeout), "aggregation.recovery_timeout"
         )
+        threshold = self.positive(
+            section.get("threshold", d.threshold), "aggregation.threshold", 1.0, "a fraction"
+        )
+        if not 0.5 <= threshold < 1.0:
+            self.fail(
+                "aggregation.threshold",
+                f"expected a fraction >= 0.5 and < 1 (0.5: a strict majority of a group's "
+                f"members rebuilds a secret), got {threshold:g}",
+            )
         dp = self.dp(section["dp"]) if section.get("dp") is not None else None
-        return AggregationConfig(rule, secure, clip, frac_bits, recovery_timeout, dp)
+        return AggregationConfig(
+            rule, secure, clip, frac_bits, recovery_timeout, dp=dp, threshold=threshold
+        )
 
     def dp(self, value: object) -> DPConfig:
         keys = ("clip_norm", "noise_multiplier", "delta")
@@ -927,6 +943,7 @@ def _shared_mapping(
             "clip": aggregation.clip,
             "frac_bits": aggregation.frac_bits,
             "recovery_timeout": aggregation.recovery_timeout,
+            "threshold": aggregation.threshold,
             "dp": None
             if aggregation.dp is None
             else {

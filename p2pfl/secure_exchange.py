@@ -139,7 +139,9 @@ class SecureExchange:
         for owner in sorted(graph[node.id]):
             members = graph[owner]
             secrets = {k: self._secret(k) for k in members if k != node.id}
-            self.members[(r, owner)] = MemberRound(node.id, owner, members, r, secrets)
+            self.members[(r, owner)] = MemberRound(
+                node.id, owner, members, r, secrets, node.config.aggregation.threshold
+            )
         for owner in sorted(graph[node.id]):
             link = node.net.links.get(owner)
             if link is not None:
@@ -299,7 +301,9 @@ class SecureExchange:
         current = node.tracker.current
         window = current <= r <= current + node.config.limits.max_buffered_rounds
         if state is None and window and r < node.training.rounds:
-            state = OwnerRound(node.id, node.graph(r)[node.id], r)
+            state = OwnerRound(
+                node.id, node.graph(r)[node.id], r, node.config.aggregation.threshold
+            )
             self.owners[r] = state
         return state
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import struct
 from collections.abc import Collection, Mapping
@@ -73,10 +74,12 @@ KIND_KEY = 2
 REVEAL_BYTES = 1 + SHARE_BYTES
 
 
-def threshold(members: int) -> int:
-    """Shares needed to rebuild a member's secret: a strict majority of the group's members
-    (the owner holds none)."""
-    return members // 2 + 1
+def threshold(members: int, fraction: float = 0.5) -> int:
+    """Shares needed to rebuild a member's secret: floor(fraction * members) + 1, by default
+    a strict majority of the group's members (the owner holds none)."""
+    if not 0.5 <= fraction < 1.0:
+        raise ValueError(f"threshold fraction must be in [0.5, 1), got {fraction}")
+    return min(members, math.floor(fraction * members) + 1)
 
 
 def _info(round_index: int, *names: str) -> bytes:
@@ -175,12 +178,13 @@ class MemberRound:
         members: Collection[str],
         round_index: int,
         pair_secrets: Mapping[str, bytes],
+        fraction: float = 0.5,
     ) -> None:
         self.me, self.owner, self.round = me, owner, round_index
         self.members = tuple(sorted(members))
         if me not in self.members or owner in self.members:
             raise ValueError("the member must be in the group and the owner outside it")
-        self.threshold = threshold(len(self.members))
+        self.threshold = threshold(len(self.members), fraction)
         key_seed, self._self_seed = os.urandom(32), os.urandom(32)
         self._private = X25519PrivateKey.from_private_bytes(key_seed)
         self.public = _public_bytes(self._private)
@@ -311,10 +315,12 @@ class OwnerRound:
     """The owner's side for one round: the members' keys and boxes, the keyed set U1, the
     dropped members and the reveals."""
 
-    def __init__(self, owner: str, members: Collection[str], round_index: int) -> None:
+    def __init__(
+        self, owner: str, members: Collection[str], round_index: int, fraction: float = 0.5
+    ) -> None:
         self.owner, self.round = owner, round_index
         self.members = tuple(sorted(members))
-        self.threshold = threshold(len(self.members))
+        self.threshold = threshold(len(self.members), fraction)
         self.publics: dict[str, bytes] = {}
         self._boxes: dict[str, Mapping[str, bytes]] = {}
         self.keyed: frozenset[str] | None = None

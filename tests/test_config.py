@@ -409,6 +409,16 @@ BAD: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
         "between 1 and 30",
     ),
     (
+        setting("aggregation", value={"secure": True, "threshold": 0.4}),
+        "aggregation.threshold",
+        "expected a fraction >= 0.5 and < 1",
+    ),
+    (
+        setting("aggregation", value={"secure": True, "threshold": 1}),
+        "aggregation.threshold",
+        "expected a fraction >= 0.5 and < 1",
+    ),
+    (
         setting("aggregation", value={"secure": True, "clip": -1}),
         "aggregation.clip",
         "expected a number > 0",

@@ -29,6 +29,7 @@ from p2pfl.secure_group import (
     MemberRound,
     OwnerRound,
     threshold,
+    view_tag,
 )
 from p2pfl.shamir import combine
 
@@ -63,11 +64,13 @@ def secrets_for(peers: list[str], seed: int = 0) -> dict[str, dict[str, bytes]]:
 class Group:
     """One owner and its members, run in memory through the protocol's steps."""
 
-    def __init__(self, members: list[str], seed: int = 0) -> None:
+    def __init__(self, members: list[str], seed: int = 0, fraction: float = 0.5) -> None:
         self.names = sorted(members)
         secrets = secrets_for([*self.names, OWNER], seed)
-        self.members = {m: MemberRound(m, OWNER, self.names, ROUND, secrets[m]) for m in self.names}
-        self.owner = OwnerRound(OWNER, self.names, ROUND)
+        self.members = {
+            m: MemberRound(m, OWNER, self.names, ROUND, secrets[m], fraction) for m in self.names
+        }
+        self.owner = OwnerRound(OWNER, self.names, ROUND, fraction)
 
     def exchange_keys(self, keyed: list[str] | None = None) -> None:
         for m in keyed if keyed is not None else self.names:
@@ -141,8 +144,50 @@ def test_any_dropout_the_threshold_allows_gives_the_exact_average(
     assert np.max(np.abs(average - expected)) <= bound
 
 
-def test_the_threshold_is_a_strict_majority_of_the_members() -> None:
+def test_the_threshold_is_a_strict_majority_of_the_members_unless_configured() -> None:
     assert [threshold(n) for n in range(2, 8)] == [2, 2, 3, 3, 4, 4]
+    assert [threshold(n, 2 / 3) for n in range(2, 8)] == [2, 3, 3, 4, 5, 5]
+    assert threshold(4, 0.75) == threshold(4, 0.99) == 4
+    with pytest.raises(ValueError, match="threshold fraction"):
+        threshold(4, 1.0)
+
+
+def test_a_higher_threshold_stops_an_owner_with_a_colluding_member() -> None:
+    """Odd group, majority threshold: the owner plus one colluding member (its shares and
+    tags for anything) can split the honest members between two present sets, one with v
+    and one without, and rebuild both of v's secrets. With t = 4 of 5 it cannot."""
+    names = [f"m{i}" for i in range(5)]
+    for fraction, broken in ((0.5, True), (0.75, False)):
+        group = Group(names, fraction=fraction)
+        group.exchange_keys()
+        group.contribute(
+            {m: np.zeros(1, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.1)
+        )
+        t = group.owner.threshold
+        colluder, target = "m4", "m0"
+        with_v, without_v = frozenset({"m0", "m1", "m4"}), frozenset({"m2", "m3", "m4"})
+        seeds: dict[int, bytes] = {}
+        keys: dict[int, bytes] = {}
+        own = group.members[colluder]  # the colluder hands over its own shares
+        seeds[5] = own._held[target].seed_share
+        keys[5] = own._held[target].key_share
+        for present, honest in ((with_v, ["m0", "m1"]), (without_v, ["m2", "m3"])):
+            colluder_tags = {
+                m: view_tag(own._secrets[m], ROUND, OWNER, colluder, m, present) for m in honest
+            }
+            try:
+                tags = {m: group.members[m].confirm(present) for m in honest}
+            except SecureAggregationError:  # (3 present are too few for t = 4)
+                continue
+            for m in honest:
+                relayed = {s: tags[s][m] for s in honest if s != m} | {colluder: colluder_tags[m]}
+                try:
+                    answer = group.members[m].reveal(relayed)
+                except SecureAggregationError:
+                    continue
+                kind, share = answer[target]
+                (seeds if kind == KIND_SELF_SEED else keys)[names.index(m) + 1] = share
+        assert (len(seeds) >= t and len(keys) >= t) is broken, fraction
 
 
 def test_any_threshold_of_answers_is_enough() -> None:
