@@ -165,6 +165,14 @@ def masked_contribution(
     return mask, clipped
 
 
+def within_clip(average: np.ndarray, fixed: FixedPoint, terms: int, total: float) -> bool:
+    """Whether a decoded average is one: an average of values clipped to [-clip, clip]
+    stays inside that range, up to the rounding of ``terms`` terms over weight ``total``.
+    Ring noise (a wrong share, masks that do not cancel) almost surely is not."""
+    limit = fixed.clip + fixed.error_bound(terms) / total
+    return bool(np.max(np.abs(average)) <= limit)
+
+
 def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
     """The ring sum of the members' contributions."""
     if not contributions:

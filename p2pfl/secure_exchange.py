@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ import numpy as np
 from p2pfl.errors import SecureAggregationError
 from p2pfl.guard import Throttle
 from p2pfl.keys import pairwise_secret
-from p2pfl.secagg import FixedPoint, unmask_average
+from p2pfl.secagg import FixedPoint, unmask_average, within_clip
 from p2pfl.secure_group import MemberRound, OwnerRound
 from p2pfl.topology import metropolis_weights
 from p2pfl.wire import (
@@ -96,6 +97,8 @@ class SecureExchange:
         #: This round's trained parameters, once training is done.
         self._trained: tuple[int, np.ndarray] | None = None
         self._keys_deadline: float | None = None
+        #: A round this node sits out after a restart (it took part in it before).
+        self._sat_out: int | None = None
         #: Clipped entries of this round's contributions.
         #: This round's encoded parameters, per Metropolis weight: owners whose weight for
         #: us is the same (all of them in a regular graph) share one encoding.
@@ -131,7 +134,11 @@ class SecureExchange:
         if r <= self._through:
             # Before a restart we already sent keys (and maybe vectors) for this round: new
             # secrets would put a second vector under other masks, or contradict the first.
+            # Nor can we own it: our members already hold that life's state and refuse a
+            # second SHARES. Nobody is waited for; the round keeps our own model.
             log.info("%s round %d: took part before a restart, not again", node.id, r)
+            self._sat_out = r
+            node.tracker.exclude(node.neighbours_of(r))
             return
         self._write_journal(f"contributed {r}")
         self._through = r
@@ -298,6 +305,8 @@ class SecureExchange:
         """Our group's state for round r (created on first use, within the buffer window)."""
         node = self.node
         state = self.owners.get(r)
+        if r == self._sat_out:
+            return None
         current = node.tracker.current
         window = current <= r <= current + node.config.limits.max_buffered_rounds
         if state is None and window and r < node.training.rounds:
@@ -310,6 +319,8 @@ class SecureExchange:
     def on_keys(self, link: PeerLink, msg: Keys) -> None:
         state = self._owner(msg.round)
         try:
+            if msg.round == self._sat_out:
+                raise SecureAggregationError(f"we sit round {msg.round} out after a restart")
             if state is None:
                 raise SecureAggregationError(
                     f"KEYS for round {msg.round} outside rounds {self.node.tracker.current}.."
@@ -318,6 +329,10 @@ class SecureExchange:
             state.add_keys(link.peer_id, msg.public, msg.boxes)
         except SecureAggregationError as exc:
             self._refuse(link.peer_id, msg.round, f"KEYS refused: {exc}")
+            if state is not None and state.keyed is not None and link.peer_id in state.members:
+                # too late for this round's key exchange: say so, so it stops waiting
+                empty = encode_shares(self.node.clock.tick(), msg.round, {})
+                self.node.net.spawn(_quietly(link.send_message(empty)))
             return
         if state.all_keyed():
             self._dispatch(state)
@@ -381,6 +396,8 @@ class SecureExchange:
         node = self.node
         state = self.owners.get(r)
         try:
+            if r == self._sat_out:
+                raise SecureAggregationError("sat this round out after a restart")
             if state is None or state.keyed is None:
                 raise SecureAggregationError("no key exchange took place this round")
             dropped = state.unmask_request(received)
@@ -398,7 +415,7 @@ class SecureExchange:
             self.owners.pop(r, None)  # later reveals are refused
         kept = {p: weights[p] for p in [node.id, *present]}
         total = sum(kept.values())
-        node.params, clipped = await node._in_worker(
+        average, clipped = await node._in_worker(
             unmask_average,
             [received[p].view(np.uint32) for p in present],
             correction,
@@ -407,6 +424,14 @@ class SecureExchange:
             total,
             self.fixed,
         )
+        # An average of values clipped to [-clip, clip] stays inside it (plus rounding). A
+        # wrong share nobody could check (exactly t answers) or members that masked with
+        # other sets than ours leave ring noise instead: keep our own model then.
+        if not within_clip(average, self.fixed, len(kept), total):
+            reason = "the unmasked average is out of range (a wrong share, or key sets differ)"
+            log.warning("%s round %d: keeping own model: %s", node.id, r, reason)
+            return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
+        node.params = average
         extra: dict[str, Any] = {"recovered": sorted(dropped)} if dropped else {}
         return {p: w / total for p, w in kept.items()}, extra, clipped
 
@@ -414,23 +439,17 @@ class SecureExchange:
         self, state: OwnerRound, present: list[str], dropped: list[str]
     ) -> None:
         """PRESENT to every present member, then (with their tags) UNMASK to those who
-        confirmed; each step waits, bounded, for every connected member to answer. Raises
-        SecureAggregationError with fewer than the threshold's answers at either step."""
+        confirmed. Each step has its own ``recovery_timeout`` and waits only for members
+        asked on the link they are still on; once ``threshold`` have answered it waits at
+        most as long again for the rest (a silent member costs a little time, not the
+        round). Raises SecureAggregationError with fewer than the threshold's answers."""
         node = self.node
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + node.config.aggregation.recovery_timeout
         if dropped:
             node.events.emit(
                 "recovery", state.round, role="owner", missing=dropped, survivors=present
             )
-        message = encode_present(node.clock.tick(), state.round, tuple(present))
-        self._send_to(present, message)
-
-        def settled(answered: frozenset[str] | dict[str, Any], asked: list[str]) -> bool:
-            waiting = [p for p in asked if p not in answered and p in node.net.links]
-            return not waiting
-
-        await node._wait_until(lambda: settled(state.confirmed(), present), deadline)
+        present_msg = encode_present(node.clock.tick(), state.round, tuple(present))
+        await self._ask(present_msg, present, state.confirmed, state.threshold)
         confirmed = sorted(state.confirmed())
         if len(confirmed) < state.threshold:
             raise SecureAggregationError(
@@ -438,18 +457,50 @@ class SecureExchange:
                 f"set ({state.threshold} needed)"
             )
         lamport = node.clock.tick()
-        for p in confirmed:
-            link = node.net.links.get(p)
-            if link is not None:
-                unmask = encode_unmask(lamport, state.round, state.tags_for(p))
-                node.net.spawn(_quietly(link.send_message(unmask)))
-        await node._wait_until(lambda: settled(state.reveals, confirmed), deadline)
+        messages = {p: encode_unmask(lamport, state.round, state.tags_for(p)) for p in confirmed}
+        await self._ask(messages, confirmed, lambda: frozenset(state.reveals), state.threshold)
         if not state.enough():
             silent = sorted(p for p in confirmed if p not in state.reveals)
             raise SecureAggregationError(
                 f"unmasking failed: {len(state.reveals)} of {len(confirmed)} answered "
                 f"({state.threshold} needed); no answer from {', '.join(silent)}"
             )
+
+    async def _ask(
+        self,
+        message: bytes | dict[str, bytes],
+        peers: list[str],
+        answered: Callable[[], frozenset[str]],
+        needed: int,
+    ) -> None:
+        """Send ``message`` (or each peer's own) to ``peers`` and wait for their answers:
+        until every peer asked has answered or left the link it was asked on, or, once
+        ``needed`` have answered, for as long again as that took, or ``recovery_timeout``."""
+        node = self.node
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + node.config.aggregation.recovery_timeout
+        asked: dict[str, PeerLink] = {}
+        for p in peers:
+            link = node.net.links.get(p)
+            if link is not None:
+                asked[p] = link
+                raw = message[p] if isinstance(message, dict) else message
+                node.net.spawn(_quietly(link.send_message(raw)))
+        enough_at: list[float] = []
+
+        def settled() -> bool:
+            got = answered()
+            return all(p in got or node.net.links.get(p) is not link for p, link in asked.items())
+
+        def wake_up() -> float:  # (asked before settled() on every wake-up)
+            if not enough_at and len(answered()) >= needed:
+                enough_at.append(loop.time())
+            if enough_at:
+                return min(deadline, enough_at[0] + max(enough_at[0] - started, 0.01))
+            return deadline
+
+        await node._wait_until(settled, wake_up)
 
     def _send_to(self, peers: list[str], message: bytes) -> None:
         for p in peers:

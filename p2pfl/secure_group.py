@@ -342,6 +342,10 @@ class OwnerRound:
             raise SecureAggregationError("KEYS must hold one box for every other member")
         if len(public) != PUBLIC_BYTES or any(len(b) != BOX_BYTES for b in boxes.values()):
             raise SecureAggregationError("malformed KEYS")
+        try:  # a low-order point would make every other member's mask fail
+            X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError:
+            raise SecureAggregationError("an ephemeral public key is a low-order point") from None
         self.publics[member] = public
         self._boxes[member] = dict(boxes)
 

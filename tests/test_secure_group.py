@@ -22,6 +22,7 @@ from p2pfl.secagg import (
     group_sum,
     masked_contribution,
     unmask_average,
+    within_clip,
 )
 from p2pfl.secure_group import (
     KIND_KEY,
@@ -526,6 +527,36 @@ def test_a_wrong_share_is_caught() -> None:
     one_more = unmasked_with(["a", "b", "c", "d"], ["a", "b", "c", "d"], ("d", "a"))
     with pytest.raises(SecureAggregationError, match="inconsistent"):
         one_more.owner.correction(4)
+
+
+def test_a_wrong_seed_share_at_the_threshold_gives_an_average_out_of_range() -> None:
+    """Exactly t answers leave nothing to check a self-mask seed share against: the
+    decoded 'average' is ring noise, which the range check catches (the node then keeps
+    its own model); the honest average passes it."""
+    names = ["a", "b", "c", "d"]
+    for alter, plausible in ((("c", "a"), False), (("c", "zzz"), True)):
+        group = Group(names)
+        group.exchange_keys()
+        xs = {m: np.full(1000, 0.5, dtype=np.float32) for m in names}
+        vectors = group.contribute(xs, dict.fromkeys(names, 0.2))
+        group.owner.unmask_request(vectors)
+        group.confirm_all()
+        for m in ("a", "b", "c"):  # exactly the threshold
+            answer = group.reveal(m)
+            if m == alter[0] and alter[1] in answer:
+                kind, share = answer[alter[1]]
+                answer[alter[1]] = (kind, share[:-1] + bytes([share[-1] ^ 1]))
+            group.owner.add_reveal(m, answer)
+        average, _ = unmask_average(
+            [vectors[m] for m in names], group.owner.correction(1000), xs["a"], 0.2, 1.0, FIXED
+        )
+        assert within_clip(average, FIXED, 5, 1.0) is plausible
+
+
+def test_a_low_order_ephemeral_key_is_refused_by_the_owner() -> None:
+    group = Group(["a", "b", "c"])
+    with pytest.raises(SecureAggregationError, match="low-order"):
+        group.owner.add_keys("a", bytes(32), group.members["a"].boxes)
 
 
 @pytest.mark.parametrize("n", [5, 7, 9])

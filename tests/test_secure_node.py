@@ -268,6 +268,39 @@ async def test_a_late_shares_is_refused_and_leaves_no_mask_behind(four) -> None:
     await asyncio.sleep(0.05)
 
 
+async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None:
+    """dave's KEYS arrive after alice sent the round's SHARES: she tells him at once (an
+    empty SHARES) instead of letting him wait for the deadline."""
+    from p2pfl.secure_group import MemberRound
+    from p2pfl.wire import Keys, MessageType
+
+    net = four(rounds=3, extra=SECURE)
+    alice = make_node(net, "alice")
+    assert alice.exchange is not None
+    sent: list[bytes] = []
+
+    async def send_message(message: bytes) -> None:
+        sent.append(message)
+
+    state = alice.exchange._owner(0)
+    assert state is not None
+    secrets = {p: b"s" * 32 for p in PEERS}
+    group = [p for p in PEERS if p != "alice"]
+    rounds = {m: MemberRound(m, "alice", group, 0, secrets) for m in group}
+    for m in ("bob", "carol"):
+        state.add_keys(m, rounds[m].public, rounds[m].boxes)
+    state.dispatch()
+    dave = types.SimpleNamespace(peer_id="dave", send_message=send_message)
+    try:
+        alice.message(dave, Keys(1, 0, rounds["dave"].public, rounds["dave"].boxes))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert len(sent) == 1 and sent[0][0] == MessageType.SHARES and sent[0][13] == 0
+        last = read_events(net.state("alice") / "events.jsonl")[-1]
+        assert last["type"] == "reject" and "after the shares went out" in last["reason"]
+    finally:
+        alice.events.close()
+
+
 def test_secure_aggregation_refuses_more_neighbours_than_its_messages_hold(make_network) -> None:
     peers = [f"p{i:02d}" for i in range(66)]
     from p2pfl.node import check_secure_topology
@@ -311,6 +344,8 @@ async def test_a_restarted_node_never_contributes_twice_to_a_round(four) -> None
     assert [e for e in bob if e["type"] == "send" and e["round"] == 1]
     (first, second) = aggregates(net.state("alice") / "events.jsonl")
     assert first["missing"] == ["bob"] and "kept_own" not in first
+    (own_first, _) = aggregates(net.state("bob") / "events.jsonl")  # nor does he own it
+    assert own_first["kept_own"] is True and "sat this round out" in own_first["reason"]
     assert second["missing"] == []
     journal = (net.state("bob") / "secagg.log").read_text().split("\n")
     assert "contributed 1" in journal
