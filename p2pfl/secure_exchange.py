@@ -92,7 +92,9 @@ class SecureExchange:
         self._secrets: dict[str, bytes] = {}
         self._journal: IO[str] | None = None
         self._journal_path = node.options.state_dir / JOURNAL
-        self._through = read_journal(self._journal_path)
+        #: The last round we took part in before a restart, and the rounds joined since.
+        self._restart_through = read_journal(self._journal_path)
+        self._joined: set[int] = set()
         self._refusals = Throttle(burst=5, window=10.0)
         #: This round's trained parameters, once training is done.
         self._trained: tuple[int, np.ndarray] | None = None
@@ -131,7 +133,7 @@ class SecureExchange:
         self._trained = None
         self._keys_deadline = None
         self._encodings = {}
-        if r <= self._through:
+        if r <= self._restart_through:
             # Before a restart we already sent keys (and maybe vectors) for this round: new
             # secrets would put a second vector under other masks, or contradict the first.
             # Nor can we own it: our members already hold that life's state and refuse a
@@ -140,8 +142,23 @@ class SecureExchange:
             self._sat_out = r
             node.tracker.exclude(node.neighbours_of(r))
             return
+        self._join(r)
+        if node.config.limits.max_buffered_rounds >= 1 and r + 1 < node.training.rounds:
+            # The next round's key exchange and masks do not depend on the parameters: they
+            # run during this round, in its idle moments, off the next round's path.
+            self._join(r + 1)
+        for owner in sorted(node.neighbours_of(r) | node.neighbours_of(r + 1)):
+            link = node.net.links.get(owner)
+            if link is not None:
+                self.offer_keys(link)
+
+    def _join(self, r: int) -> None:
+        """Draw our secrets for round r, once per life (journalled first)."""
+        if r in self._joined:
+            return
+        node = self.node
         self._write_journal(f"contributed {r}")
-        self._through = r
+        self._joined = {j for j in self._joined if j >= r - 1} | {r}
         graph = node.graph(r)
         for owner in sorted(graph[node.id]):
             members = graph[owner]
@@ -149,24 +166,24 @@ class SecureExchange:
             self.members[(r, owner)] = MemberRound(
                 node.id, owner, members, r, secrets, node.config.aggregation.threshold
             )
-        for owner in sorted(graph[node.id]):
-            link = node.net.links.get(owner)
-            if link is not None:
-                self.offer_keys(link)
 
     def offer_keys(self, link: PeerLink) -> None:
-        """Send this round's KEYS over ``link`` once the owner can buffer them."""
+        """Send this round's and the next round's KEYS over ``link``, each once, as soon as
+        the owner can buffer them."""
         node = self.node
-        r = node.tracker.current
-        member = self.members.get((r, link.peer_id))
         announced = link.announced
-        if member is None or link.keys_round == r or announced is None:
+        if announced is None:
             return
-        if not r - node.config.limits.max_buffered_rounds <= announced <= r:
-            return
-        link.keys_round = r
-        message = encode_keys(node.clock.tick(), r, member.public, member.boxes)
-        node.net.spawn(_quietly(link.send_message(message)))
+        current = node.tracker.current
+        for r in (current, current + 1):
+            member = self.members.get((r, link.peer_id))
+            if member is None or (link.keys_round is not None and link.keys_round >= r):
+                continue
+            if not r - node.config.limits.max_buffered_rounds <= announced <= r:
+                continue
+            link.keys_round = r
+            message = encode_keys(node.clock.tick(), r, member.public, member.boxes)
+            node.net.spawn(_quietly(link.send_message(message)))
 
     def trained(self, r: int, params: np.ndarray) -> None:
         """Training for round r is done: encode into every mask that is ready."""
@@ -222,7 +239,7 @@ class SecureExchange:
         node = self.node
         key = (msg.round, link.peer_id)
         member = self.members.get(key)
-        if member is None or msg.round != node.tracker.current:
+        if member is None or msg.round < node.tracker.current:
             # (a late one would leave a model-sized mask behind that no round ever uses)
             self._refuse(link.peer_id, msg.round, f"unrequested SHARES for round {msg.round}")
             return

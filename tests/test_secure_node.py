@@ -147,9 +147,9 @@ async def test_plain_parameters_are_refused_by_a_secure_node(four) -> None:
 
 
 async def test_survivors_recover_the_average_without_a_member_that_left(four, monkeypatch) -> None:
-    """dave sends his keys for round 2 and then stops while training: every owner rebuilds
-    dave's key from the others' shares, removes his masks, and averages over those present,
-    exactly. In later rounds dave is not in the key exchange at all."""
+    """dave sends his keys for rounds 2 and 3 and then stops while training round 2: every
+    owner rebuilds dave's key from the others' shares, removes his masks, and averages over
+    those present, exactly. From round 4 on dave is not in the key exchange at all."""
     import p2pfl.node as node_mod
 
     original = node_mod.Node._train
@@ -163,7 +163,7 @@ async def test_survivors_recover_the_average_without_a_member_that_left(four, mo
         return original(self, round_index)
 
     monkeypatch.setattr(node_mod.Node, "_train", slow)
-    net = four(rounds=4, round_timeout=30, extra={**SECURE, "net": {"down_grace": 0.2}})
+    net = four(rounds=5, round_timeout=30, extra={**SECURE, "net": {"down_grace": 0.2}})
     nodes = [make_node(net, p) for p in PEERS]
     tasks = [asyncio.ensure_future(n.run()) for n in nodes]
     await stopping.wait()
@@ -171,10 +171,12 @@ async def test_survivors_recover_the_average_without_a_member_that_left(four, mo
     assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [0] * 4
     for peer in PEERS[:3]:
         events = read_events(net.state(peer) / "events.jsonl")
-        (two, three) = [e for e in events if e["type"] == "aggregate" and e["round"] >= 2]
-        assert two["missing"] == ["dave"] and two["recovered"] == ["dave"]
-        assert three["missing"] == ["dave"] and "recovered" not in three
+        (two, three, four_) = [e for e in events if e["type"] == "aggregate" and e["round"] >= 2]
+        # dave sent round 3's keys during round 2 (keys go one round ahead): recovered too
         for e in (two, three):
+            assert e["missing"] == ["dave"] and e["recovered"] == ["dave"]
+        assert four_["missing"] == ["dave"] and "recovered" not in four_
+        for e in (two, three, four_):
             assert "kept_own" not in e and sorted(e["members"]) == ["alice", "bob", "carol"]
             assert sum(e["weights"].values()) == pytest.approx(1.0, abs=1e-5)
         helped = [e for e in events if e["type"] == "recovery" and e["role"] == "member"]
