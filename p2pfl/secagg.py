@@ -170,7 +170,7 @@ def within_clip(average: np.ndarray, fixed: FixedPoint, terms: int, total: float
     stays inside that range, up to the rounding of ``terms`` terms over weight ``total``.
     Ring noise (a wrong share, masks that do not cancel) almost surely is not."""
     limit = fixed.clip + fixed.error_bound(terms) / total
-    return bool(np.max(np.abs(average)) <= limit)
+    return bool(average.max() <= limit and average.min() >= -limit)  # (no |x| temporary)
 
 
 def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
@@ -187,37 +187,48 @@ def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
 
 def unmask_average(
     contributions: Sequence[np.ndarray],
-    correction: np.ndarray,
+    correction: Sequence[tuple[bytes, int]],
     own: np.ndarray,
     own_weight: float,
     present_weight: float,
     fixed: FixedPoint,
 ) -> tuple[np.ndarray, int]:
-    """The owner's step: the present members' contributions minus the ``correction`` (their
-    self-masks and their masks with dropped members), plus its own term; decoded and
-    renormalised over those present (``present_weight`` = own weight + the present members'
-    weights; 1 with no dropout). One pass, chunk by chunk; ``correction`` is consumed."""
+    """The owner's step: the present members' contributions minus the ``correction``
+    keystreams (their self-masks and their masks with dropped members), plus its own term;
+    decoded and renormalised over those present (``present_weight`` = own weight + the
+    present members' weights; 1 with no dropout). One pass, chunk by chunk: the keystreams
+    are generated where they are subtracted."""
     if not contributions:
         raise ValueError("no contributions")
-    shape = correction.shape
-    if correction.dtype != np.uint32 or any(
-        y.dtype != np.uint32 or y.shape != shape for y in contributions
-    ):
-        raise ValueError("contributions and correction must be uint32 arrays of one shape")
+    shape = contributions[0].shape
+    if any(y.dtype != np.uint32 or y.shape != shape for y in contributions):
+        raise ValueError("contributions must be uint32 arrays of one shape")
+    if any(sign not in (1, -1) for _, sign in correction):
+        raise ValueError("sign must be +1 or -1")
     flat_own = np.ravel(own)
     if not np.isfinite(np.sum(flat_own, dtype=np.float64)):
         raise ValueError("non-finite parameters cannot be encoded")
+    ciphers = [(_keystream(key), sign) for key, sign in correction]
+    stream = np.empty(CHUNK + _AES_BLOCK // 4, dtype="<u4")
+    raw = stream.data.cast("B")
     average = np.empty(shape, dtype=np.float32)
     total = np.empty(CHUNK, dtype=np.uint32)
     clipped = 0
-    scale = np.float32(present_weight)
-    for start in range(0, correction.size, CHUNK):
-        end = min(start + CHUNK, correction.size)
-        part = total[: end - start]
-        np.negative(correction[start:end], out=part)
-        for y in contributions:
+    size = contributions[0].size
+    for start in range(0, size, CHUNK):
+        end = min(start + CHUNK, size)
+        count = end - start
+        part = total[:count]
+        np.copyto(part, contributions[0][start:end])
+        for y in contributions[1:]:
             np.add(part, y[start:end], out=part)
+        for cipher, sign in ciphers:  # subtract the correction: the opposite signs
+            cipher.update_into(_ZERO_BLOCK[: count * 4], raw)
+            if sign > 0:
+                np.subtract(part, stream[:count], out=part)
+            else:
+                np.add(part, stream[:count], out=part)
         clipped += fixed.encode_add(flat_own[start:end], own_weight, part)
         average[start:end] = part.view(np.int32) / fixed.scale
-    average /= scale
+    average /= np.float32(present_weight)
     return average, clipped

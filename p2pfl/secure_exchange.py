@@ -420,11 +420,7 @@ class SecureExchange:
             dropped = state.unmask_request(received)
             present = sorted(state.present or ())
             await self._collect_reveals(state, present, sorted(dropped))
-            if not np.isfinite(np.sum(node.params, dtype=np.float64)):
-                raise SecureAggregationError(
-                    "own parameters are not finite; nothing can be averaged with them"
-                )
-            correction = await node._in_worker(state.correction, node.params.size)
+            correction = await node._in_worker(state.correction)
         except SecureAggregationError as exc:
             log.warning("%s round %d: keeping own model: %s", node.id, r, exc)
             return {node.id: 1.0}, {"kept_own": True, "reason": str(exc)}, 0
@@ -432,15 +428,20 @@ class SecureExchange:
             self.owners.pop(r, None)  # later reveals are refused
         kept = {p: weights[p] for p in [node.id, *present]}
         total = sum(kept.values())
-        average, clipped = await node._in_worker(
-            unmask_average,
-            [received[p].view(np.uint32) for p in present],
-            correction,
-            node.params,
-            weights[node.id],
-            total,
-            self.fixed,
-        )
+        try:
+            average, clipped = await node._in_worker(
+                unmask_average,
+                [received[p].view(np.uint32) for p in present],
+                correction,
+                node.params,
+                weights[node.id],
+                total,
+                self.fixed,
+            )
+        except ValueError:  # (unmask_average checks our own term first)
+            reason = "own parameters are not finite; nothing can be averaged with them"
+            log.error("%s round %d: %s", node.id, r, reason)
+            return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
         # An average of values clipped to [-clip, clip] stays inside it (plus rounding). A
         # wrong share nobody could check (exactly t answers) or members that masked with
         # other sets than ours leave ring noise instead: keep our own model then.

@@ -421,10 +421,10 @@ class OwnerRound:
     def enough(self) -> bool:
         return len(self.reveals) >= self.threshold
 
-    def correction(self, size: int) -> np.ndarray:
-        """What to subtract from the sum of the present vectors: their self-masks and their
-        masks with the dropped, rebuilt from ``threshold`` reveals (or more: then every
-        extra share is checked against the others)."""
+    def correction(self) -> list[tuple[bytes, int]]:
+        """What to subtract from the sum of the present vectors, as keystreams (key, sign):
+        their self-masks and their masks with the dropped, rebuilt from ``threshold``
+        reveals (or more: then every extra share is checked against the others)."""
         if self.present is None or self.keyed is None or not self.enough():
             raise SecureAggregationError(f"{len(self.reveals)} reveals, {self.threshold} needed")
         xs = {m: x + 1 for x, m in enumerate(self.members)}
@@ -441,4 +441,4 @@ class OwnerRound:
             for u in sorted(self.present):
                 key = pair_mask_key(private, self.publics[u], self.round, self.owner, u, k)
                 streams.append((key, _sign(u, k)))
-        return keystream_sum(size, streams)
+        return streams

@@ -2,11 +2,11 @@
 
 For each model size: five real ``p2pfl run`` processes on 127.0.0.1, a full graph (degree
 4, every group has five members), a one-vector model (``scripts/big_model.py``) so that the
-round is all exchange. First with plain averaging (the baseline), then with
-``aggregation.secure``. Prints the median round time and the median time from the end of
+round is all exchange. Plain averaging (the baseline) and ``aggregation.secure`` runs
+alternate ``--repeat`` times. Prints the median round time and the median time from the end of
 local training to the aggregate (send, collect, mask/unmask), and their ratios.
 
-    python scripts/bench_secure.py --params 1000000,10000000 --rounds 6
+    python scripts/bench_secure.py --params 1000000,10000000 --rounds 6 --repeat 3
 """
 
 from __future__ import annotations
@@ -111,20 +111,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="1000000,10000000")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="plain and secure runs alternate this many times; medians are reported "
+        "(one run on a shared 2-core machine varies by about 10%%)",
+    )
     args = parser.parse_args()
     print(
         f"{'params':>10} {'plain round':>12} {'secure round':>13} {'x':>5} "
-        f"{'plain exch':>11} {'secure exch':>12} {'x':>5}"
+        f"{'plain exch':>11} {'secure exch':>12} {'x':>5}  x per repeat"
     )
     with tempfile.TemporaryDirectory(prefix="p2pfl-bench-secure-") as tmp:
         for size in [int(s) for s in args.params.split(",")]:
-            plain = run_network(Path(tmp) / f"plain-{size}", size, args.rounds, secure=False)
-            secure = run_network(Path(tmp) / f"secure-{size}", size, args.rounds, secure=True)
+            plains, secures = [], []
+            for i in range(args.repeat):
+                plains.append(
+                    run_network(Path(tmp) / f"plain-{size}-{i}", size, args.rounds, False)
+                )
+                secures.append(
+                    run_network(Path(tmp) / f"secure-{size}-{i}", size, args.rounds, True)
+                )
+            plain = {k: statistics.median(r[k] for r in plains) for k in ("round", "exchange")}
+            secure = {k: statistics.median(r[k] for r in secures) for k in ("round", "exchange")}
+            ratios = " ".join(
+                f"{s['round'] / p['round']:.2f}" for p, s in zip(plains, secures, strict=True)
+            )
             print(
                 f"{size:>10} {plain['round'] * 1000:>10.0f}ms {secure['round'] * 1000:>11.0f}ms "
                 f"{secure['round'] / plain['round']:>5.2f} {plain['exchange'] * 1000:>9.0f}ms "
                 f"{secure['exchange'] * 1000:>10.0f}ms "
-                f"{secure['exchange'] / plain['exchange']:>5.2f}",
+                f"{secure['exchange'] / plain['exchange']:>5.2f}  {ratios}",
                 flush=True,
             )
     return 0

@@ -36,10 +36,9 @@ def test_unmasked_sum_equals_the_weighted_sum_within_the_bound(
             add_keystream(mask, bytes([i - 1]) * 32, -1)
         add_keystream(mask, bytes([100 + i]) * 32, 1)  # a self-mask
         vectors.append(masked_contribution(xs[i], weights[i], mask, FIXED)[0])
-    correction = np.zeros(size, dtype=np.uint32)
-    add_keystream(correction, bytes([members - 1]) * 32, 1)  # the last pair mask left over
-    for i in range(1, members):
-        add_keystream(correction, bytes([100 + i]) * 32, 1)
+    # the last pair mask is left over, and every self-mask
+    correction = [(bytes([members - 1]) * 32, 1)]
+    correction += [(bytes([100 + i]) * 32, 1) for i in range(1, members)]
     average, clipped = unmask_average(vectors, correction, xs[0], weights[0], 1.0, FIXED)
     expected = sum(w * x.astype(np.float64) for w, x in zip(weights, xs, strict=True))
     assert clipped == 0

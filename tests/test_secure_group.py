@@ -20,6 +20,7 @@ from p2pfl.secagg import (
     FixedPoint,
     add_keystream,
     group_sum,
+    keystream_sum,
     masked_contribution,
     unmask_average,
     within_clip,
@@ -134,7 +135,7 @@ def test_any_dropout_the_threshold_allows_gives_the_exact_average(
     present = weights[OWNER] + sum(weights[m] for m in sent)
     average, _ = unmask_average(
         [vectors[m] for m in sorted(sent)],
-        group.owner.correction(size),
+        group.owner.correction(),
         xs[OWNER],
         weights[OWNER],
         present,
@@ -203,7 +204,7 @@ def test_any_threshold_of_answers_is_enough() -> None:
         group.owner.add_reveal(m, group.reveal(m))
     assert group.owner.enough() and not group.owner.complete()
     total = group_sum(list(vectors.values()))
-    np.subtract(total, group.owner.correction(10), out=total)
+    np.subtract(total, keystream_sum(10, group.owner.correction()), out=total)
     assert np.allclose(FIXED.decode(total), 0.5)
 
 
@@ -385,7 +386,7 @@ def test_a_late_vector_stays_masked_after_its_sender_was_dropped() -> None:
             kind == KIND_SELF_SEED for k, (kind, _) in answer.items() if k != "b"
         )
         group.owner.add_reveal(m, answer)
-    group.owner.correction(500)  # the rebuilt key matches b's public key
+    group.owner.correction()  # the rebuilt key matches b's public key
     stripped = late.copy()
     member_b = group.members["b"]
     # everything except the self-mask: what the owner could compute from b's rebuilt key
@@ -523,10 +524,10 @@ def test_a_wrong_share_is_caught() -> None:
     the threshold; with one answer more than the threshold, any wrong share is caught."""
     at_threshold = unmasked_with(["a", "b", "c", "d"], ["a", "b", "c"], ("c", "d"))
     with pytest.raises(SecureAggregationError, match=r"does not match|no 32-byte secret"):
-        at_threshold.owner.correction(4)
+        at_threshold.owner.correction()
     one_more = unmasked_with(["a", "b", "c", "d"], ["a", "b", "c", "d"], ("d", "a"))
     with pytest.raises(SecureAggregationError, match="inconsistent"):
-        one_more.owner.correction(4)
+        one_more.owner.correction()
 
 
 def test_a_wrong_seed_share_at_the_threshold_gives_an_average_out_of_range() -> None:
@@ -548,7 +549,7 @@ def test_a_wrong_seed_share_at_the_threshold_gives_an_average_out_of_range() -> 
                 answer[alter[1]] = (kind, share[:-1] + bytes([share[-1] ^ 1]))
             group.owner.add_reveal(m, answer)
         average, _ = unmask_average(
-            [vectors[m] for m in names], group.owner.correction(1000), xs["a"], 0.2, 1.0, FIXED
+            [vectors[m] for m in names], group.owner.correction(), xs["a"], 0.2, 1.0, FIXED
         )
         assert within_clip(average, FIXED, 5, 1.0) is plausible
 
