@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -75,6 +77,12 @@ def read_journal(path: Path) -> int:
     return through
 
 
+def _lower_priority() -> None:
+    """Make the calling thread yield to the node's other threads (Linux: per-thread nice)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 async def _quietly(coro: Any) -> None:
     with contextlib.suppress(Exception):
         await coro
@@ -96,6 +104,11 @@ class SecureExchange:
         self._restart_through = read_journal(self._journal_path)
         self._joined: set[int] = set()
         self._refusals = Throttle(burst=5, window=10.0)
+        #: One low-priority thread for work done ahead (the next round's masks): on a busy
+        #: machine the current round's work goes first.
+        self._background = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="p2pfl-ahead", initializer=_lower_priority
+        )
         #: This round's trained parameters, once training is done.
         self._trained: tuple[int, np.ndarray] | None = None
         self._keys_deadline: float | None = None
@@ -116,6 +129,7 @@ class SecureExchange:
         )
 
     def close(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)
         if self._journal is not None:
             self._journal.close()
             self._journal = None
@@ -249,7 +263,12 @@ class SecureExchange:
             self._refuse(link.peer_id, msg.round, f"SHARES refused: {exc}")
             node._notify()
             return
-        self._masks[key] = asyncio.ensure_future(asyncio.to_thread(member.mask, node.params.size))
+        if msg.round > node.tracker.current:  # next round's: in idle time, not on our path
+            loop = asyncio.get_running_loop()
+            task = loop.run_in_executor(self._background, member.mask, node.params.size)
+        else:
+            task = asyncio.to_thread(member.mask, node.params.size)
+        self._masks[key] = asyncio.ensure_future(task)
         if self._trained is not None and self._trained[0] == msg.round:
             node.net.spawn(self._contribute(msg.round, link.peer_id))
 
