@@ -34,7 +34,7 @@ from p2pfl.checkpoint import (
     write_checkpoint,
 )
 from p2pfl.config import Config
-from p2pfl.errors import ConfigError, MessageError
+from p2pfl.errors import ConfigError, MessageError, SecureAggregationError
 from p2pfl.events import EventLog, LamportClock
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
@@ -316,18 +316,21 @@ class Node:
             raise MessageError(
                 f"{type(msg).__name__.upper()} in a network without secure aggregation"
             )
-        if isinstance(msg, Keys):
-            exchange.on_keys(link, msg)
-        elif isinstance(msg, Shares):
-            exchange.on_shares(link, msg)
-        elif isinstance(msg, Present):
-            exchange.on_present(link, msg)
-        elif isinstance(msg, Confirm):
-            exchange.on_confirm(link, msg)
-        elif isinstance(msg, Unmask):
-            exchange.on_unmask(link, msg)
-        else:
-            exchange.on_reveal(link, msg)
+        try:
+            if isinstance(msg, Keys):
+                exchange.on_keys(link, msg)
+            elif isinstance(msg, Shares):
+                exchange.on_shares(link, msg)
+            elif isinstance(msg, Present):
+                exchange.on_present(link, msg)
+            elif isinstance(msg, Confirm):
+                exchange.on_confirm(link, msg)
+            elif isinstance(msg, Unmask):
+                exchange.on_unmask(link, msg)
+            else:
+                exchange.on_reveal(link, msg)
+        except SecureAggregationError as exc:  # a step refused that no handler foresaw
+            self.events.emit("reject", msg.round, peer=link.peer_id, reason=str(exc))
 
     # --- sending -------------------------------------------------------------------------
 

@@ -263,12 +263,10 @@ class SecureExchange:
             self._refuse(link.peer_id, msg.round, f"SHARES refused: {exc}")
             node._notify()
             return
-        if msg.round > node.tracker.current:  # next round's: in idle time, not on our path
-            loop = asyncio.get_running_loop()
-            task = loop.run_in_executor(self._background, member.mask, node.params.size)
-        else:
-            task = asyncio.to_thread(member.mask, node.params.size)
-        self._masks[key] = asyncio.ensure_future(task)
+        loop = asyncio.get_running_loop()
+        # The next round's mask is made in idle time, off our path; this round's now.
+        executor = self._background if msg.round > node.tracker.current else None
+        self._masks[key] = loop.run_in_executor(executor, member.mask, node.params.size)
         if self._trained is not None and self._trained[0] == msg.round:
             node.net.spawn(self._contribute(msg.round, link.peer_id))
 
@@ -370,7 +368,7 @@ class SecureExchange:
                 empty = encode_shares(self.node.clock.tick(), msg.round, {})
                 self.node.net.spawn(_quietly(link.send_message(empty)))
             return
-        if state.all_keyed():
+        if state.keyed is None and state.all_keyed():
             self._dispatch(state)
 
     def _keys_wait_over(self, state: OwnerRound, now: float) -> bool:

@@ -335,6 +335,8 @@ class OwnerRound:
         if member not in self.members:
             raise SecureAggregationError(f"{member} is not in this round's group")
         if member in self.publics:
+            if self.publics[member] == public and self._boxes[member] == dict(boxes):
+                return  # the same KEYS again, on a new connection after a reconnect
             raise SecureAggregationError(f"second KEYS from {member}")
         if self.keyed is not None:
             raise SecureAggregationError("KEYS after the shares went out")

@@ -458,9 +458,16 @@ def test_the_owner_refuses_malformed_keys_confirms_and_reveals() -> None:
         group.owner.add_keys("a", a.public, {"b": a.boxes["b"]})
     with pytest.raises(SecureAggregationError, match="not in this round's group"):
         group.owner.add_keys("zed", a.public, a.boxes)
+    group.owner.add_keys("a", a.public, a.boxes)
+    group.owner.add_keys("a", a.public, a.boxes)  # resent after a reconnect: ignored
+    with pytest.raises(SecureAggregationError, match="second KEYS"):
+        group.owner.add_keys("a", bytes(31) + b"\x09", a.boxes)
+    group.owner._boxes.clear()
+    group.owner.publics.clear()
     group.exchange_keys()
-    with pytest.raises(SecureAggregationError, match=r"second KEYS|after the shares"):
-        group.owner.add_keys("a", a.public, a.boxes)
+    group.owner.add_keys("a", a.public, a.boxes)  # even after the shares went out
+    with pytest.raises(SecureAggregationError, match="second KEYS"):
+        group.owner.add_keys("a", bytes(31) + b"\x09", a.boxes)
     vectors = group.contribute(
         {m: np.zeros(4, dtype=np.float32) for m in names}, dict.fromkeys(names, 0.2)
     )

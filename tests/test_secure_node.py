@@ -299,6 +299,10 @@ async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None
         assert len(sent) == 1 and sent[0][0] == MessageType.SHARES and sent[0][13] == 0
         last = read_events(net.state("alice") / "events.jsonl")[-1]
         assert last["type"] == "reject" and "after the shares went out" in last["reason"]
+        bob = types.SimpleNamespace(peer_id="bob", send_message=send_message)
+        alice.message(bob, Keys(2, 0, rounds["bob"].public, rounds["bob"].boxes))  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the same KEYS again (a reconnect): ignored, nothing sent
+        assert len(sent) == 1 and read_events(net.state("alice") / "events.jsonl")[-1] == last
     finally:
         alice.events.close()
 
