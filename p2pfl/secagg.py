@@ -67,28 +67,41 @@ class FixedPoint:
     def encode_add(self, x: np.ndarray, weight: float, out: np.ndarray) -> int:
         """``out += encode(weight * x)`` in place (mod 2**32). Returns how many entries of
         ``x`` were clipped. Works chunk by chunk: temporaries stay small."""
-        if out.dtype != np.uint32 or out.shape != x.shape:
-            raise ValueError("out must be a uint32 array shaped like x")
+        return self.encode_add_many(x, [(weight, out)])
+
+    def encode_add_many(self, x: np.ndarray, targets: Sequence[tuple[float, np.ndarray]]) -> int:
+        """``out += encode(weight * x)`` for every (weight, out) of ``targets``, in one pass
+        over ``x`` (each weight encoded once per chunk, while the chunk is in cache). Returns
+        how many entries of ``x`` were clipped (to [-clip, clip], whatever the weight)."""
+        if any(out.dtype != np.uint32 or out.shape != x.shape for _, out in targets):
+            raise ValueError("every out must be a uint32 array shaped like x")
         if not np.isfinite(np.sum(x, dtype=np.float64)):
             raise ValueError("non-finite parameters cannot be encoded")
-        factor = weight * self.scale
+        by_weight: dict[float, list[np.ndarray]] = {}
+        for weight, out in targets:
+            by_weight.setdefault(weight, []).append(out)
         clipped = 0
         scaled = np.empty(min(CHUNK, x.size), dtype=np.float64)
         ints = np.empty(scaled.size, dtype=np.int32)
         for start in range(0, x.size, CHUNK):
             part = x[start : start + CHUNK]
             count = part.size
-            work = scaled[:count]
-            np.multiply(part, factor, out=work)
-            if count and (part.max() > self.clip or part.min() < -self.clip):
+            over = bool(count) and (part.max() > self.clip or part.min() < -self.clip)
+            if over:
                 clipped += int(np.count_nonzero(np.abs(part) > self.clip))
-                limit = self.clip * abs(factor)
-                np.clip(work, -limit, limit, out=work)
-            np.rint(work, out=work)
-            # |values| <= 2**30: exact in int32, and int32 + uint32 wrap alike mod 2**32.
-            np.copyto(ints[:count], work, casting="unsafe")
-            view = out[start : start + count]
-            np.add(view, ints[:count].view(np.uint32), out=view)
+            work = scaled[:count]
+            for weight, outs in by_weight.items():
+                factor = weight * self.scale
+                np.multiply(part, factor, out=work)
+                if over:
+                    limit = self.clip * abs(factor)
+                    np.clip(work, -limit, limit, out=work)
+                np.rint(work, out=work)
+                # |values| <= 2**30: exact in int32, and int32 + uint32 wrap alike mod 2**32.
+                np.copyto(ints[:count], work, casting="unsafe")
+                for out in outs:
+                    view = out[start : start + count]
+                    np.add(view, ints[:count].view(np.uint32), out=view)
         return clipped
 
     def encode(self, x: np.ndarray, weight: float) -> tuple[np.ndarray, int]:

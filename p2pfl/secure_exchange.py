@@ -115,18 +115,8 @@ class SecureExchange:
         #: A round this node sits out after a restart (it took part in it before).
         self._sat_out: int | None = None
         #: Clipped entries of this round's contributions.
-        #: This round's encoded parameters, per Metropolis weight: owners whose weight for
-        #: us is the same (all of them in a regular graph) share one encoding.
-        self._encodings: dict[float, asyncio.Future[tuple[np.ndarray, int]]] = {}
-
-    @property
-    def clipped(self) -> int:
-        """Entries clipped when encoding this round's parameters (once per distinct weight)."""
-        return sum(
-            e.result()[1]
-            for e in self._encodings.values()
-            if e.done() and not e.cancelled() and e.exception() is None
-        )
+        #: Entries of this round's parameters clipped by the encoding.
+        self.clipped = 0
 
     def close(self) -> None:
         self._background.shutdown(wait=False, cancel_futures=True)
@@ -146,7 +136,7 @@ class SecureExchange:
             self._masks.pop(key).cancel()
         self._trained = None
         self._keys_deadline = None
-        self._encodings = {}
+        self.clipped = 0
         if r <= self._restart_through:
             # Before a restart we already sent keys (and maybe vectors) for this round: new
             # secrets would put a second vector under other masks, or contradict the first.
@@ -200,11 +190,20 @@ class SecureExchange:
             node.net.spawn(_quietly(link.send_message(message)))
 
     def trained(self, r: int, params: np.ndarray) -> None:
-        """Training for round r is done: encode into every mask that is ready."""
+        """Training for round r is done: encode into every mask that is ready, in one pass
+        (usually all: they were made during the last round); the others as they come."""
         self._trained = (r, params)
+        ready: list[str] = []
         for (round_index, owner), member in self.members.items():
-            if round_index == r and member.keyed is not None and member.failure is None:
+            if round_index != r or member.keyed is None or member.failure is not None:
+                continue
+            task = self._masks.get((r, owner))
+            if task is not None and task.done() and task.exception() is None:
+                ready.append(owner)
+            else:
                 self.node.net.spawn(self._contribute(r, owner))
+        if ready:
+            self.node.net.spawn(self._contribute(r, *ready))
 
     def start_collecting(self, now: float) -> None:
         self._keys_deadline = now + self.node.training.round_timeout / 2
@@ -270,36 +269,46 @@ class SecureExchange:
         if self._trained is not None and self._trained[0] == msg.round:
             node.net.spawn(self._contribute(msg.round, link.peer_id))
 
-    async def _contribute(self, r: int, owner: str) -> None:
+    async def _contribute(self, r: int, *owners: str) -> None:
+        """Encode this round's parameters into the masks for ``owners`` (once they are
+        made) and offer each vector to its owner."""
         node = self.node
-        member = self.members[(r, owner)]
-        mask_task = self._masks.pop((r, owner), None)
-        if mask_task is None or self._trained is None or self._trained[0] != r:
+        tasks = {o: self._masks.pop((r, o), None) for o in owners}
+        if self._trained is None or self._trained[0] != r:
             return
-        weight = metropolis_weights(node.graph(r), owner)[node.id]
-        encoding = self._encodings.get(weight)
-        if encoding is None:
-            encoding = asyncio.ensure_future(
-                asyncio.to_thread(self.fixed.encode, self._trained[1], weight)
-            )
-            self._encodings[weight] = encoding
+        graph = node.graph(r)
+        targets: dict[str, tuple[float, np.ndarray]] = {}
+        for owner, task in tasks.items():
+            if task is None:
+                continue
+            try:
+                targets[owner] = (metropolis_weights(graph, owner)[node.id], await task)
+            except ValueError as exc:  # a key that does not agree (e.g. a low-order point)
+                self._fail(r, owner, exc)
+        if not targets:
+            return
         try:
-            mask = await mask_task
-            encoded, _ = await asyncio.shield(encoding)  # shared by other owners' tasks
-            vector = await asyncio.to_thread(np.add, mask, encoded, out=mask)
-        except ValueError as exc:  # non-finite parameters, or a key that does not agree
-            member.failure = str(exc)
-            log.error("%s round %d: no contribution to %s: %s", node.id, r, owner, exc)
-            node._notify()
+            self.clipped = await asyncio.to_thread(
+                self.fixed.encode_add_many, self._trained[1], list(targets.values())
+            )
+        except ValueError as exc:  # non-finite parameters
+            for owner in targets:
+                self._fail(r, owner, exc)
             return
         if node.outgoing is None or node.outgoing[0] != r:
             return  # the round ended meanwhile
-        member.contributed = True
-        node.outgoing[1][owner] = vector
-        link = node.net.links.get(owner)
-        if link is not None:
-            node._offer(link)
+        for owner, (_, vector) in targets.items():
+            self.members[(r, owner)].contributed = True
+            node.outgoing[1][owner] = vector
+            link = node.net.links.get(owner)
+            if link is not None:
+                node._offer(link)
         node._notify()
+
+    def _fail(self, r: int, owner: str, exc: Exception) -> None:
+        self.members[(r, owner)].failure = str(exc)
+        log.error("%s round %d: no contribution to %s: %s", self.node.id, r, owner, exc)
+        self.node._notify()
 
     def on_present(self, link: PeerLink, msg: Present) -> None:
         """The owner's U2: confirm it (tags for the other present members) if we can."""

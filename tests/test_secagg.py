@@ -76,3 +76,16 @@ def test_non_finite_parameters_are_not_encoded() -> None:
     out = np.zeros(3, dtype=np.uint32)
     with pytest.raises(ValueError, match="non-finite"):
         FIXED.encode_add(np.array([0.0, np.nan, 1.0], dtype=np.float32), 1.0, out)
+
+
+def test_encoding_into_many_outputs_at_once_matches_one_by_one() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(scale=40.0, size=200_000).astype(np.float32)  # some entries clipped
+    targets = [(0.2, np.arange(x.size, dtype=np.uint32)) for _ in range(2)]
+    targets.append((0.35, np.full(x.size, 7, dtype=np.uint32)))
+    expected = [out.copy() for _, out in targets]
+    counts = {FIXED.encode_add(x, w, out) for (w, _), out in zip(targets, expected, strict=True)}
+    clipped = FIXED.encode_add_many(x, targets)
+    assert counts == {clipped} and clipped > 0
+    for (_, out), want in zip(targets, expected, strict=True):
+        assert np.array_equal(out, want)
