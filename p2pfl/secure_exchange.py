@@ -187,7 +187,7 @@ class SecureExchange:
                 continue
             link.keys_round = r
             message = encode_keys(node.clock.tick(), r, member.public, member.boxes)
-            node.net.spawn(_quietly(link.send_message(message)))
+            self._send(link, message)
 
     def trained(self, r: int, params: np.ndarray) -> None:
         """Training for round r is done: encode into every mask that is ready, in one pass
@@ -313,10 +313,8 @@ class SecureExchange:
     def on_present(self, link: PeerLink, msg: Present) -> None:
         """The owner's U2: confirm it (tags for the other present members) if we can."""
         owner = link.peer_id
-        member = self.members.get((msg.round, owner))
         try:
-            if member is None:
-                raise SecureAggregationError(f"we sent {owner} no vector in round {msg.round}")
+            member = self._asked(owner, msg.round)
             tags = member.confirm(msg.present)
         except SecureAggregationError as exc:
             self._refuse(owner, msg.round, f"present set refused: {exc}")
@@ -326,21 +324,18 @@ class SecureExchange:
         if dropped:
             node.events.emit("recovery", msg.round, role="member", owner=owner, missing=dropped)
         message = encode_confirm(node.clock.tick(), msg.round, tags)
-        node.net.spawn(_quietly(link.send_message(message)))
+        self._send(link, message)
 
     def on_unmask(self, link: PeerLink, msg: Unmask) -> None:
         owner = link.peer_id
-        member = self.members.get((msg.round, owner))
         try:
-            if member is None:
-                raise SecureAggregationError(f"we sent {owner} no vector in round {msg.round}")
-            shares = member.reveal(msg.tags)
+            shares = self._asked(owner, msg.round).reveal(msg.tags)
         except SecureAggregationError as exc:
             self._refuse(owner, msg.round, f"unmask request refused: {exc}")
             return
         node = self.node
         message = encode_reveal(node.clock.tick(), msg.round, shares)
-        node.net.spawn(_quietly(link.send_message(message)))
+        self._send(link, message)
 
     # --- owner role ----------------------------------------------------------------------
 
@@ -375,7 +370,7 @@ class SecureExchange:
             if state is not None and state.keyed is not None and link.peer_id in state.members:
                 # too late for this round's key exchange: say so, so it stops waiting
                 empty = encode_shares(self.node.clock.tick(), msg.round, {})
-                self.node.net.spawn(_quietly(link.send_message(empty)))
+                self._send(link, empty)
             return
         if state.keyed is None and state.all_keyed():
             self._dispatch(state)
@@ -403,7 +398,7 @@ class SecureExchange:
             link = node.net.links.get(member)
             if link is not None:
                 message = encode_shares(lamport, state.round, boxes)
-                node.net.spawn(_quietly(link.send_message(message)))
+                self._send(link, message)
         node._notify()
 
     def on_confirm(self, link: PeerLink, msg: Confirm) -> None:
@@ -530,7 +525,7 @@ class SecureExchange:
             if link is not None:
                 asked[p] = link
                 raw = message[p] if isinstance(message, dict) else message
-                node.net.spawn(_quietly(link.send_message(raw)))
+                self._send(link, raw)
         enough_at: list[float] = []
 
         def settled() -> bool:
@@ -546,13 +541,19 @@ class SecureExchange:
 
         await node._wait_until(settled, wake_up)
 
-    def _send_to(self, peers: list[str], message: bytes) -> None:
-        for p in peers:
-            link = self.node.net.links.get(p)
-            if link is not None:
-                self.node.net.spawn(_quietly(link.send_message(message)))
-
     # --- helpers -------------------------------------------------------------------------
+
+    def _send(self, link: PeerLink, message: bytes) -> None:
+        """Send a short message in the background (a link that died meanwhile is the
+        waiting side's business: every wait is bounded)."""
+        self.node.net.spawn(_quietly(link.send_message(message)))
+
+    def _asked(self, owner: str, round_index: int) -> MemberRound:
+        """Our state as a member of ``owner``'s group, or why it is not there."""
+        member = self.members.get((round_index, owner))
+        if member is None:
+            raise SecureAggregationError(f"we sent {owner} no vector in round {round_index}")
+        return member
 
     def _refuse(self, peer: str, round_index: int, reason: str) -> None:
         """Log a refused step, at most a few times per peer and window (floods stay quiet)."""
