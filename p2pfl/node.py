@@ -539,7 +539,8 @@ class Node:
             self.params, used = metropolis_average(self.id, self.params, received, weights)
         else:
             used, outcome, own_clipped = await exchange.aggregate(r, received, weights)
-            outcome["clipped"] = exchange.clipped + own_clipped
+            # (the same parameters, encoded as member and as owner: count each entry once)
+            outcome["clipped"] = max(exchange.clipped, own_clipped)
         next_round = self.tracker.next_round()
         self._resume_round = next_round  # from here on, self.params is "round r done"
         self.events.emit(

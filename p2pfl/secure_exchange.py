@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -103,6 +103,7 @@ class SecureExchange:
         #: The last round we took part in before a restart, and the rounds joined since.
         self._restart_through = read_journal(self._journal_path)
         self._joined: set[int] = set()
+        self._unjournalled: set[int] = set()
         self._refusals = Throttle(burst=5, window=10.0)
         #: One low-priority thread for work done ahead (the next round's masks): on a busy
         #: machine the current round's work goes first.
@@ -112,8 +113,8 @@ class SecureExchange:
         #: This round's trained parameters, once training is done.
         self._trained: tuple[int, np.ndarray] | None = None
         self._keys_deadline: float | None = None
-        #: A round this node sits out after a restart (it took part in it before).
-        self._sat_out: int | None = None
+        #: Masks made ahead (next round's) on the background thread, not started yet.
+        self._ahead: dict[tuple[int, str], Future[np.ndarray]] = {}
         #: Clipped entries of this round's contributions.
         #: Entries of this round's parameters clipped by the encoding.
         self.clipped = 0
@@ -134,19 +135,21 @@ class SecureExchange:
         self.owners = {k: v for k, v in self.owners.items() if k >= r}
         for key in [k for k in self._masks if k[0] < r]:  # a round that ended before its mask
             self._masks.pop(key).cancel()
+            ahead = self._ahead.pop(key, None)
+            if ahead is not None:
+                ahead.cancel()
         self._trained = None
         self._keys_deadline = None
         self.clipped = 0
-        if r <= self._restart_through:
+        self._promote_ahead(r)
+        if self._sits_out(r) or not self._join(r):
             # Before a restart we already sent keys (and maybe vectors) for this round: new
             # secrets would put a second vector under other masks, or contradict the first.
             # Nor can we own it: our members already hold that life's state and refuse a
             # second SHARES. Nobody is waited for; the round keeps our own model.
-            log.info("%s round %d: took part before a restart, not again", node.id, r)
-            self._sat_out = r
+            log.info("%s round %d: sitting this round out", node.id, r)
             node.tracker.exclude(node.neighbours_of(r))
             return
-        self._join(r)
         if node.config.limits.max_buffered_rounds >= 1 and r + 1 < node.training.rounds:
             # The next round's key exchange and masks do not depend on the parameters: they
             # run during this round, in its idle moments, off the next round's path.
@@ -156,12 +159,34 @@ class SecureExchange:
             if link is not None:
                 self.offer_keys(link)
 
-    def _join(self, r: int) -> None:
-        """Draw our secrets for round r, once per life (journalled first)."""
+    def _promote_ahead(self, r: int) -> None:
+        """Round r has come: its masks still queued on the low-priority thread move to the
+        normal pool (the one being made there, if any, finishes where it is)."""
+        for key in [k for k in self._ahead if k[0] <= r]:
+            ahead = self._ahead.pop(key)
+            if key[0] == r and key in self._masks and ahead.cancel():
+                member = self.members[key]
+                self._masks[key] = asyncio.ensure_future(
+                    asyncio.to_thread(member.mask, self.node.params.size)
+                )
+
+    def _sits_out(self, r: int) -> bool:
+        """Rounds we took part in before a restart (or could not journal): neither member
+        nor owner."""
+        return r <= self._restart_through or r in self._unjournalled
+
+    def _join(self, r: int) -> bool:
+        """Draw our secrets for round r, once per life, journalled first. False if the
+        journal cannot be written (then we must not take part: a restart would not know)."""
         if r in self._joined:
-            return
+            return True
         node = self.node
-        self._write_journal(f"contributed {r}")
+        try:
+            self._write_journal(f"contributed {r}")
+        except OSError as exc:
+            log.error("%s round %d: secagg.log not written, not taking part: %s", node.id, r, exc)
+            self._unjournalled.add(r)
+            return False
         self._joined = {j for j in self._joined if j >= r - 1} | {r}
         graph = node.graph(r)
         for owner in sorted(graph[node.id]):
@@ -170,6 +195,7 @@ class SecureExchange:
             self.members[(r, owner)] = MemberRound(
                 node.id, owner, members, r, secrets, node.config.aggregation.threshold
             )
+        return True
 
     def offer_keys(self, link: PeerLink) -> None:
         """Send this round's and the next round's KEYS over ``link``, each once, as soon as
@@ -257,15 +283,21 @@ class SecureExchange:
             self._refuse(link.peer_id, msg.round, f"unrequested SHARES for round {msg.round}")
             return
         try:
-            member.accept_shares(msg.boxes)
+            if not member.accept_shares(msg.boxes):
+                return  # the same SHARES again after a reconnect
         except SecureAggregationError as exc:
             self._refuse(link.peer_id, msg.round, f"SHARES refused: {exc}")
             node._notify()
             return
-        loop = asyncio.get_running_loop()
-        # The next round's mask is made in idle time, off our path; this round's now.
-        executor = self._background if msg.round > node.tracker.current else None
-        self._masks[key] = loop.run_in_executor(executor, member.mask, node.params.size)
+        if msg.round > node.tracker.current:
+            # The next round's mask is made in idle time, on the low-priority thread.
+            ahead = self._background.submit(member.mask, node.params.size)
+            self._ahead[key] = ahead
+            self._masks[key] = asyncio.wrap_future(ahead)
+        else:
+            self._masks[key] = asyncio.ensure_future(
+                asyncio.to_thread(member.mask, node.params.size)
+            )
         if self._trained is not None and self._trained[0] == msg.round:
             node.net.spawn(self._contribute(msg.round, link.peer_id))
 
@@ -276,6 +308,7 @@ class SecureExchange:
         tasks = {o: self._masks.pop((r, o), None) for o in owners}
         if self._trained is None or self._trained[0] != r:
             return
+        params = self._trained[1]  # (the round may end while we wait for the masks)
         graph = node.graph(r)
         targets: dict[str, tuple[float, np.ndarray]] = {}
         for owner, task in tasks.items():
@@ -285,11 +318,11 @@ class SecureExchange:
                 targets[owner] = (metropolis_weights(graph, owner)[node.id], await task)
             except ValueError as exc:  # a key that does not agree (e.g. a low-order point)
                 self._fail(r, owner, exc)
-        if not targets:
+        if not targets or node.outgoing is None or node.outgoing[0] != r:
             return
         try:
             self.clipped = await asyncio.to_thread(
-                self.fixed.encode_add_many, self._trained[1], list(targets.values())
+                self.fixed.encode_add_many, params, list(targets.values())
             )
         except ValueError as exc:  # non-finite parameters
             for owner in targets:
@@ -298,7 +331,10 @@ class SecureExchange:
         if node.outgoing is None or node.outgoing[0] != r:
             return  # the round ended meanwhile
         for owner, (_, vector) in targets.items():
-            self.members[(r, owner)].contributed = True
+            member = self.members.get((r, owner))
+            if member is None:
+                continue
+            member.contributed = True
             node.outgoing[1][owner] = vector
             link = node.net.links.get(owner)
             if link is not None:
@@ -306,7 +342,9 @@ class SecureExchange:
         node._notify()
 
     def _fail(self, r: int, owner: str, exc: Exception) -> None:
-        self.members[(r, owner)].failure = str(exc)
+        member = self.members.get((r, owner))
+        if member is not None:
+            member.failure = str(exc)
         log.error("%s round %d: no contribution to %s: %s", self.node.id, r, owner, exc)
         self.node._notify()
 
@@ -343,7 +381,7 @@ class SecureExchange:
         """Our group's state for round r (created on first use, within the buffer window)."""
         node = self.node
         state = self.owners.get(r)
-        if r == self._sat_out:
+        if self._sits_out(r):
             return None
         current = node.tracker.current
         window = current <= r <= current + node.config.limits.max_buffered_rounds
@@ -355,24 +393,33 @@ class SecureExchange:
         return state
 
     def on_keys(self, link: PeerLink, msg: Keys) -> None:
+        member = link.peer_id
+        if self._sits_out(msg.round):
+            # An empty SHARES tells the member at once that this group has no round.
+            self._refuse(member, msg.round, f"KEYS refused: we sit round {msg.round} out")
+            self._send(link, encode_shares(self.node.clock.tick(), msg.round, {}))
+            return
         state = self._owner(msg.round)
         try:
-            if msg.round == self._sat_out:
-                raise SecureAggregationError(f"we sit round {msg.round} out after a restart")
             if state is None:
                 raise SecureAggregationError(
                     f"KEYS for round {msg.round} outside rounds {self.node.tracker.current}.."
                     f"{self.node.tracker.current + self.node.config.limits.max_buffered_rounds}"
                 )
-            state.add_keys(link.peer_id, msg.public, msg.boxes)
+            again = member in state.publics
+            state.add_keys(member, msg.public, msg.boxes)
         except SecureAggregationError as exc:
-            self._refuse(link.peer_id, msg.round, f"KEYS refused: {exc}")
-            if state is not None and state.keyed is not None and link.peer_id in state.members:
+            self._refuse(member, msg.round, f"KEYS refused: {exc}")
+            if state is not None and state.keyed is not None and member in state.members:
                 # too late for this round's key exchange: say so, so it stops waiting
-                empty = encode_shares(self.node.clock.tick(), msg.round, {})
-                self._send(link, empty)
+                self._send(link, encode_shares(self.node.clock.tick(), msg.round, {}))
             return
-        if state.keyed is None and state.all_keyed():
+        if again and state.keyed is not None and member in state.keyed:
+            # The same KEYS on a new connection: the SHARES we sent may have died with the
+            # old one. Send them again (a member that has them ignores the copy).
+            shares = state.shares_for(member)
+            self._send(link, encode_shares(self.node.clock.tick(), msg.round, shares))
+        elif state.keyed is None and state.all_keyed():
             self._dispatch(state)
 
     def _keys_wait_over(self, state: OwnerRound, now: float) -> bool:
@@ -434,7 +481,7 @@ class SecureExchange:
         node = self.node
         state = self.owners.get(r)
         try:
-            if r == self._sat_out:
+            if self._sits_out(r):
                 raise SecureAggregationError("sat this round out after a restart")
             if state is None or state.keyed is None:
                 raise SecureAggregationError("no key exchange took place this round")

@@ -207,14 +207,18 @@ class MemberRound:
         self.keyed: frozenset[str] | None = None
         #: Why we will not contribute to this group (None: we may).
         self.failure: str | None = None
+        self._accepted: dict[str, bytes] = {}
         self.contributed = False
         #: U2 as the owner told us and we confirmed (None until PRESENT).
         self.present: frozenset[str] | None = None
         self.answered = False
 
-    def accept_shares(self, boxes: Mapping[str, bytes]) -> None:
+    def accept_shares(self, boxes: Mapping[str, bytes]) -> bool:
         """The owner's SHARES: every box must open. Raises SecureAggregationError if not
-        (then nothing is kept, and we do not contribute to this group this round)."""
+        (then nothing is kept, and we do not contribute to this group this round). The same
+        SHARES again (resent after a reconnect) is ignored: returns False."""
+        if self.keyed is not None and dict(boxes) == self._accepted:
+            return False
         if self.keyed is not None or self.failure is not None:
             raise SecureAggregationError("a second SHARES for this round")
         try:
@@ -222,6 +226,8 @@ class MemberRound:
         except SecureAggregationError as exc:
             self.failure = str(exc)
             raise
+        self._accepted = dict(boxes)
+        return True
 
     def _accept(self, boxes: Mapping[str, bytes]) -> None:
         held: dict[str, BoxContent] = {}
@@ -351,6 +357,12 @@ class OwnerRound:
         self.publics[member] = public
         self._boxes[member] = dict(boxes)
 
+    def shares_for(self, member: str) -> dict[str, bytes]:
+        """The SHARES ``member`` was sent (the boxes of the other keyed members)."""
+        if self.keyed is None or member not in self.keyed:
+            raise SecureAggregationError(f"{member} got no SHARES")
+        return {k: self._boxes[k][member] for k in sorted(self.keyed - {member})}
+
     def all_keyed(self) -> bool:
         return len(self.publics) == len(self.members)
 
@@ -368,7 +380,7 @@ class OwnerRound:
             )
             return {m: {} for m in sorted(keyed)}
         self.keyed = keyed
-        return {m: {k: self._boxes[k][m] for k in sorted(keyed - {m})} for m in sorted(keyed)}
+        return {m: self.shares_for(m) for m in sorted(keyed)}
 
     def add_confirm(self, member: str, tags: Mapping[str, bytes]) -> None:
         if self.present is None or member not in self.present:

@@ -274,7 +274,7 @@ async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None
     """dave's KEYS arrive after alice sent the round's SHARES: she tells him at once (an
     empty SHARES) instead of letting him wait for the deadline."""
     from p2pfl.secure_group import MemberRound
-    from p2pfl.wire import Keys, MessageType
+    from p2pfl.wire import Keys, MessageType, decode_message
 
     net = four(rounds=3, extra=SECURE)
     alice = make_node(net, "alice")
@@ -301,8 +301,10 @@ async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None
         assert last["type"] == "reject" and "after the shares went out" in last["reason"]
         bob = types.SimpleNamespace(peer_id="bob", send_message=send_message)
         alice.message(bob, Keys(2, 0, rounds["bob"].public, rounds["bob"].boxes))  # type: ignore[arg-type]
-        await asyncio.sleep(0)  # the same KEYS again (a reconnect): ignored, nothing sent
-        assert len(sent) == 1 and read_events(net.state("alice") / "events.jsonl")[-1] == last
+        await asyncio.sleep(0)  # the same KEYS again (a reconnect): his SHARES again
+        assert len(sent) == 2 and read_events(net.state("alice") / "events.jsonl")[-1] == last
+        again = decode_message(sent[1], max_chunk=1 << 20)
+        assert isinstance(again, Shares) and again.boxes == state.shares_for("bob")
     finally:
         alice.events.close()
 
