@@ -4,7 +4,8 @@ For each model size: five real ``p2pfl run`` processes on 127.0.0.1, a full grap
 4, every group has five members), a one-vector model (``scripts/big_model.py``) so that the
 round is all exchange. Plain averaging (the baseline) and ``aggregation.secure`` runs
 alternate ``--repeat`` times. Prints the median round time and the median time from the end of
-local training to the aggregate (send, collect, mask/unmask), and their ratios.
+local training to the aggregate (send, collect, mask/unmask), their ratios, and the largest
+peak memory of one peer (plain/secure).
 
     python scripts/bench_secure.py --params 1000000,10000000 --rounds 6 --repeat 3
 """
@@ -96,15 +97,21 @@ def run_network(root: Path, size: int, rounds: int, secure: bool) -> dict[str, f
         raise SystemExit(f"a node failed: exit codes {codes}")
     rounds_s: list[float] = []
     exchange_s: list[float] = []
+    peak_mb = 0.0
     for p in PEERS:
         events = [json.loads(line) for line in (root / p / "events.jsonl").open()]
+        peak_mb = max([peak_mb, *(e["peak_rss_mb"] for e in events if e["type"] == "node_stop")])
         trained = {e["round"]: e["ts"] for e in events if e["type"] == "train"}
         for e in events:
             if e["type"] == "round_end" and e["round"] > 0:  # round 0 includes connecting
                 rounds_s.append(e["duration_s"])
             if e["type"] == "aggregate" and e["round"] > 0 and e["round"] in trained:
                 exchange_s.append(e["ts"] - trained[e["round"]])
-    return {"round": statistics.median(rounds_s), "exchange": statistics.median(exchange_s)}
+    return {
+        "round": statistics.median(rounds_s),
+        "exchange": statistics.median(exchange_s),
+        "peak_mb": peak_mb,
+    }
 
 
 def main() -> int:
@@ -121,7 +128,7 @@ def main() -> int:
     args = parser.parse_args()
     print(
         f"{'params':>10} {'plain round':>12} {'secure round':>13} {'x':>5} "
-        f"{'plain exch':>11} {'secure exch':>12} {'x':>5}  x per repeat"
+        f"{'plain exch':>11} {'secure exch':>12} {'x':>5} {'peak MB':>13}  x per repeat"
     )
     with tempfile.TemporaryDirectory(prefix="p2pfl-bench-secure-") as tmp:
         for size in [int(s) for s in args.params.split(",")]:
@@ -133,8 +140,9 @@ def main() -> int:
                 secures.append(
                     run_network(Path(tmp) / f"secure-{size}-{i}", size, args.rounds, True)
                 )
-            plain = {k: statistics.median(r[k] for r in plains) for k in ("round", "exchange")}
-            secure = {k: statistics.median(r[k] for r in secures) for k in ("round", "exchange")}
+            keys = ("round", "exchange", "peak_mb")
+            plain = {k: statistics.median(r[k] for r in plains) for k in keys}
+            secure = {k: statistics.median(r[k] for r in secures) for k in keys}
             ratios = " ".join(
                 f"{s['round'] / p['round']:.2f}" for p, s in zip(plains, secures, strict=True)
             )
@@ -142,7 +150,8 @@ def main() -> int:
                 f"{size:>10} {plain['round'] * 1000:>10.0f}ms {secure['round'] * 1000:>11.0f}ms "
                 f"{secure['round'] / plain['round']:>5.2f} {plain['exchange'] * 1000:>9.0f}ms "
                 f"{secure['exchange'] * 1000:>10.0f}ms "
-                f"{secure['exchange'] / plain['exchange']:>5.2f}  {ratios}",
+                f"{secure['exchange'] / plain['exchange']:>5.2f} "
+                f"{plain['peak_mb']:>6.0f}/{secure['peak_mb']:<6.0f}  {ratios}",
                 flush=True,
             )
     return 0
