@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -113,8 +113,6 @@ class SecureExchange:
         #: This round's trained parameters, once training is done.
         self._trained: tuple[int, np.ndarray] | None = None
         self._keys_deadline: float | None = None
-        #: Masks made ahead (next round's) on the background thread, not started yet.
-        self._ahead: dict[tuple[int, str], Future[np.ndarray]] = {}
         #: Clipped entries of this round's contributions.
         #: Entries of this round's parameters clipped by the encoding.
         self.clipped = 0
@@ -135,13 +133,9 @@ class SecureExchange:
         self.owners = {k: v for k, v in self.owners.items() if k >= r}
         for key in [k for k in self._masks if k[0] < r]:  # a round that ended before its mask
             self._masks.pop(key).cancel()
-            ahead = self._ahead.pop(key, None)
-            if ahead is not None:
-                ahead.cancel()
         self._trained = None
         self._keys_deadline = None
         self.clipped = 0
-        self._promote_ahead(r)
         if self._sits_out(r) or not self._join(r):
             # Before a restart we already sent keys (and maybe vectors) for this round: new
             # secrets would put a second vector under other masks, or contradict the first.
@@ -158,17 +152,6 @@ class SecureExchange:
             link = node.net.links.get(owner)
             if link is not None:
                 self.offer_keys(link)
-
-    def _promote_ahead(self, r: int) -> None:
-        """Round r has come: its masks still queued on the low-priority thread move to the
-        normal pool (the one being made there, if any, finishes where it is)."""
-        for key in [k for k in self._ahead if k[0] <= r]:
-            ahead = self._ahead.pop(key)
-            if key[0] == r and key in self._masks and ahead.cancel():
-                member = self.members[key]
-                self._masks[key] = asyncio.ensure_future(
-                    asyncio.to_thread(member.mask, self.node.params.size)
-                )
 
     def _sits_out(self, r: int) -> bool:
         """Rounds we took part in before a restart (or could not journal): neither member
@@ -289,15 +272,11 @@ class SecureExchange:
             self._refuse(link.peer_id, msg.round, f"SHARES refused: {exc}")
             node._notify()
             return
-        if msg.round > node.tracker.current:
-            # The next round's mask is made in idle time, on the low-priority thread.
-            ahead = self._background.submit(member.mask, node.params.size)
-            self._ahead[key] = ahead
-            self._masks[key] = asyncio.wrap_future(ahead)
-        else:
-            self._masks[key] = asyncio.ensure_future(
-                asyncio.to_thread(member.mask, node.params.size)
-            )
+        loop = asyncio.get_running_loop()
+        # The next round's mask is made in idle time, on the low-priority thread; this
+        # round's at once.
+        executor = self._background if msg.round > node.tracker.current else None
+        self._masks[key] = loop.run_in_executor(executor, member.mask, node.params.size)
         if self._trained is not None and self._trained[0] == msg.round:
             node.net.spawn(self._contribute(msg.round, link.peer_id))
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.secure_group import MemberRound
-from p2pfl.wire import Keys, MessageType, Shares, decode_message
+from p2pfl.wire import Keys, MessageType, decode_message
 
 from .test_node import make_node, run_all
 from .test_secure_node import PEERS, SECURE, aggregates, four  # noqa: F401
@@ -142,40 +142,3 @@ async def test_without_buffered_rounds_no_keys_go_ahead(four) -> None:  # noqa: 
         )
         journal = (net.state(peer) / "secagg.log").read_text().split()
         assert journal.count("contributed") == 3
-
-
-async def test_a_mask_still_queued_ahead_moves_to_the_normal_pool_when_its_round_comes(
-    four,  # noqa: F811
-) -> None:
-    """The low-priority thread is busy; a mask queued there for round 1 must not hold up
-    round 1 once it starts: start_round moves it to the normal pool."""
-    import threading
-
-    net = four(rounds=5, extra=SECURE)
-    alice = make_node(net, "alice")
-    ex = alice.exchange
-    assert ex is not None
-    release = threading.Event()
-    ex._background.submit(release.wait)  # the background thread is busy
-    try:
-        alice.tracker.start_round(0)
-        ex.start_round(0)  # joins rounds 0 and 1
-        group = sorted(ex.members[(1, "bob")].members)
-        boxes = {  # the other members' boxes for alice, sealed with her pairwise secrets
-            m: MemberRound(
-                m, "bob", group, 1, {p: ex._secret(m) if p == "alice" else b"s" * 32 for p in PEERS}
-            ).boxes["alice"]
-            for m in group
-            if m != "alice"
-        }
-        link = types.SimpleNamespace(peer_id="bob", send_message=_recorder()[1])
-        alice.message(link, Shares(1, 1, boxes))  # type: ignore[arg-type]
-        assert (1, "bob") in ex._ahead and not ex._masks[(1, "bob")].done()
-        alice.tracker.start_round(1)
-        ex.start_round(1)
-        mask = await asyncio.wait_for(ex._masks[(1, "bob")], 10)
-        assert mask.dtype == np.uint32 and mask.size == alice.params.size
-    finally:
-        release.set()
-        alice.events.close()
-        ex.close()
