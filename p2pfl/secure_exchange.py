@@ -3,17 +3,21 @@
 
 Per round r a node is a *member* of each neighbour's group and the *owner* of its own:
 
-- round start: as a member, one ``MemberRound`` per neighbour; KEYS go out on each link as
-  soon as the neighbour can buffer them (``offer_keys``);
+- round start: as a member, one ``MemberRound`` per neighbour for rounds r and r+1 (keys
+  go one round ahead; ``secagg.log`` records each round first); KEYS go out on each link
+  as soon as the neighbour can buffer them (``offer_keys``);
 - as an owner: KEYS are collected (for the current round or a few ahead); SHARES go out as
-  soon as every neighbour's keys are in, or, once our own training is done, when those
-  missing are gone, have moved past the round, or half the round timeout passed. Members
-  left out are not waited for;
-- as a member, a SHARES starts the mask computation at once (a worker thread, during
-  training); once trained, the vector is encoded into it and offered to the owner;
+  soon as every neighbour's keys are in (often during the round before), or, once our own
+  training is done, when those missing are gone, have moved past the round, or half the
+  round timeout passed. Members left out are not waited for;
+- as a member, a SHARES starts the mask computation at once: the next round's on one
+  low-priority thread, this round's in the worker pool; once trained, one pass encodes the
+  parameters into every ready mask and each vector is offered to its owner;
 - collection ends when the owner's vectors are in *and* our own vectors went out (or their
   owners are gone), or at the deadline;
-- aggregation: UNMASK to the members whose vectors arrived, REVEAL back, rebuild, decode.
+- aggregation: PRESENT to the members whose vectors arrived, CONFIRM back, UNMASK with
+  their tags, REVEAL back; rebuild, decode in one pass, range check.
+- a restarted node sits out (as member and owner) the rounds its journal names.
 """
 
 from __future__ import annotations
@@ -113,7 +117,6 @@ class SecureExchange:
         #: This round's trained parameters, once training is done.
         self._trained: tuple[int, np.ndarray] | None = None
         self._keys_deadline: float | None = None
-        #: Clipped entries of this round's contributions.
         #: Entries of this round's parameters clipped by the encoding.
         self.clipped = 0
 
@@ -207,7 +210,7 @@ class SecureExchange:
             if round_index != r or member.keyed is None or member.failure is not None:
                 continue
             task = self._masks.get((r, owner))
-            if task is not None and task.done() and task.exception() is None:
+            if task is not None and task.done() and not task.cancelled() and not task.exception():
                 ready.append(owner)
             else:
                 self.node.net.spawn(self._contribute(r, owner))
