@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,20 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from p2pfl.cli import build_local_config  # noqa: E402
+from p2pfl.harness.runner import free_ports  # noqa: E402
 from p2pfl.keys import generate_key_file  # noqa: E402
 
 PEERS = ["p0", "p1", "p2", "p3", "p4"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def run_network(root: Path, size: int, rounds: int, secure: bool) -> dict[str, float]:
