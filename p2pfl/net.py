@@ -92,12 +92,13 @@ class PeerLink:
         *,
         expected_bytes: int,
         initiator: bool,
+        allocate: Callable[[], np.ndarray] | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.ws = ws
         self.channel = channel
         self.initiator = initiator
-        self.receiver = StreamReceiver(expected_bytes)
+        self.receiver = StreamReceiver(expected_bytes, allocate)
         self.stream_started = 0.0
         #: The sender's Lamport time of the stream being received (its ``send`` event's).
         self.stream_lamport = 0
@@ -194,6 +195,7 @@ class Network:
         handler: LinkHandler,
         events: EventLog,
         expected_bytes: int,
+        allocate: Callable[[], np.ndarray] | None = None,
     ) -> None:
         self.config = config
         self.own_id = own_id
@@ -201,6 +203,8 @@ class Network:
         self.handler = handler
         self.events = events
         self.expected_bytes = expected_bytes
+        #: Where a received model goes (a float32 array of expected_bytes): see ``pool``.
+        self.allocate = allocate
         chunk = config.limits.chunk_bytes
         self.limits = NetLimits(
             max_record=chunk + CHUNK_OVERHEAD + TAGLEN,
@@ -369,7 +373,14 @@ class Network:
         if not isinstance(first, Status):
             raise HandshakeError(f"{peer_id} did not open with STATUS")
         self._authenticated(ws)
-        link = PeerLink(peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=False)
+        link = PeerLink(
+            peer_id,
+            ws,
+            channel,
+            expected_bytes=self.expected_bytes,
+            initiator=False,
+            allocate=self.allocate,
+        )
         return link, first
 
     # --- dialing ---------------------------------------------------------------------------
@@ -434,7 +445,12 @@ class Network:
             self._authenticated(ws)
             channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
             link = PeerLink(
-                peer_id, ws, channel, expected_bytes=self.expected_bytes, initiator=True
+                peer_id,
+                ws,
+                channel,
+                expected_bytes=self.expected_bytes,
+                initiator=True,
+                allocate=self.allocate,
             )
             await link.send_status(self.events.clock.tick(), self.handler.current_round())
             return link

@@ -38,6 +38,7 @@ from p2pfl.errors import ConfigError, MessageError, SecureAggregationError
 from p2pfl.events import EventLog, LamportClock
 from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
+from p2pfl.pool import ArrayPool
 from p2pfl.privacy import epsilon, privatize
 from p2pfl.rounds import RoundTracker
 from p2pfl.secagg import FixedPoint
@@ -193,6 +194,8 @@ class Node:
             max_buffered_rounds=config.limits.max_buffered_rounds,
             down_grace=config.net.down_grace,
         )
+        #: Spare model-sized arrays: received models, and (secure) masks, reuse them.
+        self.buffers = ArrayPool(self.params.size, keep=0)
         self.net = Network(
             config=config,
             own_id=self.id,
@@ -200,6 +203,7 @@ class Node:
             handler=self,
             events=self.events,
             expected_bytes=self.params.nbytes,
+            allocate=lambda: self.buffers.take().view(np.float32),
         )
         #: Secure aggregation's key exchange, masking and unmasking (None: plain averaging).
         self.exchange = SecureExchange(self, self.secure) if self.secure is not None else None
@@ -484,6 +488,8 @@ class Node:
         neighbours = self.neighbours_of(r)
         self.tracker.start_round(r)
         self._resume_round = r
+        # A round's received models (and, secure, masks for it and the next) are reused.
+        self.buffers.keep = (2 if self.exchange is not None else 1) * len(neighbours)
         self.net.broadcast_status(r)
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
         if self.exchange is not None:  # keys first: the owners relay them while we train
@@ -529,6 +535,9 @@ class Node:
         self.collecting = False
         assert self.tracker.deadline is not None
         await self._finish_sends(self.tracker.deadline)
+        if exchange is not None and all(task.done() for task in self._send_tasks.values()):
+            for vector in self.outgoing[1].values():  # masked vectors no stream reads now
+                self.buffers.give(vector)
         self.outgoing = None
 
         received = self.tracker.take_received()
@@ -537,6 +546,8 @@ class Node:
         outcome: dict[str, Any] = {}
         if exchange is None:
             self.params, used = metropolis_average(self.id, self.params, received, weights)
+            for consumed in received.values():
+                self.buffers.give(consumed)
         else:
             used, outcome, own_clipped = await exchange.aggregate(r, received, weights)
             # (the same parameters, encoded as member and as owner: count each entry once)

@@ -133,11 +133,17 @@ def add_keystream(out: np.ndarray, key: bytes, sign: int) -> None:
     add_keystreams(out, [(key, sign)])
 
 
-def keystream_sum(size: int, streams: Sequence[tuple[bytes, int]]) -> np.ndarray:
-    """A new uint32 array holding the sum of sign * PRG(key) over ``streams``. Allocated
+def keystream_sum(
+    size: int, streams: Sequence[tuple[bytes, int]], out: np.ndarray | None = None
+) -> np.ndarray:
+    """The sum of sign * PRG(key) over ``streams``, written into ``out`` (a uint32 array of
+    ``size`` entries, whatever it held: see ``pool``) or a new array. A new one is allocated
     empty and zeroed chunk by chunk: numpy backs a big empty array with huge pages, while
     np.zeros (calloc) faults in 4 KiB pages, which costs more than the AES itself."""
-    out = np.empty(size, dtype=np.uint32)
+    if out is None:
+        out = np.empty(size, dtype=np.uint32)
+    elif out.size != size:
+        raise ValueError(f"out has {out.size} entries, not {size}")
     add_keystreams(out, streams, zero_first=True)
     return out
 
@@ -205,12 +211,15 @@ def unmask_average(
     own_weight: float,
     present_weight: float,
     fixed: FixedPoint,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """The owner's step: the present members' contributions minus the ``correction``
     keystreams (their self-masks and their masks with dropped members), plus its own term;
     decoded and renormalised over those present (``present_weight`` = own weight + the
     present members' weights; 1 with no dropout). One pass, chunk by chunk: the keystreams
-    are generated where they are subtracted."""
+    are generated where they are subtracted. The average goes into ``out`` (a contiguous
+    float32 array, which may be ``own`` itself: each chunk is read before it is written)
+    or a new array."""
     if not contributions:
         raise ValueError("no contributions")
     shape = contributions[0].shape
@@ -221,19 +230,31 @@ def unmask_average(
     flat_own = np.ravel(own)
     if not np.isfinite(np.sum(flat_own, dtype=np.float64)):
         raise ValueError("non-finite parameters cannot be encoded")
+    if out is None:
+        average = np.empty(shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.size != contributions[0].size or not out.flags.c_contiguous:
+        raise ValueError("out must be a contiguous float32 array shaped like a contribution")
+    else:
+        average = out.reshape(shape)
     ciphers = [(_keystream(key), sign) for key, sign in correction]
     stream = np.empty(CHUNK + _AES_BLOCK // 4, dtype="<u4")
     raw = stream.data.cast("B")
-    average = np.empty(shape, dtype=np.float32)
     total = np.empty(CHUNK, dtype=np.uint32)
+    # 2**-frac_bits is exact in float32, so int32 -> float32 then scaling rounds once, like
+    # the exact quotient rounded to float32 (no float64 temporary).
+    inverse_scale = np.float32(1.0 / fixed.scale)
+    renormalise = np.float32(present_weight)
     clipped = 0
     size = contributions[0].size
     for start in range(0, size, CHUNK):
         end = min(start + CHUNK, size)
         count = end - start
         part = total[:count]
-        np.copyto(part, contributions[0][start:end])
-        for y in contributions[1:]:
+        if len(contributions) > 1:
+            np.add(contributions[0][start:end], contributions[1][start:end], out=part)
+        else:
+            np.copyto(part, contributions[0][start:end])
+        for y in contributions[2:]:
             np.add(part, y[start:end], out=part)
         for cipher, sign in ciphers:  # subtract the correction: the opposite signs
             cipher.update_into(_ZERO_BLOCK[: count * 4], raw)
@@ -242,6 +263,8 @@ def unmask_average(
             else:
                 np.add(part, stream[:count], out=part)
         clipped += fixed.encode_add(flat_own[start:end], own_weight, part)
-        average[start:end] = part.view(np.int32) / fixed.scale
-    average /= np.float32(present_weight)
+        chunk = average[start:end]
+        np.multiply(part.view(np.int32), inverse_scale, out=chunk, dtype=np.float32)
+        if renormalise != 1:
+            np.divide(chunk, renormalise, out=chunk)
     return average, clipped

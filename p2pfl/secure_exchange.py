@@ -279,9 +279,14 @@ class SecureExchange:
         # The next round's mask is made in idle time, on the low-priority thread; this
         # round's at once.
         executor = self._background if msg.round > node.tracker.current else None
-        self._masks[key] = loop.run_in_executor(executor, member.mask, node.params.size)
+        self._masks[key] = loop.run_in_executor(executor, self._make_mask, member)
         if self._trained is not None and self._trained[0] == msg.round:
             node.net.spawn(self._contribute(msg.round, link.peer_id))
+
+    def _make_mask(self, member: MemberRound) -> np.ndarray:
+        """(in a worker thread) Our mask for ``member``'s group, in a spare array."""
+        buffers = self.node.buffers
+        return member.mask(buffers.size, buffers.take())
 
     async def _contribute(self, r: int, *owners: str) -> None:
         """Encode this round's parameters into the masks for ``owners`` (once they are
@@ -459,7 +464,20 @@ class SecureExchange:
         weights: dict[str, float],
     ) -> tuple[dict[str, float], dict[str, Any], int]:
         """Unmask our group's weighted average. Returns (weights used, extra event fields,
-        own clipped entries); on failure the node keeps its own model and says why."""
+        own clipped entries); on failure the node keeps its own model and says why. The
+        received vectors are consumed (their arrays hold later masks)."""
+        try:
+            return await self._unmask(r, received, weights)
+        finally:
+            for vector in received.values():
+                self.node.buffers.give(vector)
+
+    async def _unmask(
+        self,
+        r: int,
+        received: dict[str, np.ndarray],
+        weights: dict[str, float],
+    ) -> tuple[dict[str, float], dict[str, Any], int]:
         node = self.node
         state = self.owners.get(r)
         try:
@@ -478,6 +496,8 @@ class SecureExchange:
             self.owners.pop(r, None)  # later reveals are refused
         kept = {p: weights[p] for p in [node.id, *present]}
         total = sum(kept.values())
+        # (not in place: our own model stays intact until the average passed its check)
+        spare = self.node.buffers.take()
         try:
             average, clipped = await node._in_worker(
                 unmask_average,
@@ -487,8 +507,10 @@ class SecureExchange:
                 weights[node.id],
                 total,
                 self.fixed,
+                spare.view(np.float32),
             )
         except ValueError:  # (unmask_average checks our own term first)
+            self.node.buffers.give(spare)
             reason = "own parameters are not finite; nothing can be averaged with them"
             log.error("%s round %d: %s", node.id, r, reason)
             return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
@@ -496,6 +518,7 @@ class SecureExchange:
         # wrong share nobody could check (exactly t answers) or members that masked with
         # other sets than ours leave ring noise instead: keep our own model then.
         if not within_clip(average, self.fixed, len(kept), total):
+            self.node.buffers.give(spare)
             reason = "the unmasked average is out of range (a wrong share, or key sets differ)"
             log.warning("%s round %d: keeping own model: %s", node.id, r, reason)
             return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0

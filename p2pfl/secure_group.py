@@ -244,8 +244,9 @@ class MemberRound:
         self._held.update(held)
         self.keyed = keyed
 
-    def mask(self, size: int) -> np.ndarray:
-        """Our pairwise masks with the other keyed members plus our self-mask."""
+    def mask(self, size: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Our pairwise masks with the other keyed members plus our self-mask (written into
+        ``out``, whatever it held, if given)."""
         if self.keyed is None:
             raise SecureAggregationError("no SHARES yet")
         streams = [
@@ -257,7 +258,7 @@ class MemberRound:
             )
             for k in sorted(self.keyed - {self.me})
         ]
-        return keystream_sum(size, [*streams, (self._self_seed, 1)])
+        return keystream_sum(size, [*streams, (self._self_seed, 1)], out)
 
     def confirm(self, present: Collection[str]) -> dict[str, bytes]:
         """Our answer to PRESENT: tags on the owner's present set U2 for each other member

@@ -7,7 +7,7 @@ allocated, and memory per connection is bounded by one model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,8 +41,12 @@ class Completed:
 class StreamReceiver:
     """Reassembles the parameter streams arriving on one connection, one at a time."""
 
-    def __init__(self, expected_bytes: int) -> None:
+    def __init__(
+        self, expected_bytes: int, allocate: Callable[[], np.ndarray] | None = None
+    ) -> None:
         self.expected_bytes = expected_bytes
+        #: Where kept streams go: a new float32 array, or a spare one (``pool``).
+        self._allocate = allocate or (lambda: np.empty(expected_bytes // 4, dtype=np.float32))
         self._round: int | None = None
         self._buffer: np.ndarray | None = None
         self._received = 0
@@ -65,7 +69,7 @@ class StreamReceiver:
         self._round = round_index
         self._received = 0
         self._keep = keep
-        self._buffer = np.empty(total_bytes // 4, dtype=np.float32) if keep else None
+        self._buffer = self._allocate() if keep else None
 
     def chunk(self, round_index: int, offset: int, data: memoryview) -> Completed | None:
         """Add the next chunk; returns the completed stream after its last chunk."""

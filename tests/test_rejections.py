@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+import p2pfl.pool
 import p2pfl.transfer
 from p2pfl.channel import Channel
 from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
@@ -645,6 +646,7 @@ async def test_stream_of_the_wrong_size_is_refused_before_allocation(
         size = model_bytes(target)
         total = announced(size)
         monkeypatch.setattr(p2pfl.transfer, "np", SpyNumpy())
+        monkeypatch.setattr(p2pfl.pool, "np", SpyNumpy())  # (a node's receivers draw there)
         p2pfl.transfer.StreamReceiver(8).begin(0, 8, keep=True)
         assert allocations == [2], "the spy does not see StreamReceiver's allocations"
         allocations.clear()

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfl.secagg import FixedPoint, add_keystream, masked_contribution, unmask_average
+from p2pfl.secagg import (
+    CHUNK,
+    FixedPoint,
+    add_keystream,
+    keystream_sum,
+    masked_contribution,
+    unmask_average,
+)
 
 FIXED = FixedPoint(clip=64.0, frac_bits=20)
 
@@ -89,3 +96,38 @@ def test_encoding_into_many_outputs_at_once_matches_one_by_one() -> None:
     assert counts == {clipped} and clipped > 0
     for (_, out), want in zip(targets, expected, strict=True):
         assert np.array_equal(out, want)
+
+
+def test_masks_and_averages_written_into_given_arrays_match_new_ones() -> None:
+    """Reused arrays (``pool``) hold old contents: every entry is overwritten."""
+    rng = np.random.default_rng(5)
+    streams = [(bytes([1]) * 32, 1), (bytes([2]) * 32, -1)]
+    dirty = rng.integers(0, 2**32, size=CHUNK + 7, dtype=np.uint32)
+    fresh = keystream_sum(dirty.size, streams)
+    assert keystream_sum(dirty.size, streams, dirty) is dirty
+    assert np.array_equal(dirty, fresh)
+    with pytest.raises(ValueError, match="entries"):
+        keystream_sum(dirty.size + 1, streams, dirty)
+
+    own = rng.normal(size=dirty.size).astype(np.float32)
+    vectors = [keystream_sum(dirty.size, streams[:1])]
+    args = (vectors, streams[:1], own, 0.5, 0.75, FIXED)
+    expected, _ = unmask_average(*args)
+    into = rng.normal(size=dirty.size).astype(np.float32)
+    average, _ = unmask_average(*args, out=into)
+    assert average is into or np.shares_memory(average, into)
+    assert np.array_equal(average, expected)
+    average, _ = unmask_average(*args, out=own)  # own is read chunk by chunk before written
+    assert np.array_equal(average, expected)
+    with pytest.raises(ValueError, match="float32"):
+        unmask_average(*args, out=np.empty(dirty.size, dtype=np.float64))
+
+
+def test_decoding_rounds_once_like_the_exact_quotient() -> None:
+    """int32 -> float32 then the exact power-of-two scale equals the float64 quotient
+    rounded to float32, so the one-pass decode loses nothing."""
+    rng = np.random.default_rng(9)
+    sums = rng.integers(-(2**31), 2**31, size=100_000, dtype=np.int64).astype(np.int32)
+    own = np.zeros(sums.size, dtype=np.float32)
+    average, _ = unmask_average([sums.view(np.uint32)], [], own, 0.0, 1.0, FIXED)
+    assert np.array_equal(average, (sums / FIXED.scale).astype(np.float32))
