@@ -14,7 +14,10 @@ knows its own term), which is why a group needs at least two members besides the
 
 Masks depend on keys, round and owner only, never on parameters: a node computes them as
 soon as the key exchange is done, while it trains, and the round path pays only for
-encode-and-add. PRG is the AES-256-CTR keystream read as little-endian uint32.
+encode-and-add. PRG is the AES-256-CTR keystream from counter block 0^96 || 2 (32-bit
+counter), read as little-endian uint32: exactly what AES-256-GCM with the all-zero nonce
+encrypts a zero plaintext with, and OpenSSL's GCM code (VAES) makes it faster than its CTR
+code (AES-NI) does. At most 2**32 - 2 blocks per key: 16 Gi entries.
 
 ``encode`` is fixed point: values are clipped to [-clip, clip] (clipped entries are counted)
 and scaled by 2**frac_bits. The weights of a group sum to one, so the sum stays within
@@ -36,6 +39,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 CHUNK = 1 << 16
 _ZERO_BLOCK = bytes(CHUNK * 4)
 _AES_BLOCK = 16
+#: Entries one key's stream covers: its 32-bit block counter starts at 2.
+MAX_STREAM = (2**32 - 2) * _AES_BLOCK // 4
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,11 @@ class FixedPoint:
     def encode_add_many(self, x: np.ndarray, targets: Sequence[tuple[float, np.ndarray]]) -> int:
         """``out += encode(weight * x)`` for every (weight, out) of ``targets``, in one pass
         over ``x`` (each weight encoded once per chunk, while the chunk is in cache). Returns
-        how many entries of ``x`` were clipped (to [-clip, clip], whatever the weight)."""
+        how many entries of ``x`` were clipped (to [-clip, clip], whatever the weight).
+        Non-finite parameters raise ValueError (the outs are then partly written: the
+        range check of each chunk finds them, with no pass of its own)."""
         if any(out.dtype != np.uint32 or out.shape != x.shape for _, out in targets):
             raise ValueError("every out must be a uint32 array shaped like x")
-        if not np.isfinite(np.sum(x, dtype=np.float64)):
-            raise ValueError("non-finite parameters cannot be encoded")
         by_weight: dict[float, list[np.ndarray]] = {}
         for weight, out in targets:
             by_weight.setdefault(weight, []).append(out)
@@ -86,7 +91,13 @@ class FixedPoint:
         for start in range(0, x.size, CHUNK):
             part = x[start : start + CHUNK]
             count = part.size
-            over = bool(count) and (part.max() > self.clip or part.min() < -self.clip)
+            if count:
+                high, low = part.max(), part.min()  # (NaN if any entry is)
+                over = not (high <= self.clip and low >= -self.clip)
+                if over and not (np.isfinite(high) and np.isfinite(low)):
+                    raise ValueError("non-finite parameters cannot be encoded")
+            else:
+                over = False
             if over:
                 clipped += int(np.count_nonzero(np.abs(part) > self.clip))
             work = scaled[:count]
@@ -122,14 +133,20 @@ class FixedPoint:
 
 
 def _keystream(key: bytes) -> Any:
-    # Each key is used for one mask only (bound to a pair or a member, a round and an
-    # owner), so the all-zero counter block never repeats a stream.
-    return Cipher(algorithms.AES(key), modes.CTR(bytes(_AES_BLOCK))).encryptor()
+    """The PRG of ``key``: AES-256-GCM's encryption of zeros under the all-zero nonce is
+    the CTR keystream from block 0^96 || 2 (the tag is never computed). Each key is used
+    for one mask only (bound to a pair or a member, a round and an owner), so the fixed
+    nonce never repeats a stream."""
+    return Cipher(algorithms.AES(key), modes.GCM(bytes(12))).encryptor()
+
+
+def check_stream_size(size: int) -> None:
+    if size > MAX_STREAM:
+        raise ValueError(f"{size} entries exceed one keystream ({MAX_STREAM})")
 
 
 def add_keystream(out: np.ndarray, key: bytes, sign: int) -> None:
-    """``out += sign * PRG(key)`` in place (mod 2**32), PRG = the AES-256-CTR keystream
-    read as little-endian uint32."""
+    """``out += sign * PRG(key)`` in place (mod 2**32); PRG: see the module docstring."""
     add_keystreams(out, [(key, sign)])
 
 
@@ -158,15 +175,24 @@ def add_keystreams(
         raise ValueError("out must be a contiguous uint32 array")
     if any(sign not in (1, -1) for _, sign in streams):
         raise ValueError("sign must be +1 or -1")
-    ciphers = [(_keystream(key), sign) for key, sign in streams]
+    check_stream_size(out.size)
+    # (a positive stream first: it can be written straight into ``out``)
+    ciphers = [(_keystream(key), sign) for key, sign in sorted(streams, key=lambda s: s[1] < 0)]
     buffer = np.empty(CHUNK + _AES_BLOCK // 4, dtype="<u4")
     raw = buffer.data.cast("B")
+    whole = out.data.cast("B")  # (writable: out is contiguous)
     for start in range(0, out.size, CHUNK):
         count = min(CHUNK, out.size - start)
         view = out[start : start + count]
-        if zero_first:
+        rest = ciphers
+        if zero_first and ciphers and ciphers[0][1] > 0 and out.size - start > CHUNK + 4:
+            # ``out = first stream`` written in place (update_into wants 15 spare bytes: the
+            # next chunk's, overwritten in turn): no zeroing pass, no add.
+            ciphers[0][0].update_into(_ZERO_BLOCK[: count * 4], whole[start * 4 :])
+            rest = ciphers[1:]
+        elif zero_first:
             view.fill(0)
-        for cipher, sign in ciphers:
+        for cipher, sign in rest:
             cipher.update_into(_ZERO_BLOCK[: count * 4], raw)
             if sign > 0:
                 np.add(view, buffer[:count], out=view)
@@ -236,6 +262,7 @@ def unmask_average(
         raise ValueError("out must be a contiguous float32 array shaped like a contribution")
     else:
         average = out.reshape(shape)
+    check_stream_size(contributions[0].size)
     ciphers = [(_keystream(key), sign) for key, sign in correction]
     stream = np.empty(CHUNK + _AES_BLOCK // 4, dtype="<u4")
     raw = stream.data.cast("B")

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pfl import secagg
 from p2pfl.secagg import (
     CHUNK,
     FixedPoint,
@@ -79,10 +80,15 @@ def test_fixed_point_refuses_settings_that_could_overflow(clip: float, bits: int
         FixedPoint(clip=clip, frac_bits=bits)
 
 
-def test_non_finite_parameters_are_not_encoded() -> None:
-    out = np.zeros(3, dtype=np.uint32)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [1, CHUNK + 5, 3 * CHUNK - 1])
+def test_non_finite_parameters_are_not_encoded(bad: float, where: int) -> None:
+    """Found by each chunk's range check, in any chunk."""
+    x = np.zeros(3 * CHUNK, dtype=np.float32)
+    x[where] = bad
+    out = np.zeros(x.size, dtype=np.uint32)
     with pytest.raises(ValueError, match="non-finite"):
-        FIXED.encode_add(np.array([0.0, np.nan, 1.0], dtype=np.float32), 1.0, out)
+        FIXED.encode_add_many(x, [(0.5, out), (0.25, out.copy())])
 
 
 def test_encoding_into_many_outputs_at_once_matches_one_by_one() -> None:
@@ -131,3 +137,23 @@ def test_decoding_rounds_once_like_the_exact_quotient() -> None:
     own = np.zeros(sums.size, dtype=np.float32)
     average, _ = unmask_average([sums.view(np.uint32)], [], own, 0.0, 1.0, FIXED)
     assert np.array_equal(average, (sums / FIXED.scale).astype(np.float32))
+
+
+def test_the_prg_is_the_aes_ctr_keystream_from_counter_block_two() -> None:
+    """The spec (docs/protocol.md) says AES-256-CTR from block 0^96 || 2; the code takes it
+    from OpenSSL's GCM path, which is faster. Both must agree, across chunk boundaries."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(32))
+    size = 2 * CHUNK + 3
+    ctr = Cipher(algorithms.AES(key), modes.CTR(bytes(15) + b"\x02")).encryptor()
+    expected = np.frombuffer(ctr.update(bytes(size * 4)), dtype="<u4")
+    assert np.array_equal(keystream_sum(size, [(key, 1)]), expected)
+    negated = keystream_sum(size, [(key, -1)])  # (written by the zero-then-subtract path)
+    assert np.array_equal(negated, (-expected.astype(np.int64)) % 2**32)
+    both = keystream_sum(size, [(bytes(32), -1), (key, 1)])
+    assert np.array_equal(both - keystream_sum(size, [(bytes(32), -1)]), expected)
+    # One key's 32-bit block counter runs from 2: no model may need more of it.
+    secagg.check_stream_size(secagg.MAX_STREAM)
+    with pytest.raises(ValueError, match="exceed one keystream"):
+        secagg.check_stream_size(secagg.MAX_STREAM + 1)
