@@ -230,6 +230,88 @@ def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
     return total
 
 
+def sum_contributions(
+    contributions: Sequence[np.ndarray],
+    own: np.ndarray,
+    own_weight: float,
+    fixed: FixedPoint,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """The owner's first step, which needs no secret (it runs while the members are asked
+    for their shares): the ring sum of the present members' contributions plus its own
+    term encode(own_weight * own), into ``out`` (a uint32 array, whatever it held) or a new
+    array. Returns the sum and how many of our own entries were clipped. Non-finite own
+    parameters raise ValueError (``out`` is then partly written)."""
+    if not contributions:
+        raise ValueError("no contributions")
+    shape = contributions[0].shape
+    size = contributions[0].size
+    if any(y.dtype != np.uint32 or y.shape != shape for y in contributions):
+        raise ValueError("contributions must be uint32 arrays of one shape")
+    if out is None:
+        out = np.empty(size, dtype=np.uint32)
+    elif out.dtype != np.uint32 or out.size != size or not out.flags.c_contiguous:
+        raise ValueError("out must be a contiguous uint32 array of one contribution's size")
+    total = out.reshape(shape)
+    flat_own = np.ravel(own)
+    clipped = 0
+    for start in range(0, size, CHUNK):
+        end = min(start + CHUNK, size)
+        part = total[start:end]
+        if len(contributions) > 1:
+            np.add(contributions[0][start:end], contributions[1][start:end], out=part)
+        else:
+            np.copyto(part, contributions[0][start:end])
+        for y in contributions[2:]:
+            np.add(part, y[start:end], out=part)
+        clipped += fixed.encode_add(flat_own[start:end], own_weight, part)
+    return total, clipped
+
+
+def unmask_sum(
+    total: np.ndarray,
+    correction: Sequence[tuple[bytes, int]],
+    present_weight: float,
+    fixed: FixedPoint,
+) -> np.ndarray:
+    """The owner's last step: the group sum minus the ``correction`` keystreams (the present
+    members' self-masks and their masks with dropped members), decoded and renormalised
+    over those present (``present_weight`` = own weight + the present members' weights; 1
+    with no dropout). One pass, chunk by chunk, the keystreams generated where they are
+    subtracted; the float32 average takes the sum's memory (``total`` is consumed)."""
+    if total.dtype != np.uint32 or not total.flags.c_contiguous:
+        raise ValueError("a group sum is a contiguous uint32 array")
+    if any(sign not in (1, -1) for _, sign in correction):
+        raise ValueError("sign must be +1 or -1")
+    check_stream_size(total.size)
+    ciphers = [(_keystream(key), sign) for key, sign in correction]
+    stream = np.empty(CHUNK + _AES_BLOCK // 4, dtype="<u4")
+    raw = stream.data.cast("B")
+    scratch = np.empty(min(CHUNK, total.size), dtype=np.uint32)
+    flat = total.reshape(-1)
+    average = flat.view(np.float32)
+    # 2**-frac_bits is exact in float32, so int32 -> float32 then scaling rounds once, like
+    # the exact quotient rounded to float32 (no float64 temporary).
+    inverse_scale = np.float32(1.0 / fixed.scale)
+    renormalise = np.float32(present_weight)
+    for start in range(0, flat.size, CHUNK):
+        end = min(start + CHUNK, flat.size)
+        count = end - start
+        part = scratch[:count]
+        np.copyto(part, flat[start:end])  # (then the chunk's memory takes the floats)
+        for cipher, sign in ciphers:  # subtract the correction: the opposite signs
+            cipher.update_into(_ZERO_BLOCK[: count * 4], raw)
+            if sign > 0:
+                np.subtract(part, stream[:count], out=part)
+            else:
+                np.add(part, stream[:count], out=part)
+        chunk = average[start:end]
+        np.multiply(part.view(np.int32), inverse_scale, out=chunk, dtype=np.float32)
+        if renormalise != 1:
+            np.divide(chunk, renormalise, out=chunk)
+    return average.reshape(total.shape)
+
+
 def unmask_average(
     contributions: Sequence[np.ndarray],
     correction: Sequence[tuple[bytes, int]],
@@ -237,61 +319,8 @@ def unmask_average(
     own_weight: float,
     present_weight: float,
     fixed: FixedPoint,
-    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """The owner's step: the present members' contributions minus the ``correction``
-    keystreams (their self-masks and their masks with dropped members), plus its own term;
-    decoded and renormalised over those present (``present_weight`` = own weight + the
-    present members' weights; 1 with no dropout). One pass, chunk by chunk: the keystreams
-    are generated where they are subtracted. The average goes into ``out`` (a contiguous
-    float32 array, which may be ``own`` itself: each chunk is read before it is written)
-    or a new array."""
-    if not contributions:
-        raise ValueError("no contributions")
-    shape = contributions[0].shape
-    if any(y.dtype != np.uint32 or y.shape != shape for y in contributions):
-        raise ValueError("contributions must be uint32 arrays of one shape")
-    if any(sign not in (1, -1) for _, sign in correction):
-        raise ValueError("sign must be +1 or -1")
-    flat_own = np.ravel(own)
-    if not np.isfinite(np.sum(flat_own, dtype=np.float64)):
-        raise ValueError("non-finite parameters cannot be encoded")
-    if out is None:
-        average = np.empty(shape, dtype=np.float32)
-    elif out.dtype != np.float32 or out.size != contributions[0].size or not out.flags.c_contiguous:
-        raise ValueError("out must be a contiguous float32 array shaped like a contribution")
-    else:
-        average = out.reshape(shape)
-    check_stream_size(contributions[0].size)
-    ciphers = [(_keystream(key), sign) for key, sign in correction]
-    stream = np.empty(CHUNK + _AES_BLOCK // 4, dtype="<u4")
-    raw = stream.data.cast("B")
-    total = np.empty(CHUNK, dtype=np.uint32)
-    # 2**-frac_bits is exact in float32, so int32 -> float32 then scaling rounds once, like
-    # the exact quotient rounded to float32 (no float64 temporary).
-    inverse_scale = np.float32(1.0 / fixed.scale)
-    renormalise = np.float32(present_weight)
-    clipped = 0
-    size = contributions[0].size
-    for start in range(0, size, CHUNK):
-        end = min(start + CHUNK, size)
-        count = end - start
-        part = total[:count]
-        if len(contributions) > 1:
-            np.add(contributions[0][start:end], contributions[1][start:end], out=part)
-        else:
-            np.copyto(part, contributions[0][start:end])
-        for y in contributions[2:]:
-            np.add(part, y[start:end], out=part)
-        for cipher, sign in ciphers:  # subtract the correction: the opposite signs
-            cipher.update_into(_ZERO_BLOCK[: count * 4], raw)
-            if sign > 0:
-                np.subtract(part, stream[:count], out=part)
-            else:
-                np.add(part, stream[:count], out=part)
-        clipped += fixed.encode_add(flat_own[start:end], own_weight, part)
-        chunk = average[start:end]
-        np.multiply(part.view(np.int32), inverse_scale, out=chunk, dtype=np.float32)
-        if renormalise != 1:
-            np.divide(chunk, renormalise, out=chunk)
-    return average, clipped
+    """``sum_contributions`` then ``unmask_sum``: the weighted average over those present,
+    and how many of our own entries were clipped."""
+    total, clipped = sum_contributions(contributions, own, own_weight, fixed)
+    return unmask_sum(total, correction, present_weight, fixed), clipped

@@ -38,7 +38,7 @@ import numpy as np
 from p2pfl.errors import SecureAggregationError
 from p2pfl.guard import Throttle
 from p2pfl.keys import pairwise_secret
-from p2pfl.secagg import FixedPoint, unmask_average, within_clip
+from p2pfl.secagg import FixedPoint, sum_contributions, unmask_sum, within_clip
 from p2pfl.secure_group import MemberRound, OwnerRound
 from p2pfl.topology import metropolis_weights
 from p2pfl.wire import (
@@ -480,6 +480,9 @@ class SecureExchange:
     ) -> tuple[dict[str, float], dict[str, Any], int]:
         node = self.node
         state = self.owners.get(r)
+        # (not in place: our own model stays intact until the average passed its check)
+        spare = node.buffers.take()
+        summing: asyncio.Future[tuple[np.ndarray, int]] | None = None
         try:
             if self._sits_out(r):
                 raise SecureAggregationError("sat this round out after a restart")
@@ -487,44 +490,54 @@ class SecureExchange:
                 raise SecureAggregationError("no key exchange took place this round")
             dropped = state.unmask_request(received)
             present = sorted(state.present or ())
+            # Summing the vectors (and adding our own term) needs no secret: it runs while
+            # the members are asked for their shares.
+            summing = asyncio.ensure_future(
+                asyncio.to_thread(
+                    sum_contributions,
+                    [received[p].view(np.uint32) for p in present],
+                    node.params,
+                    weights[node.id],
+                    self.fixed,
+                    spare,
+                )
+            )
             await self._collect_reveals(state, present, sorted(dropped))
-            correction = await node._in_worker(state.correction)
-        except SecureAggregationError as exc:
-            log.warning("%s round %d: keeping own model: %s", node.id, r, exc)
-            return {node.id: 1.0}, {"kept_own": True, "reason": str(exc)}, 0
+            group_sum, clipped = await summing
+            kept = {p: weights[p] for p in [node.id, *present]}
+            total = sum(kept.values())
+            average = await node._in_worker(self._remove_masks, state, group_sum, total)
+        except (SecureAggregationError, ValueError) as exc:
+            if summing is not None:  # (it reads the received vectors, and writes ``spare``)
+                await asyncio.wait([summing])
+                if not summing.cancelled():
+                    summing.exception()  # (retrieved: a ValueError is reported below)
+            node.buffers.give(spare)
+            if not isinstance(exc, SecureAggregationError):  # sum_contributions: own term
+                reason = "own parameters are not finite; nothing can be averaged with them"
+                log.error("%s round %d: %s", node.id, r, reason)
+            else:
+                reason = str(exc)
+                log.warning("%s round %d: keeping own model: %s", node.id, r, reason)
+            return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
         finally:
             self.owners.pop(r, None)  # later reveals are refused
-        kept = {p: weights[p] for p in [node.id, *present]}
-        total = sum(kept.values())
-        # (not in place: our own model stays intact until the average passed its check)
-        spare = self.node.buffers.take()
-        try:
-            average, clipped = await node._in_worker(
-                unmask_average,
-                [received[p].view(np.uint32) for p in present],
-                correction,
-                node.params,
-                weights[node.id],
-                total,
-                self.fixed,
-                spare.view(np.float32),
-            )
-        except ValueError:  # (unmask_average checks our own term first)
-            self.node.buffers.give(spare)
-            reason = "own parameters are not finite; nothing can be averaged with them"
-            log.error("%s round %d: %s", node.id, r, reason)
-            return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
         # An average of values clipped to [-clip, clip] stays inside it (plus rounding). A
         # wrong share nobody could check (exactly t answers) or members that masked with
         # other sets than ours leave ring noise instead: keep our own model then.
         if not within_clip(average, self.fixed, len(kept), total):
-            self.node.buffers.give(spare)
+            node.buffers.give(spare)
             reason = "the unmasked average is out of range (a wrong share, or key sets differ)"
             log.warning("%s round %d: keeping own model: %s", node.id, r, reason)
             return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
         node.params = average
         extra: dict[str, Any] = {"recovered": sorted(dropped)} if dropped else {}
         return {p: w / total for p, w in kept.items()}, extra, clipped
+
+    def _remove_masks(self, state: OwnerRound, group_sum: np.ndarray, total: float) -> np.ndarray:
+        """(in a worker thread) Rebuild the secrets the reveals allow, remove their masks
+        from the group sum and decode: the average, in the sum's memory."""
+        return unmask_sum(group_sum, state.correction(), total, self.fixed)
 
     async def _collect_reveals(
         self, state: OwnerRound, present: list[str], dropped: list[str]

@@ -15,7 +15,9 @@ from p2pfl.secagg import (
     add_keystream,
     keystream_sum,
     masked_contribution,
+    sum_contributions,
     unmask_average,
+    unmask_sum,
 )
 
 FIXED = FixedPoint(clip=64.0, frac_bits=20)
@@ -104,7 +106,7 @@ def test_encoding_into_many_outputs_at_once_matches_one_by_one() -> None:
         assert np.array_equal(out, want)
 
 
-def test_masks_and_averages_written_into_given_arrays_match_new_ones() -> None:
+def test_masks_and_group_sums_written_into_given_arrays_match_new_ones() -> None:
     """Reused arrays (``pool``) hold old contents: every entry is overwritten."""
     rng = np.random.default_rng(5)
     streams = [(bytes([1]) * 32, 1), (bytes([2]) * 32, -1)]
@@ -116,17 +118,15 @@ def test_masks_and_averages_written_into_given_arrays_match_new_ones() -> None:
         keystream_sum(dirty.size + 1, streams, dirty)
 
     own = rng.normal(size=dirty.size).astype(np.float32)
-    vectors = [keystream_sum(dirty.size, streams[:1])]
-    args = (vectors, streams[:1], own, 0.5, 0.75, FIXED)
-    expected, _ = unmask_average(*args)
-    into = rng.normal(size=dirty.size).astype(np.float32)
-    average, _ = unmask_average(*args, out=into)
-    assert average is into or np.shares_memory(average, into)
+    vectors = [keystream_sum(dirty.size, streams[:1]), keystream_sum(dirty.size, streams[1:])]
+    expected, _ = unmask_average(vectors, streams, own, 0.5, 0.75, FIXED)
+    spare = rng.integers(0, 2**32, size=dirty.size, dtype=np.uint32)
+    total, _ = sum_contributions(vectors, own, 0.5, FIXED, spare)
+    average = unmask_sum(total, streams, 0.75, FIXED)
+    assert np.shares_memory(average, spare)  # (the average takes the sum's memory)
     assert np.array_equal(average, expected)
-    average, _ = unmask_average(*args, out=own)  # own is read chunk by chunk before written
-    assert np.array_equal(average, expected)
-    with pytest.raises(ValueError, match="float32"):
-        unmask_average(*args, out=np.empty(dirty.size, dtype=np.float64))
+    with pytest.raises(ValueError, match="uint32"):
+        sum_contributions(vectors, own, 0.5, FIXED, np.empty(dirty.size, dtype=np.float32))
 
 
 def test_decoding_rounds_once_like_the_exact_quotient() -> None:
@@ -157,3 +157,11 @@ def test_the_prg_is_the_aes_ctr_keystream_from_counter_block_two() -> None:
     secagg.check_stream_size(secagg.MAX_STREAM)
     with pytest.raises(ValueError, match="exceed one keystream"):
         secagg.check_stream_size(secagg.MAX_STREAM + 1)
+
+
+def test_a_group_sum_with_non_finite_own_parameters_is_refused() -> None:
+    own = np.zeros(CHUNK + 3, dtype=np.float32)
+    own[-1] = np.nan
+    vectors = [np.zeros(own.size, dtype=np.uint32)] * 2
+    with pytest.raises(ValueError, match="non-finite"):
+        sum_contributions(vectors, own, 0.5, FIXED)
