@@ -19,10 +19,23 @@ class ArrayPool:
 
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
-        self.keep = keep
+        self._keep = keep
         self._spare: list[np.ndarray] = []
         self._addresses: set[int] = set()  # (an array given twice is kept once)
         self._lock = threading.Lock()
+
+    @property
+    def keep(self) -> int:
+        """How many spare arrays are kept at most (lowering it lets the extra ones go)."""
+        return self._keep
+
+    @keep.setter
+    def keep(self, keep: int) -> None:
+        with self._lock:
+            self._keep = keep
+            for array in self._spare[keep:]:
+                self._addresses.discard(_address(array))
+            del self._spare[keep:]
 
     def take(self) -> np.ndarray:
         """A spare array (contents undefined), or a new one."""
@@ -37,12 +50,17 @@ class ArrayPool:
         """Keep ``array`` for reuse. The caller hands it over: nothing may read or write it
         afterwards. Arrays of another shape, read-only or not contiguous are left to the
         garbage collector, and so are arrays beyond ``keep``."""
-        if array.size != self.size or not array.flags.c_contiguous or not array.flags.writeable:
+        if (
+            array.nbytes != 4 * self.size
+            or array.itemsize != 4
+            or not array.flags.c_contiguous
+            or not array.flags.writeable
+        ):
             return
         flat = array.reshape(-1).view(np.uint32)
         address = _address(flat)
         with self._lock:
-            if len(self._spare) < self.keep and address not in self._addresses:
+            if len(self._spare) < self._keep and address not in self._addresses:
                 self._spare.append(flat)
                 self._addresses.add(address)
 

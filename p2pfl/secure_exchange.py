@@ -16,7 +16,9 @@ Per round r a node is a *member* of each neighbour's group and the *owner* of it
 - collection ends when the owner's vectors are in *and* our own vectors went out (or their
   owners are gone), or at the deadline;
 - aggregation: PRESENT to the members whose vectors arrived, CONFIRM back, UNMASK with
-  their tags, REVEAL back; rebuild, decode in one pass, range check.
+  their tags, REVEAL back, while a worker sums the vectors; rebuild, remove the masks and
+  decode in one pass, range check.
+- masks, sent vectors and received vectors live in the node's spare arrays (``pool``).
 - a restarted node sits out (as member and owner) the rounds its journal names.
 """
 
@@ -466,11 +468,12 @@ class SecureExchange:
         """Unmask our group's weighted average. Returns (weights used, extra event fields,
         own clipped entries); on failure the node keeps its own model and says why. The
         received vectors are consumed (their arrays hold later masks)."""
-        try:
-            return await self._unmask(r, received, weights)
-        finally:
-            for vector in received.values():
-                self.node.buffers.give(vector)
+        # (not in a ``finally``: when a stop cancels us, the summing thread may still be
+        # reading them; those are left to the garbage collector)
+        result = await self._unmask(r, received, weights)
+        for vector in received.values():
+            self.node.buffers.give(vector)
+        return result
 
     async def _unmask(
         self,
@@ -503,23 +506,24 @@ class SecureExchange:
                 )
             )
             await self._collect_reveals(state, present, sorted(dropped))
-            group_sum, clipped = await summing
+            try:
+                group_sum, clipped = await summing
+            except ValueError as exc:  # (not a SecureAggregationError: our own term)
+                log.error("%s round %d: %s", node.id, r, exc)
+                raise SecureAggregationError(
+                    "own parameters are not finite; nothing can be averaged with them"
+                ) from exc
             kept = {p: weights[p] for p in [node.id, *present]}
             total = sum(kept.values())
             average = await node._in_worker(self._remove_masks, state, group_sum, total)
-        except (SecureAggregationError, ValueError) as exc:
+        except SecureAggregationError as exc:
             if summing is not None:  # (it reads the received vectors, and writes ``spare``)
                 await asyncio.wait([summing])
                 if not summing.cancelled():
-                    summing.exception()  # (retrieved: a ValueError is reported below)
+                    summing.exception()  # (retrieved: reported above if it failed)
             node.buffers.give(spare)
-            if not isinstance(exc, SecureAggregationError):  # sum_contributions: own term
-                reason = "own parameters are not finite; nothing can be averaged with them"
-                log.error("%s round %d: %s", node.id, r, reason)
-            else:
-                reason = str(exc)
-                log.warning("%s round %d: keeping own model: %s", node.id, r, reason)
-            return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
+            log.warning("%s round %d: keeping own model: %s", node.id, r, exc)
+            return {node.id: 1.0}, {"kept_own": True, "reason": str(exc)}, 0
         finally:
             self.owners.pop(r, None)  # later reveals are refused
         # An average of values clipped to [-clip, clip] stays inside it (plus rounding). A

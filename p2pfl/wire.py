@@ -36,7 +36,8 @@ from p2pfl.secure_group import (
     TAG_BYTES,
 )
 
-PROTOCOL_VERSION = 1
+#: 2: secure aggregation's PRG starts at counter block 2 (its masks differ from version 1's).
+PROTOCOL_VERSION = 2
 #: Bound into the Noise handshake: peers speaking another protocol fail to authenticate.
 PROLOGUE = b"p2pfl/1"
 
@@ -354,7 +355,9 @@ def decode_hello(payload: bytes) -> Hello:
         raise HandshakeError(f"hello payload of {len(payload)} bytes is too short")
     version, digest, id_len = _HELLO.unpack_from(payload, 0)
     if version != PROTOCOL_VERSION:
-        raise HandshakeError(f"unsupported protocol version {version}")
+        raise HandshakeError(
+            f"unsupported protocol version {version} (this p2pfl speaks {PROTOCOL_VERSION})"
+        )
     if len(payload) != _HELLO.size + id_len:
         raise HandshakeError("hello payload length does not match its id length")
     try:
@@ -373,7 +376,9 @@ def decode_reply(payload: bytes) -> Reply:
         raise HandshakeError(f"reply payload of {len(payload)} bytes, expected {_REPLY.size}")
     version, status, digest = _REPLY.unpack(payload)
     if version != PROTOCOL_VERSION:
-        raise HandshakeError(f"unsupported protocol version {version}")
+        raise HandshakeError(
+            f"unsupported protocol version {version} (this p2pfl speaks {PROTOCOL_VERSION})"
+        )
     if status not in (REPLY_OK, REPLY_DIGEST_MISMATCH):
         raise HandshakeError(f"unknown handshake reply status {status}")
     return Reply(version, status, digest)

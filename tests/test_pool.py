@@ -30,9 +30,13 @@ def test_at_most_keep_arrays_are_kept() -> None:
     for array in arrays:
         pool.give(array)
     assert len(pool) == 2
-    pool.keep = 0
+    pool.keep = 1  # (fewer neighbours: the extra spare goes)
+    assert len(pool) == 1
     pool.give(np.empty(10, dtype=np.uint32))
-    assert len(pool) == 2  # (lowering keep drops nothing already kept, takes nothing new)
+    assert len(pool) == 1
+    pool.keep = 0
+    assert len(pool) == 0
+    assert not np.shares_memory(pool.take(), arrays[0])  # (what went is not handed out)
 
 
 def test_an_array_given_twice_is_kept_once() -> None:
@@ -54,4 +58,6 @@ def test_arrays_that_cannot_be_reused_are_left_alone() -> None:
     read_only.flags.writeable = False
     pool.give(read_only)
     pool.give(np.frombuffer(bytes(40), dtype=np.uint32))  # not writable either
+    pool.give(np.empty(10, dtype=np.float64))  # as many entries, but twice the bytes
+    pool.give(np.empty(20, dtype=np.float16))  # as many bytes, other entries
     assert len(pool) == 0

@@ -142,3 +142,57 @@ async def test_without_buffered_rounds_no_keys_go_ahead(four) -> None:  # noqa: 
         )
         journal = (net.state(peer) / "secagg.log").read_text().split()
         assert journal.count("contributed") == 3
+
+
+async def test_a_stop_while_the_owner_sums_never_hands_its_vectors_out(four, monkeypatch) -> None:  # noqa: F811
+    """A stop cancels the owner while it asks for shares and a thread still sums the
+    received vectors: those must not go back to the pool, where a new stream or mask could
+    overwrite them mid-sum (found by review)."""
+    import threading
+    import time
+
+    import p2pfl.pool
+    import p2pfl.secure_exchange as exchange
+
+    lock = threading.Lock()
+    reading: set[int] = set()
+    given_while_read: list[int] = []
+    sums: list[threading.Event] = []
+    real_sum, real_give = exchange.sum_contributions, p2pfl.pool.ArrayPool.give
+    real_collect = exchange.SecureExchange._collect_reveals
+
+    def address(array: np.ndarray) -> int:
+        return int(array.__array_interface__["data"][0])
+
+    def slow_sum(contributions: Any, *args: Any) -> Any:
+        done = threading.Event()
+        with lock:
+            reading.update(address(c) for c in contributions)
+            sums.append(done)
+        try:
+            time.sleep(0.3)  # a big model: summing takes a while
+            return real_sum(contributions, *args)
+        finally:
+            with lock:
+                reading.difference_update(address(c) for c in contributions)
+            done.set()
+
+    def give(self: Any, array: np.ndarray) -> None:
+        with lock:
+            if address(array) in reading:
+                given_while_read.append(address(array))
+        real_give(self, array)
+
+    async def collect_then_stop(self: Any, *args: Any) -> None:
+        self.node.request_stop()  # SIGTERM arrives while we ask for shares
+        await real_collect(self, *args)
+
+    monkeypatch.setattr(exchange, "sum_contributions", slow_sum)
+    monkeypatch.setattr(p2pfl.pool.ArrayPool, "give", give)
+    monkeypatch.setattr(exchange.SecureExchange, "_collect_reveals", collect_then_stop)
+    net = four(rounds=2, extra=SECURE)
+    assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
+    assert sums, "no owner was stopped while summing"
+    # (the stopped nodes left their sums running: let them end before looking)
+    assert await asyncio.to_thread(lambda: all(done.wait(10) for done in sums))
+    assert not given_while_read, f"{len(given_while_read)} vectors given back while summed"
