@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from p2pfl.errors import HandshakeError, MessageError
 from p2pfl.transfer import StreamReceiver, iter_chunks
 from p2pfl.wire import (
+    PROTOCOL_VERSION,
     REPLY_DIGEST_MISMATCH,
+    REPLY_OK,
     ParamsBegin,
     ParamsChunk,
     Status,
@@ -68,9 +70,12 @@ def test_hello_and_reply() -> None:
     assert (hello.digest, hello.peer_id) == (digest, "alice")
     reply = decode_reply(encode_reply(REPLY_DIGEST_MISMATCH, digest))
     assert reply.status == REPLY_DIGEST_MISMATCH
-    for bad in [b"", encode_hello(digest, "alice")[:-1], b"\x02" + encode_hello(digest, "a")[1:]]:
+    other_version = bytes([PROTOCOL_VERSION + 1]) + encode_hello(digest, "a")[1:]
+    for bad in [b"", encode_hello(digest, "alice")[:-1], other_version]:
         with pytest.raises(HandshakeError):
             decode_hello(bad)
+    with pytest.raises(HandshakeError, match=f"version 1 \\(this p2pfl speaks {PROTOCOL_VERSION}"):
+        decode_reply(b"\x01" + encode_reply(REPLY_OK, digest)[1:])
     with pytest.raises(HandshakeError):
         decode_reply(encode_reply(9, digest))
 
