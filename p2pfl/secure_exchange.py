@@ -534,7 +534,12 @@ class SecureExchange:
             reason = "the unmasked average is out of range (a wrong share, or key sets differ)"
             log.warning("%s round %d: keeping own model: %s", node.id, r, reason)
             return {node.id: 1.0}, {"kept_own": True, "reason": reason}, 0
-        node.params = average
+        own = node.params
+        if own.dtype == np.float32 and own.flags.c_contiguous and own.flags.writeable:
+            np.copyto(own, average.reshape(own.shape))  # (like plain averaging: in place)
+            node.buffers.give(spare)  # a fresh model-sized array per round costs more
+        else:
+            node.params = average
         extra: dict[str, Any] = {"recovered": sorted(dropped)} if dropped else {}
         return {p: w / total for p, w in kept.items()}, extra, clipped
 
