@@ -4,7 +4,13 @@ A fresh 40 MB array is cheap to allocate and expensive to touch: the kernel zero
 on its first write. Secure aggregation fills a few model-sized masks every round; measured
 with ``perf`` on the secure benchmark (10M parameters, degree 4), zeroing the pages of fresh
 masks took more CPU than everything but the AES keystreams. Arrays whose contents are no
-longer needed (sent vectors, summed contributions) come back here and are refilled instead.
+longer needed (received models, sent vectors, summed contributions) come back here and are
+refilled instead.
+
+Rules for users: give an array only when nothing will read or write it again (no stream
+still sending it, no thread still summing it), and treat a taken array as garbage: every
+user overwrites all of it (a whole received stream, a whole mask, a whole sum) before it is
+read or sent, so nothing of a previous round can leak through it.
 """
 
 from __future__ import annotations
