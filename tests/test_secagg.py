@@ -153,6 +153,20 @@ def test_the_prg_is_the_aes_ctr_keystream_from_counter_block_two() -> None:
     assert np.array_equal(negated, (-expected.astype(np.int64)) % 2**32)
     both = keystream_sum(size, [(bytes(32), -1), (key, 1)])
     assert np.array_equal(both - keystream_sum(size, [(bytes(32), -1)]), expected)
+
+    # Around the chunk boundaries, where writing the first stream straight into ``out``
+    # needs 15 spare bytes after the chunk, every sign order gives the reference sums.
+    def reference(k: bytes, n: int) -> np.ndarray:
+        stream = Cipher(algorithms.AES(k), modes.CTR(bytes(15) + b"\x02")).encryptor()
+        return np.frombuffer(stream.update(bytes(n * 4)), dtype="<u4").astype(np.int64)
+
+    other = bytes(range(32, 64))
+    for n in [1, 5, CHUNK - 1, CHUNK, CHUNK + 1, CHUNK + 4, CHUNK + 5, 2 * CHUNK + 5, 3 * CHUNK]:
+        for first, second in [(1, 1), (1, -1), (-1, 1), (-1, -1)]:
+            want = (first * reference(key, n) + second * reference(other, n)) % 2**32
+            dirty = np.full(n, 0xDEADBEEF, dtype=np.uint32)
+            got = keystream_sum(n, [(key, first), (other, second)], dirty)
+            assert np.array_equal(got, want), (n, first, second)
     # One key's 32-bit block counter runs from 2: no model may need more of it.
     secagg.check_stream_size(secagg.MAX_STREAM)
     with pytest.raises(ValueError, match="exceed one keystream"):
