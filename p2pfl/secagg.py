@@ -218,18 +218,6 @@ def within_clip(average: np.ndarray, fixed: FixedPoint, terms: int, total: float
     return bool(average.max() <= limit and average.min() >= -limit)  # (no |x| temporary)
 
 
-def group_sum(contributions: Sequence[np.ndarray]) -> np.ndarray:
-    """The ring sum of the members' contributions."""
-    if not contributions:
-        raise ValueError("no contributions")
-    total = np.zeros(contributions[0].shape, dtype=np.uint32)
-    for y in contributions:
-        if y.dtype != np.uint32 or y.shape != total.shape:
-            raise ValueError("contributions must be uint32 arrays of one shape")
-        np.add(total, y, out=total)
-    return total
-
-
 def sum_contributions(
     contributions: Sequence[np.ndarray],
     own: np.ndarray,

@@ -19,7 +19,6 @@ from p2pfl.keys import pairwise_secret
 from p2pfl.secagg import (
     FixedPoint,
     add_keystream,
-    group_sum,
     keystream_sum,
     masked_contribution,
     unmask_average,
@@ -61,6 +60,11 @@ def secrets_for(peers: list[str], seed: int = 0) -> dict[str, dict[str, bytes]]:
         }
         for a in peers
     }
+
+
+def group_sum(vectors: list[np.ndarray]) -> np.ndarray:
+    """The ring sum of some contributions, computed independently of ``secagg``."""
+    return np.sum(np.stack(vectors), axis=0, dtype=np.uint32)  # (uint32 wraps mod 2**32)
 
 
 class Group:
