@@ -485,6 +485,7 @@ class Node:
     async def _round(self, r: int) -> int:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        cpu_started = time.process_time()  # (all threads: training, masks, transfers)
         neighbours = self.neighbours_of(r)
         self.tracker.start_round(r)
         self._resume_round = r
@@ -573,7 +574,13 @@ class Node:
         await self._checkpoint(r, next_round)
         self.events.emit("checkpoint", r, next_round=next_round)
         duration = time.monotonic() - started
-        self.events.emit("round_end", r, duration_s=round(duration, 6), next_round=next_round)
+        self.events.emit(
+            "round_end",
+            r,
+            duration_s=round(duration, 6),
+            cpu_s=round(time.process_time() - cpu_started, 6),
+            next_round=next_round,
+        )
         log.info(
             "%s round %d/%d: loss %.4f, %s accuracy %.4f, %d/%d neighbours, %.3fs",
             self.id,

@@ -7,6 +7,13 @@ alternate ``--repeat`` times. Prints the median round time and the median time f
 local training to the aggregate (send, collect, mask/unmask), their ratios, and the largest
 peak memory of one peer (plain/secure).
 
+Then, per size, where the time goes: the median CPU time of one node's round (all its
+threads, from the ``round_end`` events) in each mode, how many of the machine's cores the
+five nodes kept busy, and the arithmetic that only secure aggregation does (a member's
+four masks and encoding, the owner's ring sum and unmasking), timed with the real
+functions on an otherwise idle core. With the cores saturated the round ratio follows the
+CPU ratio, and plain CPU plus that arithmetic bounds it from below.
+
     python scripts/bench_secure.py --params 1000000,10000000 --rounds 6 --repeat 3
 """
 
@@ -19,6 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from p2pfl.cli import build_local_config  # noqa: E402
+from p2pfl.config import AggregationConfig  # noqa: E402
 from p2pfl.harness.runner import free_ports  # noqa: E402
 from p2pfl.keys import generate_key_file  # noqa: E402
+from p2pfl.secagg import FixedPoint, keystream_sum, sum_contributions, unmask_sum  # noqa: E402
 
 PEERS = ["p0", "p1", "p2", "p3", "p4"]
 
@@ -85,6 +96,7 @@ def run_network(root: Path, size: int, rounds: int, secure: bool) -> dict[str, f
     if codes != [0] * len(PEERS):
         raise SystemExit(f"a node failed: exit codes {codes}")
     rounds_s: list[float] = []
+    cpu_s: list[float] = []
     exchange_s: list[float] = []
     peak_mb = 0.0
     for p in PEERS:
@@ -94,12 +106,46 @@ def run_network(root: Path, size: int, rounds: int, secure: bool) -> dict[str, f
         for e in events:
             if e["type"] == "round_end" and e["round"] > 0:  # round 0 includes connecting
                 rounds_s.append(e["duration_s"])
+                cpu_s.append(e["cpu_s"])
             if e["type"] == "aggregate" and e["round"] > 0 and e["round"] in trained:
                 exchange_s.append(e["ts"] - trained[e["round"]])
     return {
         "round": statistics.median(rounds_s),
         "exchange": statistics.median(exchange_s),
+        "cpu": statistics.median(cpu_s),
         "peak_mb": peak_mb,
+    }
+
+
+def secure_arithmetic(size: int, repeat: int = 5) -> dict[str, float]:
+    """Seconds of the work only secure aggregation does in one node's round at degree 4
+    (groups of five), each step the fastest of ``repeat`` runs: four masks of four
+    keystreams (three pair masks and a self-mask), encoding the parameters into them, and as
+    owner the ring sum of four vectors plus its own term, then removing four self-masks
+    and decoding."""
+    fixed = FixedPoint(AggregationConfig.clip, AggregationConfig.frac_bits)  # (the defaults)
+    rng = np.random.default_rng(0)
+    params = rng.standard_normal(size, dtype=np.float32)
+    masks = [np.empty(size, dtype=np.uint32) for _ in range(4)]
+    total = np.empty(size, dtype=np.uint32)
+    keys = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), sign) for sign in (1, -1, 1, 1)]
+
+    def best(step: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    return {
+        "masks": best(lambda: [keystream_sum(size, keys, m) for m in masks]),
+        "encode": best(lambda: fixed.encode_add_many(params, [(0.2, m) for m in masks])),
+        "owner": best(
+            lambda: unmask_sum(
+                sum_contributions(masks, params, 0.2, fixed, total)[0], keys, 1.0, fixed
+            )
+        ),
     }
 
 
@@ -129,7 +175,7 @@ def main() -> int:
                 secures.append(
                     run_network(Path(tmp) / f"secure-{size}-{i}", size, args.rounds, True)
                 )
-            keys = ("round", "exchange", "peak_mb")
+            keys = ("round", "exchange", "cpu", "peak_mb")
             plain = {k: statistics.median(r[k] for r in plains) for k in keys}
             secure = {k: statistics.median(r[k] for r in secures) for k in keys}
             ratios = " ".join(
@@ -141,6 +187,18 @@ def main() -> int:
                 f"{secure['exchange'] * 1000:>10.0f}ms "
                 f"{secure['exchange'] / plain['exchange']:>5.2f} "
                 f"{plain['peak_mb']:>6.0f}/{secure['peak_mb']:<6.0f}  {ratios}",
+                flush=True,
+            )
+            work = secure_arithmetic(size)
+            extra = sum(work.values())
+            steps = ", ".join(f"{k} {v * 1000:.1f}" for k, v in work.items())
+            print(
+                f"{'':>10} CPU per node-round plain {plain['cpu'] * 1000:.0f} ms, secure "
+                f"{secure['cpu'] * 1000:.0f} ms ({secure['cpu'] / plain['cpu']:.2f}x); cores "
+                f"busy {len(PEERS) * plain['cpu'] / plain['round']:.2f} / "
+                f"{len(PEERS) * secure['cpu'] / secure['round']:.2f} of {os.cpu_count()}; "
+                f"secure-only arithmetic on an idle core {extra * 1000:.1f} ms ({steps}): "
+                f"plain CPU plus it is {(plain['cpu'] + extra) / plain['cpu']:.2f}x",
                 flush=True,
             )
     return 0

@@ -55,6 +55,8 @@ async def test_three_nodes_train_and_agree(make_network) -> None:
             (agg,) = [e for e in by_type["aggregate"] if e["round"] == r]
             assert set(agg["members"]) == set(net.peers) and agg["missing"] == []
             assert sum(agg["weights"].values()) == pytest.approx(1.0, abs=1e-5)
+            (end,) = [e for e in by_type["round_end"] if e["round"] == r]
+            assert end["cpu_s"] > 0  # (training alone costs CPU time)
         lamports = [e["lamport"] for e in events]
         assert lamports == sorted(lamports) and len(set(lamports)) == len(lamports)
         assert by_type["node_stop"][0]["finished"] is True
