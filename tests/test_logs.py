@@ -56,7 +56,7 @@ ALICE = [
     rec("alice", "recv", 9, 0, peer="bob", bytes=1000, duration_s=0.001, sent_lamport=6),
     rec("alice", "aggregate", 10, 0, members=["alice", "bob"], weights={}, missing=[]),
     rec("alice", "eval", 11, 0, data="validation", loss=0.9, accuracy=0.5),
-    rec("alice", "round_end", 12, 0, duration_s=0.05, next_round=1),
+    rec("alice", "round_end", 12, 0, duration_s=0.05, cpu_s=0.03, next_round=1),
     rec("alice", "round_start", 13, 1, neighbours=["bob"]),
     rec("alice", "train", 14, 1, loss=0.5, duration_s=0.02, samples=10),
     rec("alice", "send", 15, 1, peer="bob", bytes=1000, duration_s=0.003),
@@ -64,7 +64,7 @@ ALICE = [
     rec("alice", "recv", 20, 1, peer="bob", bytes=2000, duration_s=0.001, buffered=False),
     rec("alice", "aggregate", 21, 1, members=["alice", "bob"], weights={}, missing=[]),
     rec("alice", "eval", 22, 1, data="validation", loss=0.4, accuracy=0.75),
-    rec("alice", "round_end", 23, 1, duration_s=0.07, next_round=2),
+    rec("alice", "round_end", 23, 1, duration_s=0.07, cpu_s=0.05, next_round=2),
     rec("alice", "node_stop", 24, 2, finished=True, peak_rss_mb=100.5, reason="completed"),
 ]
 BOB = [
@@ -233,6 +233,7 @@ def test_summary_numbers(two_machines: Path) -> None:
     assert (alice.bytes_sent, alice.bytes_received) == (2000, 3000)
     assert (alice.rejections, alice.reconnects) == (0, 1)
     assert alice.mean_round_s == pytest.approx(0.06)
+    assert alice.mean_round_cpu_s == pytest.approx(0.04)
     assert alice.mean_train_s == pytest.approx(0.015)
     assert alice.train_share == pytest.approx(0.25)  # (0.01 + 0.02) / (0.05 + 0.07)
     assert alice.last_accuracy == 0.75
@@ -242,6 +243,7 @@ def test_summary_numbers(two_machines: Path) -> None:
     assert (bob.bytes_sent, bob.bytes_received) == (5000, 1500)
     assert (bob.rejections, bob.reconnects) == (1, 0)
     assert bob.mean_round_s == pytest.approx(0.04)
+    assert bob.mean_round_cpu_s is None  # (a log from before round_end carried cpu_s)
     assert bob.train_share == pytest.approx(0.25)  # 0.01 / 0.04
     assert bob.last_accuracy == 0.4
     assert (bob.peak_rss_mb, bob.finished) == (None, None)
@@ -254,6 +256,8 @@ def test_summary_table_and_json(two_machines: Path, capsys: pytest.CaptureFixtur
     alice = out[1].split()
     assert alice[:4] == ["alice", "2", "2", "2"]
     assert alice[-1] == "yes" and "0.7500" in alice
+    end = out[0].index("cpu ms") + len("cpu ms")  # (a right-aligned column)
+    assert out[1][end - 4 : end] == "40.0" and out[2][end - 1 : end] == "-"
     assert out[2].split()[-1] == "-"  # bob logged no node_stop
     assert any("no node_stop" in row for row in out)
     assert err == []

@@ -32,6 +32,9 @@ class PeerSummary:
     #: Differential privacy spent so far (the last train event's), if the network uses it.
     dp_epsilon: float | None = None
     dp_delta: float | None = None
+    #: Mean CPU time of the node's process per round (all threads; logs from before
+    #: round_end carried ``cpu_s`` have none).
+    mean_round_cpu_s: float | None = None
 
 
 def _number(value: Any) -> float | None:
@@ -56,6 +59,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
     nbytes = {"send": 0, "recv": 0}
     round_times: dict[int | None, float] = {}
     round_durations: list[float] = []
+    round_cpu: list[float] = []
     train_times: dict[int | None, list[float]] = defaultdict(list)
     handshake_peers: set[str] = set()
     accuracy: float | None = None
@@ -74,6 +78,9 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
             if duration is not None:
                 round_durations.append(duration)
                 round_times[e.round] = duration
+            cpu = _number(e.get("cpu_s"))
+            if cpu is not None:
+                round_cpu.append(cpu)
         elif e.type == "train":
             duration = _number(e.get("duration_s"))
             if duration is not None:
@@ -115,6 +122,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
         stop_reason=stop_reason,
         dp_epsilon=dp_epsilon,
         dp_delta=dp_delta,
+        mean_round_cpu_s=_mean(round_cpu),
     )
 
 
@@ -142,6 +150,7 @@ _COLUMNS = (
     ("rejects", ">"),
     ("reconn", ">"),
     ("round ms", ">"),
+    ("cpu ms", ">"),
     ("train ms", ">"),
     ("train %", ">"),
     ("accuracy", ">"),
@@ -161,6 +170,7 @@ def _row(s: PeerSummary) -> list[str]:
         str(s.rejections),
         str(s.reconnects),
         _opt(s.mean_round_s, ".1f", 1000),
+        _opt(s.mean_round_cpu_s, ".1f", 1000),
         _opt(s.mean_train_s, ".1f", 1000),
         _opt(s.train_share, ".0f", 100),
         _opt(s.last_accuracy, ".4f"),
