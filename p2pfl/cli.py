@@ -65,13 +65,48 @@ def _parse_harness_topology(text: str) -> dict[str, Any]:
     )
 
 
+#: The harness's SGD momentum for torch models when --momentum is not given.
+TORCH_MOMENTUM = 0.9
+#: ``--model torch:NAME`` for the shipped examples (p2pfl/learning/examples/torch_models.py).
+TORCH_EXAMPLES = {
+    "cnn": "p2pfl.learning.examples.torch_models:cnn",
+    "mlp": "p2pfl.learning.examples.torch_models:mlp",
+}
+
+
 def _parse_model(text: str) -> dict[str, Any]:
     if text == "softmax":
         return {"kind": "softmax"}
     if text == "mlp" or text.startswith("mlp:"):
-        hidden = [int(h) for h in text.split(":", 1)[1].split(",")] if ":" in text else [64]
+        try:
+            hidden = [int(h) for h in text.split(":", 1)[1].split(",")] if ":" in text else [64]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad layer sizes in {text!r} (e.g. mlp:64,32)"
+            ) from None
         return {"kind": "mlp", "hidden": hidden}
-    raise argparse.ArgumentTypeError(f"unknown model {text!r} (softmax, mlp, mlp:H1,H2)")
+    if text.startswith("torch:"):
+        name = text.split(":", 1)[1]
+        factory = TORCH_EXAMPLES.get(name, name)
+        if ":" not in factory:
+            raise argparse.ArgumentTypeError(
+                f"unknown torch model {name!r}: {', '.join(TORCH_EXAMPLES)} or MODULE:FUNCTION"
+            )
+        return {"kind": "torch", "factory": factory}
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r} (softmax, mlp, mlp:H1,H2, torch:cnn, torch:mlp, "
+        "torch:MODULE:FUNCTION)"
+    )
+
+
+def _model_text(model: dict[str, Any]) -> str:
+    """How the harness names a model in its report (``mlp:64``, ``torch:cnn``)."""
+    if model["kind"] == "mlp":
+        return f"mlp:{','.join(map(str, model['hidden']))}"
+    if model["kind"] == "torch":
+        short = {v: k for k, v in TORCH_EXAMPLES.items()}
+        return f"torch:{short.get(model['factory'], model['factory'])}"
+    return str(model["kind"])
 
 
 def build_local_config(
@@ -90,8 +125,11 @@ def build_local_config(
     learning_rate: float,
     batch_size: int,
     round_timeout: float,
+    task: str = "classification",
 ) -> dict[str, Any]:
-    """The shared peers.yaml content for a set of peers on one host."""
+    """The shared peers.yaml content for a set of peers on one host (for ``task``
+    regression, ``classes`` is the number of outputs)."""
+    size = {"classes": classes} if task == "classification" else {"task": task, "outputs": classes}
     return {
         "version": 1,
         "network": network,
@@ -106,7 +144,7 @@ def build_local_config(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "round_timeout": round_timeout,
-            "model": {**model, "inputs": inputs, "classes": classes},
+            "model": {**model, "inputs": inputs, **size},
         },
         "aggregation": {"rule": "metropolis", "secure": False},
     }
@@ -191,7 +229,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"peers.{args.id}.public_key",
             f"does not match the private key in {args.key}",
         )
-    data = load_dataset(Path(args.data), val_path=Path(args.val_data) if args.val_data else None)
+    data = load_dataset(
+        Path(args.data),
+        val_path=Path(args.val_data) if args.val_data else None,
+        task=config.training.model.task,
+    )
     host, port = args.listen if args.listen else (None, None)
     node = Node(
         config,
@@ -243,18 +285,28 @@ def _cmd_harness(args: argparse.Namespace) -> int:
     }.get(topology["kind"], topology["kind"])
     if topology.get("kind") == "explicit-file":
         topology = _explicit_topology(Path(topology["path"]))
-    model = args.model
-    model_text = (
-        f"mlp:{','.join(map(str, model['hidden']))}" if model["kind"] == "mlp" else model["kind"]
-    )
+    model = dict(args.model)
+    if model["kind"] == "torch":
+        model["optimizer"] = {"kind": args.optimizer}
+        if args.optimizer == "sgd":
+            model["optimizer"]["momentum"] = (
+                TORCH_MOMENTUM if args.momentum is None else args.momentum
+            )
+    elif args.optimizer != "sgd" or args.momentum:
+        raise P2PFLError(
+            f"--optimizer/--momentum apply to torch models; --model {_model_text(model)} "
+            "trains with plain SGD"
+        )
+    model_text = _model_text(model)
     dataset_name = Path(args.dataset).stem if args.dataset.endswith(".npz") else args.dataset
     out = Path(
         args.out
         or f"runs/{dataset_name.split(':')[0]}-{args.peers}p-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    from p2pfl.harness.datasets import recipe
+    from p2pfl.harness.datasets import recipe, task_of
 
-    learning_rate, batch_size = recipe(args.dataset)
+    task = task_of(args.dataset, args.task)
+    learning_rate, batch_size = recipe(args.dataset, model["kind"])
     options = HarnessOptions(
         peers=args.peers,
         topology=topology,
@@ -262,8 +314,9 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         dataset=args.dataset,
         partition=partition,
-        model=args.model,
+        model=model,
         model_text=model_text,
+        task=task,
         seed=args.seed,
         out=out.resolve(),
         learning_rate=learning_rate if args.learning_rate is None else args.learning_rate,
@@ -365,7 +418,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--dataset",
         default="digits",
         help="digits, fashion-mnist[:DIR] (IDX files; default DIR "
-        "/usr/share/datasets/fashion-mnist), or a .npz with x, y [x_test, y_test]",
+        "/usr/share/datasets/fashion-mnist), diabetes (regression), or a .npz with x, y "
+        "[x_test, y_test]",
     )
     p.add_argument(
         "--partition", default="iid", help="iid, dirichlet:ALPHA or shards:K (default iid)"
@@ -374,7 +428,26 @@ def make_parser() -> argparse.ArgumentParser:
         "--model",
         type=_parse_model,
         default={"kind": "mlp", "hidden": [64]},
-        help="softmax, mlp, or mlp:H1,H2 (default mlp:64)",
+        help="softmax, mlp, mlp:H1,H2 (numpy, default mlp:64), or a PyTorch model: "
+        "torch:cnn, torch:mlp (the shipped examples) or torch:MODULE:FUNCTION "
+        "(needs pip install 'p2pfl[torch]')",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="torch models: the optimiser (default sgd)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=float,
+        help=f"torch models with sgd: momentum (default {TORCH_MOMENTUM})",
+    )
+    p.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        help="for an .npz dataset: regression trains on real targets y (default "
+        "classification; diabetes is always regression)",
     )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", help="run folder, must be new or empty (default runs/<name>-<time>)")

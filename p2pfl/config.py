@@ -27,6 +27,7 @@ import yaml
 
 from p2pfl.errors import ConfigError
 from p2pfl.keys import decode_public_key
+from p2pfl.learning.base import TASKS, Task
 from p2pfl.privacy import DPConfig
 from p2pfl.topology import graph_for_round, is_connected
 
@@ -47,7 +48,9 @@ __all__ = [
 TopologyKind = Literal["full", "ring", "k-regular", "explicit"]
 
 SUPPORTED_VERSION = 1
-MODEL_KINDS = ("softmax", "mlp", "custom")
+MODEL_KINDS = ("softmax", "mlp", "custom", "torch")
+#: ``training.model.optimizer.kind`` (torch models; the numpy models train with plain SGD).
+OPTIMIZER_KINDS = ("sgd", "adam")
 AGGREGATION_RULES = ("metropolis",)
 _TOPOLOGY_KINDS: tuple[str, ...] = get_args(TopologyKind)
 
@@ -106,25 +109,43 @@ class TopologyConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model every peer builds from the shared seed (hidden for mlp, factory for custom)."""
+    """The model every peer builds from the shared seed (hidden for mlp, factory for custom
+    and torch, optimizer for torch). ``outputs`` is the number of classes (classification)
+    or of regression targets."""
 
     kind: str
     inputs: int
-    classes: int
+    outputs: int
     hidden: tuple[int, ...]
     factory: str | None
     options: Mapping[str, Any]
+    task: Task = "classification"
+    #: torch only: ``{kind: sgd | adam, momentum, weight_decay}`` (empty otherwise).
+    optimizer: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def classes(self) -> int:
+        """Number of classes of a classifier (for a regressor: its number of outputs)."""
+        return self.outputs
 
     def as_mapping(self) -> dict[str, Any]:
-        """A plain, JSON-compatible copy (for model factories and the digest)."""
-        return {
-            "kind": self.kind,
-            "inputs": self.inputs,
-            "classes": self.classes,
-            "hidden": list(self.hidden),
-            "factory": self.factory,
-            "options": copy.deepcopy(dict(self.options)),
-        }
+        """A plain, JSON-compatible copy (for model factories and the digest).
+
+        A classifier's mapping is exactly what it was before regression and torch models
+        existed, so existing configs keep their digests (and nodes their checkpoints).
+        """
+        mapping: dict[str, Any] = {"kind": self.kind, "inputs": self.inputs}
+        if self.task == "classification":
+            mapping["classes"] = self.outputs
+        else:
+            mapping["task"] = self.task
+            mapping["outputs"] = self.outputs
+        mapping["hidden"] = list(self.hidden)
+        mapping["factory"] = self.factory
+        mapping["options"] = copy.deepcopy(dict(self.options))
+        if self.kind == "torch":
+            mapping["optimizer"] = dict(self.optimizer)
+        return mapping
 
 
 @dataclass(frozen=True)
@@ -741,24 +762,64 @@ class _Parser:
         section = self.section(
             value,
             path,
-            ("kind", "inputs", "classes", "hidden", "factory", "options"),
-            ("kind", "inputs", "classes"),
+            (
+                "kind",
+                "task",
+                "inputs",
+                "classes",
+                "outputs",
+                "hidden",
+                "factory",
+                "options",
+                "optimizer",
+            ),
+            ("kind", "inputs"),
         )
         kind = self.choice(section["kind"], f"{path}.kind", MODEL_KINDS)
+        task = cast(Task, self.choice(section.get("task", "classification"), f"{path}.task", TASKS))
         inputs = self.integer(section["inputs"], f"{path}.inputs", 1)
-        classes = self.integer(section["classes"], f"{path}.classes", 2)
-        only: dict[str, str] = {"hidden": "mlp", "factory": "custom", "options": "custom"}
-        for key, owner in only.items():
-            if key in section and kind != owner:
-                self.fail(f"{path}.{key}", f"only used with kind {owner} (kind is {kind!r})")
+        if task == "classification":
+            if "outputs" in section:
+                self.fail(
+                    f"{path}.outputs",
+                    "only used with task regression; a classifier has classes",
+                )
+            if "classes" not in section:
+                self.fail(f"{path}.classes", "required field is missing (for classification)")
+            outputs = self.integer(section["classes"], f"{path}.classes", 2)
+        else:
+            if "classes" in section:
+                self.fail(
+                    f"{path}.classes",
+                    "only used with task classification; a regressor has outputs (default 1)",
+                )
+            if kind == "softmax":
+                self.fail(
+                    f"{path}.kind",
+                    "softmax is a classifier; for regression use mlp, torch or custom",
+                )
+            outputs = self.integer(section.get("outputs", 1), f"{path}.outputs", 1)
+        only: dict[str, tuple[str, ...]] = {
+            "hidden": ("mlp",),
+            "factory": ("custom", "torch"),
+            "options": ("custom", "torch"),
+            "optimizer": ("torch",),
+        }
+        for key, owners in only.items():
+            if key in section and kind not in owners:
+                self.fail(
+                    f"{path}.{key}",
+                    f"only used with kind {' or '.join(owners)} (kind is {kind!r})",
+                )
         hidden: tuple[int, ...] = ()
         factory: str | None = None
         options: dict[str, Any] = {}
+        optimizer: dict[str, Any] = {}
         if kind == "mlp":
             hidden = self.hidden(section.get("hidden", [64]), f"{path}.hidden")
-        if kind == "custom":
+        if kind in ("custom", "torch"):
             if "factory" not in section:
-                self.fail(f"{path}.factory", 'required for kind custom ("module:function")')
+                self.fail(f"{path}.factory", f'required for kind {kind} ("module:function")')
             factory = section["factory"]
             if not isinstance(factory, str) or not _FACTORY_RE.fullmatch(factory):
                 self.fail(
@@ -769,7 +830,37 @@ class _Parser:
             if not isinstance(raw_options, Mapping):
                 self.fail(f"{path}.options", f"expected a mapping, got {_show(raw_options)}")
             options = self.json_value(raw_options, f"{path}.options")
-        return ModelConfig(kind, inputs, classes, hidden, factory, MappingProxyType(options))
+        if kind == "torch":
+            optimizer = self.optimizer(_or_empty(section.get("optimizer")), f"{path}.optimizer")
+        return ModelConfig(
+            kind,
+            inputs,
+            outputs,
+            hidden,
+            factory,
+            MappingProxyType(options),
+            task=task,
+            optimizer=MappingProxyType(optimizer),
+        )
+
+    def optimizer(self, value: object, path: str) -> dict[str, Any]:
+        """``{kind: sgd | adam, momentum (sgd only, 0 <= m < 1), weight_decay >= 0}``."""
+        section = self.section(value, path, ("kind", "momentum", "weight_decay"))
+        kind = self.choice(section.get("kind", "sgd"), f"{path}.kind", OPTIMIZER_KINDS)
+        if "momentum" in section and kind != "sgd":
+            self.fail(f"{path}.momentum", f"only used with kind sgd (kind is {kind!r})")
+        momentum = self.fraction(section.get("momentum", 0.0), f"{path}.momentum")
+        weight_decay = self.fraction(section.get("weight_decay", 0.0), f"{path}.weight_decay")
+        return {"kind": kind, "momentum": momentum, "weight_decay": weight_decay}
+
+    def fraction(self, value: object, path: str) -> float:
+        """A number in [0, 1)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(path, f"expected a number >= 0 and < 1, got {_show(value)}")
+        number = float(value)
+        if not 0.0 <= number < 1.0:
+            self.fail(path, f"expected a number >= 0 and < 1, got {value!r}")
+        return number
 
     def hidden(self, value: object, path: str) -> tuple[int, ...]:
         if not isinstance(value, list) or not value:

@@ -36,7 +36,14 @@ from p2pfl.checkpoint import (
 from p2pfl.config import Config
 from p2pfl.errors import ConfigError, MessageError, SecureAggregationError
 from p2pfl.events import EventLog, LamportClock
-from p2pfl.learning import Dataset, build_learner, check_compatible, flatten, unflatten
+from p2pfl.learning import (
+    Dataset,
+    Evaluation,
+    build_learner,
+    check_compatible,
+    flatten,
+    unflatten,
+)
 from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
 from p2pfl.pool import ArrayPool
 from p2pfl.privacy import epsilon, privatize
@@ -164,7 +171,7 @@ class Node:
         self.data = scale_inputs(data, self.input_scale)
         self.training = config.training
         model = config.training.model
-        check_compatible(data, model.inputs, model.classes, source=config.source)
+        check_compatible(data, model.inputs, model.outputs, source=config.source, task=model.task)
         self.learner = build_learner(model.as_mapping(), config.seed, source=config.source)
         # Only the shapes matter (for unflatten); no copy of a possibly huge model.
         self.template = self.learner.get_weights()
@@ -418,13 +425,11 @@ class Node:
             },
         )
 
-    def _evaluate(self) -> tuple[str, float, float]:
+    def _evaluate(self) -> tuple[str, Evaluation]:
         self.learner.set_weights(unflatten(self.params, self.template))
         if self.data.x_val is not None and self.data.y_val is not None:
-            result = self.learner.evaluate(self.data.x_val, self.data.y_val)
-            return "validation", result.loss, result.accuracy
-        result = self.learner.evaluate(self.data.x, self.data.y)
-        return "train", result.loss, result.accuracy
+            return "validation", self.learner.evaluate(self.data.x_val, self.data.y_val)
+        return "train", self.learner.evaluate(self.data.x, self.data.y)
 
     async def _wait_until(
         self, done: object, deadline: float | Callable[[], float | None] | None
@@ -567,9 +572,13 @@ class Node:
         if missing:
             log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
 
-        split, val_loss, accuracy = await self._in_worker(self._evaluate)
+        split, result = await self._in_worker(self._evaluate)
         self.events.emit(
-            "eval", r, data=split, loss=round(val_loss, 6), accuracy=round(accuracy, 6)
+            "eval",
+            r,
+            data=split,
+            loss=round(result.loss, 6),
+            **{result.metric: round(result.score, 6)},
         )
         await self._checkpoint(r, next_round)
         self.events.emit("checkpoint", r, next_round=next_round)
@@ -582,13 +591,14 @@ class Node:
             next_round=next_round,
         )
         log.info(
-            "%s round %d/%d: loss %.4f, %s accuracy %.4f, %d/%d neighbours, %.3fs",
+            "%s round %d/%d: loss %.4f, %s %s %.4f, %d/%d neighbours, %.3fs",
             self.id,
             r + 1,
             self.training.rounds,
             loss,
             split,
-            accuracy,
+            result.metric,
+            result.score,
             len(received),
             len(neighbours),
             duration,

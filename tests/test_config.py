@@ -348,7 +348,7 @@ BAD: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (
         setting("training", "model", "kind", value="cnn"),
         "training.model.kind",
-        "expected one of: softmax, mlp, custom; got 'cnn'",
+        "expected one of: softmax, mlp, custom, torch; got 'cnn'",
     ),
     (setting("training", "model", "inputs", value=0), "training.model.inputs", ">= 1, got 0"),
     (
@@ -377,7 +377,7 @@ BAD: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (
         setting("training", "model", "factory", value="pkg:build"),
         "training.model.factory",
-        "only used with kind custom (kind is 'mlp')",
+        "only used with kind custom or torch (kind is 'mlp')",
     ),
     (custom(), "training.model.factory", "required for kind custom"),
     (custom(factory="no_colon"), "training.model.factory", 'expected "module:function"'),

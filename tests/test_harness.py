@@ -135,8 +135,9 @@ def test_centralised_baseline_learns_and_is_deterministic() -> None:
     )
     first = train_centralized(model, **kwargs)
     again = train_centralized(model, **kwargs)
-    assert first.accuracy_per_epoch == again.accuracy_per_epoch
-    assert len(first.accuracy_per_epoch) == 5 and first.final_accuracy > 0.9
+    assert first.score_per_epoch == again.score_per_epoch
+    assert first.metric == "accuracy"
+    assert len(first.score_per_epoch) == 5 and first.final_score > 0.9
 
 
 def test_peer_ids_sort_in_numeric_order() -> None:

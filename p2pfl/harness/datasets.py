@@ -19,8 +19,9 @@ from typing import BinaryIO
 import numpy as np
 
 from p2pfl.errors import DataError
+from p2pfl.learning.base import Task
 from p2pfl.learning.data import read_npz
-from p2pfl.learning.prepare import _stratified_holdout, load_digits_arrays
+from p2pfl.learning.prepare import _stratified_holdout, load_diabetes_arrays, load_digits_arrays
 
 __all__ = [
     "DEFAULT_FASHION_DIR",
@@ -70,7 +71,9 @@ class SplitData:
     """A dataset with its held-out test set, ready to be partitioned among peers.
 
     ``x_*`` are C-contiguous float32 of shape ``(n, inputs)``; ``y_*`` are int64 class
-    indices in ``0..classes-1``. ``source`` says where the data came from (for reports).
+    indices in ``0..classes-1`` or, for ``task`` regression, float32 targets of shape
+    ``(n,)`` (then ``classes`` is 1, the number of outputs). ``source`` says where the data
+    came from (for reports).
     """
 
     name: str
@@ -81,46 +84,72 @@ class SplitData:
     classes: int
     inputs: int
     source: str
+    task: Task = "classification"
 
     def __post_init__(self) -> None:
         # Catches a loader bug here rather than as a shape error inside a peer.
+        y_type = np.int64 if self.task == "classification" else np.float32
         for xs, ys, part in (
             (self.x_train, self.y_train, "train"),
             (self.x_test, self.y_test, "test"),
         ):
             if xs.dtype != np.float32 or xs.ndim != 2 or xs.shape[1] != self.inputs:
                 raise ValueError(f"{self.name}: x_{part} must be float32 (n, {self.inputs})")
-            if ys.dtype != np.int64 or ys.shape != (xs.shape[0],):
-                raise ValueError(f"{self.name}: y_{part} must be int64 ({xs.shape[0]},)")
+            if ys.dtype != y_type or ys.shape != (xs.shape[0],):
+                raise ValueError(
+                    f"{self.name}: y_{part} must be {np.dtype(y_type)} ({xs.shape[0]},)"
+                )
 
 
 def describe(split: SplitData) -> str:
     """One line for logs: ``digits: 1438 train / 359 test, 64 features, 10 classes``."""
+    what = f"{split.classes} classes" if split.task == "classification" else "regression"
     return (
         f"{split.name}: {split.y_train.size} train / {split.y_test.size} test, "
-        f"{split.inputs} features, {split.classes} classes"
+        f"{split.inputs} features, {what}"
     )
 
 
-def load_split(spec: str, *, seed: int, test_fraction: float = 0.2) -> SplitData:
+#: Datasets whose targets are real numbers (the harness then trains regressors).
+REGRESSION_DATASETS = ("diabetes",)
+
+
+def task_of(spec: str, task: Task | None = None) -> Task:
+    """The task ``--dataset spec`` implies: regression for the bundled regression sets, the
+    given ``task`` (``--task``) for an ``.npz``, classification otherwise."""
+    if spec.strip() in REGRESSION_DATASETS:
+        return "regression"
+    return task or "classification"
+
+
+def load_split(
+    spec: str, *, seed: int, test_fraction: float = 0.2, task: Task | None = None
+) -> SplitData:
     """Load the dataset named by ``spec`` with its test split.
 
     ``spec`` is ``digits`` (scikit-learn's 8x8 digits, scaled to [0, 1], stratified
     holdout of ``test_fraction``), ``fashion-mnist`` or ``fashion-mnist:DIR`` (the standard
     IDX files, the standard 60000/10000 split, scaled to [0, 1]), or a path ending in
     ``.npz`` (arrays ``x``, ``y`` and optionally ``x_test``, ``y_test``; not rescaled;
-    labels remapped to ``0..C-1``). ``seed`` only affects the holdout, where there is one.
+    labels remapped to ``0..C-1``; with ``task`` regression, ``y`` holds real targets), or
+    ``diabetes`` (scikit-learn's bundled diabetes regression set: 442 patients, 10
+    features, a disease progression score; random ``test_fraction`` holdout).
+    ``seed`` only affects the holdout, where there is one.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
     text = spec.strip()
     if text == "digits":
         return _load_digits(seed, test_fraction)
+    if text == "diabetes":
+        return _load_diabetes(seed, test_fraction)
     kind, colon, rest = text.partition(":")
     if kind == "fashion-mnist" and (rest or not colon):
         folder = Path(rest).expanduser() if colon else DEFAULT_FASHION_DIR
         return _load_fashion(folder)
     if text.lower().endswith(".npz"):
+        if task == "regression":
+            return _load_npz_regression(Path(text).expanduser(), seed, test_fraction)
         return _load_npz_split(Path(text).expanduser(), seed, test_fraction)
     raise DataError(f"unknown dataset {spec!r}: use {_ACCEPTED}")
 
@@ -217,6 +246,33 @@ def _load_digits(seed: int, test_fraction: float) -> SplitData:
     )
 
 
+def _load_diabetes(seed: int, test_fraction: float) -> SplitData:
+    x, y = load_diabetes_arrays()
+    return _regression_split("diabetes", x, y, seed, test_fraction, "scikit-learn load_diabetes")
+
+
+def _regression_split(
+    name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float, source: str
+) -> SplitData:
+    """A random (seeded) ``test_fraction`` holdout of real-valued data."""
+    n = y.size
+    take = max(1, min(n - 1, round(test_fraction * n)))
+    test_idx = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:take])
+    train = np.ones(n, dtype=bool)
+    train[test_idx] = False
+    return SplitData(
+        name=name,
+        x_train=np.ascontiguousarray(x[train], dtype=np.float32),
+        y_train=np.ascontiguousarray(y[train], dtype=np.float32),
+        x_test=np.ascontiguousarray(x[test_idx], dtype=np.float32),
+        y_test=np.ascontiguousarray(y[test_idx], dtype=np.float32),
+        classes=1,
+        inputs=int(x.shape[1]),
+        source=f"{source}, random {test_fraction:g} holdout (seed {seed})",
+        task="regression",
+    )
+
+
 def _fashion_file(folder: Path, gz_name: str) -> Path:
     """The file ``gz_name`` in ``folder``, or its uncompressed twin; DataError if neither."""
     for name in (gz_name, gz_name.removesuffix(".gz")):
@@ -283,6 +339,44 @@ def _idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndar
 
 # --------------------------------------------------------------------------------------
 # .npz
+
+
+def _load_npz_regression(path: Path, seed: int, test_fraction: float) -> SplitData:
+    """An ``.npz`` of real targets (``y``, optionally ``x_test``/``y_test``), one output."""
+    if not path.is_file():
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise DataError(f"{path}: data file {what}")
+    arrays = read_npz(path, lambda archive: _npz_arrays(path, archive))
+    x = _npz_features(path, "x", arrays["x"])
+    y = _npz_targets(path, "y", arrays["y"], x.shape[0])
+    if "x_test" not in arrays:
+        return _regression_split(path.stem, x, y, seed, test_fraction, str(path))
+    x_test = _npz_features(path, "x_test", arrays["x_test"])
+    y_test = _npz_targets(path, "y_test", arrays["y_test"], x_test.shape[0])
+    if x_test.shape[1] != x.shape[1]:
+        raise DataError(f"{path}: x_test has {x_test.shape[1]} features but x has {x.shape[1]}")
+    return SplitData(
+        name=path.stem,
+        x_train=x,
+        y_train=y,
+        x_test=x_test,
+        y_test=y_test,
+        classes=1,
+        inputs=int(x.shape[1]),
+        source=f"{path} (x_test/y_test)",
+        task="regression",
+    )
+
+
+def _npz_targets(path: Path, name: str, arr: np.ndarray, rows: int) -> np.ndarray:
+    if arr.ndim != 1 or arr.shape[0] != rows:
+        raise DataError(f"{path}: {name} must hold one target per row ({rows}), got {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{path}: {name} must hold numeric targets, got dtype {arr.dtype}")
+    values = arr.astype(np.float64)
+    if not np.isfinite(values).all() or (np.abs(values) > _FLOAT32_MAX).any():
+        raise DataError(f"{path}: {name} has a NaN, infinite or too large target")
+    return values.astype(np.float32)
 
 
 def _load_npz_split(path: Path, seed: int, test_fraction: float) -> SplitData:
@@ -411,10 +505,23 @@ def _npz_labels(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str) 
 RECIPES: dict[str, tuple[float, int]] = {
     "digits": (0.3, 4),
     "fashion-mnist": (0.1, 32),
+    "diabetes": (0.002, 8),
 }
 DEFAULT_RECIPE = (0.1, 32)
+#: The same for torch models, trained with SGD and momentum 0.9 (an effective step ten
+#: times the learning rate), measured with scripts/bench_torch.py.
+TORCH_RECIPES: dict[str, tuple[float, int]] = {
+    "digits": (0.02, 8),
+    "fashion-mnist": (0.01, 32),
+    "diabetes": (0.001, 8),
+}
+DEFAULT_TORCH_RECIPE = (0.01, 32)
 
 
-def recipe(spec: str) -> tuple[float, int]:
-    """(learning rate, batch size) for ``--dataset spec`` when the user gives none."""
-    return RECIPES.get(spec.split(":", 1)[0], DEFAULT_RECIPE)
+def recipe(spec: str, kind: str = "mlp") -> tuple[float, int]:
+    """(learning rate, batch size) for ``--dataset spec`` and a model of ``kind`` when the
+    user gives none."""
+    name = spec.split(":", 1)[0]
+    if kind == "torch":
+        return TORCH_RECIPES.get(name, DEFAULT_TORCH_RECIPE)
+    return RECIPES.get(name, DEFAULT_RECIPE)

@@ -2,7 +2,9 @@
 
 Federated learning behaves very differently on IID and on label-skewed data, so the
 harness must be able to produce both, reproducibly: every function here is pure and
-depends only on the labels, the peer count, the spec and the seed.
+depends only on the labels, the peer count, the spec and the seed. A regression set is
+split on the deciles of its target (``target_strata``): a skewed split then gives each
+peer a different range of the target, as it gives a classifier's peers different classes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ __all__ = [
     "label_histogram",
     "parse_partition",
     "partition",
+    "target_strata",
 ]
+
+#: Quantile bins of a regression target that skewed splits treat as "classes".
+TARGET_BINS = 10
 
 #: Fewest samples a Dirichlet draw may give a peer (lowered automatically on tiny datasets).
 DEFAULT_MIN_SIZE = 10
@@ -209,6 +215,13 @@ def _shards(
     return [np.sort(np.concatenate([shards[s] for s in row])).astype(np.int64) for row in owner]
 
 
+def target_strata(y: np.ndarray, bins: int = TARGET_BINS) -> np.ndarray:
+    """Real targets as int64 quantile-bin indices ``0..bins-1`` (ties share a bin)."""
+    values = np.asarray(y, dtype=np.float64).reshape(len(y), -1)[:, 0]
+    edges = np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    return np.searchsorted(edges, values, side="right").astype(np.int64)
+
+
 def label_histogram(y: np.ndarray, parts: list[np.ndarray], classes: int) -> np.ndarray:
     """Counts of each class held by each peer: int64 array of shape ``(peers, classes)``."""
     labels = np.asarray(y)
@@ -226,15 +239,18 @@ def classes_per_peer(histogram: np.ndarray, threshold: float = 0.05) -> np.ndarr
     return np.asarray((shares >= threshold).sum(axis=1), dtype=np.int64)
 
 
-def describe_heterogeneity(histogram: np.ndarray, threshold: float = 0.05) -> str:
+def describe_heterogeneity(
+    histogram: np.ndarray, threshold: float = 0.05, unit: str = "classes"
+) -> str:
     """One line on how skewed a partition is, e.g. for a run report.
 
     ``8 peers, 178-181 samples each, 2.1 of 10 classes per peer (each >= 5% of its data)``
+    (``unit`` names the columns: ``target deciles`` for a regression set).
     """
     sizes = histogram.sum(axis=1)
     per_peer = classes_per_peer(histogram, threshold)
     return (
         f"{histogram.shape[0]} peers, {int(sizes.min())}-{int(sizes.max())} samples each, "
-        f"{per_peer.mean():.1f} of {histogram.shape[1]} classes per peer "
+        f"{per_peer.mean():.1f} of {histogram.shape[1]} {unit} per peer "
         f"(each >= {threshold:.0%} of its data)"
     )

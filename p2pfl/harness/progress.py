@@ -13,6 +13,7 @@ class PeerProgress:
     round: int = -1  # latest round started
     rounds_done: int = 0
     last_round_done: int = -1
+    #: The latest eval's accuracy (regression: its R^2).
     accuracy: float | None = None
     finished: bool = False
 
@@ -22,6 +23,8 @@ class RunProgress:
     peers: list[str]
     total_rounds: int
     by_peer: dict[str, PeerProgress] = field(default_factory=dict)
+    #: What the evals report: ``accuracy``, or ``r2`` in a regression network.
+    metric: str = "accuracy"
 
     def __post_init__(self) -> None:
         for peer in self.peers:
@@ -40,8 +43,12 @@ class RunProgress:
                 state.rounds_done += 1
                 if round_index is not None:
                     state.last_round_done = max(state.last_round_done, round_index)
-            elif kind == "eval" and isinstance(event.get("accuracy"), (int, float)):
-                state.accuracy = float(event.get("accuracy"))
+            elif kind == "eval":
+                for metric in ("accuracy", "r2"):
+                    value = event.get(metric)
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        state.accuracy = float(value)
+                        self.metric = metric
             elif kind == "node_stop" and event.get("finished") is True:
                 state.finished = True
 
@@ -54,12 +61,14 @@ class RunProgress:
         return {p: s.round for p, s in self.by_peer.items() if s.round >= 0}
 
     def line(self, running: int, elapsed: float) -> str:
-        """One status line: rounds (slowest..fastest), mean latest accuracy, peers running."""
+        """One status line: rounds (slowest..fastest), mean latest accuracy (or R^2), peers
+        running."""
         rounds = [
             s.round + 1 if not s.finished else self.total_rounds for s in self.by_peer.values()
         ]
         accs = [s.accuracy for s in self.by_peer.values() if s.accuracy is not None]
-        acc = f"acc {sum(accs) / len(accs):.4f}" if accs else "acc -"
+        name = "acc" if self.metric == "accuracy" else "R^2"
+        acc = f"{name} {sum(accs) / len(accs):.4f}" if accs else f"{name} -"
         per_peer = f"  [{' '.join(map(str, rounds))}]" if len(rounds) <= 12 else ""
         return (
             f"round {min(rounds)}..{max(rounds)}/{self.total_rounds}{per_peer}  {acc}  "

@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 
 from p2pfl.harness.baseline import BaselineResult
+from p2pfl.learning.base import Evaluation
 from p2pfl.logs.read import Event, finite
 
 #: As in ``p2pfl logs`` (and ``ls -h``): 1 MB = 2**20 bytes.
 MB = 2**20
+
+
+#: The headline metric's label in tables and plots.
+METRIC_LABELS = {"accuracy": "accuracy", "r2": "R^2"}
 
 
 @dataclass(frozen=True)
@@ -28,14 +33,17 @@ class PeerResult:
     samples: int
     classes_held: int
     rounds_done: int
-    #: Of the model in the peer's last checkpoint, on the held-out test set.
-    test_accuracy: float | None
+    #: Of the model in the peer's last checkpoint, on the held-out test set: accuracy, or
+    #: R^2 for regression.
+    test_score: float | None
     bytes_sent: int
     bytes_received: int
     median_round_s: float | None
     train_share: float | None
     peak_rss_mb: float | None
     finished: bool
+    #: Regression only: the test mean squared error.
+    test_mse: float | None = None
 
 
 def final_models(
@@ -47,7 +55,9 @@ def final_models(
     from p2pfl.learning import build_learner, flatten
 
     config = load_config(config_path)
-    learner = build_learner(config.training.model.as_mapping(), config.seed, source="harness")
+    learner = build_learner(
+        config.training.model.as_mapping(), config.seed, source="harness", torch_threads=None
+    )
     size = flatten(learner.get_weights()).size
     models: dict[str, np.ndarray] = {}
     for peer, state in state_dirs.items():
@@ -57,11 +67,13 @@ def final_models(
     return models, learner
 
 
-def test_accuracy(learner: Any, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+def test_evaluation(learner: Any, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> Evaluation:
+    """The model ``params`` on the test set (accuracy, or R^2 and MSE for regression)."""
     from p2pfl.learning import unflatten
 
     learner.set_weights(unflatten(params, learner.get_weights()))
-    return float(learner.evaluate(x, y).accuracy)
+    result: Evaluation = learner.evaluate(x, y)
+    return result
 
 
 def consensus_distance(
@@ -97,15 +109,18 @@ def consensus_distance(
     return distances
 
 
-def per_round_accuracy(events: Sequence[Event], peers: Sequence[str]) -> dict[str, list[Any]]:
-    """Test accuracy after each round, per peer (None where the peer did not evaluate)."""
+def per_round_score(
+    events: Sequence[Event], peers: Sequence[str], metric: str = "accuracy"
+) -> dict[str, list[Any]]:
+    """Test accuracy (or ``metric``) after each round, per peer (None where the peer did
+    not evaluate)."""
     rounds = 1 + max(
         (e.round for e in events if e.type == "eval" and e.round is not None), default=-1
     )
     table: dict[str, list[Any]] = {p: [None] * rounds for p in peers}
     for e in events:
         if e.type == "eval" and e.round is not None and e.node in table:
-            table[e.node][e.round] = e.get("accuracy")
+            table[e.node][e.round] = e.get(metric)
     return table
 
 
@@ -143,27 +158,35 @@ def build_summary(
     consensus: Sequence[float | None],
     wall_s: float,
     record: Mapping[str, Any],
+    metric: str = "accuracy",
 ) -> dict[str, Any]:
-    """Everything summary.json holds (plain JSON types only)."""
-    finals = {p.peer: p.test_accuracy for p in peers if p.test_accuracy is not None}
-    finished = [p.test_accuracy for p in peers if p.finished and p.test_accuracy is not None]
+    """Everything summary.json holds (plain JSON types only).
+
+    The headline metric is ``metric``: ``accuracy`` (classification) or ``r2`` (regression);
+    the keys that carry it are named after it (``accuracy``, ``centralized_accuracy``,
+    ``accuracy_per_round``, peers' ``test_accuracy``; or ``r2``, ``centralized_r2`` ...).
+    """
+    m = metric
+    finals = {p.peer: p.test_score for p in peers if p.test_score is not None}
+    finished = [p.test_score for p in peers if p.finished and p.test_score is not None]
     counted = finished or list(finals.values())
     mean = statistics.fmean(counted) if counted else None
     durations = [_number(e.get("duration_s")) for e in events if e.type == "round_end"]
     trains = [_number(e.get("duration_s")) for e in events if e.type == "train"]
-    central = baseline.final_accuracy if baseline else None
+    central = baseline.final_score if baseline else None
     summary: dict[str, Any] = {
         **options,
+        "metric": m,
         "wall_s": round(wall_s, 3),
-        "accuracy": {
+        m: {
             "per_peer": {k: round(v, 6) for k, v in finals.items()},
             "mean": None if mean is None else round(mean, 6),
             "min": round(min(counted), 6) if counted else None,
             "max": round(max(counted), 6) if counted else None,
             "over": "peers that finished" if finished else "all peers with a checkpoint",
         },
-        "centralized_accuracy": None if central is None else round(central, 6),
-        "centralized_best_accuracy": round(baseline.best_accuracy, 6) if baseline else None,
+        f"centralized_{m}": None if central is None else round(central, 6),
+        f"centralized_best_{m}": round(baseline.best_score, 6) if baseline else None,
         "centralized_epochs": baseline.epochs if baseline else None,
         "centralized_seconds": round(baseline.seconds, 3) if baseline else None,
         "ratio": round(mean / central, 6) if mean is not None and central else None,
@@ -190,7 +213,8 @@ def build_summary(
                 "samples": p.samples,
                 "classes_held": p.classes_held,
                 "rounds_done": p.rounds_done,
-                "test_accuracy": p.test_accuracy,
+                f"test_{m}": p.test_score,
+                **({} if p.test_mse is None else {"test_mse": round(p.test_mse, 6)}),
                 "bytes_sent": p.bytes_sent,
                 "bytes_received": p.bytes_received,
                 "median_round_s": p.median_round_s,
@@ -199,10 +223,10 @@ def build_summary(
             }
             for p in peers
         ],
-        "accuracy_per_round": per_round_accuracy(events, [p.peer for p in peers]),
+        f"{m}_per_round": per_round_score(events, [p.peer for p in peers], m),
         "consensus_distance": [None if d is None else float(f"{d:.6g}") for d in consensus],
-        "centralized_accuracy_per_epoch": (
-            [round(a, 6) for a in baseline.accuracy_per_epoch] if baseline else None
+        f"centralized_{m}_per_epoch": (
+            [round(a, 6) for a in baseline.score_per_epoch] if baseline else None
         ),
         "privacy": privacy_spent(events),
         "faults": record.get("faults", []),
@@ -240,8 +264,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def render_table(summary: Mapping[str, Any]) -> str:
     """The human result: one row per peer, then the comparison with the centralised model."""
+    m = summary.get("metric", "accuracy")
+    label = METRIC_LABELS.get(m, m)
+    held = "classes" if m == "accuracy" else "bins"
+    short = "test acc" if m == "accuracy" else f"test {label}"
     rows = [
-        f"{'peer':<5} {'samples':>7} {'classes':>7} {'rounds':>6} {'test acc':>8} "
+        f"{'peer':<5} {'samples':>7} {held:>7} {'rounds':>6} {short:>8} "
         f"{'sent MB':>8} {'recv MB':>8} {'round ms':>8} {'train %':>7}"
     ]
     for p in summary["peers_detail"]:
@@ -249,21 +277,24 @@ def render_table(summary: Mapping[str, Any]) -> str:
         share = p["train_share"]
         rows.append(
             f"{p['peer']:<5} {p['samples']:>7} {p['classes_held']:>7} {p['rounds_done']:>6} "
-            f"{_fmt(p['test_accuracy'], '.4f'):>8} {p['bytes_sent'] / MB:>8.2f} "
+            f"{_fmt(p[f'test_{m}'], '.4f'):>8} {p['bytes_sent'] / MB:>8.2f} "
             f"{p['bytes_received'] / MB:>8.2f} "
             f"{_fmt(None if median is None else median * 1000, '.1f'):>8} "
             f"{_fmt(None if share is None else share * 100, '.0f'):>7}"
         )
-    acc = summary["accuracy"]
+    acc = summary[m]
     rows.append("")
     rows.append(
-        f"peers' test accuracy: mean {_fmt(acc['mean'], '.4f')}, min {_fmt(acc['min'], '.4f')}"
+        f"peers' test {label}: mean {_fmt(acc['mean'], '.4f')}, min {_fmt(acc['min'], '.4f')}"
         f" ({acc['over']})"
     )
-    if summary["centralized_accuracy"] is not None:
+    mses = [p["test_mse"] for p in summary["peers_detail"] if p.get("test_mse") is not None]
+    if mses:
+        rows.append(f"peers' test MSE: mean {statistics.fmean(mses):.4f}, max {max(mses):.4f}")
+    if summary[f"centralized_{m}"] is not None:
         rows.append(
             f"centralised model (same learner, pooled data, {summary['centralized_epochs']} "
-            f"epochs): {summary['centralized_accuracy']:.4f}"
+            f"epochs): {summary[f'centralized_{m}']:.4f}"
             f"  ->  ratio {_fmt(summary['ratio'], '.4f')}"
         )
     median = summary["round_time_s"]
@@ -304,19 +335,21 @@ def render_table(summary: Mapping[str, Any]) -> str:
 
 
 def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
-    """report.png: test accuracy per round for each peer with the centralised curve, and
-    the consensus distance per round."""
+    """report.png: test accuracy (regression: R^2) per round for each peer with the
+    centralised curve, and the consensus distance per round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    m = summary.get("metric", "accuracy")
+    label = METRIC_LABELS.get(m, m)
     fig, (ax_acc, ax_dist) = plt.subplots(1, 2, figsize=(13, 5))
-    for peer, accs in summary["accuracy_per_round"].items():
+    for peer, accs in summary[f"{m}_per_round"].items():
         xs = [r for r, a in enumerate(accs) if a is not None]
         ys = [a for a in accs if a is not None]
         ax_acc.plot(xs, ys, linewidth=1, alpha=0.7, label=peer)
-    central = summary.get("centralized_accuracy_per_epoch")
+    central = summary.get(f"centralized_{m}_per_epoch")
     if central:
         epochs_per_round = max(1, int(summary.get("local_epochs", 1)))
         # epoch e+1 of the baseline matches the end of round e (rounds count from 0)
@@ -335,13 +368,13 @@ def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
             color=color,
         )
     ax_acc.set_xlabel("round (from 0, as in the event logs)")
-    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_ylabel(f"test {label}")
     ax_acc.set_title(
         f"{summary['dataset']}, {summary['partition']}, {summary['peers']} peers, "
         f"{summary['topology']}"
     )
     ax_acc.grid(alpha=0.3)
-    if len(summary["accuracy_per_round"]) <= 12:
+    if len(summary[f"{m}_per_round"]) <= 12:
         ax_acc.legend(fontsize=8, loc="lower right")
     else:
         handles, labels = ax_acc.get_legend_handles_labels()

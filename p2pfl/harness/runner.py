@@ -35,6 +35,7 @@ from p2pfl.errors import P2PFLError
 from p2pfl.harness.faults import Fault, FaultPlan
 from p2pfl.harness.partition import PartitionSpec
 from p2pfl.harness.progress import RunProgress
+from p2pfl.learning.base import Task
 from p2pfl.logs.read import Event, Tail
 
 #: Monitor loop period; faults fire within one period of the round they name, so while a
@@ -81,6 +82,8 @@ class HarnessOptions:
     #: aggregation.dp for peers.yaml (clip_norm, noise_multiplier, delta), or None.
     dp: Mapping[str, float] | None = None
     progress: bool = True
+    #: ``--task`` for an .npz dataset (regression: real targets); None: from the dataset.
+    task: Task | None = None
 
 
 @dataclass
@@ -574,6 +577,7 @@ class Prepared:
     layout: Layout
     split_name: str
     split_description: str
+    task: Task
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
@@ -604,10 +608,12 @@ def _prepare(options: HarnessOptions) -> Prepared:
     from p2pfl.config import load_config
     from p2pfl.harness.datasets import describe, load_split
     from p2pfl.harness.partition import (
+        TARGET_BINS,
         classes_per_peer,
         describe_heterogeneity,
         label_histogram,
         partition,
+        target_strata,
     )
     from p2pfl.keys import generate_key_file
     from p2pfl.learning import Dataset
@@ -620,32 +626,37 @@ def _prepare(options: HarnessOptions) -> Prepared:
         raise HarnessError(f"--peers must be at least 2, got {options.peers}")
     layout = Layout(out, peer_ids(options.peers))
     try:
-        split = load_split(options.dataset, seed=options.seed)
+        split = load_split(options.dataset, seed=options.seed, task=options.task)
     except ImportError as exc:
         raise HarnessError(
             f"--dataset {options.dataset} needs {exc.name}: pip install 'p2pfl[tools]'"
         ) from exc
+    regression = split.task == "regression"
+    # A regression set is split on its target's deciles, as a classifier's on its classes.
+    strata = target_strata(split.y_train) if regression else split.y_train
+    bins = TARGET_BINS if regression else split.classes
     try:
-        parts = partition(split.y_train, options.peers, options.partition, options.seed)
+        parts = partition(strata, options.peers, options.partition, options.seed)
     except ValueError as exc:
         raise HarnessError(f"--partition {options.partition}: {exc}") from exc
-    histogram = label_histogram(split.y_train, parts, split.classes)
+    histogram = label_histogram(strata, parts, bins)
     held = classes_per_peer(histogram)
     x_train, x_test = split.x_train, split.x_test
+    y_train, y_test = split.y_train, split.y_test
     standardize = options.standardize
-    if standardize is None:  # tabular data brought as .npz: features on their own scales
-        standardize = options.dataset.endswith(".npz")
+    if standardize is None:  # tabular data: features on their own scales
+        standardize = options.dataset.endswith(".npz") or regression
     if standardize:
         x_train, x_test = standardized(x_train, x_test)
+    if regression:  # a target of 25-346 would blow up SGD from a model that outputs ~0
+        y_train, y_test = standardized_targets(y_train, y_test)
 
     (out / "data").mkdir(parents=True, exist_ok=True)
     for peer, rows in zip(layout.peers, parts, strict=True):
-        np.savez(layout.data(peer), x=x_train[rows], y=split.y_train[rows])
-    np.savez(layout.test_data, x=x_test, y=split.y_test)
+        np.savez(layout.data(peer), x=x_train[rows], y=y_train[rows])
+    np.savez(layout.test_data, x=x_test, y=y_test)
     # One input scale for everyone (and the baseline): from all the training data.
-    scale = (
-        1.0 if standardize else input_scale_for(Dataset(x_train, split.y_train, None, None), None)
-    )
+    scale = 1.0 if standardize else input_scale_for(Dataset(x_train, y_train, None, None), None)
 
     (out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
     public = {peer: generate_key_file(layout.key(peer)) for peer in layout.peers}
@@ -662,6 +673,7 @@ def _prepare(options: HarnessOptions) -> Prepared:
         model=dict(options.model),
         inputs=split.inputs,
         classes=split.classes,
+        task=split.task,
         learning_rate=options.learning_rate,
         batch_size=options.batch_size,
         round_timeout=options.round_timeout,
@@ -680,20 +692,27 @@ def _prepare(options: HarnessOptions) -> Prepared:
     )
     layout.config.write_text(header + yaml.safe_dump(shared, sort_keys=False), encoding="utf-8")
     load_config(layout.config)  # the peers will: fail here first, with the same message
+    notes = [
+        *(["standardized"] if standardize else []),
+        *(["targets standardized (MSE in units of their variance)"] if regression else []),
+    ]
     return Prepared(
         layout=layout,
         split_name=split.name,
-        split_description=describe(split) + (", standardized" if standardize else ""),
+        split_description=describe(split) + "".join(f", {note}" for note in notes),
+        task=split.task,
         x_train=x_train,
-        y_train=split.y_train,
+        y_train=y_train,
         x_test=x_test,
-        y_test=split.y_test,
+        y_test=y_test,
         classes=split.classes,
         inputs=split.inputs,
         input_scale=scale,
         samples={peer: int(rows.size) for peer, rows in zip(layout.peers, parts, strict=True)},
         classes_held={peer: int(n) for peer, n in zip(layout.peers, held, strict=True)},
-        heterogeneity=describe_heterogeneity(histogram),
+        heterogeneity=describe_heterogeneity(
+            histogram, unit="target deciles" if regression else "classes"
+        ),
     )
 
 
@@ -713,6 +732,17 @@ def standardized(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
     )
 
 
+def standardized_targets(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Regression targets to mean 0, standard deviation 1 over the pooled training targets
+    (a simulation convenience, as for the features; R^2 does not depend on it)."""
+    mean = float(y_train.mean(dtype=np.float64))
+    std = float(y_train.std(dtype=np.float64)) or 1.0
+    return (
+        ((y_train - mean) / std).astype(np.float32),
+        ((y_test - mean) / std).astype(np.float32),
+    )
+
+
 def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> int:
     """Prepare, run, evaluate, report. Returns 0, or 1 if a peer did not finish."""
     from p2pfl.harness.baseline import train_centralized
@@ -724,7 +754,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
         peer_stats,
         plot_report,
         render_table,
-        test_accuracy,
+        test_evaluation,
         write_summary,
     )
     from p2pfl.logs.read import read_logs
@@ -760,21 +790,24 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
     model_size = sum(w.size for w in learner.get_weights())
     x_test = prepared.x_test / np.float32(prepared.input_scale)
     stats = peer_stats(events)
+    metric = "accuracy" if prepared.task == "classification" else "r2"
     results = []
     for peer in layout.peers:
         s = stats[peer]
         rounds = s["rounds"]
+        tested = (
+            test_evaluation(learner, models[peer], x_test, prepared.y_test)
+            if peer in models
+            else None
+        )
         results.append(
             PeerResult(
                 peer=peer,
                 samples=prepared.samples[peer],
                 classes_held=prepared.classes_held[peer],
                 rounds_done=len(rounds),
-                test_accuracy=(
-                    test_accuracy(learner, models[peer], x_test, prepared.y_test)
-                    if peer in models
-                    else None
-                ),
+                test_score=None if tested is None else tested.score,
+                test_mse=None if tested is None or prepared.task != "regression" else tested.loss,
                 bytes_sent=s["sent"],
                 bytes_received=s["recv"],
                 median_round_s=float(np.median(rounds)) if rounds else None,
@@ -818,6 +851,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
             "rounds": options.rounds,
             "dataset": options.dataset,
             "dataset_info": prepared.split_description,
+            "task": prepared.task,
             "partition": str(options.partition),
             "partition_info": prepared.heterogeneity,
             "topology": options.topology_text,
@@ -839,6 +873,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
             else []
         ),
         wall_s=record.wall_s,
+        metric=metric,
         record={
             "peak_total_rss_mb": round(record.peak_total_rss_mb, 1),
             "faults": [f.as_json() for f in record.faults],

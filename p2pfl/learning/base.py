@@ -10,19 +10,42 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Evaluation", "Learner", "flatten", "unflatten"]
+__all__ = ["TASKS", "Evaluation", "Learner", "Task", "flatten", "unflatten"]
+
+#: What a model predicts: class indices (cross-entropy, accuracy) or real targets (MSE, R^2).
+Task = Literal["classification", "regression"]
+TASKS: tuple[Task, ...] = ("classification", "regression")
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Mean cross-entropy and accuracy of a model on one data set."""
+    """A model's quality on one data set.
+
+    Classification: ``loss`` is the mean cross-entropy and ``accuracy`` is set. Regression:
+    ``loss`` is the mean squared error (over samples and outputs) and ``r2`` is set (the
+    coefficient of determination, 1 - SSE / SST: 1 is perfect, 0 is predicting the mean).
+    """
 
     loss: float
-    accuracy: float
+    accuracy: float | None = None
+    r2: float | None = None
+
+    @property
+    def metric(self) -> str:
+        """The name of the headline figure: ``accuracy`` or ``r2``."""
+        return "accuracy" if self.accuracy is not None else "r2"
+
+    @property
+    def score(self) -> float:
+        """The headline figure (higher is better): accuracy, else R^2."""
+        value = self.accuracy if self.accuracy is not None else self.r2
+        if value is None:
+            raise ValueError("an Evaluation needs accuracy (classification) or r2 (regression)")
+        return value
 
 
 @runtime_checkable
@@ -55,11 +78,14 @@ class Learner(Protocol):
         learning_rate: float,
         rng: np.random.Generator,
     ) -> float:
-        """Minibatch SGD, reshuffled with ``rng`` every epoch; mean loss of the last epoch."""
+        """Minibatch training, reshuffled with ``rng`` every epoch; mean loss of the last
+        epoch. ``y`` holds int64 class indices (classification) or float32 targets of shape
+        ``(n,)`` or ``(n, outputs)`` (regression)."""
         ...
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> Evaluation:
-        """Loss and accuracy on ``(x, y)`` without changing the model."""
+        """Loss and accuracy (classification) or loss and R^2 (regression) on ``(x, y)``,
+        without changing the model."""
         ...
 
 

@@ -18,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from p2pfl.errors import DataError
+from p2pfl.learning.base import Task
 
 __all__ = ["Dataset", "check_compatible", "load_dataset"]
 
@@ -31,7 +32,8 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zli
 class Dataset:
     """Training arrays plus optional validation arrays (both present or both ``None``).
 
-    ``x`` arrays are float32 of shape ``(n, features)``; ``y`` arrays int64 of shape ``(n,)``.
+    ``x`` arrays are float32 of shape ``(n, features)``; ``y`` arrays int64 of shape ``(n,)``
+    (class labels) or, for regression, float32 of shape ``(n,)`` or ``(n, outputs)``.
     """
 
     x: np.ndarray
@@ -45,19 +47,24 @@ class Dataset:
         return int(self.x.shape[1])
 
 
-def load_dataset(path: str | Path, *, val_path: str | Path | None = None) -> Dataset:
+def load_dataset(
+    path: str | Path, *, val_path: str | Path | None = None, task: Task = "classification"
+) -> Dataset:
     """Load and validate a data file; ``val_path`` supplies (or replaces) validation data.
 
     ``.npz`` files hold arrays ``x`` and ``y`` and optionally ``x_val`` and ``y_val``.
     ``.csv`` files are numeric, with an optional header row: the label column is the one
     named ``label`` or ``y`` when there is a header, the last column otherwise.
-    A validation file uses the same formats (``x``/``y`` for ``.npz``).
+    A validation file uses the same formats (``x``/``y`` for ``.npz``). For ``task``
+    classification ``y`` holds integer class labels (int64); for regression real targets
+    (float32, shape ``(n,)`` or, in an ``.npz``, ``(n, outputs)``).
     """
     path = Path(path)
-    x, y, x_val, y_val = _load_any(path, allow_val=True)
+    targets = _labels if task == "classification" else _real_targets
+    x, y, x_val, y_val = _load_any(path, allow_val=True, targets=targets)
     if val_path is not None:
         val_path = Path(val_path)
-        x_val, y_val, _, _ = _load_any(val_path, allow_val=False)
+        x_val, y_val, _, _ = _load_any(val_path, allow_val=False, targets=targets)
         val_source = val_path
     else:
         val_source = path
@@ -69,12 +76,24 @@ def load_dataset(path: str | Path, *, val_path: str | Path | None = None) -> Dat
     return Dataset(x=x, y=y, x_val=x_val, y_val=y_val)
 
 
-def check_compatible(ds: Dataset, inputs: int, classes: int, source: str) -> None:
-    """Raise ``DataError`` unless ``ds`` fits a model with ``inputs`` features and ``classes``."""
+def check_compatible(
+    ds: Dataset, inputs: int, classes: int, source: str, task: Task = "classification"
+) -> None:
+    """Raise ``DataError`` unless ``ds`` fits a model with ``inputs`` features and ``classes``
+    classes (regression: ``classes`` targets per row)."""
     if ds.x.shape[1] != inputs:
         raise DataError(
             f"{source}: data has {ds.x.shape[1]} features but the model expects {inputs}"
         )
+    if task == "regression":
+        for name, ys in (("y", ds.y), ("y_val", ds.y_val)):
+            width = 1 if ys is None or ys.ndim == 1 else ys.shape[1]
+            if ys is not None and width != classes:
+                raise DataError(
+                    f"{source}: {name} has {width} target column(s) but the model has "
+                    f"{classes} output(s)"
+                )
+        return
     for name, labels in (("y", ds.y), ("y_val", ds.y_val)):
         if labels is None or labels.size == 0:
             continue
@@ -90,15 +109,19 @@ def check_compatible(ds: Dataset, inputs: int, classes: int, source: str) -> Non
 _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
-def _load_any(path: Path, *, allow_val: bool) -> _Arrays:
+#: Validates the target column(s): (path, name, array, rows, name of x) -> array.
+_Targets = Callable[[Path, str, np.ndarray, int, str], np.ndarray]
+
+
+def _load_any(path: Path, *, allow_val: bool, targets: _Targets) -> _Arrays:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise DataError(f"{path}: data file {what}")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return _load_npz(path, allow_val=allow_val)
+        return _load_npz(path, allow_val=allow_val, targets=targets)
     if suffix == ".csv":
-        x, y = _load_csv(path)
+        x, y = _load_csv(path, targets)
         return x, y, None, None
     raise DataError(f"{path}: unknown data file extension {path.suffix!r} (use .npz or .csv)")
 
@@ -106,8 +129,10 @@ def _load_any(path: Path, *, allow_val: bool) -> _Arrays:
 T = TypeVar("T")
 
 
-def _load_npz(path: Path, *, allow_val: bool) -> _Arrays:
-    return read_npz(path, lambda archive: _npz_arrays(path, archive, allow_val=allow_val))
+def _load_npz(path: Path, *, allow_val: bool, targets: _Targets) -> _Arrays:
+    return read_npz(
+        path, lambda archive: _npz_arrays(path, archive, allow_val=allow_val, targets=targets)
+    )
 
 
 def read_npz(path: Path, read: Callable[[np.lib.npyio.NpzFile], T]) -> T:
@@ -130,7 +155,9 @@ def read_npz(path: Path, read: Callable[[np.lib.npyio.NpzFile], T]) -> T:
         raise DataError(f"{path}: cannot read as an .npz archive: {exc}") from exc
 
 
-def _npz_arrays(path: Path, archive: np.lib.npyio.NpzFile, *, allow_val: bool) -> _Arrays:
+def _npz_arrays(
+    path: Path, archive: np.lib.npyio.NpzFile, *, allow_val: bool, targets: _Targets
+) -> _Arrays:
     keys = set(archive.files)
 
     def get(key: str) -> np.ndarray:
@@ -144,7 +171,7 @@ def _npz_arrays(path: Path, archive: np.lib.npyio.NpzFile, *, allow_val: bool) -
             found = ", ".join(sorted(keys)) or "none"
             raise DataError(f"{path}: missing array {key!r} (arrays found: {found})")
     x = _features(path, "x", get("x"))
-    y = _labels(path, "y", get("y"), x.shape[0], "x")
+    y = targets(path, "y", get("y"), x.shape[0], "x")
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
     has_val = ("x_val" in keys, "y_val" in keys)
@@ -153,7 +180,7 @@ def _npz_arrays(path: Path, archive: np.lib.npyio.NpzFile, *, allow_val: bool) -
             present, absent = ("x_val", "y_val") if has_val[0] else ("y_val", "x_val")
             raise DataError(f"{path}: has {present!r} but not {absent!r}; give both or neither")
         x_val = _features(path, "x_val", get("x_val"))
-        y_val = _labels(path, "y_val", get("y_val"), x_val.shape[0], "x_val")
+        y_val = targets(path, "y_val", get("y_val"), x_val.shape[0], "x_val")
         if x_val.shape[1] != x.shape[1]:
             raise DataError(f"{path}: x_val has {x_val.shape[1]} features but x has {x.shape[1]}")
     return x, y, x_val, y_val
@@ -203,7 +230,27 @@ def _labels(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str) -> n
     return arr.astype(np.int64)
 
 
-def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _real_targets(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str) -> np.ndarray:
+    """Regression targets: finite real numbers, one row per sample (one or more columns)."""
+    if arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[1] == 0):
+        raise DataError(
+            f"{path}: {name} must be 1-D (one target per row) or 2-D (rows, outputs), "
+            f"got shape {arr.shape}"
+        )
+    if arr.shape[0] != rows:
+        raise DataError(f"{path}: {name} has {arr.shape[0]} targets but {x_name} has {rows} rows")
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{path}: {name} must hold numeric targets, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) if arr.ndim == 1 else ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            raise DataError(f"{path}: {name} has a NaN or infinite target (row {np.argmax(bad)})")
+    if (np.abs(arr) > np.finfo(np.float32).max).any():
+        raise DataError(f"{path}: {name} has a target too large for float32")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _load_csv(path: Path, targets: _Targets) -> tuple[np.ndarray, np.ndarray]:
     try:
         header, skip, has_data = _csv_layout(path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -235,7 +282,7 @@ def _load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{path}: CSV header has more than one label column ('label' / 'y')")
         label_col = matches[0]
     x = _features(path, "features", np.delete(table, label_col, axis=1))
-    y = _labels(path, f"label column {label_col + 1}", table[:, label_col], x.shape[0], "x")
+    y = targets(path, f"label column {label_col + 1}", table[:, label_col], x.shape[0], "x")
     return x, y
 
 

@@ -14,22 +14,35 @@ from typing import Any
 import numpy as np
 
 from p2pfl.errors import ConfigError
-from p2pfl.learning.base import Learner
+from p2pfl.learning.base import TASKS, Learner, Task
 from p2pfl.learning.models import MLP, SoftmaxRegression
 
-__all__ = ["build_learner"]
+__all__ = ["TORCH_EXTRA_HINT", "build_learner"]
 
 _FIELD = "training.model"
-_KINDS = ("softmax", "mlp", "custom")
+_KINDS = ("softmax", "mlp", "custom", "torch")
+#: How to get PyTorch: the only torch spec that installs the CPU build on these machines.
+TORCH_EXTRA_HINT = "pip install 'p2pfl[torch]' (it installs torch==2.13.0, a CPU build)"
 
 
-def build_learner(model: Mapping[str, object], seed: int, *, source: str = "peers.yaml") -> Learner:
+def build_learner(
+    model: Mapping[str, object],
+    seed: int,
+    *,
+    source: str = "peers.yaml",
+    torch_threads: int | None = 1,
+) -> Learner:
     """Learner described by ``model``, initialised from the shared ``seed``.
 
-    ``model["kind"]`` is ``softmax``, ``mlp`` (with ``hidden``: list of layer sizes) or
-    ``custom`` (with ``factory: "package.module:function"`` and optional ``options``); all
-    kinds need ``inputs`` and ``classes``. A custom factory is called as
-    ``factory(inputs=..., classes=..., seed=..., **options)`` and must return a ``Learner``.
+    ``model["kind"]`` is ``softmax``, ``mlp`` (with ``hidden``: list of layer sizes),
+    ``custom`` (with ``factory: "package.module:function"`` and optional ``options``) or
+    ``torch`` (a factory returning a ``torch.nn.Module``, optional ``options`` and
+    ``optimizer``). ``task`` is ``classification`` (default; needs ``classes``) or
+    ``regression`` (``outputs``, default 1). A custom factory is called as
+    ``factory(inputs=..., classes=... | outputs=..., seed=..., **options)`` and must return a
+    ``Learner``; a torch factory as ``factory(inputs=..., outputs=..., **options)`` with
+    torch's generator seeded from ``seed``. ``torch_threads`` (torch models only) caps torch's
+    threads in this process: one in a peer process, ``None`` leaves torch's default.
     Any fault raises ``ConfigError(source, field, problem)``.
     """
     kind = model.get("kind")
@@ -37,15 +50,29 @@ def build_learner(model: Mapping[str, object], seed: int, *, source: str = "peer
         raise ConfigError(
             source, f"{_FIELD}.kind", f"unknown model kind {kind!r} (expected one of {_KINDS})"
         )
+    task = model.get("task", "classification")
+    if task not in TASKS:
+        raise ConfigError(
+            source, f"{_FIELD}.task", f"unknown task {task!r} (expected one of {TASKS})"
+        )
     inputs = _positive_int(model, "inputs", source)
-    classes = _positive_int(model, "classes", source)
-    if classes < 2:
-        raise ConfigError(source, f"{_FIELD}.classes", f"need at least 2 classes, got {classes}")
+    if task == "classification":
+        outputs = _positive_int(model, "classes", source)
+        if outputs < 2:
+            raise ConfigError(
+                source, f"{_FIELD}.classes", f"need at least 2 classes, got {outputs}"
+            )
+    else:
+        outputs = _positive_int(model, "outputs", source)
     if kind == "softmax":
-        return SoftmaxRegression(inputs, classes, seed)
+        if task != "classification":
+            raise ConfigError(source, f"{_FIELD}.kind", "softmax is a classifier")
+        return SoftmaxRegression(inputs, outputs, seed)
     if kind == "mlp":
-        return MLP(inputs, classes, _hidden(model, source), seed)
-    return _build_custom(model, inputs, classes, seed, source)
+        return MLP(inputs, outputs, _hidden(model, source), seed, task=task)
+    if kind == "torch":
+        return _build_torch(model, inputs, outputs, task, seed, source, torch_threads)
+    return _build_custom(model, inputs, outputs, task, seed, source)
 
 
 def _positive_int(model: Mapping[str, object], key: str, source: str) -> int:
@@ -70,9 +97,57 @@ def _hidden(model: Mapping[str, object], source: str) -> list[int]:
     return sizes
 
 
-def _build_custom(
-    model: Mapping[str, object], inputs: int, classes: int, seed: int, source: str
+def _build_torch(
+    model: Mapping[str, object],
+    inputs: int,
+    outputs: int,
+    task: Task,
+    seed: int,
+    source: str,
+    threads: int | None,
 ) -> Learner:
+    try:
+        from p2pfl.learning import torch_learner  # imports torch
+    except ImportError as exc:
+        raise ConfigError(
+            source,
+            f"{_FIELD}.kind",
+            f"kind torch needs PyTorch, which cannot be imported here ({exc}): {TORCH_EXTRA_HINT}",
+        ) from exc
+    if threads is not None:
+        torch_learner.use_one_thread()
+    options = _options(model, source, reserved=("inputs", "outputs"))
+    spec, factory = _resolve_factory(model, source)
+    try:
+        module = torch_learner.build_module(
+            factory, inputs=inputs, outputs=outputs, seed=seed, options=options
+        )
+    except Exception as exc:
+        raise ConfigError(
+            source, f"{_FIELD}.factory", f"calling {spec!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    raw = model.get("optimizer") or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, f"{_FIELD}.optimizer", f"must be a mapping, got {raw!r}")
+    optimizer = torch_learner.OptimizerSpec(
+        kind=str(raw.get("kind", "sgd")),
+        momentum=float(raw.get("momentum", 0.0)),
+        weight_decay=float(raw.get("weight_decay", 0.0)),
+    )
+    if optimizer.kind not in torch_learner.OPTIMIZERS:
+        raise ConfigError(
+            source,
+            f"{_FIELD}.optimizer.kind",
+            f"unknown optimizer {optimizer.kind!r} (expected one of {torch_learner.OPTIMIZERS})",
+        )
+    learner = torch_learner.TorchLearner(module, task=task, outputs=outputs, optimizer=optimizer)
+    if learner.n_parameters == 0:
+        raise ConfigError(source, f"{_FIELD}.factory", f"the module from {spec!r} has no weights")
+    return learner
+
+
+def _resolve_factory(model: Mapping[str, object], source: str) -> tuple[str, Any]:
+    """The callable named by ``factory: "package.module:function"`` (imported here)."""
     field = f"{_FIELD}.factory"
     spec = model.get("factory")
     if not isinstance(spec, str):
@@ -82,7 +157,6 @@ def _build_custom(
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name.strip() or not attr_path.strip() or ":" in attr_path:
         raise ConfigError(source, field, f"{spec!r} is not of the form 'package.module:function'")
-    options = _options(model, source)
 
     try:
         module = importlib.import_module(module_name)
@@ -107,9 +181,18 @@ def _build_custom(
             ) from exc
     if not callable(target):
         raise ConfigError(source, field, f"{spec!r} is not callable")
+    return spec, target
 
+
+def _build_custom(
+    model: Mapping[str, object], inputs: int, outputs: int, task: Task, seed: int, source: str
+) -> Learner:
+    field = f"{_FIELD}.factory"
+    size = "classes" if task == "classification" else "outputs"
+    options = _options(model, source, reserved=("inputs", size, "seed"))
+    spec, target = _resolve_factory(model, source)
     try:
-        learner = target(inputs=inputs, classes=classes, seed=seed, **options)
+        learner = target(inputs=inputs, **{size: outputs}, seed=seed, **options)
     except Exception as exc:
         raise ConfigError(
             source, field, f"calling {spec!r} failed: {type(exc).__name__}: {exc}"
@@ -138,14 +221,16 @@ def _build_custom(
     return learner
 
 
-def _options(model: Mapping[str, object], source: str) -> dict[str, Any]:
+def _options(
+    model: Mapping[str, object], source: str, *, reserved: tuple[str, ...]
+) -> dict[str, Any]:
     field = f"{_FIELD}.options"
     options = model.get("options", {})
     if options is None:
         return {}
     if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
         raise ConfigError(source, field, f"must be a mapping of names to values, got {options!r}")
-    clash = sorted({"inputs", "classes", "seed"} & set(options))
+    clash = sorted(set(reserved) & set(options))
     if clash:
         raise ConfigError(
             source, field, f"must not set {', '.join(clash)} (they come from the model section)"

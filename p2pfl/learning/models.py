@@ -1,6 +1,8 @@
-"""Pure-numpy classifiers: softmax regression and a ReLU multilayer perceptron.
+"""Pure-numpy models: softmax regression and a ReLU multilayer perceptron.
 
-Both are the same dense network (softmax regression is the MLP without hidden layers).
+Both are the same dense network (softmax regression is the MLP without hidden layers),
+with one of two heads: softmax cross-entropy (classification) or a linear output trained
+on the mean squared error (regression, ``task="regression"``).
 All parameters live in ONE contiguous buffer, with each weight matrix and bias vector a
 view into it, so that:
 
@@ -22,9 +24,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from p2pfl.learning.base import Evaluation
+from p2pfl.learning.base import TASKS, Evaluation, Task
 
-__all__ = ["MLP", "SoftmaxRegression"]
+__all__ = ["MLP", "SoftmaxRegression", "regression_evaluation", "regression_targets"]
 
 # Rows per chunk in ``evaluate`` and ``predict``: bounds the activation memory on big sets.
 _EVAL_CHUNK = 8192
@@ -43,25 +45,30 @@ def _positive_int(name: str, value: int) -> int:
     return int(value)
 
 
-class _DenseClassifier:
-    """Dense ReLU network with a softmax cross-entropy head (shared implementation)."""
+class _DenseNetwork:
+    """Dense ReLU network with a softmax cross-entropy head (classification, ``outputs``
+    classes) or a linear MSE head (regression, ``outputs`` targets); shared implementation."""
 
     def __init__(
         self,
         inputs: int,
-        classes: int,
+        outputs: int,
         hidden: Sequence[int],
         seed: int,
         dtype: DTypeLike,
+        task: Task = "classification",
     ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.task: Task = task
         self.inputs = _positive_int("inputs", inputs)
-        self.classes = _positive_int("classes", classes)
-        if self.classes < 2:
-            raise ValueError(f"classes must be at least 2, got {classes}")
+        self.outputs = _positive_int("outputs", outputs)
+        if task == "classification" and self.outputs < 2:
+            raise ValueError(f"classes must be at least 2, got {outputs}")
         self.hidden = tuple(_positive_int("hidden layer size", h) for h in hidden)
         self.dtype = _float_dtype(dtype)
 
-        sizes = [self.inputs, *self.hidden, self.classes]
+        sizes = [self.inputs, *self.hidden, self.outputs]
         shapes: list[tuple[int, ...]] = []
         for fan_in, fan_out in pairwise(sizes):
             shapes += [(fan_in, fan_out), (fan_out,)]
@@ -87,6 +94,11 @@ class _DenseClassifier:
             views.append(flat[offset : offset + size].reshape(shape))
             offset += size
         return views
+
+    @property
+    def classes(self) -> int:
+        """Number of classes (classification) or of regression targets."""
+        return self.outputs
 
     @property
     def n_parameters(self) -> int:
@@ -153,8 +165,11 @@ class _DenseClassifier:
         return epoch_loss
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> Evaluation:
-        """Mean cross-entropy and accuracy, computed in chunks to bound memory."""
+        """Mean cross-entropy and accuracy (classification) or mean squared error and R^2
+        (regression), computed in chunks to bound memory."""
         xs, ys = self._check_xy(x, y)
+        if self.task == "regression":
+            return self._evaluate_regression(xs, ys)
         n = ys.shape[0]
         loss_sum = 0.0
         correct = 0
@@ -169,11 +184,26 @@ class _DenseClassifier:
             correct += int(np.count_nonzero(z.argmax(axis=1) == yb))
         return Evaluation(loss=loss_sum / n, accuracy=correct / n)
 
+    def _evaluate_regression(self, xs: np.ndarray, ys: np.ndarray) -> Evaluation:
+        sse = 0.0
+        for start in range(0, ys.shape[0], _EVAL_CHUNK):
+            z = self._forward(xs[start : start + _EVAL_CHUNK])[1]
+            sse += float(np.sum((z - ys[start : start + _EVAL_CHUNK]) ** 2, dtype=np.float64))
+        return regression_evaluation(sse, ys)
+
     # -- extras -------------------------------------------------------------------------
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Predicted class index for every row of ``x``."""
+        """Predicted class index for every row of ``x`` (regression: the predicted targets,
+        shape ``(n, outputs)``)."""
         xs = self._check_x(x)
+        if self.task == "regression":
+            return np.concatenate(
+                [
+                    self._forward(xs[start : start + _EVAL_CHUNK])[1]
+                    for start in range(0, xs.shape[0], _EVAL_CHUNK)
+                ]
+            )
         out = np.empty(xs.shape[0], dtype=np.int64)
         for start in range(0, xs.shape[0], _EVAL_CHUNK):
             z = self._forward(xs[start : start + _EVAL_CHUNK])[1]
@@ -181,7 +211,7 @@ class _DenseClassifier:
         return out
 
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[np.ndarray]]:
-        """Mean cross-entropy on ``(x, y)`` and its gradient, shaped like ``get_weights()``.
+        """Mean loss on ``(x, y)`` and its gradient, shaped like ``get_weights()``.
 
         Public so tests can compare against finite differences; the gradients are copies.
         """
@@ -203,6 +233,8 @@ class _DenseClassifier:
 
     def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         xs = self._check_x(x)
+        if self.task == "regression":
+            return xs, regression_targets(y, xs.shape[0], self.outputs).astype(self.dtype)
         ys = np.asarray(y)
         if ys.ndim != 1 or ys.shape[0] != xs.shape[0]:
             raise ValueError(f"y must have shape ({xs.shape[0]},), got {ys.shape}")
@@ -229,9 +261,16 @@ class _DenseClassifier:
         return acts, a
 
     def _loss_and_gradients_into(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Mean cross-entropy; writes its gradient into the gradient buffer views."""
+        """Mean loss; writes its gradient into the gradient buffer views."""
         n = y.shape[0]
         acts, z = self._forward(x)
+        if self.task == "regression":
+            # Mean squared error over every entry (as torch's MSELoss): d/dz = 2 (z - y) / size.
+            z -= y
+            loss = float(np.mean(z * z, dtype=np.float64))
+            z *= self.dtype.type(2.0 / z.size)
+            self._backward(acts, z)
+            return loss
         rows = np.arange(n)
         # Stable log-sum-exp: shift every row by its maximum before exponentiating.
         z -= z.max(axis=1, keepdims=True)
@@ -243,7 +282,11 @@ class _DenseClassifier:
         z /= sums
         z[rows, y] -= 1
         z *= self.dtype.type(1.0 / n)
-        delta = z
+        self._backward(acts, z)
+        return loss
+
+    def _backward(self, acts: list[np.ndarray], delta: np.ndarray) -> None:
+        """Back-propagate d(loss)/d(logits) into the gradient buffer views."""
         for layer in range(len(acts) - 1, -1, -1):
             a = acts[layer]
             np.matmul(a.T, delta, out=self._grads[2 * layer])
@@ -252,27 +295,54 @@ class _DenseClassifier:
                 delta = delta @ self._params[2 * layer].T
                 # ReLU derivative: a is the post-activation, positive exactly where h > 0.
                 delta *= a > 0
-        return loss
 
 
-class SoftmaxRegression(_DenseClassifier):
+class SoftmaxRegression(_DenseNetwork):
     """Multinomial logistic regression: one dense layer and softmax cross-entropy."""
 
     def __init__(self, inputs: int, classes: int, seed: int, dtype: DTypeLike = np.float32) -> None:
         super().__init__(inputs, classes, (), seed, dtype)
 
 
-class MLP(_DenseClassifier):
-    """Multilayer perceptron with ReLU hidden layers and a softmax cross-entropy head."""
+class MLP(_DenseNetwork):
+    """Multilayer perceptron with ReLU hidden layers and a softmax cross-entropy head, or
+    (``task="regression"``) a linear head trained on the mean squared error."""
 
     def __init__(
         self,
         inputs: int,
-        classes: int,
+        outputs: int,
         hidden: Sequence[int],
         seed: int,
         dtype: DTypeLike = np.float32,
+        task: Task = "classification",
     ) -> None:
         if isinstance(hidden, str | bytes) or len(hidden) == 0:
             raise ValueError(f"hidden must list at least one layer size, got {hidden!r}")
-        super().__init__(inputs, classes, hidden, seed, dtype)
+        super().__init__(inputs, outputs, hidden, seed, dtype, task)
+
+
+def regression_targets(y: np.ndarray, rows: int, outputs: int) -> np.ndarray:
+    """``y`` as a finite float array of shape ``(rows, outputs)`` (a 1-D ``y`` is one target)."""
+    ys = np.asarray(y)
+    if ys.dtype.kind not in "fiu":
+        raise ValueError(f"regression targets must be numeric, got {ys.dtype}")
+    if ys.ndim == 1:
+        ys = ys.reshape(-1, 1)
+    if ys.shape != (rows, outputs):
+        raise ValueError(f"y must have shape ({rows},) or ({rows}, {outputs}), got {ys.shape}")
+    if ys.dtype.kind == "f" and not np.isfinite(ys).all():
+        raise ValueError("regression targets must be finite")
+    return ys
+
+
+def regression_evaluation(sse: float, ys: np.ndarray) -> Evaluation:
+    """MSE and R^2 from the sum of squared errors over ``ys`` (shape ``(n, outputs)``).
+
+    R^2 = 1 - SSE / SST with SST summed over every output around its own mean. Constant
+    targets (SST = 0) give 1 for an exact fit and 0 otherwise, never a division by zero.
+    """
+    centred = ys - ys.mean(axis=0, dtype=np.float64)
+    sst = float(np.sum(centred * centred, dtype=np.float64))
+    r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else 0.0)
+    return Evaluation(loss=sse / ys.size, r2=r2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_digits_arrays", "split_iid", "write_partitions"]
+__all__ = ["load_diabetes_arrays", "load_digits_arrays", "split_iid", "write_partitions"]
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -21,6 +21,17 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     digits = load_digits()
     x = (np.asarray(digits.data, dtype=np.float32) / np.float32(16.0)).astype(np.float32)
     y = np.asarray(digits.target, dtype=np.int64)
+    return x, y
+
+
+def load_diabetes_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's diabetes regression set: x float32 (442, 10), as scikit-learn scales
+    it (each column centred, unit norm), y float32 (a disease progression score, 25-346)."""
+    from sklearn.datasets import load_diabetes  # lazy: see module docstring
+
+    diabetes = load_diabetes()
+    x = np.asarray(diabetes.data, dtype=np.float32)
+    y = np.asarray(diabetes.target, dtype=np.float32)
     return x, y
 
 

@@ -29,13 +29,13 @@ def round_series(events: Iterable[Event]) -> dict[str, Series]:
     bytes sent are summed over the round's sends."""
     series: dict[str, Series] = {
         name: defaultdict(dict)
-        for name in ("accuracy", "train_loss", "eval_loss", "round_s", "bytes_sent")
+        for name in ("accuracy", "r2", "train_loss", "eval_loss", "round_s", "bytes_sent")
     }
     for e in events:
         if e.round is None:
             continue
         if e.type == "eval":
-            for key, name in (("accuracy", "accuracy"), ("loss", "eval_loss")):
+            for key, name in (("accuracy", "accuracy"), ("r2", "r2"), ("loss", "eval_loss")):
                 value = _number(e.get(key))
                 if value is not None:
                     series[name][e.node][e.round] = value
@@ -73,8 +73,10 @@ def plot_logs(events: Iterable[Event], out: Path | str, title: str | None = None
     fig = Figure(figsize=(12, 8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2, sharex=True)
+    # A regression network logs R^2 where a classifier logs accuracy.
+    score = "r2" if data["r2"] and not data["accuracy"] else "accuracy"
     panels: list[tuple[Any, str, list[tuple[str, str]], float]] = [
-        (axes[0][0], "accuracy (eval)", [("accuracy", "-")], 1.0),
+        (axes[0][0], "R^2 (eval)" if score == "r2" else "accuracy (eval)", [(score, "-")], 1.0),
         (
             axes[0][1],
             "loss (solid: train, dashed: eval)",

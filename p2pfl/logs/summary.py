@@ -35,6 +35,8 @@ class PeerSummary:
     #: Mean CPU time of the node's process per round (all threads; logs from before
     #: round_end carried ``cpu_s`` have none).
     mean_round_cpu_s: float | None = None
+    #: Regression networks: the latest eval's R^2 (their ``accuracy`` stays None).
+    last_r2: float | None = None
 
 
 def _number(value: Any) -> float | None:
@@ -63,6 +65,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
     train_times: dict[int | None, list[float]] = defaultdict(list)
     handshake_peers: set[str] = set()
     accuracy: float | None = None
+    r2: float | None = None
     peak: float | None = None
     finished: bool | None = None
     stop_reason: str | None = None
@@ -92,6 +95,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
             handshake_peers.add(str(e.get("peer", e.get("addr", "?"))))
         elif e.type == "eval":
             accuracy = _number(e.get("accuracy"))
+            r2 = _number(e.get("r2"))
         elif e.type == "node_stop":
             rss = _number(e.get("peak_rss_mb"))
             if rss is not None:
@@ -123,6 +127,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
         dp_epsilon=dp_epsilon,
         dp_delta=dp_delta,
         mean_round_cpu_s=_mean(round_cpu),
+        last_r2=r2,
     )
 
 
@@ -183,6 +188,12 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
     """A plain-text table, one row per peer, columns padded to their widest cell."""
     columns = list(_COLUMNS)
     rows = [[name for name, _ in columns]] + [_row(s) for s in summaries]
+    if any(s.last_r2 is not None for s in summaries):  # a regression network
+        at = [name for name, _ in columns].index("accuracy") + 1
+        columns.insert(at, ("R^2", ">"))
+        rows[0].insert(at, "R^2")
+        for row, s in zip(rows[1:], summaries, strict=True):
+            row.insert(at, _opt(s.last_r2, ".4f"))
     if any(s.dp_epsilon is not None for s in summaries):  # a DP network: its budget so far
         columns.append(("epsilon", ">"))
         rows[0].append("epsilon")
