@@ -1,11 +1,14 @@
 """Accuracy of the peers against the centralised model, over several seeds.
 
 Runs ``p2pfl harness`` (real processes) once per seed for each setting given and prints,
-per setting: the peers' mean and min final test accuracy, the centralised accuracy at
-equal epochs (its final and its best epoch), the ratio, and the median round time.
+per setting: the peers' mean and min final test accuracy (R^2 for a regression set), the
+centralised model's at equal epochs (its final and its best epoch), the ratio, the median
+round time and the share of it spent training.
 
     python scripts/bench_accuracy.py --dataset digits --partition dirichlet:0.5 \\
         --rounds 30 --seeds 1,2,3 [--batch-size 8] [--peers 8] [--topology k-regular:4]
+    python scripts/bench_accuracy.py --dataset fashion-mnist --partition dirichlet:0.5 \\
+        --model torch:cnn --seeds 1,2      # the PyTorch CNN (needs the torch extra)
 
 Every extra argument after ``--`` goes to the harness unchanged. Summaries are kept under
 --out (default runs/bench-accuracy-<time>), one folder per run.
@@ -60,26 +63,29 @@ def main() -> int:
             return 1
         summary = json.loads((run / "summary.json").read_text())
         rows.append(summary)
+        m = summary.get("metric", "accuracy")
         print(
-            f"seed {seed}: mean {summary['accuracy']['mean']:.4f} "
-            f"min {summary['accuracy']['min']:.4f} "
-            f"centralised {summary['centralized_accuracy']:.4f} "
-            f"(best {summary['centralized_best_accuracy']:.4f}) "
+            f"seed {seed}: {m} mean {summary[m]['mean']:.4f} "
+            f"min {summary[m]['min']:.4f} "
+            f"centralised {summary[f'centralized_{m}']:.4f} "
+            f"(best {summary[f'centralized_best_{m}']:.4f}) "
             f"ratio {summary['ratio']:.4f} "
             f"round {summary['round_time_s'] * 1000:.1f} ms "
             f"train {summary['train_share'] * 100:.0f}% wall {summary['wall_s']:.1f} s",
             flush=True,
         )
+    m = rows[0].get("metric", "accuracy")
     ratios = [r["ratio"] for r in rows]
-    best_ratios = [r["accuracy"]["mean"] / r["centralized_best_accuracy"] for r in rows]
+    best_ratios = [r[m]["mean"] / r[f"centralized_best_{m}"] for r in rows]
     print(
         f"\n{args.dataset} {args.partition}, {args.peers} peers {args.topology}, "
-        f"{args.rounds} rounds, {len(rows)} seeds: ratio mean {statistics.fmean(ratios):.4f} "
-        f"(min {min(ratios):.4f}); vs the centralised best epoch "
-        f"{statistics.fmean(best_ratios):.4f}; peers' mean accuracy "
-        f"{statistics.fmean(r['accuracy']['mean'] for r in rows):.4f}; centralised "
-        f"{statistics.fmean(r['centralized_accuracy'] for r in rows):.4f}; median round "
-        f"{statistics.median(r['round_time_s'] for r in rows) * 1000:.1f} ms"
+        f"{args.model or 'mlp:64'}, {args.rounds} rounds, {len(rows)} seeds: ratio mean "
+        f"{statistics.fmean(ratios):.4f} (min {min(ratios):.4f}); vs the centralised best "
+        f"epoch {statistics.fmean(best_ratios):.4f}; peers' mean {m} "
+        f"{statistics.fmean(r[m]['mean'] for r in rows):.4f}; centralised "
+        f"{statistics.fmean(r[f'centralized_{m}'] for r in rows):.4f}; median round "
+        f"{statistics.median(r['round_time_s'] for r in rows) * 1000:.1f} ms, training "
+        f"{statistics.median(r['train_share'] for r in rows) * 100:.0f}% of it"
     )
     return 0
 

@@ -81,3 +81,29 @@ def test_run_refuses_a_key_that_is_not_the_peers(
     assert "no peer 'zed'" in capsys.readouterr().err
     assert main(["run", config, "--id", "a", "--key", str(out / "keys" / "a.key"), *common]) == 2
     assert "x.npz" in capsys.readouterr().err
+
+
+def test_harness_model_names() -> None:
+    import argparse
+
+    from p2pfl.cli import _model_text, _parse_model
+
+    cnn = _parse_model("torch:cnn")
+    assert cnn == {"kind": "torch", "factory": "p2pfl.learning.examples.torch_models:cnn"}
+    assert _model_text(cnn) == "torch:cnn"
+    own = _parse_model("torch:mypkg.models:build")
+    assert own["factory"] == "mypkg.models:build" and _model_text(own) == "torch:mypkg.models:build"
+    assert _parse_model("mlp:32,16") == {"kind": "mlp", "hidden": [32, 16]}
+    for bad in ("torch:resnet", "mlp:big", "tree"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _parse_model(bad)
+
+
+def test_harness_refuses_an_optimizer_for_numpy_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    code = main(["harness", "--model", "mlp", "--optimizer", "adam", "--out", str(out)])
+    assert code == 2
+    assert "--optimizer/--momentum apply to torch models" in capsys.readouterr().err
+    assert not out.exists()

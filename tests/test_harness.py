@@ -395,3 +395,60 @@ def test_harness_refuses_a_used_folder_and_bad_options(tmp_path: Path) -> None:
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert problem in done.stderr, (args, done.stderr)
         assert not (tmp_path / "new").exists(), args  # nothing half-made left behind
+
+
+@pytest.mark.slow
+def test_regression_harness_run_reports_r2_everywhere(tmp_path: Path) -> None:
+    """diabetes (scikit-learn's bundled regression set) with the numpy MLP's MSE head: the
+    summary, the table, report.png and `p2pfl logs` all speak R^2, not accuracy."""
+    out = tmp_path / "run"
+    done = harness(
+        out,
+        *("--dataset", "diabetes", "--peers", "4", "--topology", "ring", "--rounds", "8"),
+        *("--partition", "dirichlet:1"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "regression" and summary["metric"] == "r2"
+    assert "accuracy" not in summary and "centralized_accuracy" not in summary
+    r2 = summary["r2"]
+    assert set(r2["per_peer"]) == {"p00", "p01", "p02", "p03"}
+    assert 0.1 < r2["mean"] <= 1.0  # well above predicting the mean (0)
+    assert summary["centralized_r2"] is not None
+    assert summary["ratio"] == pytest.approx(r2["mean"] / summary["centralized_r2"], rel=1e-4)
+    assert all(len(v) == 8 and None not in v for v in summary["r2_per_round"].values())
+    assert len(summary["centralized_r2_per_epoch"]) == 8
+    for peer in summary["peers_detail"]:
+        assert peer["test_mse"] > 0
+        assert peer["test_r2"] == pytest.approx(r2["per_peer"][peer["peer"]], abs=1e-6)
+    assert "peers' test R^2" in done.stdout and "test MSE" in done.stdout
+    assert "target deciles per peer" in done.stdout
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = (out / "peers.yaml").read_text()
+    assert "task: regression" in config and "outputs: 1" in config
+    logs = p2pfl("logs", "summary", str(out))
+    assert logs.returncode == 0 and "R^2" in logs.stdout.splitlines()[0]
+    evals = p2pfl("logs", "events", str(out), "--type", "eval", "--json")
+    first = json.loads(evals.stdout.splitlines()[0])
+    assert "r2" in first and "accuracy" not in first
+    from p2pfl.logs.plot import round_series
+    from p2pfl.logs.read import read_logs
+
+    series = round_series(read_logs(out).events)
+    assert set(series["r2"]) == {"p00", "p01", "p02", "p03"} and not series["accuracy"]
+    plot = p2pfl("logs", "plot", str(out), "-o", str(tmp_path / "plot.png"))
+    assert plot.returncode == 0, plot.stderr
+
+
+def test_regression_targets_are_stratified_and_standardized() -> None:
+    from p2pfl.harness.partition import target_strata
+    from p2pfl.harness.runner import standardized_targets
+
+    y = np.arange(100, dtype=np.float32)[::-1].copy()
+    strata = target_strata(y)
+    assert strata.dtype == np.int64 and sorted(set(strata.tolist())) == list(range(10))
+    assert all(np.count_nonzero(strata == b) == 10 for b in range(10))
+    assert strata[0] == 9 and strata[-1] == 0  # the largest targets in the top decile
+    train, test = standardized_targets(y, np.array([y.mean()], dtype=np.float32))
+    assert abs(float(train.mean())) < 1e-5 and float(train.std()) == pytest.approx(1.0, 1e-5)
+    assert test.tolist() == [pytest.approx(0.0, abs=1e-6)]

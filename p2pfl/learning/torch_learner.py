@@ -33,8 +33,9 @@ __all__ = ["OPTIMIZERS", "OptimizerSpec", "TorchLearner", "build_module", "use_o
 
 #: Optimisers a config may name (``training.optimizer.kind``).
 OPTIMIZERS = ("sgd", "adam")
-# Rows per forward pass in ``evaluate``: bounds activation memory on big sets.
-_EVAL_CHUNK = 4096
+# Rows per forward pass in ``evaluate``: small chunks keep convolution activations in
+# cache (Fashion-MNIST CNN: 256 rows 1.6 s, 4096 rows 2.6 s per 10000 test images).
+_EVAL_CHUNK = 256
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def cnn(
     *,
     inputs: int,
     outputs: int,
-    channels: Sequence[int] = (16, 32),
+    channels: Sequence[int] = (8, 16),
     hidden: int = 64,
     image: Sequence[int] | None = None,
 ) -> nn.Module:
