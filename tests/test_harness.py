@@ -452,3 +452,23 @@ def test_regression_targets_are_stratified_and_standardized() -> None:
     train, test = standardized_targets(y, np.array([y.mean()], dtype=np.float32))
     assert abs(float(train.mean())) < 1e-5 and float(train.std()) == pytest.approx(1.0, 1e-5)
     assert test.tolist() == [pytest.approx(0.0, abs=1e-6)]
+
+
+@pytest.mark.slow
+def test_torch_cnn_harness_run(tmp_path: Path) -> None:
+    """`--model torch:cnn`: real peers train the shipped PyTorch CNN on digits 8x8, and
+    the centralised baseline is the same torch model and optimiser on the pooled data."""
+    pytest.importorskip("torch", reason="PyTorch is an optional extra: pip install '.[torch]'")
+    out = tmp_path / "run"
+    done = harness(
+        out, *("--model", "torch:cnn", "--peers", "3", "--rounds", "4", "--optimizer", "adam")
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "torch:cnn" and summary["metric"] == "accuracy"
+    assert summary["accuracy"]["mean"] > 0.7  # 4 rounds of the CNN on digits
+    assert summary["centralized_accuracy"] > 0.7
+    config = (out / "peers.yaml").read_text()
+    assert "kind: torch" in config and "p2pfl.learning.examples.torch_models:cnn" in config
+    assert "kind: adam" in config
+    assert summary["exit_codes"] == {p: 0 for p in ("p00", "p01", "p02")}

@@ -7,6 +7,7 @@ compete with them for the CPU while round times are being measured.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,11 +52,11 @@ def train_centralized(
 ) -> BaselineResult:
     """Train from the same initial model the peers start from (the shared seed), one epoch
     at a time, evaluating on the held-out test set after each. The same learner code as the
-    peers' (a torch model with the same optimiser), but with torch's default threads: the
-    peers have stopped, so the machine is the baseline's."""
+    peers' (a torch model with the same optimiser), but on all cores: the peers have
+    stopped, so the machine is the baseline's."""
 
     started = time.perf_counter()
-    learner = build_learner(model, seed, source="harness", torch_threads=None)
+    learner = build_learner(model, seed, source="harness", torch_threads=os.cpu_count() or 1)
     rng = np.random.default_rng([seed, 0xBA5E])
     scores: list[float] = []
     losses: list[float] = []

@@ -6,6 +6,7 @@ report.png.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -56,7 +57,10 @@ def final_models(
 
     config = load_config(config_path)
     learner = build_learner(
-        config.training.model.as_mapping(), config.seed, source="harness", torch_threads=None
+        config.training.model.as_mapping(),
+        config.seed,
+        source="harness",
+        torch_threads=os.cpu_count() or 1,
     )
     size = flatten(learner.get_weights()).size
     models: dict[str, np.ndarray] = {}

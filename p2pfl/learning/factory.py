@@ -41,8 +41,8 @@ def build_learner(
     ``regression`` (``outputs``, default 1). A custom factory is called as
     ``factory(inputs=..., classes=... | outputs=..., seed=..., **options)`` and must return a
     ``Learner``; a torch factory as ``factory(inputs=..., outputs=..., **options)`` with
-    torch's generator seeded from ``seed``. ``torch_threads`` (torch models only) caps torch's
-    threads in this process: one in a peer process, ``None`` leaves torch's default.
+    torch's generator seeded from ``seed``. ``torch_threads`` (torch models only) sets torch's
+    threads in this process: one in a peer process, ``None`` leaves them as they are.
     Any fault raises ``ConfigError(source, field, problem)``.
     """
     kind = model.get("kind")
@@ -115,7 +115,7 @@ def _build_torch(
             f"kind torch needs PyTorch, which cannot be imported here ({exc}): {TORCH_EXTRA_HINT}",
         ) from exc
     if threads is not None:
-        torch_learner.use_one_thread()
+        torch_learner.use_threads(threads)
     options = _options(model, source, reserved=("inputs", "outputs"))
     spec, factory = _resolve_factory(model, source)
     try:

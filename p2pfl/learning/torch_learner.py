@@ -29,7 +29,7 @@ from torch import nn
 from p2pfl.learning.base import TASKS, Evaluation, Task
 from p2pfl.learning.models import regression_evaluation, regression_targets
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "TorchLearner", "build_module", "use_one_thread"]
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "TorchLearner", "build_module", "use_threads"]
 
 #: Optimisers a config may name (``training.optimizer.kind``).
 OPTIMIZERS = ("sgd", "adam")
@@ -56,12 +56,13 @@ class OptimizerSpec:
         raise ValueError(f"unknown optimizer {self.kind!r} (expected one of {OPTIMIZERS})")
 
 
-def use_one_thread() -> None:
-    """One intra-op thread per peer process (as BLAS): several peers share a machine's
-    cores, and oversubscribed thread pools made numpy peers 11x slower (DESIGN section 6)."""
-    torch.set_num_threads(1)
+def use_threads(threads: int) -> None:
+    """Cap torch's threads in this process. A peer process takes one (as for BLAS):
+    several peers share a machine's cores, and oversubscribed thread pools made numpy peers
+    11x slower (DESIGN section 6). The harness's baseline, alone on the machine, takes all."""
+    torch.set_num_threads(max(1, threads))
     # Inter-op threads can only be set before the first parallel work has started.
-    if torch.get_num_interop_threads() != 1:
+    if threads == 1 and torch.get_num_interop_threads() != 1:
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
 
