@@ -14,12 +14,15 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import yaml  # noqa: E402
 
 from p2pfl import __version__  # noqa: E402
 from p2pfl.errors import P2PFLError  # noqa: E402
+
+if TYPE_CHECKING:
+    from p2pfl.node import Node
 
 log = logging.getLogger("p2pfl")
 
@@ -210,7 +213,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def build_node(args: argparse.Namespace) -> Node:
+    """The ``Node`` that ``p2pfl run ARGS`` runs (config, key and data checked)."""
     from p2pfl.config import load_config
     from p2pfl.errors import ConfigError
     from p2pfl.keys import load_private_key, public_key_b64
@@ -247,7 +251,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         key,
         data,
     )
-    return asyncio.run(node.run())
+    return node
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return int(asyncio.run(build_node(args).run()))
 
 
 def _cmd_harness(args: argparse.Namespace) -> int:
@@ -264,6 +272,15 @@ def _cmd_harness(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise P2PFLError(f"--partition: {exc}") from exc
     ids = peer_ids(args.peers)
+    byzantine = _parse_byzantine(args.byzantine, ids)
+    from p2pfl.aggregate import parse_rule
+
+    try:
+        rule = str(parse_rule(args.rule))
+    except ValueError as exc:
+        raise P2PFLError(f"--rule: {exc}") from exc
+    if args.secure and parse_rule(rule).robust:
+        raise P2PFLError(f"--rule {rule} cannot be combined with --secure (see peers.yaml)")
     try:
         faults = tuple(
             [parse_fault("kill", text, ids, args.rounds) for text in args.kill]
@@ -338,8 +355,35 @@ def _cmd_harness(args: argparse.Namespace) -> int:
             }
         ),
         progress=not args.quiet,
+        rule=rule,
+        byzantine=byzantine,
     )
     return run_harness(options)
+
+
+def _parse_byzantine(specs: list[str], ids: list[str]) -> dict[str, str]:
+    """``--byzantine PEER:KIND`` (repeatable) -> {peer: kind}, each checked."""
+    from p2pfl.harness.byzantine import KINDS, parse_attack
+
+    attacks: dict[str, str] = {}
+    for spec in specs:
+        peer, _, kind = spec.partition(":")
+        if peer not in ids:
+            raise P2PFLError(
+                f"--byzantine {spec}: no peer {peer!r} (peers are {ids[0]}..{ids[-1]})"
+            )
+        try:
+            parse_attack(kind)
+        except ValueError:
+            raise P2PFLError(
+                f"--byzantine {spec}: unknown attack {kind!r} (expected {', '.join(KINDS)})"
+            ) from None
+        if peer in attacks:
+            raise P2PFLError(f"--byzantine: {peer} is given twice")
+        attacks[peer] = kind
+    if len(attacks) >= len(ids):
+        raise P2PFLError("--byzantine: at least one peer must stay honest")
+    return attacks
 
 
 def _explicit_topology(path: Path) -> dict[str, Any]:
@@ -495,6 +539,20 @@ def make_parser() -> argparse.ArgumentParser:
         "--dp-clip", type=float, default=1.0, help="DP: L2 clip of every update (default 1)"
     )
     p.add_argument("--dp-delta", type=float, default=1e-5, help="DP: delta (default 1e-5)")
+    p.add_argument(
+        "--rule",
+        default="metropolis",
+        help="aggregation rule: metropolis (default), median, trimmed-mean:BETA or "
+        "clipped:TAU (robust rules: plain mode only)",
+    )
+    p.add_argument(
+        "--byzantine",
+        action="append",
+        default=[],
+        metavar="PEER:KIND",
+        help="make PEER poison what it sends: random, sign-flip or scaled:K (repeatable; "
+        "a harness-only attack, reported apart from the honest peers)",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the centralised model")
     p.add_argument(
         "--no-snapshots",
@@ -506,6 +564,9 @@ def make_parser() -> argparse.ArgumentParser:
     from p2pfl.logs.command import register as register_logs
 
     register_logs(sub)
+    from p2pfl.export import register as register_export
+
+    register_export(sub)
 
     p = sub.add_parser("check", help="validate a peers.yaml; print peers, neighbours and digest")
     p.add_argument("config", help="the shared peers.yaml")
@@ -530,10 +591,9 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from p2pfl.logs.command import normalize_argv
-
-    args = make_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+def setup_logging(args: argparse.Namespace) -> None:
+    """Log to stderr at the level -v / -q ask for (the library itself never configures
+    logging: this is the application)."""
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
@@ -541,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("websockets").setLevel(logging.WARNING)
         logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from p2pfl.logs.command import normalize_argv
+
+    args = make_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    setup_logging(args)
     try:
         return int(args.func(args))
     except P2PFLError as exc:

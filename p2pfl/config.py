@@ -25,6 +25,7 @@ from typing import Any, Literal, NoReturn, cast, get_args
 
 import yaml
 
+from p2pfl.aggregate import parse_rule
 from p2pfl.errors import ConfigError
 from p2pfl.keys import decode_public_key
 from p2pfl.learning.base import TASKS, Task
@@ -51,7 +52,6 @@ SUPPORTED_VERSION = 1
 MODEL_KINDS = ("softmax", "mlp", "custom", "torch")
 #: ``training.model.optimizer.kind`` (torch models; the numpy models train with plain SGD).
 OPTIMIZER_KINDS = ("sgd", "adam")
-AGGREGATION_RULES = ("metropolis",)
 _TOPOLOGY_KINDS: tuple[str, ...] = get_args(TopologyKind)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -165,6 +165,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
+    #: ``metropolis``, ``median``, ``trimmed-mean:BETA`` or ``clipped:TAU`` (normalised
+    #: spelling; ``p2pfl.aggregate.parse_rule`` reads it).
     rule: str
     secure: bool
     #: Secure aggregation's fixed point: parameters are clipped to [-clip, clip] and
@@ -875,8 +877,23 @@ class _Parser:
             "aggregation",
             ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "threshold", "dp"),
         )
-        rule = self.choice(section.get("rule", "metropolis"), "aggregation.rule", AGGREGATION_RULES)
+        raw_rule = section.get("rule", "metropolis")
+        if not isinstance(raw_rule, str):
+            self.fail("aggregation.rule", f"expected a rule name, got {_show(raw_rule)}")
+        try:
+            parsed_rule = parse_rule(raw_rule)
+        except ValueError as exc:
+            self.fail("aggregation.rule", str(exc))
+        rule = str(parsed_rule)
         secure = self.boolean(section.get("secure", False), "aggregation.secure")
+        if secure and parsed_rule.robust:
+            self.fail(
+                "aggregation.rule",
+                f"{rule} cannot be combined with secure: true: with secure aggregation a "
+                "node only ever sees the masked sum of its neighbourhood, never the single "
+                "vectors a robust rule compares; use rule metropolis with secure aggregation, "
+                "or secure: false with a robust rule",
+            )
         d = AggregationConfig(rule, secure)
         clip = self.positive(section.get("clip", d.clip), "aggregation.clip", 2.0**30, "a number")
         frac_bits = self.integer(

@@ -35,6 +35,7 @@ EVENT_TYPES = frozenset(
         "checkpoint",
         "round_end",
         "resume",
+        "suspect",
         "recovery",
     }
 )

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from p2pfl.aggregate import metropolis_average
+from p2pfl.aggregate import aggregate, parse_rule
 from p2pfl.checkpoint import (
     SNAPSHOTS_NAME,
     Checkpoint,
@@ -48,6 +48,7 @@ from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
 from p2pfl.pool import ArrayPool
 from p2pfl.privacy import epsilon, privatize
 from p2pfl.rounds import RoundTracker
+from p2pfl.scoring import SuspectTracker
 from p2pfl.secagg import FixedPoint
 from p2pfl.secure_exchange import SecureExchange
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
@@ -186,6 +187,10 @@ class Node:
         if self.secure is not None:
             check_secure_topology(config)
         self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
+        #: How plain rounds combine the models (secure rounds: Metropolis over the sum).
+        self.rule = parse_rule(aggregation.rule)
+        #: Neighbours whose updates the rule keeps rejecting (logged as ``suspect``).
+        self.suspects = SuspectTracker()
         self._private_key = private_key
         self._dp_rng = np.random.default_rng()  # OS entropy
         #: Updates released so far (a restarted node counts its earlier life's too).
@@ -551,9 +556,31 @@ class Node:
         weights = metropolis_weights(self.graph(r), self.id)
         outcome: dict[str, Any] = {}
         if exchange is None:
-            self.params, used = metropolis_average(self.id, self.params, received, weights)
+            self.params, used, outliers = aggregate(
+                self.rule, self.id, self.params, received, weights
+            )
             for consumed in received.values():
                 self.buffers.give(consumed)
+            if outliers:
+                outcome["outliers"] = outliers
+            for suspect in self.suspects.record(set(received), outliers):
+                self.events.emit(
+                    "suspect",
+                    r,
+                    peer=suspect.peer,
+                    reason=suspect.reason,
+                    flagged=suspect.flagged,
+                    window=suspect.window,
+                )
+                log.warning(
+                    "%s: neighbour %s is a suspect: its update was rejected (%s) in %d of "
+                    "its last %d rounds",
+                    self.id,
+                    suspect.peer,
+                    suspect.reason,
+                    suspect.flagged,
+                    suspect.window,
+                )
         else:
             used, outcome, own_clipped = await exchange.aggregate(r, received, weights)
             # (the same parameters, encoded as member and as owner: count each entry once)
@@ -563,7 +590,7 @@ class Node:
         self.events.emit(
             "aggregate",
             r,
-            rule="secure-metropolis" if self.secure is not None else "metropolis",
+            rule="secure-metropolis" if self.secure is not None else str(self.rule),
             members=sorted(used),
             weights={k: round(v, 6) for k, v in used.items()},
             missing=missing,

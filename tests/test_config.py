@@ -396,7 +396,33 @@ BAD: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (
         setting("aggregation", value={"rule": "fedavg"}),
         "aggregation.rule",
-        "expected one of: metropolis; got 'fedavg'",
+        "unknown rule 'fedavg': expected metropolis, median, trimmed-mean:BETA",
+    ),
+    (
+        setting("aggregation", value={"rule": "trimmed-mean:0.5"}),
+        "aggregation.rule",
+        "trimmed-mean:BETA needs 0 <= BETA < 0.5, got 0.5",
+    ),
+    (
+        setting("aggregation", value={"rule": "clipped:-1"}),
+        "aggregation.rule",
+        "clipped:TAU needs a finite TAU > 0",
+    ),
+    (
+        setting("aggregation", value={"rule": 3}),
+        "aggregation.rule",
+        "expected a rule name, got 3",
+    ),
+    (
+        setting("aggregation", value={"rule": "median", "secure": True}),
+        "aggregation.rule",
+        "median cannot be combined with secure: true: with secure aggregation a node only "
+        "ever sees the masked sum",
+    ),
+    (
+        setting("aggregation", value={"rule": "clipped:5", "secure": True}),
+        "aggregation.rule",
+        "clipped:5 cannot be combined with secure: true",
     ),
     (
         setting("aggregation", value={"secure": True, "clip": 1536, "frac_bits": 20}),

@@ -472,3 +472,48 @@ def test_torch_cnn_harness_run(tmp_path: Path) -> None:
     assert "kind: torch" in config and "p2pfl.learning.examples.torch_models:cnn" in config
     assert "kind: adam" in config
     assert summary["exit_codes"] == {p: 0 for p in ("p00", "p01", "p02")}
+
+
+@pytest.mark.slow
+def test_a_noise_sending_peer_ruins_metropolis_but_not_the_median(tmp_path: Path) -> None:
+    """--byzantine: p01 sends large noise instead of its model. Plain Metropolis averaging
+    takes it in (every honest model is dragged off); the coordinate-wise median keeps the
+    honest peers near their no-attack accuracy, and they log p01 as a suspect."""
+    common = ("--peers", "5", "--rounds", "6", "--byzantine", "p01:random", "--no-baseline")
+    means = {}
+    for rule in ("metropolis", "median"):
+        out = tmp_path / rule
+        done = harness(out, *common, "--rule", rule)
+        assert done.returncode == 0, done.stdout + done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["byzantine"] == {"p01": "random"} and summary["rule"] == rule
+        assert summary["accuracy"]["over"] == "honest peers that finished"
+        honest = {p: a for p, a in summary["accuracy"]["per_peer"].items() if p != "p01"}
+        assert summary["accuracy"]["mean"] == pytest.approx(
+            sum(honest.values()) / len(honest), abs=1e-6
+        )
+        means[rule] = summary["accuracy"]["mean"]
+        assert "byzantine, left out of the mean: p01 (random)" in done.stdout
+    assert means["median"] > 0.8 and means["metropolis"] < means["median"] - 0.2, means
+    logs = p2pfl("logs", "summary", str(tmp_path / "median"))
+    header, *rows = logs.stdout.splitlines()
+    assert header.split()[-1] == "suspects"
+    honest_rows = [row for row in rows if row.split() and row.split()[0] in ("p00", "p02")]
+    assert honest_rows and all(row.split()[-1] == "p01" for row in honest_rows)
+    suspects = p2pfl("logs", "events", str(tmp_path / "median"), "--type", "suspect", "--json")
+    first = json.loads(suspects.stdout.splitlines()[0])
+    assert first["peer"] == "p01" and first["reason"] == "far" and first["flagged"] >= 3
+
+
+def test_harness_checks_byzantine_and_rule_flags(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    for args, message in (
+        (("--byzantine", "p09:random"), "no peer 'p09'"),
+        (("--byzantine", "p01:loud"), "unknown attack 'loud'"),
+        (("--byzantine", "p01:random", "--byzantine", "p01:sign-flip"), "given twice"),
+        (("--rule", "mode"), "--rule: unknown rule 'mode'"),
+        (("--rule", "median", "--secure"), "cannot be combined with --secure"),
+    ):
+        done = harness(out, "--peers", "4", *args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        assert not out.exists()

@@ -172,8 +172,12 @@ def build_summary(
     """
     m = metric
     finals = {p.peer: p.test_score for p in peers if p.test_score is not None}
-    finished = [p.test_score for p in peers if p.finished and p.test_score is not None]
-    counted = finished or list(finals.values())
+    # Poisoning peers (--byzantine) are not what the network is for: left out of the mean.
+    attackers = set(options.get("byzantine") or {})
+    honest = [p for p in peers if p.peer not in attackers]
+    finished = [p.test_score for p in honest if p.finished and p.test_score is not None]
+    counted = finished or [p.test_score for p in honest if p.test_score is not None]
+    over = "peers that finished" if finished else "all peers with a checkpoint"
     mean = statistics.fmean(counted) if counted else None
     durations = [_number(e.get("duration_s")) for e in events if e.type == "round_end"]
     trains = [_number(e.get("duration_s")) for e in events if e.type == "train"]
@@ -187,7 +191,7 @@ def build_summary(
             "mean": None if mean is None else round(mean, 6),
             "min": round(min(counted), 6) if counted else None,
             "max": round(max(counted), 6) if counted else None,
-            "over": "peers that finished" if finished else "all peers with a checkpoint",
+            "over": f"honest {over}" if attackers else over,
         },
         f"centralized_{m}": None if central is None else round(central, 6),
         f"centralized_best_{m}": round(baseline.best_score, 6) if baseline else None,
@@ -292,6 +296,13 @@ def render_table(summary: Mapping[str, Any]) -> str:
         f"peers' test {label}: mean {_fmt(acc['mean'], '.4f')}, min {_fmt(acc['min'], '.4f')}"
         f" ({acc['over']})"
     )
+    attackers = summary.get("byzantine") or {}
+    if attackers:
+        rows.append(
+            "byzantine, left out of the mean: "
+            + ", ".join(f"{peer} ({kind})" for peer, kind in sorted(attackers.items()))
+            + f"; rule {summary.get('rule', 'metropolis')}"
+        )
     mses = [p["test_mse"] for p in summary["peers_detail"] if p.get("test_mse") is not None]
     if mses:
         rows.append(f"peers' test MSE: mean {statistics.fmean(mses):.4f}, max {max(mses):.4f}")

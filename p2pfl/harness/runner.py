@@ -84,6 +84,10 @@ class HarnessOptions:
     progress: bool = True
     #: ``--task`` for an .npz dataset (regression: real targets); None: from the dataset.
     task: Task | None = None
+    #: aggregation.rule for peers.yaml (metropolis, median, trimmed-mean:B, clipped:T).
+    rule: str = "metropolis"
+    #: Poisoning peers: peer -> attack (``--byzantine PEER:KIND``).
+    byzantine: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -312,11 +316,16 @@ def python_env() -> dict[str, str]:
     return env
 
 
-def peer_command(layout: Layout, peer: str, snapshots: bool) -> list[str]:
+def peer_command(
+    layout: Layout, peer: str, snapshots: bool, attack: str | None = None
+) -> list[str]:
+    """``p2pfl run`` for ``peer``; with ``attack``, the harness-only poisoning entry point
+    (``p2pfl.harness.byzantine``) instead, with the same arguments."""
+    entry = ["p2pfl"] if attack is None else ["p2pfl.harness.byzantine", attack]
     command = [
         sys.executable,
         "-m",
-        "p2pfl",
+        *entry,
         "run",
         str(layout.config),
         "--id",
@@ -346,7 +355,11 @@ class Monitor:
         self.out = out_stream
         self.env = python_env()
         self.processes = {
-            peer: PeerProcess(peer, peer_command(layout, peer, options.snapshots), layout.log(peer))
+            peer: PeerProcess(
+                peer,
+                peer_command(layout, peer, options.snapshots, options.byzantine.get(peer)),
+                layout.log(peer),
+            )
             for peer in layout.peers
         }
         self.plan = FaultPlan(options.faults)
@@ -684,6 +697,7 @@ def _prepare(options: HarnessOptions) -> Prepared:
     shared["training"]["startup_timeout"] = max(60.0, 2.0 * options.peers)
     shared["net"] = {"down_grace": options.down_grace}
     shared["aggregation"]["secure"] = options.secure
+    shared["aggregation"]["rule"] = options.rule
     if options.dp is not None:
         shared["aggregation"]["dp"] = dict(options.dp)
     header = (
@@ -856,6 +870,8 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
             "partition_info": prepared.heterogeneity,
             "topology": options.topology_text,
             "secure": options.secure,
+            "rule": options.rule,
+            "byzantine": dict(options.byzantine),
             "dp": None if options.dp is None else dict(options.dp),
             "model": options.model_text,
             "seed": options.seed,

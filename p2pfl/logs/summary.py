@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from p2pfl.logs.read import Event, finite
@@ -37,6 +37,9 @@ class PeerSummary:
     mean_round_cpu_s: float | None = None
     #: Regression networks: the latest eval's R^2 (their ``accuracy`` stays None).
     last_r2: float | None = None
+    #: Neighbours this node logged ``suspect`` events for (robust aggregation kept
+    #: rejecting their updates), sorted.
+    suspects: list[str] = field(default_factory=list)
 
 
 def _number(value: Any) -> float | None:
@@ -66,6 +69,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
     handshake_peers: set[str] = set()
     accuracy: float | None = None
     r2: float | None = None
+    suspects: set[str] = set()
     peak: float | None = None
     finished: bool | None = None
     stop_reason: str | None = None
@@ -93,6 +97,8 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
                 dp_delta = _number(e.get("dp_delta"))
         elif e.type == "handshake_ok":
             handshake_peers.add(str(e.get("peer", e.get("addr", "?"))))
+        elif e.type == "suspect":
+            suspects.add(str(e.get("peer", "?")))
         elif e.type == "eval":
             accuracy = _number(e.get("accuracy"))
             r2 = _number(e.get("r2"))
@@ -128,6 +134,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
         dp_delta=dp_delta,
         mean_round_cpu_s=_mean(round_cpu),
         last_r2=r2,
+        suspects=sorted(suspects),
     )
 
 
@@ -194,6 +201,11 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
         rows[0].insert(at, "R^2")
         for row, s in zip(rows[1:], summaries, strict=True):
             row.insert(at, _opt(s.last_r2, ".4f"))
+    if any(s.suspects for s in summaries):  # robust aggregation found lying neighbours
+        columns.append(("suspects", "<"))
+        rows[0].append("suspects")
+        for row, s in zip(rows[1:], summaries, strict=True):
+            row.append(",".join(s.suspects) or "-")
     if any(s.dp_epsilon is not None for s in summaries):  # a DP network: its budget so far
         columns.append(("epsilon", ">"))
         rows[0].append("epsilon")
