@@ -247,11 +247,29 @@ def build_node(args: argparse.Namespace) -> Node:
             listen_host=host or None,
             listen_port=port,
             snapshots=args.snapshots,
+            metrics=args.metrics,
         ),
         key,
         data,
     )
     return node
+
+
+def _parse_metrics(text: str) -> tuple[str, int]:
+    """``--metrics PORT`` or ``HOST:PORT`` (a bare port listens on loopback only)."""
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    return _parse_listen(text)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from p2pfl.status import format_status, query_status
+
+    status = query_status(Path(args.state_dir))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -587,7 +605,22 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also keep every round's model in STATE_DIR/snapshots/ (for analysis)",
     )
+    p.add_argument(
+        "--metrics",
+        type=_parse_metrics,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; a bare "
+        "PORT listens on 127.0.0.1 only)",
+    )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "status",
+        help="ask a running node (through STATE_DIR/status.sock) for its round and neighbours",
+    )
+    p.add_argument("state_dir", help="the node's --state-dir")
+    p.add_argument("--json", action="store_true", help="the status as JSON")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 

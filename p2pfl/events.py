@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -101,6 +102,9 @@ class EventLog:
         clock.value = max(clock.value, last_lamport(path))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._file: IO[str] | None = os.fdopen(fd, "a", encoding="utf-8")
+        #: Called with every record after it is written (metrics, the status board). A
+        #: listener must be quick and must not raise: it runs on the node's event loop.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         if _ends_mid_line(path):  # killed mid-write: start on a fresh line, keep the rest whole
             self._file.write("\n")
 
@@ -119,6 +123,8 @@ class EventLog:
         if self._file is not None:
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
             self._file.flush()
+        for listener in self.listeners:
+            listener(record)
 
     def close(self) -> None:
         if self._file is not None:

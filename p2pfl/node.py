@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -51,6 +51,7 @@ from p2pfl.rounds import RoundTracker
 from p2pfl.scoring import SuspectTracker
 from p2pfl.secagg import FixedPoint
 from p2pfl.secure_exchange import SecureExchange
+from p2pfl.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.wire import (
     DTYPE_FLOAT32,
@@ -68,6 +69,9 @@ from p2pfl.wire import (
     Unmask,
 )
 
+if TYPE_CHECKING:
+    from p2pfl.metrics import NodeMetrics
+
 log = logging.getLogger("p2pfl.node")
 T = TypeVar("T")
 
@@ -84,6 +88,10 @@ class NodeOptions:
     handle_signals: bool = True
     #: Also keep every round's model in state_dir/snapshots.f32 (``p2pfl run --snapshots``).
     snapshots: bool = False
+    #: Serve Prometheus metrics on (host, port) (``p2pfl run --metrics``); None: off.
+    metrics: tuple[str, int] | None = None
+    #: Answer ``p2pfl status`` on state_dir/status.sock.
+    status_socket: bool = True
 
 
 def input_scale_for(data: Dataset, configured: float | None) -> float:
@@ -199,6 +207,20 @@ class Node:
         options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.clock = LamportClock()
         self.events = EventLog(options.state_dir / "events.jsonl", self.id, self.clock)
+        #: What ``p2pfl status`` reports beyond the node's own state.
+        self.board = StatusBoard()
+        self.events.listeners.append(self.board.observe)
+        #: Prometheus metrics (``--metrics``), fed by the events; None when off.
+        self.metrics: NodeMetrics | None = None
+        #: Where the metrics are served, once they are.
+        self.metrics_address: tuple[str, int] | None = None
+        if options.metrics is not None:
+            from p2pfl.metrics import NodeMetrics  # prometheus-client: only when asked for
+
+            self.metrics = NodeMetrics(self.id, config.peer_ids, lambda: len(self.net.links))
+            self.events.listeners.append(self.metrics.observe)
+        #: What the node is doing now (``p2pfl status``).
+        self.phase = "starting"
         self._graphs: dict[int, dict[str, frozenset[str]]] = {}
         self.tracker = RoundTracker(
             total_rounds=config.training.rounds,
@@ -227,6 +249,7 @@ class Node:
         #: Streams in flight, per link (a replaced link's stream is tracked on its own).
         self._send_tasks: dict[PeerLink, asyncio.Task[None]] = {}
         self.finished = False
+        self._status_task: asyncio.Future[None] | None = None
         self._stop: asyncio.Event | None = None
         self._worker: asyncio.Future[Any] | None = None
         #: The round a restart should begin with, given what self.params holds now.
@@ -252,6 +275,42 @@ class Node:
                 del self._graphs[next(iter(self._graphs))]
             self._graphs[round_index] = graph
         return graph
+
+    def status(self) -> dict[str, Any]:
+        """What ``p2pfl status`` shows: the round, the neighbours' links, the latest eval."""
+        now_mono, now = time.monotonic(), time.time()
+        current = max(self.tracker.current, 0)
+        neighbours = []
+        for peer in sorted(self.neighbours_of(min(current, self.training.rounds - 1))):
+            link = self.net.links.get(peer)
+            if link is not None:
+                seen: float | None = now_mono - link.last_heard
+            elif peer in self.board.disconnected_at:
+                seen = now - self.board.disconnected_at[peer]
+            else:
+                seen = None
+            neighbours.append(
+                {
+                    "peer": peer,
+                    "connected": link is not None,
+                    "round": self.tracker.peer_rounds.get(peer),
+                    "last_seen_s": None if seen is None else round(seen, 3),
+                    "suspect": peer in self.board.suspects,
+                }
+            )
+        return {
+            "node": self.id,
+            "round": self.tracker.current,
+            "rounds": self.training.rounds,
+            "phase": self.phase,
+            "rounds_completed": self.board.rounds_completed,
+            "uptime_s": round(now - self.board.started, 3),
+            "last_eval": self.board.last_eval,
+            "neighbours": neighbours,
+            "metrics": None
+            if self.metrics_address is None
+            else f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics",
+        }
 
     def neighbours_of(self, round_index: int) -> frozenset[str]:
         return self.graph(round_index)[self.id]
@@ -507,6 +566,7 @@ class Node:
             self.exchange.start_round(r)
 
         t0 = time.monotonic()
+        self.phase = "training"
         loss, trained, privacy = await self._in_worker(self._train, r)
         self.params = trained
         self.events.emit(
@@ -524,6 +584,7 @@ class Node:
             self.outgoing = (r, {})
             self.exchange.trained(r, trained)
         self.collecting = True
+        self.phase = "collecting"
         for peer in sorted(neighbours):
             link = self.net.links.get(peer)
             if link is not None:
@@ -552,6 +613,7 @@ class Node:
         self.outgoing = None
 
         received = self.tracker.take_received()
+        self.phase = "aggregating"
         missing = sorted(neighbours - set(received))
         weights = metropolis_weights(self.graph(r), self.id)
         outcome: dict[str, Any] = {}
@@ -599,6 +661,7 @@ class Node:
         if missing:
             log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
 
+        self.phase = "evaluating"
         split, result = await self._in_worker(self._evaluate)
         self.events.emit(
             "eval",
@@ -759,6 +822,7 @@ class Node:
         self.tracker.start_round(self.training.rounds)
         self.net.broadcast_status(self.training.rounds)
         self.finished = True
+        self.phase = "finished"
         await self._linger()
 
     async def run(self) -> int:
@@ -799,6 +863,20 @@ class Node:
         )
         try:
             await self.net.listen(host, port)
+            if self.metrics is not None and self.options.metrics is not None:
+                self.metrics_address = self.metrics.serve(*self.options.metrics)
+                self.events.emit(
+                    "listen",
+                    start_round,
+                    service="metrics",
+                    host=self.metrics_address[0],
+                    port=self.metrics_address[1],
+                )
+                log.info("%s: metrics on http://%s:%d/metrics", self.id, *self.metrics_address)
+            if self.options.status_socket:
+                self._status_task = asyncio.ensure_future(
+                    serve_status(open_status_socket(self.options.state_dir), self.status)
+                )
             targets = ever_neighbours(
                 self.config.topology,
                 self.config.peer_ids,
@@ -827,6 +905,15 @@ class Node:
                 await main
             await self._final_checkpoint()
         finally:
+            self.phase = "stopping"
+            if self._status_task is not None:
+                self._status_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await self._status_task
+                with contextlib.suppress(OSError):
+                    (self.options.state_dir / "status.sock").unlink()
+            if self.metrics is not None:
+                self.metrics.close()
             await self.net.close()
             self.events.emit(
                 "node_stop",
