@@ -56,6 +56,21 @@ class StatusBoard:
             self.suspects.add(event["peer"])
 
 
+def _at_socket_path(state_dir: Path, call: Callable[[str], None]) -> None:
+    """``call(path of the socket)`` (bind or connect); a path too long for sun_path (108
+    bytes) is reached from inside the directory instead."""
+    path = state_dir / SOCKET_NAME
+    if len(os.fsencode(path)) <= _MAX_PATH:
+        call(os.fspath(path))
+        return
+    cwd = os.getcwd()
+    os.chdir(state_dir)
+    try:
+        call(SOCKET_NAME)
+    finally:
+        os.chdir(cwd)
+
+
 def open_status_socket(state_dir: Path) -> socket.socket:
     """A listening unix socket at ``state_dir/status.sock``, created with mode 0600.
 
@@ -68,15 +83,7 @@ def open_status_socket(state_dir: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        if len(os.fsencode(path)) <= _MAX_PATH:
-            sock.bind(os.fspath(path))
-        else:
-            cwd = os.getcwd()
-            os.chdir(state_dir)
-            try:
-                sock.bind(SOCKET_NAME)
-            finally:
-                os.chdir(cwd)
+        _at_socket_path(state_dir, sock.bind)
     except OSError:
         sock.close()
         raise
@@ -117,15 +124,7 @@ def query_status(state_dir: Path, timeout: float = 5.0) -> dict[str, Any]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        if len(os.fsencode(path)) <= _MAX_PATH:
-            sock.connect(os.fspath(path))
-        else:  # too long for sun_path: connect from inside the directory
-            cwd = os.getcwd()
-            os.chdir(state_dir)
-            try:
-                sock.connect(SOCKET_NAME)
-            finally:
-                os.chdir(cwd)
+        _at_socket_path(state_dir, sock.connect)
         chunks: list[bytes] = []
         size = 0
         while size <= MAX_ANSWER_BYTES:

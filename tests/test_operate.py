@@ -4,6 +4,7 @@ both asked while real nodes run (and train) on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import stat
 import time
 import urllib.request
@@ -157,3 +158,20 @@ def test_metrics_labels_stay_bounded() -> None:
     assert registry.get_sample_value("p2pfl_rounds_completed_total") == 1
     assert registry.get_sample_value("p2pfl_round_duration_seconds_count") == 0
     assert registry.get_sample_value("p2pfl_connected_neighbours") == 1
+
+
+async def test_status_socket_in_a_directory_with_a_long_path(tmp_path) -> None:
+    """sun_path holds 108 bytes: a deeper state directory is reached from inside it."""
+    from p2pfl.status import open_status_socket, serve_status
+
+    state = tmp_path / ("d" * 60) / ("e" * 60)
+    state.mkdir(parents=True, mode=0o700)
+    assert len(str(state / "status.sock")) > 108
+    server = asyncio.ensure_future(serve_status(open_status_socket(state), lambda: {"ok": 1}))
+    try:
+        assert await asyncio.to_thread(query_status, state) == {"ok": 1}
+        assert stat.S_IMODE((state / "status.sock").stat().st_mode) == 0o600
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
