@@ -20,6 +20,7 @@ import yaml  # noqa: E402
 
 from p2pfl import __version__  # noqa: E402
 from p2pfl.errors import P2PFLError  # noqa: E402
+from p2pfl.localconfig import build_local_config  # noqa: E402
 
 if TYPE_CHECKING:
     from p2pfl.node import Node
@@ -110,47 +111,6 @@ def _model_text(model: dict[str, Any]) -> str:
         short = {v: k for k, v in TORCH_EXAMPLES.items()}
         return f"torch:{short.get(model['factory'], model['factory'])}"
     return str(model["kind"])
-
-
-def build_local_config(
-    *,
-    peers: list[str],
-    public_keys: dict[str, str],
-    host: str,
-    ports: dict[str, int],
-    network: str,
-    seed: int,
-    rounds: int,
-    topology: dict[str, Any],
-    model: dict[str, Any],
-    inputs: int,
-    classes: int,
-    learning_rate: float,
-    batch_size: int,
-    round_timeout: float,
-    task: str = "classification",
-) -> dict[str, Any]:
-    """The shared peers.yaml content for a set of peers on one host (for ``task``
-    regression, ``classes`` is the number of outputs)."""
-    size = {"classes": classes} if task == "classification" else {"task": task, "outputs": classes}
-    return {
-        "version": 1,
-        "network": network,
-        "seed": seed,
-        "peers": {
-            p: {"address": f"ws://{host}:{ports[p]}", "public_key": public_keys[p]} for p in peers
-        },
-        "topology": topology,
-        "training": {
-            "rounds": rounds,
-            "local_epochs": 1,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "round_timeout": round_timeout,
-            "model": {**model, "inputs": inputs, **size},
-        },
-        "aggregation": {"rule": "metropolis", "secure": False},
-    }
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -381,7 +341,7 @@ def _cmd_harness(args: argparse.Namespace) -> int:
 
 def _parse_byzantine(specs: list[str], ids: list[str]) -> dict[str, str]:
     """``--byzantine PEER:KIND`` (repeatable) -> {peer: kind}, each checked."""
-    from p2pfl.harness.byzantine import KINDS, parse_attack
+    from p2pfl.harness.attacks import KINDS, parse_attack
 
     attacks: dict[str, str] = {}
     for spec in specs:

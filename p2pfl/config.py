@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, NoReturn, cast, get_args
+from typing import Any, NoReturn, cast, get_args
 
 import yaml
 
@@ -30,7 +30,7 @@ from p2pfl.errors import ConfigError
 from p2pfl.keys import decode_public_key
 from p2pfl.learning.base import TASKS, Task
 from p2pfl.privacy import DPConfig
-from p2pfl.topology import graph_for_round, is_connected
+from p2pfl.topology import TopologyConfig, TopologyKind, graph_for_round, is_connected
 
 __all__ = [
     "AggregationConfig",
@@ -46,7 +46,6 @@ __all__ = [
     "parse_config",
 ]
 
-TopologyKind = Literal["full", "ring", "k-regular", "explicit"]
 
 SUPPORTED_VERSION = 1
 MODEL_KINDS = ("softmax", "mlp", "custom", "torch")
@@ -95,16 +94,6 @@ class PeerInfo:
     public_key: bytes
     host: str
     port: int
-
-
-@dataclass(frozen=True)
-class TopologyConfig:
-    """The communication graph: ``degree`` only for k-regular, ``edges`` only for explicit."""
-
-    kind: TopologyKind
-    degree: int | None
-    edges: tuple[tuple[str, str], ...]
-    resample_every: int
 
 
 @dataclass(frozen=True)

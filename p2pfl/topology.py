@@ -11,15 +11,15 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from p2pfl.config import TopologyConfig
-
 __all__ = [
     "Adjacency",
+    "TopologyConfig",
+    "TopologyKind",
     "epoch_for_round",
     "ever_neighbours",
     "graph_for_round",
@@ -28,6 +28,20 @@ __all__ = [
 ]
 
 Adjacency = dict[str, frozenset[str]]
+
+#: The graph kinds ``topology.kind`` may name (the config parser validates against these).
+TopologyKind = Literal["full", "ring", "k-regular", "explicit"]
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """The communication graph: ``degree`` only for k-regular, ``edges`` only for explicit."""
+
+    kind: TopologyKind
+    degree: int | None
+    edges: tuple[tuple[str, str], ...]
+    resample_every: int
+
 
 # Third word of the SeedSequence entropy: keeps the topology stream apart from any other
 # stream another module derives from the same shared seed (ASCII "topo").

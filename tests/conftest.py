@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from p2pfl.cli import build_local_config
 from p2pfl.config import Config, load_config
 from p2pfl.keys import generate_key_file
 from p2pfl.learning.prepare import load_digits_arrays, write_partitions
+from p2pfl.localconfig import build_local_config
 
 #: Every timeout in the tests is a multiple of this; raise it on slow machines.
 TIMEOUT = float(os.environ.get("P2PFL_TEST_TIMEOUT", "1.0"))

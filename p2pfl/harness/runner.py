@@ -617,7 +617,6 @@ def prepare(options: HarnessOptions) -> Prepared:
 
 
 def _prepare(options: HarnessOptions) -> Prepared:
-    from p2pfl.cli import build_local_config
     from p2pfl.config import load_config
     from p2pfl.harness.datasets import describe, load_split
     from p2pfl.harness.partition import (
@@ -630,6 +629,7 @@ def _prepare(options: HarnessOptions) -> Prepared:
     )
     from p2pfl.keys import generate_key_file
     from p2pfl.learning import Dataset
+    from p2pfl.localconfig import build_local_config
     from p2pfl.node import input_scale_for
 
     out = options.out

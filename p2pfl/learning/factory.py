@@ -107,7 +107,7 @@ def _build_torch(
     threads: int | None,
 ) -> Learner:
     try:
-        from p2pfl.learning import torch_learner  # imports torch
+        import p2pfl.learning.torch_learner as torch_learner  # imports torch
     except ImportError as exc:
         raise ConfigError(
             source,
