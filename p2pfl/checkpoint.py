@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from p2pfl.errors import P2PFLError
+from p2pfl.npzwrite import write_npz
 
 CHECKPOINT_NAME = "checkpoint.npz"
 #: Optional per-round models for analysis (``p2pfl run --snapshots``): raw little-endian
@@ -48,12 +49,14 @@ def write_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
     tmp = state_dir / (CHECKPOINT_NAME + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        np.savez(
+        write_npz(
             f,
-            params=checkpoint.params,
-            next_round=np.int64(checkpoint.next_round),
-            lamport=np.int64(checkpoint.lamport),
-            digest=np.frombuffer(checkpoint.digest, dtype=np.uint8),
+            {
+                "params": checkpoint.params,
+                "next_round": np.array(checkpoint.next_round, dtype=np.int64),
+                "lamport": np.array(checkpoint.lamport, dtype=np.int64),
+                "digest": np.frombuffer(checkpoint.digest, dtype=np.uint8),
+            },
         )
     return tmp
 

@@ -1,9 +1,11 @@
-"""The daemon: ties the round core, the learner and the network together.
+"""The daemon: runs one peer's rounds, feeding the round core what the network brings.
 
-A round at this node: train (worker thread) -> stream parameters to each neighbour ->
-collect neighbours' parameters until all arrived or the deadline -> Metropolis average
-renormalised over those present -> evaluate -> atomic checkpoint -> next round.
-Nothing on that path sleeps or polls: waiting is on an event set by the network.
+A round at this node: train (``trainer``, run by the ``worker``) -> stream parameters to
+each neighbour (``outbox``) -> collect neighbours' parameters until the round core
+(``rounds.RoundTracker``) says collection is over -> aggregate (``aggregate``, or
+``secure_exchange`` with secure aggregation) -> evaluate -> checkpoint (``persist``) ->
+the next round, as the round core decides. Nothing on that path sleeps or polls: waiting
+is on an event set by the network.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import os
-import resource
 import signal
 import time
 from collections.abc import Callable
@@ -25,38 +24,26 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pfl.aggregate import aggregate, parse_rule
-from p2pfl.checkpoint import (
-    SNAPSHOTS_NAME,
-    Checkpoint,
-    commit_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    write_checkpoint,
-)
+from p2pfl.checkpoint import load_checkpoint
 from p2pfl.config import Config
-from p2pfl.errors import ConfigError, MessageError, SecureAggregationError
+from p2pfl.errors import MessageError, SecureAggregationError
 from p2pfl.events import EventLog, LamportClock
-from p2pfl.learning import (
-    Dataset,
-    Evaluation,
-    build_learner,
-    check_compatible,
-    flatten,
-    unflatten,
-)
-from p2pfl.net import CLOSE_INTERNAL_ERROR, Network, PeerLink
+from p2pfl.learning import Dataset
+from p2pfl.net import Network, PeerLink
+from p2pfl.outbox import Outbox
+from p2pfl.persist import RoundSaver
 from p2pfl.pool import ArrayPool
-from p2pfl.privacy import epsilon, privatize
+from p2pfl.procinfo import peak_rss_mb
 from p2pfl.rounds import RoundTracker
 from p2pfl.scoring import SuspectTracker
 from p2pfl.secagg import FixedPoint
-from p2pfl.secure_exchange import SecureExchange
+from p2pfl.secure_exchange import SecureExchange, check_secure_topology
 from p2pfl.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
+from p2pfl.trainer import LocalModel, count_trained_rounds
 from p2pfl.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
-    MAX_GROUP_IDS,
     Confirm,
     Keys,
     Message,
@@ -68,6 +55,7 @@ from p2pfl.wire import (
     Status,
     Unmask,
 )
+from p2pfl.worker import Worker
 
 if TYPE_CHECKING:
     from p2pfl.metrics import NodeMetrics
@@ -94,77 +82,9 @@ class NodeOptions:
     status_socket: bool = True
 
 
-def input_scale_for(data: Dataset, configured: float | None) -> float:
-    """The divisor for input features: configured, or the smallest power of two that
-    covers the node's training data (identical on peers whose data share a range)."""
-    if configured is not None:
-        return configured
-    largest = float(np.max(np.abs(data.x))) if data.x.size else 0.0
-    if largest <= 1.0:
-        return 1.0
-    return float(2.0 ** math.ceil(math.log2(largest)))
-
-
-def scale_inputs(data: Dataset, scale: float) -> Dataset:
-    if scale == 1.0:
-        return data
-    factor = np.float32(1.0 / scale)
-    return Dataset(
-        x=data.x * factor,
-        y=data.y,
-        x_val=None if data.x_val is None else data.x_val * factor,
-        y_val=data.y_val,
-    )
-
-
-def count_trained_rounds(path: Path) -> int:
-    """How many ``train`` events an existing log holds: a restarted node's privacy budget
-    counts every update it ever released (a redone round is a second release)."""
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if b'"type":"train"' in line)
-    except OSError:
-        return 0
-
-
-def check_secure_topology(config: Config) -> None:
-    """Secure aggregation needs every group to have two members besides its owner (with one,
-    its contribution could not be masked): every peer needs two neighbours in every round."""
-    rounds = range(config.training.rounds) if config.topology.resample_every else range(1)
-    for r in rounds:
-        graph = graph_for_round(config.topology, config.peer_ids, config.seed, r)
-        for peer, neighbours in graph.items():
-            if len(neighbours) > MAX_GROUP_IDS:
-                raise ConfigError(
-                    config.source,
-                    "aggregation.secure",
-                    f"supports at most {MAX_GROUP_IDS} neighbours per peer, but {peer} has "
-                    f"{len(neighbours)} in round {r}",
-                )
-            if len(neighbours) < 2:
-                raise ConfigError(
-                    config.source,
-                    "aggregation.secure",
-                    f"needs every peer to have at least 2 neighbours, but {peer} has "
-                    f"{len(neighbours)} in round {r} (use a topology of degree >= 2)",
-                )
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, where Linux has it: ru_maxrss can carry
-    over the parent's peak across fork and exec (a node started by a big harness)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 class Node:
-    """One p2pfl peer."""
+    """One p2pfl peer. Implements the network's ``LinkHandler`` and secure aggregation's
+    ``ExchangeHost``."""
 
     def __init__(
         self,
@@ -176,17 +96,11 @@ class Node:
         self.config = config
         self.id = options.node_id
         self.options = options
-        self.input_scale = input_scale_for(data, config.training.input_scale)
-        self.data = scale_inputs(data, self.input_scale)
         self.training = config.training
-        model = config.training.model
-        check_compatible(data, model.inputs, model.outputs, source=config.source, task=model.task)
-        self.learner = build_learner(model.as_mapping(), config.seed, source=config.source)
-        # Only the shapes matter (for unflatten); no copy of a possibly huge model.
-        self.template = self.learner.get_weights()
-        # May be a view of the learner's own storage (single-array learners): no extra copy.
-        self.params = flatten(self.learner.get_weights())
-        self.peer_index = config.peer_ids.index(self.id)
+        self.local = LocalModel(
+            config, self.id, data, count_trained_rounds(options.state_dir / "events.jsonl")
+        )
+        self.params = self.local.initial_params()
         aggregation = config.aggregation
         #: The fixed point of secure aggregation, or None for plain averaging.
         self.secure = (
@@ -199,10 +113,6 @@ class Node:
         self.rule = parse_rule(aggregation.rule)
         #: Neighbours whose updates the rule keeps rejecting (logged as ``suspect``).
         self.suspects = SuspectTracker()
-        self._private_key = private_key
-        self._dp_rng = np.random.default_rng()  # OS entropy
-        #: Updates released so far (a restarted node counts its earlier life's too).
-        self._dp_releases = count_trained_rounds(options.state_dir / "events.jsonl")
         # The model and the log say something about local data: owner-only (0700 / 0600).
         options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.clock = LamportClock()
@@ -239,24 +149,32 @@ class Node:
             expected_bytes=self.params.nbytes,
             allocate=lambda: self.buffers.take().view(np.float32),
         )
+        self.worker = Worker()
+        self.saver = RoundSaver(
+            options.state_dir,
+            config.digest,
+            snapshots=options.snapshots,
+            worker=self.worker,
+            node_id=self.id,
+        )
+        #: This round's parameters on their way to the neighbours.
+        self.outbox = Outbox(self.events, config.limits, self.params_dtype)
         #: Secure aggregation's key exchange, masking and unmasking (None: plain averaging).
-        self.exchange = SecureExchange(self, self.secure) if self.secure is not None else None
-        self.collecting = False
-        #: This round's parameters to send, per neighbour (plain: one array for all; secure:
-        #: each neighbour's group gets its own masked contribution, added as it is ready).
-        self.outgoing: tuple[int, dict[str, np.ndarray]] | None = None
+        self.exchange = (
+            SecureExchange(self, self.secure, private_key=private_key, state_dir=options.state_dir)
+            if self.secure is not None
+            else None
+        )
         self._changed: asyncio.Event | None = None
-        #: Streams in flight, per link (a replaced link's stream is tracked on its own).
-        self._send_tasks: dict[PeerLink, asyncio.Task[None]] = {}
         self.finished = False
         self._status_task: asyncio.Future[None] | None = None
         self._stop: asyncio.Event | None = None
-        self._worker: asyncio.Future[Any] | None = None
         #: The round a restart should begin with, given what self.params holds now.
         self._resume_round = 0
-        #: The background fsync of the last checkpoint written.
-        self._commit: asyncio.Future[Path] | None = None
-        self._snapshots_fd: int | None = None
+
+    @property
+    def input_scale(self) -> float:
+        return self.local.input_scale
 
     def request_stop(self) -> None:
         """Ask a running node to shut down as it does on SIGTERM."""
@@ -275,6 +193,9 @@ class Node:
                 del self._graphs[next(iter(self._graphs))]
             self._graphs[round_index] = graph
         return graph
+
+    def neighbours_of(self, round_index: int) -> frozenset[str]:
+        return self.graph(round_index)[self.id]
 
     def status(self) -> dict[str, Any]:
         """What ``p2pfl status`` shows: the round, the neighbours' links, the latest eval."""
@@ -312,28 +233,68 @@ class Node:
             else f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics",
         }
 
-    def neighbours_of(self, round_index: int) -> frozenset[str]:
-        return self.graph(round_index)[self.id]
+    # --- ExchangeHost services (secure aggregation) ----------------------------------------
+
+    def notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def sending_round(self) -> int | None:
+        return self.outbox.round
+
+    def send_vector(self, owner: str, vector: np.ndarray) -> None:
+        self.outbox.add(owner, vector)
+        link = self.net.links.get(owner)
+        if link is not None:
+            self.offer(link)
+
+    async def run_job(self, job: str, fn: Callable[..., T], *args: Any) -> T:
+        return await self.worker.run(job, fn, *args)
+
+    async def wait_until(
+        self, done: Callable[[], bool], deadline: Callable[[], float | None]
+    ) -> bool:
+        """Wait for ``done()`` to become true, woken by network events. False on timeout.
+        ``deadline()`` is asked again after every wake-up (a neighbour that dropped
+        meanwhile brings the next wake-up forward)."""
+        assert self._changed is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            # The wake-up first, then done(): a grace that ends between the two is then
+            # seen by done(), instead of being skipped until the next wake-up.
+            deadline_now = deadline()
+            if done():
+                return True
+            if deadline_now is not None and loop.time() >= deadline_now:
+                return False
+            self._changed.clear()
+            # asyncio.timeout_at, not wait_for: before Python 3.12 wait_for can swallow a
+            # cancellation (a stop request) that lands as the event fires (CPython gh-86296).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline_now):
+                    await self._changed.wait()
 
     # --- LinkHandler callbacks (called by the network, on the event loop) --------------------
 
     def current_round(self) -> int:
         return self.tracker.current
 
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+    def offer(self, link: PeerLink) -> None:
+        """Send what is due on ``link``: secure aggregation's KEYS, this round's parameters."""
+        if self.exchange is not None:
+            self.exchange.offer_keys(link)
+        self.outbox.offer(link)
 
     def link_up(self, link: PeerLink) -> None:
         self.tracker.mark_up(link.peer_id)
-        self._offer(link)
-        self._notify()
+        self.offer(link)
+        self.notify()
 
     def link_down(self, link: PeerLink, reason: str) -> None:
         if link.peer_id not in self.net.links:  # not replaced by a newer connection
             self.tracker.forget_peer(link.peer_id)
             self.tracker.mark_down(link.peer_id, asyncio.get_running_loop().time())
-        self._notify()
+        self.notify()
 
     def message(self, link: PeerLink, msg: Message) -> None:
         if isinstance(msg, Status):
@@ -341,8 +302,8 @@ class Node:
             if self.net.links.get(link.peer_id) is not link:
                 return  # a replaced link closing: its news is older than the new link's
             self.tracker.note_peer_round(link.peer_id, msg.round)
-            self._offer(link)
-            self._notify()
+            self.offer(link)
+            self.notify()
         elif isinstance(msg, ParamsBegin):
             if msg.dtype != self.params_dtype:
                 raise MessageError(
@@ -358,30 +319,33 @@ class Node:
         elif isinstance(msg, Keys | Shares | Present | Confirm | Unmask | Reveal):
             self._secure_message(link, msg)
         elif isinstance(msg, ParamsChunk):
-            done = link.receiver.chunk(msg.round, msg.offset, msg.data)
-            if done is None or done.params is None:
-                return
-            # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
-            # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
-            if self.secure is None and not np.isfinite(np.sum(done.params, dtype=np.float64)):
-                self.events.emit(
-                    "reject", done.round, peer=link.peer_id, reason="non-finite parameters"
-                )
-                return
-            verdict = self.tracker.deliver(link.peer_id, done.round, done.params)
-            if verdict.keep:
-                self.events.emit(
-                    "recv",
-                    done.round,
-                    peer=link.peer_id,
-                    bytes=done.params.nbytes,
-                    duration_s=round(time.monotonic() - link.stream_started, 6),
-                    buffered=done.round > self.tracker.current,
-                    sent_lamport=link.stream_lamport,
-                )
-            else:
-                self.events.emit("reject", done.round, peer=link.peer_id, reason=verdict.reason)
-            self._notify()
+            self._params_chunk(link, msg)
+
+    def _params_chunk(self, link: PeerLink, msg: ParamsChunk) -> None:
+        done = link.receiver.chunk(msg.round, msg.offset, msg.data)
+        if done is None or done.params is None:
+            return
+        # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
+        # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
+        if self.secure is None and not np.isfinite(np.sum(done.params, dtype=np.float64)):
+            self.events.emit(
+                "reject", done.round, peer=link.peer_id, reason="non-finite parameters"
+            )
+            return
+        verdict = self.tracker.deliver(link.peer_id, done.round, done.params)
+        if verdict.keep:
+            self.events.emit(
+                "recv",
+                done.round,
+                peer=link.peer_id,
+                bytes=done.params.nbytes,
+                duration_s=round(time.monotonic() - link.stream_started, 6),
+                buffered=done.round > self.tracker.current,
+                sent_lamport=link.stream_lamport,
+            )
+        else:
+            self.events.emit("reject", done.round, peer=link.peer_id, reason=verdict.reason)
+        self.notify()
 
     def _secure_message(
         self, link: PeerLink, msg: Keys | Shares | Present | Confirm | Unmask | Reveal
@@ -407,117 +371,7 @@ class Node:
         except SecureAggregationError as exc:  # a step refused that no handler foresaw
             self.events.emit("reject", msg.round, peer=link.peer_id, reason=str(exc))
 
-    # --- sending -------------------------------------------------------------------------
-
-    def _offer(self, link: PeerLink) -> None:
-        """Send this round's parameters over ``link`` once, as soon as the neighbour can
-        use them: it announced a round it would buffer them in (a restarted neighbour still
-        at its checkpoint round gets them when it announces our round)."""
-        if self.exchange is not None:
-            self.exchange.offer_keys(link)
-        if not self.collecting or self.outgoing is None:
-            return
-        round_index, per_peer = self.outgoing
-        params = per_peer.get(link.peer_id)
-        if link.sent_round == round_index or params is None:
-            return
-        announced = link.announced  # said on this link: never stale news from a replaced one
-        if announced is None:
-            return
-        if not round_index - self.config.limits.max_buffered_rounds <= announced <= round_index:
-            return
-        link.sent_round = round_index
-        self._start_send(link, round_index, params)
-
-    def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
-        task = asyncio.ensure_future(self._send(link, round_index, params))
-        self._send_tasks[link] = task
-        task.add_done_callback(lambda _done: self._send_tasks.pop(link, None))
-
-    async def _send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
-        started = time.monotonic()
-        lamport = self.clock.tick()
-        try:
-            sent = await link.send_params(
-                lamport, round_index, params, self.config.limits.chunk_bytes, self.params_dtype
-            )
-        except Exception as exc:  # the link died mid-stream; the receiver discards the partial
-            log.debug("send to %s failed: %s", link.peer_id, exc)
-            return
-        self.events.emit(
-            "send",
-            round_index,
-            peer=link.peer_id,
-            bytes=params.nbytes,  # as in recv; wire_bytes adds headers and AEAD tags
-            wire_bytes=sent,
-            duration_s=round(time.monotonic() - started, 6),
-            lamport=lamport,
-        )
-
     # --- the round loop ------------------------------------------------------------------
-
-    def _train(self, round_index: int) -> tuple[float, np.ndarray, dict[str, Any]]:
-        """Runs in a worker thread: the event loop keeps receiving meanwhile. With
-        differential privacy, the update is clipped and noised before anything leaves."""
-        dp = self.config.aggregation.dp
-        # A copy: a single-array learner may train in the very memory self.params views.
-        start = self.params.copy() if dp is not None else None
-        self.learner.set_weights(unflatten(self.params, self.template))
-        rng = np.random.default_rng([self.config.seed, self.peer_index, round_index])
-        loss = self.learner.fit(
-            self.data.x,
-            self.data.y,
-            epochs=self.training.local_epochs,
-            batch_size=self.training.batch_size,
-            learning_rate=self.training.learning_rate,
-            rng=rng,
-        )
-        trained = flatten(self.learner.get_weights())
-        if dp is None or start is None:
-            return float(loss), trained, {}
-        # Noise from the OS's entropy, never the shared seed (which every peer knows).
-        noised, norm, clipped = privatize(start, trained, dp, self._dp_rng)
-        self._dp_releases += 1
-        return (
-            float(loss),
-            noised,
-            {
-                "dp_update_norm": round(norm, 6),
-                "dp_clipped": clipped,
-                "dp_epsilon": round(epsilon(self._dp_releases, dp.noise_multiplier, dp.delta), 6),
-                "dp_delta": dp.delta,
-            },
-        )
-
-    def _evaluate(self) -> tuple[str, Evaluation]:
-        self.learner.set_weights(unflatten(self.params, self.template))
-        if self.data.x_val is not None and self.data.y_val is not None:
-            return "validation", self.learner.evaluate(self.data.x_val, self.data.y_val)
-        return "train", self.learner.evaluate(self.data.x, self.data.y)
-
-    async def _wait_until(
-        self, done: object, deadline: float | Callable[[], float | None] | None
-    ) -> bool:
-        """Wait for ``done()`` to become true, woken by network events. False on timeout.
-        ``deadline`` may be a function: it is asked again after every wake-up (a neighbour
-        that dropped meanwhile brings the next wake-up forward)."""
-        assert self._changed is not None and callable(done)
-        loop = asyncio.get_running_loop()
-        when = deadline if callable(deadline) else lambda: deadline
-        while True:
-            # The wake-up first, then done(): a grace that ends between the two is then
-            # seen by done(), instead of being skipped until the next wake-up.
-            deadline_now = when()
-            if done():
-                return True
-            if deadline_now is not None and loop.time() >= deadline_now:
-                return False
-            self._changed.clear()
-            # asyncio.timeout_at, not wait_for: before Python 3.12 wait_for can swallow a
-            # cancellation (a stop request) that lands as the event fires (CPython gh-86296).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline_now):
-                    await self._changed.wait()
 
     async def _startup(self, start_round: int, resumed: bool) -> int:
         """Wait (bounded) for this round's neighbours and their round numbers.
@@ -532,20 +386,13 @@ class Node:
         deadline = loop.time() + self.training.startup_timeout
         tracker = self.tracker
 
-        def waiting(now: float) -> list[str]:
-            return [
-                p
-                for p in neighbours
-                if not (p in self.net.links and p in tracker.peer_rounds)
-                and not (resumed and tracker.gone(p, now))
-            ]
+        def waiting() -> list[str]:
+            return tracker.not_ready(neighbours, self.net.links, resumed=resumed, now=loop.time())
 
-        def wake_up() -> float:
-            now = loop.time()
-            graces = [tracker.grace_ends(p) for p in waiting(now) if resumed]
-            return min([deadline, *(g for g in graces if g is not None)])
-
-        ready = await self._wait_until(lambda: not waiting(loop.time()), wake_up)
+        ready = await self.wait_until(
+            lambda: not waiting(),
+            lambda: tracker.startup_wakeup(waiting(), resumed=resumed, deadline=deadline),
+        )
         if not ready:
             missing = sorted(neighbours - set(self.net.links))
             log.warning("%s: starting without %s (startup timeout)", self.id, ", ".join(missing))
@@ -562,87 +409,58 @@ class Node:
         self.buffers.keep = (2 if self.exchange is not None else 1) * len(neighbours)
         self.net.broadcast_status(r)
         self.events.emit("round_start", r, neighbours=sorted(neighbours))
-        if self.exchange is not None:  # keys first: the owners relay them while we train
-            self.exchange.start_round(r)
+        exchange = self.exchange
+        if exchange is not None:  # keys first: the owners relay them while we train
+            exchange.start_round(r)
 
         t0 = time.monotonic()
         self.phase = "training"
-        loss, trained, privacy = await self._in_worker(self._train, r)
-        self.params = trained
+        trained = await self.worker.run("train", self.local.train, self.params, r)
+        self.params = trained.params
         self.events.emit(
             "train",
             r,
-            loss=round(loss, 6),
+            loss=round(trained.loss, 6),
             duration_s=round(time.monotonic() - t0, 6),
-            samples=len(self.data.y),
-            **privacy,
+            samples=len(self.local.data.y),
+            **trained.privacy,
         )
 
-        if self.exchange is None:
-            self.outgoing = (r, dict.fromkeys(neighbours, self.params))
+        if exchange is None:
+            self.outbox.open(r, dict.fromkeys(neighbours, self.params))
         else:  # each owner's vector is added as its key exchange and mask are done
-            self.outgoing = (r, {})
-            self.exchange.trained(r, trained)
-        self.collecting = True
+            self.outbox.open(r, {})
+            exchange.trained(r, trained.params)
         self.phase = "collecting"
-        for peer in sorted(neighbours):
-            link = self.net.links.get(peer)
-            if link is not None:
-                self._offer(link)
+        self.outbox.offer_all(neighbours, self.net.links)
         self.tracker.start_collecting(loop.time(), self.training.round_timeout)
         # Woken by network news, by the deadline, or when a disconnected neighbour's grace
         # runs out (then it is not waited for).
-        exchange = self.exchange
         if exchange is None:
-            await self._wait_until(
+            await self.wait_until(
                 lambda: self.tracker.collection_done(loop.time()),
                 lambda: self.tracker.next_wakeup(loop.time()),
             )
         else:
             exchange.start_collecting(loop.time())
-            await self._wait_until(
+            await self.wait_until(
                 lambda: exchange.collection_done(r, loop.time()),
                 lambda: exchange.next_wakeup(r, loop.time()),
             )
-        self.collecting = False
+        self.outbox.stop_offering()
         assert self.tracker.deadline is not None
-        await self._finish_sends(self.tracker.deadline)
-        if exchange is not None and all(task.done() for task in self._send_tasks.values()):
-            for vector in self.outgoing[1].values():  # masked vectors no stream reads now
+        await self.outbox.finish(self.tracker.deadline)
+        sent = self.outbox.close()
+        if exchange is not None and self.outbox.all_sent():
+            for vector in sent:  # masked vectors no stream reads now
                 self.buffers.give(vector)
-        self.outgoing = None
 
         received = self.tracker.take_received()
         self.phase = "aggregating"
         missing = sorted(neighbours - set(received))
         weights = metropolis_weights(self.graph(r), self.id)
-        outcome: dict[str, Any] = {}
         if exchange is None:
-            self.params, used, outliers = aggregate(
-                self.rule, self.id, self.params, received, weights
-            )
-            for consumed in received.values():
-                self.buffers.give(consumed)
-            if outliers:
-                outcome["outliers"] = outliers
-            for suspect in self.suspects.record(set(received), outliers):
-                self.events.emit(
-                    "suspect",
-                    r,
-                    peer=suspect.peer,
-                    reason=suspect.reason,
-                    flagged=suspect.flagged,
-                    window=suspect.window,
-                )
-                log.warning(
-                    "%s: neighbour %s is a suspect: its update was rejected (%s) in %d of "
-                    "its last %d rounds",
-                    self.id,
-                    suspect.peer,
-                    suspect.reason,
-                    suspect.flagged,
-                    suspect.window,
-                )
+            used, outcome = self._aggregate_plain(r, received, weights)
         else:
             used, outcome, own_clipped = await exchange.aggregate(r, received, weights)
             # (the same parameters, encoded as member and as owner: count each entry once)
@@ -662,7 +480,7 @@ class Node:
             log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
 
         self.phase = "evaluating"
-        split, result = await self._in_worker(self._evaluate)
+        split, result = await self.worker.run("evaluate", self.local.evaluate, self.params)
         self.events.emit(
             "eval",
             r,
@@ -670,7 +488,7 @@ class Node:
             loss=round(result.loss, 6),
             **{result.metric: round(result.score, 6)},
         )
-        await self._checkpoint(r, next_round)
+        await self.saver.save_round(r, next_round, self.params, self.clock.value)
         self.events.emit("checkpoint", r, next_round=next_round)
         duration = time.monotonic() - started
         self.events.emit(
@@ -685,7 +503,7 @@ class Node:
             self.id,
             r + 1,
             self.training.rounds,
-            loss,
+            trained.loss,
             split,
             result.metric,
             result.score,
@@ -695,115 +513,61 @@ class Node:
         )
         return next_round
 
-    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking work in a thread. Shielded: a shutdown waits for it instead of
-        abandoning a thread that is still writing the model or the checkpoint file."""
-        self._worker = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-        return await asyncio.shield(self._worker)
-
-    def _save_checkpoint(self, next_round: int) -> None:
-        save_checkpoint(
-            self.options.state_dir,
-            Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
-        )
-
-    async def _checkpoint(self, round_index: int, next_round: int) -> None:
-        """Write this round's checkpoint, and commit it (fsync) in the background: the next
-        round does not wait for the disk. Until the commit, the previous checkpoint stands
-        (a restart then redoes one round)."""
-        await self._committed()
-        try:
-            tmp = await self._in_worker(self._write_round_files, round_index, next_round)
-        except OSError as exc:  # e.g. a full disk: the previous checkpoint stands
-            log.error("%s: round %d checkpoint not written: %s", self.id, round_index, exc)
-            return
-        self._commit = asyncio.ensure_future(
-            asyncio.to_thread(commit_checkpoint, self.options.state_dir, tmp)
-        )
-
-    async def _committed(self) -> None:
-        """Wait for the checkpoint commit in flight, if any. It stays tracked until it has
-        finished, even if this wait is cancelled (a stop): nobody may write the next
-        checkpoint file while a commit still renames the last one."""
-        commit = self._commit
-        if commit is None:
-            return
-        try:
-            await asyncio.shield(commit)
-        except OSError as exc:
-            log.error("%s: checkpoint commit failed: %s", self.id, exc)
-        finally:
-            if commit.done() and self._commit is commit:
-                self._commit = None
-
-    def _write_round_files(self, round_index: int, next_round: int) -> Path:
-        if self.options.snapshots:
-            try:
-                self._write_snapshot(round_index)
-            except OSError as exc:  # analysis only: never worth stopping a node for
-                log.error("%s: round %d snapshot not written: %s", self.id, round_index, exc)
-        return write_checkpoint(
-            self.options.state_dir,
-            Checkpoint(next_round, self.params, self.clock.value, self.config.digest),
-        )
-
-    def _write_snapshot(self, round_index: int) -> None:
-        """Round ``round_index``'s model at record ``round_index`` of state_dir/snapshots.f32
-        (raw float32, one record per round), for offline analysis: the harness measures how
-        far apart the peers' models are. Not fsynced: it is not crash state."""
-        if self._snapshots_fd is None:
-            self._snapshots_fd = os.open(
-                self.options.state_dir / SNAPSHOTS_NAME, os.O_WRONLY | os.O_CREAT, 0o600
+    def _aggregate_plain(
+        self, r: int, received: dict[str, np.ndarray], weights: dict[str, float]
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """The configured rule over our model and the neighbours'; outliers it flags feed
+        the suspect tracker."""
+        self.params, used, outliers = aggregate(self.rule, self.id, self.params, received, weights)
+        for consumed in received.values():
+            self.buffers.give(consumed)
+        outcome: dict[str, Any] = {"outliers": outliers} if outliers else {}
+        for suspect in self.suspects.record(set(received), outliers):
+            self.events.emit(
+                "suspect",
+                r,
+                peer=suspect.peer,
+                reason=suspect.reason,
+                flagged=suspect.flagged,
+                window=suspect.window,
             )
-        data = np.ascontiguousarray(self.params, dtype="<f4")
-        os.pwrite(self._snapshots_fd, data.data.cast("B"), round_index * data.nbytes)
+            log.warning(
+                "%s: neighbour %s is a suspect: its update was rejected (%s) in %d of "
+                "its last %d rounds",
+                self.id,
+                suspect.peer,
+                suspect.reason,
+                suspect.flagged,
+                suspect.window,
+            )
+        return used, outcome
 
     async def _final_checkpoint(self) -> None:
         """On a signal mid-round: wait for the worker thread, then checkpoint what the model
         is: before aggregation, the current round (a restart redoes it; local training is
         repeated, nothing is lost); after it, the next round."""
-        if self._worker is not None:
-            with contextlib.suppress(Exception):
-                await self._worker
-        await self._committed()
-        if self._snapshots_fd is not None:
-            os.close(self._snapshots_fd)
-            self._snapshots_fd = None
+        await self.worker.settle()
+        await self.saver.committed()
+        self.saver.close()
         if self.finished:
             return
         resume = self._resume_round
-        await asyncio.to_thread(self._save_checkpoint, resume)
+        await self.saver.save_final(resume, self.params, self.clock.value)
         self.events.emit("checkpoint", self.tracker.current, next_round=resume, final=True)
-
-    async def _finish_sends(self, deadline: float) -> None:
-        """Let outgoing streams complete (bounded by the round deadline plus a grace period)."""
-        tasks = list(self._send_tasks.values())
-        if not tasks:
-            return
-        loop = asyncio.get_running_loop()
-        timeout = max(deadline - loop.time(), 0.0) + self.config.limits.handshake_timeout
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        stuck = [link for link, task in self._send_tasks.items() if task in pending]
-        for task in pending:  # a stuck stream: drop it; the receiver discards the partial one
-            task.cancel()
-        # Close those very links (a newer link to the same peer is left alone), together:
-        # each close may take up to its bound when the peer stopped reading.
-        await asyncio.gather(
-            *(link.close(CLOSE_INTERNAL_ERROR, "stream abandoned") for link in stuck)
-        )
 
     async def _linger(self) -> None:
         """After the last round, give neighbours (bounded) time to finish with our parameters."""
         loop = asyncio.get_running_loop()
         last = self.training.rounds - 1
         neighbours = self.neighbours_of(last)
-        await self._wait_until(
+        deadline = loop.time() + self.training.round_timeout
+        await self.wait_until(
             lambda: all(
                 self.tracker.peer_rounds.get(p, 0) >= self.training.rounds
                 or p not in self.net.links
                 for p in neighbours
             ),
-            loop.time() + self.training.round_timeout,
+            lambda: deadline,
         )
 
     async def _heartbeat(self) -> None:
@@ -824,6 +588,8 @@ class Node:
         self.finished = True
         self.phase = "finished"
         await self._linger()
+
+    # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run all rounds (or until SIGINT/SIGTERM). Returns the process exit code."""
@@ -850,48 +616,17 @@ class Node:
             log.info("%s: resuming from checkpoint at round %d", self.id, start_round)
         self.tracker.start_round(start_round)
         self._resume_round = start_round
-        peer = self.config.peers[self.id]
-        host = self.options.listen_host or peer.host
-        port = peer.port if self.options.listen_port is None else self.options.listen_port
         self.events.emit(
             "node_start",
             start_round,
             config_digest=self.config.digest_hex,
             parameters=int(self.params.size),
             input_scale=self.input_scale,
-            samples=len(self.data.y),
+            samples=len(self.local.data.y),
         )
         try:
-            await self.net.listen(host, port)
-            if self.metrics is not None and self.options.metrics is not None:
-                self.metrics_address = self.metrics.serve(*self.options.metrics)
-                self.events.emit(
-                    "listen",
-                    start_round,
-                    service="metrics",
-                    host=self.metrics_address[0],
-                    port=self.metrics_address[1],
-                )
-                log.info("%s: metrics on http://%s:%d/metrics", self.id, *self.metrics_address)
-            if self.options.status_socket:
-                self._status_task = asyncio.ensure_future(
-                    serve_status(open_status_socket(self.options.state_dir), self.status)
-                )
-            targets = ever_neighbours(
-                self.config.topology,
-                self.config.peer_ids,
-                self.config.seed,
-                self.id,
-                self.training.rounds,
-            )
-            now = asyncio.get_running_loop().time()
-            for target in targets - set(self.net.links):
-                self.tracker.mark_down(target, now)  # until it connects
-            for target in sorted(targets):
-                if target > self.id:  # one connection per pair: the smaller id dials
-                    self.net.dial(target)
-                else:  # e.g. after a restart: do not wait out their reconnect backoff
-                    self.net.announce(target)
+            await self._open_services(start_round)
+            self._connect()
             heartbeat = asyncio.ensure_future(self._heartbeat())
             main = asyncio.ensure_future(self._rounds(start_round, checkpoint is not None))
             stopper = asyncio.ensure_future(stop.wait())
@@ -905,24 +640,68 @@ class Node:
                 await main
             await self._final_checkpoint()
         finally:
-            self.phase = "stopping"
-            if self._status_task is not None:
-                self._status_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await self._status_task
-                with contextlib.suppress(OSError):
-                    (self.options.state_dir / "status.sock").unlink()
-            if self.metrics is not None:
-                self.metrics.close()
-            await self.net.close()
-            self.events.emit(
-                "node_stop",
-                self.tracker.current,
-                finished=self.finished,
-                peak_rss_mb=peak_rss_mb(),
-                reason="completed" if self.finished else "stopped",
-            )
-            self.events.close()
-            if self.exchange is not None:
-                self.exchange.close()
+            await self._shut_down()
         return 0
+
+    async def _open_services(self, start_round: int) -> None:
+        """Listen for peers; serve metrics and the status socket if asked to."""
+        peer = self.config.peers[self.id]
+        host = self.options.listen_host or peer.host
+        port = peer.port if self.options.listen_port is None else self.options.listen_port
+        await self.net.listen(host, port)
+        if self.metrics is not None and self.options.metrics is not None:
+            self.metrics_address = self.metrics.serve(*self.options.metrics)
+            self.events.emit(
+                "listen",
+                start_round,
+                service="metrics",
+                host=self.metrics_address[0],
+                port=self.metrics_address[1],
+            )
+            log.info("%s: metrics on http://%s:%d/metrics", self.id, *self.metrics_address)
+        if self.options.status_socket:
+            self._status_task = asyncio.ensure_future(
+                serve_status(open_status_socket(self.options.state_dir), self.status)
+            )
+
+    def _connect(self) -> None:
+        """Reach every peer that is ever a neighbour: the smaller id dials (one connection
+        per pair); the other announces itself, so a restarted peer is not left waiting out
+        a reconnect backoff."""
+        targets = ever_neighbours(
+            self.config.topology,
+            self.config.peer_ids,
+            self.config.seed,
+            self.id,
+            self.training.rounds,
+        )
+        now = asyncio.get_running_loop().time()
+        for target in targets - set(self.net.links):
+            self.tracker.mark_down(target, now)  # until it connects
+        for target in sorted(targets):
+            if target > self.id:
+                self.net.dial(target)
+            else:
+                self.net.announce(target)
+
+    async def _shut_down(self) -> None:
+        self.phase = "stopping"
+        if self._status_task is not None:
+            self._status_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await self._status_task
+            with contextlib.suppress(OSError):
+                (self.options.state_dir / "status.sock").unlink()
+        if self.metrics is not None:
+            self.metrics.close()
+        await self.net.close()
+        self.events.emit(
+            "node_stop",
+            self.tracker.current,
+            finished=self.finished,
+            peak_rss_mb=peak_rss_mb(),
+            reason="completed" if self.finished else "stopped",
+        )
+        self.events.close()
+        if self.exchange is not None:
+            self.exchange.close()

@@ -19,7 +19,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,18 @@ import numpy as np
 class Verdict:
     keep: bool
     reason: str = ""
+
+
+def may_send(
+    round_index: int, announced: int | None, sent_round: int | None, max_buffered_rounds: int
+) -> bool:
+    """Whether round ``round_index``'s parameters go out on a link now: once per link, and
+    only when the neighbour announced (on that very link) a round that would keep them,
+    its current one or up to ``max_buffered_rounds`` before ours (a restarted neighbour
+    still at its checkpoint round gets them when it announces our round)."""
+    if sent_round == round_index or announced is None:
+        return False
+    return round_index - max_buffered_rounds <= announced <= round_index
 
 
 class RoundTracker:
@@ -86,6 +98,30 @@ class RoundTracker:
         """When a disconnected ``peer`` will count as gone (None: it is connected)."""
         since = self.down_since.get(peer)
         return None if since is None else since + self.down_grace
+
+    def not_ready(
+        self,
+        neighbours: frozenset[str],
+        connected: Container[str],
+        *,
+        resumed: bool,
+        now: float,
+    ) -> list[str]:
+        """At start-up: the neighbours still waited for, those not connected or whose round
+        is unknown. A resuming node (the network is already running) stops waiting for one
+        disconnected for ``down_grace``."""
+        return sorted(
+            p
+            for p in neighbours
+            if not (p in connected and p in self.peer_rounds)
+            and not (resumed and self.gone(p, now))
+        )
+
+    def startup_wakeup(self, waiting: list[str], *, resumed: bool, deadline: float) -> float:
+        """When the start-up wait must look again without news: the start-up deadline, or
+        (resuming) when a waited-for neighbour's grace ends."""
+        graces = [self.grace_ends(p) for p in waiting] if resumed else []
+        return min([deadline, *(g for g in graces if g is not None)])
 
     def consensus_round(self, round_index: int | None = None) -> int:
         """The lower median of the rounds announced by this round's neighbours (0 if none)."""

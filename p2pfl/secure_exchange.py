@@ -33,17 +33,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from p2pfl.errors import SecureAggregationError
+from p2pfl.errors import ConfigError, SecureAggregationError
 from p2pfl.guard import Throttle
 from p2pfl.keys import pairwise_secret
 from p2pfl.secagg import FixedPoint, sum_contributions, unmask_sum, within_clip
 from p2pfl.secure_group import MemberRound, OwnerRound
-from p2pfl.topology import metropolis_weights
+from p2pfl.topology import graph_for_round, metropolis_weights
 from p2pfl.wire import (
+    MAX_GROUP_IDS,
     Confirm,
     Keys,
     Present,
@@ -59,10 +60,78 @@ from p2pfl.wire import (
 )
 
 if TYPE_CHECKING:
-    from p2pfl.net import PeerLink
-    from p2pfl.node import Node
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from p2pfl.config import Config
+    from p2pfl.events import EventLog, LamportClock
+    from p2pfl.net import Network, PeerLink
+    from p2pfl.pool import ArrayPool
+    from p2pfl.rounds import RoundTracker
 
 log = logging.getLogger("p2pfl.secure")
+T = TypeVar("T")
+
+
+class ExchangeHost(Protocol):
+    """What secure aggregation needs from the node that runs it (``Node`` implements it):
+    its state for the round, its links and log, and three services of its round loop."""
+
+    id: str
+    config: Config
+    tracker: RoundTracker
+    net: Network
+    clock: LamportClock
+    events: EventLog
+    #: Spare model-sized arrays (masks and vectors live in them).
+    buffers: ArrayPool
+    #: The node's model: its own term of the average, replaced by the average.
+    params: np.ndarray
+
+    def graph(self, round_index: int) -> dict[str, frozenset[str]]: ...
+
+    def neighbours_of(self, round_index: int) -> frozenset[str]: ...
+
+    def notify(self) -> None:
+        """Something changed that a waiting round loop should look at."""
+
+    def sending_round(self) -> int | None:
+        """The round whose parameters are being sent (None: none now)."""
+
+    def send_vector(self, owner: str, vector: np.ndarray) -> None:
+        """Add ``owner``'s masked vector to this round's outgoing ones, and send it if its
+        link is ready."""
+
+    async def run_job(self, job: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work (see ``worker.Worker``)."""
+
+    async def wait_until(
+        self, done: Callable[[], bool], deadline: Callable[[], float | None]
+    ) -> bool:
+        """Wait, woken by network news, until ``done()`` or the ``deadline()``."""
+
+
+def check_secure_topology(config: Config) -> None:
+    """Secure aggregation needs every group to have two members besides its owner (with one,
+    its contribution could not be masked): every peer needs two neighbours in every round."""
+    rounds = range(config.training.rounds) if config.topology.resample_every else range(1)
+    for r in rounds:
+        graph = graph_for_round(config.topology, config.peer_ids, config.seed, r)
+        for peer, neighbours in graph.items():
+            if len(neighbours) > MAX_GROUP_IDS:
+                raise ConfigError(
+                    config.source,
+                    "aggregation.secure",
+                    f"supports at most {MAX_GROUP_IDS} neighbours per peer, but {peer} has "
+                    f"{len(neighbours)} in round {r}",
+                )
+            if len(neighbours) < 2:
+                raise ConfigError(
+                    config.source,
+                    "aggregation.secure",
+                    f"needs every peer to have at least 2 neighbours, but {peer} has "
+                    f"{len(neighbours)} in round {r} (use a topology of degree >= 2)",
+                )
+
 
 #: Purpose bound into the pairwise secrets behind the share boxes.
 SHARE_PURPOSE = b"p2pfl secagg share"
@@ -97,15 +166,23 @@ async def _quietly(coro: Any) -> None:
 class SecureExchange:
     """Secure aggregation for one node (see the module docstring)."""
 
-    def __init__(self, node: Node, fixed: FixedPoint) -> None:
+    def __init__(
+        self,
+        node: ExchangeHost,
+        fixed: FixedPoint,
+        *,
+        private_key: X25519PrivateKey,
+        state_dir: Path,
+    ) -> None:
         self.node = node
         self.fixed = fixed
+        self._private_key = private_key
         self.members: dict[tuple[int, str], MemberRound] = {}
         self.owners: dict[int, OwnerRound] = {}
         self._masks: dict[tuple[int, str], asyncio.Future[np.ndarray]] = {}
         self._secrets: dict[str, bytes] = {}
         self._journal: IO[str] | None = None
-        self._journal_path = node.options.state_dir / JOURNAL
+        self._journal_path = state_dir / JOURNAL
         #: The last round we took part in before a restart, and the rounds joined since.
         self._restart_through = read_journal(self._journal_path)
         self._joined: set[int] = set()
@@ -149,7 +226,7 @@ class SecureExchange:
             log.info("%s round %d: sitting this round out", node.id, r)
             node.tracker.exclude(node.neighbours_of(r))
             return
-        if node.config.limits.max_buffered_rounds >= 1 and r + 1 < node.training.rounds:
+        if node.config.limits.max_buffered_rounds >= 1 and r + 1 < node.config.training.rounds:
             # The next round's key exchange and masks do not depend on the parameters: they
             # run during this round, in its idle moments, off the next round's path.
             self._join(r + 1)
@@ -220,7 +297,7 @@ class SecureExchange:
             self.node.net.spawn(self._contribute(r, *ready))
 
     def start_collecting(self, now: float) -> None:
-        self._keys_deadline = now + self.node.training.round_timeout / 2
+        self._keys_deadline = now + self.node.config.training.round_timeout / 2
 
     def collection_done(self, r: int, now: float) -> bool:
         """Also the owner's clock: sends SHARES when waiting for more keys is over."""
@@ -275,7 +352,7 @@ class SecureExchange:
                 return  # the same SHARES again after a reconnect
         except SecureAggregationError as exc:
             self._refuse(link.peer_id, msg.round, f"SHARES refused: {exc}")
-            node._notify()
+            node.notify()
             return
         loop = asyncio.get_running_loop()
         # The next round's mask is made in idle time, on the low-priority thread; this
@@ -307,7 +384,7 @@ class SecureExchange:
                 targets[owner] = (metropolis_weights(graph, owner)[node.id], await task)
             except ValueError as exc:  # a key that does not agree (e.g. a low-order point)
                 self._fail(r, owner, exc)
-        if not targets or node.outgoing is None or node.outgoing[0] != r:
+        if not targets or node.sending_round() != r:
             return
         try:
             self.clipped = await asyncio.to_thread(
@@ -317,25 +394,22 @@ class SecureExchange:
             for owner in targets:
                 self._fail(r, owner, exc)
             return
-        if node.outgoing is None or node.outgoing[0] != r:
+        if node.sending_round() != r:
             return  # the round ended meanwhile
         for owner, (_, vector) in targets.items():
             member = self.members.get((r, owner))
             if member is None:
                 continue
             member.contributed = True
-            node.outgoing[1][owner] = vector
-            link = node.net.links.get(owner)
-            if link is not None:
-                node._offer(link)
-        node._notify()
+            node.send_vector(owner, vector)
+        node.notify()
 
     def _fail(self, r: int, owner: str, exc: Exception) -> None:
         member = self.members.get((r, owner))
         if member is not None:
             member.failure = str(exc)
         log.error("%s round %d: no contribution to %s: %s", self.node.id, r, owner, exc)
-        self.node._notify()
+        self.node.notify()
 
     def on_present(self, link: PeerLink, msg: Present) -> None:
         """The owner's U2: confirm it (tags for the other present members) if we can."""
@@ -374,7 +448,7 @@ class SecureExchange:
             return None
         current = node.tracker.current
         window = current <= r <= current + node.config.limits.max_buffered_rounds
-        if state is None and window and r < node.training.rounds:
+        if state is None and window and r < node.config.training.rounds:
             state = OwnerRound(
                 node.id, node.graph(r)[node.id], r, node.config.aggregation.threshold
             )
@@ -435,7 +509,7 @@ class SecureExchange:
             if link is not None:
                 message = encode_shares(lamport, state.round, boxes)
                 self._send(link, message)
-        node._notify()
+        node.notify()
 
     def on_confirm(self, link: PeerLink, msg: Confirm) -> None:
         state = self.owners.get(msg.round)
@@ -446,7 +520,7 @@ class SecureExchange:
         except SecureAggregationError as exc:
             self._refuse(link.peer_id, msg.round, f"CONFIRM refused: {exc}")
             return
-        self.node._notify()
+        self.node.notify()
 
     def on_reveal(self, link: PeerLink, msg: Reveal) -> None:
         state = self.owners.get(msg.round)
@@ -457,7 +531,7 @@ class SecureExchange:
         except SecureAggregationError as exc:
             self._refuse(link.peer_id, msg.round, f"reveal refused: {exc}")
             return
-        self.node._notify()
+        self.node.notify()
 
     async def aggregate(
         self,
@@ -515,7 +589,7 @@ class SecureExchange:
                 ) from exc
             kept = {p: weights[p] for p in [node.id, *present]}
             total = sum(kept.values())
-            average = await node._in_worker(self._remove_masks, state, group_sum, total)
+            average = await node.run_job("unmask", self._remove_masks, state, group_sum, total)
         except SecureAggregationError as exc:
             if summing is not None:  # (it reads the received vectors, and writes ``spare``)
                 await asyncio.wait([summing])
@@ -613,7 +687,7 @@ class SecureExchange:
                 return min(deadline, enough_at[0] + max(enough_at[0] - started, 0.01))
             return deadline
 
-        await node._wait_until(settled, wake_up)
+        await node.wait_until(settled, wake_up)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -648,7 +722,7 @@ class SecureExchange:
         if secret is None:
             node = self.node
             secret = pairwise_secret(
-                node._private_key,
+                self._private_key,
                 node.config.peers[peer].public_key,
                 network=node.config.network,
                 own_id=node.id,

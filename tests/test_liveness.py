@@ -210,14 +210,15 @@ async def test_a_neighbour_that_finished_and_left_is_not_waited_for(
     )
     alice, bob = make_node(net, "alice"), make_node(net, "bob")
     gate = threading.Event()
-    evaluate = alice._evaluate
+    evaluate = alice.local.evaluate
+    alice.worker.costs.inline_below = 0.0  # a held job must run where long jobs run
 
-    def held_evaluate() -> tuple[str, float, float]:
+    def held_evaluate(params: np.ndarray) -> Any:
         if alice.tracker.current == 0:
             gate.wait(30 * TIMEOUT)
-        return evaluate()
+        return evaluate(params)
 
-    alice._evaluate = held_evaluate  # type: ignore[method-assign]
+    alice.local.evaluate = held_evaluate  # type: ignore[method-assign]
     alice_run = asyncio.ensure_future(alice.run())
     try:
         assert await asyncio.wait_for(bob.run(), 20 * TIMEOUT) == 0
@@ -245,8 +246,8 @@ async def test_a_neighbour_that_finished_and_left_is_not_waited_for(
 @pytest.mark.parametrize(
     ("stage", "resume_at"),
     [
-        ("_train", 1),  # before round 1's aggregation: redo round 1
-        ("_evaluate", 2),  # after it: the model is "round 1 done", resume at round 2
+        ("train", 1),  # before round 1's aggregation: redo round 1
+        ("evaluate", 2),  # after it: the model is "round 1 done", resume at round 2
     ],
 )
 async def test_a_stop_mid_round_checkpoints_the_round_the_model_is_at(
@@ -260,7 +261,8 @@ async def test_a_stop_mid_round_checkpoints_the_round_the_model_is_at(
     alice, bob = make_node(net, "alice"), make_node(net, "bob")
     held, gate = threading.Event(), threading.Event()
     model: dict[str, np.ndarray] = {}
-    original = getattr(alice, stage)
+    original = getattr(alice.local, stage)
+    alice.worker.costs.inline_below = 0.0  # a held job must run where long jobs run
 
     def hold(*args: Any) -> Any:
         if alice.tracker.current == 1 and not held.is_set():
@@ -269,7 +271,7 @@ async def test_a_stop_mid_round_checkpoints_the_round_the_model_is_at(
             gate.wait(30 * TIMEOUT)
         return original(*args)
 
-    setattr(alice, stage, hold)
+    setattr(alice.local, stage, hold)
     final_checkpoint = alice._final_checkpoint
 
     async def release_then_checkpoint() -> None:
@@ -393,17 +395,17 @@ async def test_a_stop_coinciding_with_a_network_event_is_not_lost(
     make_network: MakeNetwork,
 ) -> None:
     """alice is alone, collecting round 0 (deadline 30 s). A stop request and a network
-    event that wakes her round loop (a STATUS, a disconnect: here _notify) arrive in the
+    event that wakes her round loop (a STATUS, a disconnect: here notify) arrive in the
     same loop turn, as when neighbours are stopped together. She must still stop. (On
-    Python 3.11, asyncio.wait_for, which _wait_until used, swallowed the cancellation:
+    Python 3.11, asyncio.wait_for, which the wait used, swallowed the cancellation:
     CPython gh-86296; the node ran on to its last round.)"""
     net = make_network(("alice", "bob"), round_timeout=30, startup_timeout=0.05)
     alice = make_node(net, "alice")
     run = asyncio.ensure_future(alice.run())
     try:
-        await wait_until(lambda: alice.collecting)
+        await wait_until(lambda: alice.outbox.offering)
         alice.request_stop()
-        alice._notify()
+        alice.notify()
         done, _ = await asyncio.wait({run}, timeout=5 * TIMEOUT)
         assert run in done, "the stop request was lost: alice is still collecting round 0"
         assert run.result() == 0

@@ -135,12 +135,12 @@ async def test_wait_asks_for_the_deadline_again_after_each_wake_up(make_network)
 
     def drop() -> None:  # bob's link goes down: his grace ends in 0.1 s
         wake["at"] = loop.time() + 0.1
-        node._notify()
+        node.notify()
 
     loop.call_later(0.05, drop)
     try:
         done = await asyncio.wait_for(
-            node._wait_until(lambda: loop.time() >= wake["at"], lambda: wake["at"]), 5 * TIMEOUT
+            node.wait_until(lambda: loop.time() >= wake["at"], lambda: wake["at"]), 5 * TIMEOUT
         )
     finally:
         node.events.close()

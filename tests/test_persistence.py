@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import p2pfl.node as node_mod
+import p2pfl.persist as persist_mod
 from p2pfl import checkpoint as ckpt
 from p2pfl.events import EventLog, LamportClock, last_lamport
 
@@ -42,7 +42,7 @@ def slow_alice_commits(monkeypatch: Any, log: list[tuple[str, float]]) -> thread
         finally:
             log.append(("commit_end", time.monotonic()))
 
-    monkeypatch.setattr(node_mod, "commit_checkpoint", slow_commit)
+    monkeypatch.setattr(persist_mod, "commit_checkpoint", slow_commit)
     return second
 
 
@@ -56,7 +56,7 @@ async def test_stop_during_a_slow_commit_waits_for_it(make_network, monkeypatch)
         log.append(("final_save_start", time.monotonic()))
         return real_save(state_dir, checkpoint)
 
-    monkeypatch.setattr(node_mod, "save_checkpoint", logged_save)
+    monkeypatch.setattr(persist_mod, "save_checkpoint", logged_save)
     alice, bob = (make_node(net, p) for p in net.peers)
     tasks = [asyncio.ensure_future(alice.run()), asyncio.ensure_future(bob.run())]
     while not second.is_set():
@@ -95,8 +95,8 @@ async def test_full_disk_for_snapshots_and_checkpoints_does_not_stop_a_node(
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(state_dir, checkpoint)
 
-    monkeypatch.setattr(node_mod.os, "pwrite", full_pwrite)
-    monkeypatch.setattr(node_mod, "write_checkpoint", full_write)
+    monkeypatch.setattr(persist_mod.os, "pwrite", full_pwrite)
+    monkeypatch.setattr(persist_mod, "write_checkpoint", full_write)
     nodes = [make_node(net, p, snapshots=p == "alice") for p in net.peers]
     results = await asyncio.wait_for(asyncio.gather(*(n.run() for n in nodes)), 60 * TIMEOUT)
     assert results == [0, 0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from p2pfl.aggregate import metropolis_average
-from p2pfl.rounds import RoundTracker
+from p2pfl.rounds import RoundTracker, may_send
 
 NEIGHBOURS = frozenset({"b", "c"})
 
@@ -198,3 +198,45 @@ def test_a_vector_arriving_after_the_round_was_aggregated_is_refused() -> None:
     assert set(t.take_received()) == {"b"}
     late = t.deliver("c", 0, vec(2))
     assert not late.keep and "after its members were fixed" in late.reason
+
+
+@pytest.mark.parametrize(
+    ("announced", "sent_round", "due"),
+    [
+        (None, None, False),  # the neighbour has not said where it is on this link
+        (5, None, True),  # at our round
+        (3, None, True),  # two behind: it buffers two rounds ahead
+        (2, None, False),  # three behind: it would drop them
+        (6, None, False),  # ahead of us: our round is past for it
+        (5, 5, False),  # already sent on this link
+        (5, 4, True),  # the last round's went out; this one not yet
+    ],
+)
+def test_parameters_go_out_once_when_the_neighbour_can_keep_them(
+    announced: int | None, sent_round: int | None, due: bool
+) -> None:
+    assert may_send(5, announced, sent_round, max_buffered_rounds=2) is due
+
+
+def test_startup_waits_for_connected_neighbours_with_a_known_round() -> None:
+    t = tracker()
+    neighbours = frozenset({"b", "c"})
+    assert t.not_ready(neighbours, {"b"}, resumed=False, now=0.0) == ["b", "c"]
+    t.note_peer_round("b", 0)
+    assert t.not_ready(neighbours, {"b"}, resumed=False, now=0.0) == ["c"]
+    t.note_peer_round("c", 0)
+    assert t.not_ready(neighbours, {"b", "c"}, resumed=False, now=0.0) == []
+
+
+def test_a_resuming_node_stops_waiting_for_a_neighbour_down_past_its_grace() -> None:
+    t = tracker()
+    t.down_grace = 2.0
+    neighbours = frozenset({"b", "c"})
+    t.note_peer_round("b", 4)
+    t.mark_down("c", 10.0)
+    # A fresh node waits for c until the start-up deadline; a resuming one until c's grace.
+    assert t.not_ready(neighbours, {"b"}, resumed=False, now=13.0) == ["c"]
+    assert t.startup_wakeup(["c"], resumed=False, deadline=60.0) == 60.0
+    assert t.not_ready(neighbours, {"b"}, resumed=True, now=11.0) == ["c"]
+    assert t.startup_wakeup(["c"], resumed=True, deadline=60.0) == 12.0
+    assert t.not_ready(neighbours, {"b"}, resumed=True, now=12.0) == []

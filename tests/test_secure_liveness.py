@@ -68,7 +68,7 @@ async def test_one_member_that_does_not_answer_costs_little_time(four: Any, case
     async def dave_reconnects() -> None:
         await asyncio.sleep(0.05)
         alice.net.links["dave"] = link_of("dave")
-        alice._notify()
+        alice.notify()
 
     try:
         back = asyncio.ensure_future(

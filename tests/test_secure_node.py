@@ -81,24 +81,25 @@ def secure_plain(net: Any, tmp_path: Path) -> Any:
 async def test_what_a_neighbour_receives_is_masked(four, monkeypatch) -> None:
     """Capture every masked vector on its way out: uniform noise, uncorrelated with the
     sender's parameters, and different for each owner."""
-    import p2pfl.node as node_mod
+    from p2pfl.outbox import Outbox
+    from p2pfl.trainer import LocalModel
 
     net = four(rounds=1, extra=SECURE)
     trained: dict[str, np.ndarray] = {}
     sent: dict[tuple[str, str], np.ndarray] = {}
-    train, start_send = node_mod.Node._train, node_mod.Node._start_send
+    train, start_send = LocalModel.train, Outbox._start_send
 
-    def capture_train(self: Any, round_index: int) -> Any:
-        loss, params, extra = train(self, round_index)
-        trained[self.id] = params.copy()
-        return loss, params, extra
+    def capture_train(self: Any, params: np.ndarray, round_index: int) -> Any:
+        result = train(self, params, round_index)
+        trained[self.peer_id] = result.params.copy()
+        return result
 
     def capture_send(self: Any, link: Any, round_index: int, params: np.ndarray) -> None:
-        sent[(self.id, link.peer_id)] = params.copy()
+        sent[(self.events.node_id, link.peer_id)] = params.copy()
         start_send(self, link, round_index, params)
 
-    monkeypatch.setattr(node_mod.Node, "_train", capture_train)
-    monkeypatch.setattr(node_mod.Node, "_start_send", capture_send)
+    monkeypatch.setattr(LocalModel, "train", capture_train)
+    monkeypatch.setattr(Outbox, "_start_send", capture_send)
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
     assert len(sent) == 12  # 4 peers, 3 owners each
     for (sender, _), y in sent.items():
@@ -153,21 +154,22 @@ async def test_survivors_recover_the_average_without_a_member_that_left(four, mo
     """dave sends his keys for rounds 2 and 3 and then stops while training round 2: every
     owner rebuilds dave's key from the others' shares, removes his masks, and averages over
     those present, exactly. From round 4 on dave is not in the key exchange at all."""
-    import p2pfl.node as node_mod
+    from p2pfl.trainer import LocalModel
 
-    original = node_mod.Node._train
+    original = LocalModel.train
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def slow(self: Any, round_index: int) -> Any:
-        if self.id == "dave" and round_index == 2:
+    def slow(self: Any, params: np.ndarray, round_index: int) -> Any:
+        if self.peer_id == "dave" and round_index == 2:
             loop.call_soon_threadsafe(stopping.set)
             time.sleep(0.3)
-        return original(self, round_index)
+        return original(self, params, round_index)
 
-    monkeypatch.setattr(node_mod.Node, "_train", slow)
+    monkeypatch.setattr(LocalModel, "train", slow)
     net = four(rounds=5, round_timeout=30, extra={**SECURE, "net": {"down_grace": 0.2}})
     nodes = [make_node(net, p) for p in PEERS]
+    nodes[3].worker.costs.inline_below = 0.0  # dave's slow training must not hold the loop
     tasks = [asyncio.ensure_future(n.run()) for n in nodes]
     await stopping.wait()
     nodes[3].request_stop()
@@ -314,7 +316,7 @@ async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None
 
 def test_secure_aggregation_refuses_more_neighbours_than_its_messages_hold(make_network) -> None:
     peers = [f"p{i:02d}" for i in range(66)]
-    from p2pfl.node import check_secure_topology
+    from p2pfl.secure_exchange import check_secure_topology
 
     net = make_network(peers, rounds=1, extra=SECURE)
     with pytest.raises(ConfigError, match="at most 64 neighbours"):
@@ -337,7 +339,7 @@ async def test_dp_noise_is_added_and_the_budget_is_logged_every_round(four) -> N
     # A restarted node counts its earlier releases too.
     again = make_node(net, "alice")
     try:
-        assert again._dp_releases == 3
+        assert again.local.dp_releases == 3
     finally:
         again.events.close()
 
@@ -367,17 +369,17 @@ async def test_a_node_whose_model_turns_nan_neither_crashes_nor_spreads_it(
 ) -> None:
     """alice's training diverges to NaN in round 1: she contributes nothing (the others
     recover without her) and, as an owner, keeps her own model and says why."""
-    import p2pfl.node as node_mod
+    from p2pfl.trainer import LocalModel
 
-    original = node_mod.Node._train
+    original = LocalModel.train
 
-    def diverging(self: Any, round_index: int) -> Any:
-        loss, trained, extra = original(self, round_index)
-        if self.id == "alice" and round_index == 1:
-            trained = np.full_like(trained, np.nan)
-        return loss, trained, extra
+    def diverging(self: Any, params: np.ndarray, round_index: int) -> Any:
+        result = original(self, params, round_index)
+        if self.peer_id == "alice" and round_index == 1:
+            result.params = np.full_like(result.params, np.nan)
+        return result
 
-    monkeypatch.setattr(node_mod.Node, "_train", diverging)
+    monkeypatch.setattr(LocalModel, "train", diverging)
     net = four(rounds=2, extra={**SECURE, "net": {"down_grace": 0.2}})
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
     last = aggregates(net.state("alice") / "events.jsonl")[-1]

@@ -88,17 +88,17 @@ async def test_identical_keys_after_a_reconnect_get_the_lost_shares_again(four) 
 async def test_clipped_entries_are_counted_once_per_round(four, monkeypatch) -> None:  # noqa: F811
     """Every node's trained parameters have exactly 3 entries beyond the clip range: the
     aggregate event says 3, though the same parameters are encoded as member and owner."""
-    import p2pfl.node as node_mod
+    from p2pfl.trainer import LocalModel
 
-    original = node_mod.Node._train
+    original = LocalModel.train
 
-    def with_outliers(self: Any, round_index: int) -> Any:
-        loss, trained, extra = original(self, round_index)
-        trained = np.clip(trained, -1.0, 1.0)
-        trained[:3] = 1000.0
-        return loss, trained, extra
+    def with_outliers(self: Any, params: np.ndarray, round_index: int) -> Any:
+        result = original(self, params, round_index)
+        result.params = np.clip(result.params, -1.0, 1.0)
+        result.params[:3] = 1000.0
+        return result
 
-    monkeypatch.setattr(node_mod.Node, "_train", with_outliers)
+    monkeypatch.setattr(LocalModel, "train", with_outliers)
     net = four(rounds=1, extra=SECURE)
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
     for peer in PEERS:
@@ -118,12 +118,12 @@ async def test_a_contribution_whose_round_ended_while_its_mask_was_made_fails_qu
     gate: asyncio.Future[np.ndarray] = loop.create_future()
     ex._masks[(0, "bob")] = gate
     ex._trained = (0, np.zeros(alice.params.size, dtype=np.float32))
-    alice.outgoing = (0, {})
+    alice.outbox.open(0, {})
     try:
         task = asyncio.ensure_future(ex._contribute(0, "bob"))
         await asyncio.sleep(0)
         ex._trained = None  # the round ended (start_round of the next round)
-        alice.outgoing = None
+        alice.outbox.close()
         gate.set_result(np.zeros(alice.params.size, dtype=np.uint32))
         await task  # should return quietly
     finally:

@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, P2PFLError) as exc:
         print(f"p2pfl: error: {exc}", file=sys.stderr)
         return 2
-    node.learner = ByzantineLearner(node.learner, kind, factor, seed=node.peer_index)
+    local = node.local
+    local.learner = ByzantineLearner(local.learner, kind, factor, seed=local.peer_index)
     return int(asyncio.run(node.run()))
 
 

@@ -630,7 +630,7 @@ def _prepare(options: HarnessOptions) -> Prepared:
     from p2pfl.keys import generate_key_file
     from p2pfl.learning import Dataset
     from p2pfl.localconfig import build_local_config
-    from p2pfl.node import input_scale_for
+    from p2pfl.trainer import input_scale_for
 
     out = options.out
     if out.exists() and any(out.iterdir()):

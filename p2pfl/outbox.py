@@ -1,0 +1,124 @@
+"""This round's parameters on their way to the neighbours.
+
+Plain rounds send one array to every neighbour; secure rounds send each neighbour's group
+its own masked vector, added as each is ready. A stream starts on a link as soon as
+``rounds.may_send`` says the neighbour can use it, and the round's end waits (bounded) for
+the streams in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from p2pfl.config import LimitsConfig
+from p2pfl.events import EventLog
+from p2pfl.net import CLOSE_INTERNAL_ERROR, PeerLink
+from p2pfl.rounds import may_send
+
+log = logging.getLogger("p2pfl.node")
+
+
+class Outbox:
+    """The parameters a node sends in the current round, and the streams carrying them."""
+
+    def __init__(self, events: EventLog, limits: LimitsConfig, dtype: int) -> None:
+        self.events = events
+        self.limits = limits
+        self.dtype = dtype
+        #: The round being sent, and what goes to whom (None between rounds).
+        self.round: int | None = None
+        self.vectors: dict[str, np.ndarray] = {}
+        #: False once collection is over: no new stream starts (those in flight finish).
+        self.offering = False
+        #: Streams in flight, per link (a replaced link's stream is tracked on its own).
+        self.streams: dict[PeerLink, asyncio.Task[None]] = {}
+
+    def open(self, round_index: int, vectors: dict[str, np.ndarray]) -> None:
+        """Start sending round ``round_index``: ``vectors`` now, more with ``add``."""
+        self.round = round_index
+        self.vectors = vectors
+        self.offering = True
+
+    def stop_offering(self) -> None:
+        self.offering = False
+
+    def add(self, peer: str, vector: np.ndarray) -> None:
+        self.vectors[peer] = vector
+
+    def offer(self, link: PeerLink) -> None:
+        """Start this round's stream on ``link`` if it is due (see ``rounds.may_send``)."""
+        if not self.offering or self.round is None:
+            return
+        params = self.vectors.get(link.peer_id)
+        if params is None or not may_send(
+            self.round, link.announced, link.sent_round, self.limits.max_buffered_rounds
+        ):
+            return
+        link.sent_round = self.round
+        self._start_send(link, self.round, params)
+
+    def offer_all(self, peers: Iterable[str], links: dict[str, PeerLink]) -> None:
+        for peer in sorted(peers):
+            link = links.get(peer)
+            if link is not None:
+                self.offer(link)
+
+    def close(self) -> list[np.ndarray]:
+        """Stop sending: returns the vectors (their arrays are free to reuse only once no
+        stream reads them, see ``all_sent``)."""
+        vectors = list(self.vectors.values())
+        self.round = None
+        self.vectors = {}
+        self.offering = False
+        return vectors
+
+    def all_sent(self) -> bool:
+        return all(task.done() for task in self.streams.values())
+
+    async def finish(self, deadline: float) -> None:
+        """Let the streams complete, bounded by the round deadline plus a grace period; a
+        stuck one is dropped and its link closed (the receiver discards the partial one)."""
+        tasks = list(self.streams.values())
+        if not tasks:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = max(deadline - loop.time(), 0.0) + self.limits.handshake_timeout
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        stuck = [link for link, task in self.streams.items() if task in pending]
+        for task in pending:
+            task.cancel()
+        # Close those very links (a newer link to the same peer is left alone), together:
+        # each close may take up to its bound when the peer stopped reading.
+        await asyncio.gather(
+            *(link.close(CLOSE_INTERNAL_ERROR, "stream abandoned") for link in stuck)
+        )
+
+    def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
+        task = asyncio.ensure_future(self._send(link, round_index, params))
+        self.streams[link] = task
+        task.add_done_callback(lambda _done: self.streams.pop(link, None))
+
+    async def _send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
+        started = time.monotonic()
+        lamport = self.events.clock.tick()
+        try:
+            sent = await link.send_params(
+                lamport, round_index, params, self.limits.chunk_bytes, self.dtype
+            )
+        except Exception as exc:  # the link died mid-stream; the receiver discards the partial
+            log.debug("send to %s failed: %s", link.peer_id, exc)
+            return
+        self.events.emit(
+            "send",
+            round_index,
+            peer=link.peer_id,
+            bytes=params.nbytes,  # as in recv; wire_bytes adds headers and AEAD tags
+            wire_bytes=sent,
+            duration_s=round(time.monotonic() - started, 6),
+            lamport=lamport,
+        )

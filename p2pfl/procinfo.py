@@ -1,0 +1,18 @@
+"""Facts about the running process that the event log reports."""
+
+from __future__ import annotations
+
+import resource
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, where Linux has it: ru_maxrss can carry
+    over the parent's peak across fork and exec (a node started by a big harness)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

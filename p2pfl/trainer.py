@@ -1,0 +1,133 @@
+"""A node's learner and local data: one round's local training (with differential
+privacy when configured) and evaluation. No I/O, no event loop: the node runs these as
+jobs of its ``Worker`` and decides what to do with the results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2pfl.config import Config
+from p2pfl.learning import (
+    Dataset,
+    Evaluation,
+    build_learner,
+    check_compatible,
+    flatten,
+    unflatten,
+)
+from p2pfl.privacy import epsilon, privatize
+
+
+def input_scale_for(data: Dataset, configured: float | None) -> float:
+    """The divisor for input features: configured, or the smallest power of two that
+    covers the node's training data (identical on peers whose data share a range)."""
+    if configured is not None:
+        return configured
+    largest = float(np.max(np.abs(data.x))) if data.x.size else 0.0
+    if largest <= 1.0:
+        return 1.0
+    return float(2.0 ** math.ceil(math.log2(largest)))
+
+
+def scale_inputs(data: Dataset, scale: float) -> Dataset:
+    if scale == 1.0:
+        return data
+    factor = np.float32(1.0 / scale)
+    return Dataset(
+        x=data.x * factor,
+        y=data.y,
+        x_val=None if data.x_val is None else data.x_val * factor,
+        y_val=data.y_val,
+    )
+
+
+def count_trained_rounds(path: Path) -> int:
+    """How many ``train`` events an existing log holds: a restarted node's privacy budget
+    counts every update it ever released (a redone round is a second release)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if b'"type":"train"' in line)
+    except OSError:
+        return 0
+
+
+@dataclass
+class Trained:
+    """One round's local training: the mean loss, the parameters to release and, with
+    differential privacy, the fields of the ``train`` event that account for it."""
+
+    loss: float
+    params: np.ndarray
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalModel:
+    """The learner, the (scaled) local data, and the privacy accounting of one node."""
+
+    def __init__(self, config: Config, peer_id: str, data: Dataset, dp_releases: int) -> None:
+        self.config = config
+        self.training = config.training
+        self.input_scale = input_scale_for(data, config.training.input_scale)
+        self.data = scale_inputs(data, self.input_scale)
+        model = config.training.model
+        check_compatible(data, model.inputs, model.outputs, source=config.source, task=model.task)
+        self.learner = build_learner(model.as_mapping(), config.seed, source=config.source)
+        # Only the shapes matter (for unflatten); no copy of a possibly huge model.
+        self.template = self.learner.get_weights()
+        self.peer_id = peer_id
+        self.peer_index = config.peer_ids.index(peer_id)
+        self._dp_rng = np.random.default_rng()  # OS entropy
+        #: Updates released so far (a restarted node counts its earlier life's too).
+        self.dp_releases = dp_releases
+
+    def initial_params(self) -> np.ndarray:
+        """The seeded initial model, flat. May be a view of the learner's own storage
+        (single-array learners): no extra copy."""
+        return flatten(self.learner.get_weights())
+
+    def train(self, params: np.ndarray, round_index: int) -> Trained:
+        """Round ``round_index``'s local epochs from ``params``. With differential privacy,
+        the update is clipped and noised before anything leaves."""
+        dp = self.config.aggregation.dp
+        # A copy: a single-array learner may train in the very memory ``params`` views.
+        start = params.copy() if dp is not None else None
+        self.learner.set_weights(unflatten(params, self.template))
+        rng = np.random.default_rng([self.config.seed, self.peer_index, round_index])
+        loss = self.learner.fit(
+            self.data.x,
+            self.data.y,
+            epochs=self.training.local_epochs,
+            batch_size=self.training.batch_size,
+            learning_rate=self.training.learning_rate,
+            rng=rng,
+        )
+        trained = flatten(self.learner.get_weights())
+        if dp is None or start is None:
+            return Trained(float(loss), trained)
+        # Noise from the OS's entropy, never the shared seed (which every peer knows).
+        noised, norm, clipped = privatize(start, trained, dp, self._dp_rng)
+        self.dp_releases += 1
+        return Trained(
+            float(loss),
+            noised,
+            {
+                "dp_update_norm": round(norm, 6),
+                "dp_clipped": clipped,
+                "dp_epsilon": round(epsilon(self.dp_releases, dp.noise_multiplier, dp.delta), 6),
+                "dp_delta": dp.delta,
+            },
+        )
+
+    def evaluate(self, params: np.ndarray) -> tuple[str, Evaluation]:
+        """``params`` on the validation split ("validation"), or on the training data
+        ("train") when the node has none."""
+        self.learner.set_weights(unflatten(params, self.template))
+        if self.data.x_val is not None and self.data.y_val is not None:
+            return "validation", self.learner.evaluate(self.data.x_val, self.data.y_val)
+        return "train", self.learner.evaluate(self.data.x, self.data.y)
