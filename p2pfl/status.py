@@ -5,7 +5,7 @@ The node listens on a unix socket in its state directory (``status.sock``, mode 
 A client connects and reads one JSON object; the node reads nothing from it, so there is
 no request to parse and nothing a client can change. The answer is built on the event
 loop from what the node already holds, so it comes back while the node trains (training
-runs in a worker thread).
+runs in a worker thread; only jobs shorter than 5 ms run on the loop itself).
 """
 
 from __future__ import annotations
