@@ -3,6 +3,10 @@
 Written to a temporary file, fsynced, renamed over the old one and the directory fsynced:
 a crash at any moment leaves either the old or the new checkpoint, never a torn one. A node
 writes each round's file on the round path and commits it (the fsync) in the background.
+A round's commit skips the directory fsync (~0.25 ms of CPU, a fifth of a small round's
+non-training work on a crowded machine): a power cut may then bring back an earlier
+round's checkpoint, never a torn one, and the node rejoins where its neighbours are. The
+final checkpoint of a stopping node fsyncs the directory too.
 Loaded with ``allow_pickle=False`` (never change that: a checkpoint is a file like any other).
 """
 
@@ -61,8 +65,9 @@ def write_checkpoint(state_dir: Path, checkpoint: Checkpoint) -> Path:
     return tmp
 
 
-def commit_checkpoint(state_dir: Path, tmp: Path) -> Path:
-    """Make a written checkpoint durable, then put it in place atomically."""
+def commit_checkpoint(state_dir: Path, tmp: Path, *, sync_dir: bool = True) -> Path:
+    """Make a written checkpoint durable, then put it in place atomically (and, with
+    ``sync_dir``, make the rename itself durable)."""
     path = state_dir / CHECKPOINT_NAME
     fd = os.open(tmp, os.O_RDONLY)
     try:
@@ -70,6 +75,8 @@ def commit_checkpoint(state_dir: Path, tmp: Path) -> Path:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if not sync_dir:
+        return path
     dir_fd = os.open(state_dir, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -59,7 +59,7 @@ class RoundSaver:
             log.error("%s: round %d checkpoint not written: %s", self.node_id, round_index, exc)
             return False
         self._commit = asyncio.ensure_future(
-            asyncio.to_thread(commit_checkpoint, self.state_dir, tmp)
+            asyncio.to_thread(commit_checkpoint, self.state_dir, tmp, sync_dir=False)
         )
         return True
 

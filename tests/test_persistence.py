@@ -28,17 +28,17 @@ def slow_alice_commits(monkeypatch: Any, log: list[tuple[str, float]]) -> thread
     second = threading.Event()
     count = 0
 
-    def slow_commit(state_dir: Path, tmp: Path) -> Path:
+    def slow_commit(state_dir: Path, tmp: Path, **kwargs: Any) -> Path:
         nonlocal count
         if state_dir.name != "alice":
-            return real_commit(state_dir, tmp)
+            return real_commit(state_dir, tmp, **kwargs)
         count += 1
         if count == 2:
             second.set()
         log.append(("commit_start", time.monotonic()))
         time.sleep(0.5)
         try:
-            return real_commit(state_dir, tmp)
+            return real_commit(state_dir, tmp, **kwargs)
         finally:
             log.append(("commit_end", time.monotonic()))
 
