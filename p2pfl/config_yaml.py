@@ -1,0 +1,102 @@
+"""Reading ``peers.yaml`` safely: a size bound, UTF-8, and a YAML node tree checked
+before anything is built (duplicate keys, alias bombs, self-referencing anchors, depth).
+Every error names the file and where in it."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from p2pfl.config_fields import MAX_DEPTH, join_path
+from p2pfl.errors import ConfigError
+
+_MAX_FILE_BYTES = 1 << 20
+# Bounds on what a YAML document may expand to (aliases can multiply a small file).
+_MAX_YAML_NODES = 100_000
+
+
+def read_yaml_file(path: str | os.PathLike[str]) -> tuple[str, object]:
+    """The file's name and its YAML content (plain dicts, lists and scalars)."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            raw = handle.read(_MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(source, "<file>", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "<file>", "is a directory, expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(source, "<file>", f"cannot read the file: {exc.strerror}") from None
+    if len(raw) > _MAX_FILE_BYTES:
+        raise ConfigError(source, "<file>", "file is larger than 1 MiB; not a peers.yaml")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source, "<file>", f"not valid UTF-8 text (bad byte at offset {exc.start})"
+        ) from None
+    return source, load_yaml(text, source)
+
+
+def load_yaml(text: str, source: str) -> object:
+    """``yaml.safe_load``, after a check of the node tree for what safe_load lets through.
+
+    ``yaml.compose`` builds only the node tree (no objects are constructed), which is
+    where duplicate keys are still visible: PyYAML would otherwise keep the last one
+    silently. The same walk bounds alias expansion and rejects self-referencing anchors.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            check_nodes(root, source)
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = exc.problem or exc.context or "syntax error"
+        raise ConfigError(source, "<yaml>", f"invalid YAML at {where}{what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "<yaml>", f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(source, "<yaml>", "the document is nested too deeply") from None
+
+
+def check_nodes(root: yaml.Node, source: str) -> None:
+    budget = [_MAX_YAML_NODES]
+
+    def walk(node: yaml.Node, path: str, ancestors: frozenset[int]) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(
+                source, "<yaml>", f"the document expands to more than {_MAX_YAML_NODES} values"
+            )
+        if id(node) in ancestors:
+            raise ConfigError(source, path or "<top level>", "an alias refers to itself")
+        if len(ancestors) > MAX_DEPTH:
+            raise ConfigError(source, path, f"nested more than {MAX_DEPTH} levels deep")
+        inner = ancestors | {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    walk(value_node, path, inner)
+                    continue
+                child = path
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = (key_node.tag, key_node.value)
+                    line = key_node.start_mark.line + 1
+                    child = join_path(path, key_node.value)
+                    if key in seen:
+                        raise ConfigError(
+                            source,
+                            child,
+                            f"duplicate key {key_node.value!r} (line {seen[key]} and line {line})",
+                        )
+                    seen[key] = line
+                walk(value_node, child, inner)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{path}[{index}]", inner)
+
+    walk(root, "", frozenset())
