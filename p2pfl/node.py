@@ -660,9 +660,12 @@ class Node:
             )
             log.info("%s: metrics on http://%s:%d/metrics", self.id, *self.metrics_address)
         if self.options.status_socket:
-            self._status_task = asyncio.ensure_future(
-                serve_status(open_status_socket(self.options.state_dir), self.status)
-            )
+            try:
+                sock = open_status_socket(self.options.state_dir)
+            except OSError as exc:  # an aid to the operator: never worth not training for
+                log.error("%s: no status socket (p2pfl status will not answer): %s", self.id, exc)
+            else:
+                self._status_task = asyncio.ensure_future(serve_status(sock, self.status))
 
     def _connect(self) -> None:
         """Reach every peer that is ever a neighbour: the smaller id dials (one connection

@@ -175,3 +175,21 @@ async def test_status_socket_in_a_directory_with_a_long_path(tmp_path) -> None:
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await server
+
+
+async def test_a_node_whose_status_socket_cannot_be_made_still_trains(
+    make_network, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something that is not a socket sits at alice's status.sock (a directory): she logs
+    why ``p2pfl status`` will not answer, and trains all her rounds."""
+    net = make_network(rounds=2)
+    (net.state("alice") / "status.sock").mkdir(parents=True)
+    nodes = [make_node(net, p) for p in net.peers]
+    with caplog.at_level("ERROR", logger="p2pfl.node"):
+        assert await asyncio.wait_for(asyncio.gather(*(n.run() for n in nodes)), 60 * TIMEOUT) == [
+            0,
+            0,
+            0,
+        ]
+    assert "no status socket" in caplog.text
+    assert nodes[0].finished
