@@ -9,12 +9,18 @@ from a daemon thread; off by default, and on loopback unless told otherwise.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from p2pfl.errors import P2PFLError
+
+log = logging.getLogger("p2pfl.metrics")
 
 __all__ = ["MAX_REASONS", "NodeMetrics", "reason_label"]
 
@@ -121,8 +127,21 @@ class NodeMetrics:
                 self._set(self.loss, event.get("loss"))
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
-        """Serve ``/metrics`` from a daemon thread; returns the bound address."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` from a daemon thread; returns the bound address. P2PFLError
+        if it cannot listen there (the operator asked for metrics: say so, do not go on)."""
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise P2PFLError(
+                f"--metrics {host}:{port}: cannot listen: {exc.strerror or exc}"
+            ) from None
+        if not _is_loopback(host):
+            log.warning(
+                "metrics on %s:%d are open to anyone who can reach that address (no "
+                "authentication): they show rounds, traffic per peer and accuracy",
+                host,
+                port,
+            )
         self._server = server
         bound = server.server_address
         return str(bound[0]), int(bound[1])
@@ -153,3 +172,12 @@ class NodeMetrics:
     def _set(gauge: Gauge, value: object) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool):
             gauge.set(value)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

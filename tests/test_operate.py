@@ -193,3 +193,29 @@ async def test_a_node_whose_status_socket_cannot_be_made_still_trains(
         ]
     assert "no status socket" in caplog.text
     assert nodes[0].finished
+
+
+def test_metrics_on_a_port_in_use_is_a_clear_error() -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        with pytest.raises(P2PFLError, match=f"--metrics 127.0.0.1:{port}: cannot listen"):
+            NodeMetrics("alice", ["bob"], lambda: 0).serve("127.0.0.1", port)
+    finally:
+        busy.close()
+
+
+def test_metrics_beyond_loopback_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = NodeMetrics("alice", ["bob"], lambda: 0)
+    with caplog.at_level("WARNING", logger="p2pfl.metrics"):
+        host, _port = metrics.serve("127.0.0.1", 0)
+        assert "open to anyone" not in caplog.text  # loopback: no warning
+        metrics.close()
+        again = NodeMetrics("alice", ["bob"], lambda: 0)
+        again.serve("0.0.0.0", 0)
+        again.close()
+    assert host == "127.0.0.1" and "open to anyone" in caplog.text
