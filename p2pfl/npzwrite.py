@@ -57,46 +57,19 @@ def write_npz(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
         # ZIP64 local header: sizes in the extra field (numpy's readers accept it).
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         shown = _MARK if zip64 else size
-        f.write(
-            _LOCAL.pack(
-                0x04034B50,
-                version,
-                0,
-                0,
-                _DOS_TIME,
-                _DOS_DATE,
-                crc,
-                shown,
-                shown,
-                len(filename),
-                len(extra),
-            )
-        )
+        # Flags, method (stored), time, date, CRC, sizes and name length: both headers.
+        common = (0, 0, _DOS_TIME, _DOS_DATE, crc, shown, shown, len(filename))
+        f.write(_LOCAL.pack(0x04034B50, version, *common, len(extra)))
         f.write(filename + extra)
         f.write(header)
         f.write(data)
         central_extra = b""
         if zip64:
             central_extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+        where = _MARK if zip64 else offset
         central.append(
             _CENTRAL.pack(
-                0x02014B50,
-                version,
-                version,
-                0,
-                0,
-                _DOS_TIME,
-                _DOS_DATE,
-                crc,
-                shown,
-                shown,
-                len(filename),
-                len(central_extra),
-                0,
-                0,
-                0,
-                0,
-                _MARK if zip64 else offset,
+                0x02014B50, version, version, *common, len(central_extra), 0, 0, 0, 0, where
             )
             + filename
             + central_extra
