@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from p2pfl.aggregate import aggregate, parse_rule
 from p2pfl.checkpoint import load_checkpoint
 from p2pfl.config import Config
-from p2pfl.errors import MessageError, SecureAggregationError
 from p2pfl.events import EventLog, LamportClock
+from p2pfl.inbox import Inbox
 from p2pfl.learning import Dataset
 from p2pfl.net import Network, PeerLink
 from p2pfl.outbox import Outbox
@@ -44,16 +44,7 @@ from p2pfl.trainer import LocalModel, count_trained_rounds
 from p2pfl.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
-    Confirm,
-    Keys,
     Message,
-    ParamsBegin,
-    ParamsChunk,
-    Present,
-    Reveal,
-    Shares,
-    Status,
-    Unmask,
 )
 from p2pfl.worker import Worker
 
@@ -164,6 +155,16 @@ class Node:
             SecureExchange(self, self.secure, private_key=private_key, state_dir=options.state_dir)
             if self.secure is not None
             else None
+        )
+        #: What arrives on the links, judged and logged.
+        self.inbox = Inbox(
+            tracker=self.tracker,
+            events=self.events,
+            links=self.net.links,
+            params_dtype=self.params_dtype,
+            exchange=self.exchange,
+            offer=self.offer,
+            notify=self.notify,
         )
         self._changed: asyncio.Event | None = None
         self.finished = False
@@ -297,79 +298,7 @@ class Node:
         self.notify()
 
     def message(self, link: PeerLink, msg: Message) -> None:
-        if isinstance(msg, Status):
-            link.announced = msg.round
-            if self.net.links.get(link.peer_id) is not link:
-                return  # a replaced link closing: its news is older than the new link's
-            self.tracker.note_peer_round(link.peer_id, msg.round)
-            self.offer(link)
-            self.notify()
-        elif isinstance(msg, ParamsBegin):
-            if msg.dtype != self.params_dtype:
-                raise MessageError(
-                    f"parameters of dtype code {msg.dtype}, this network uses "
-                    f"{self.params_dtype} (aggregation.secure: {self.secure is not None})"
-                )
-            verdict = self.tracker.judge(link.peer_id, msg.round)
-            if not verdict.keep:
-                self.events.emit("reject", msg.round, peer=link.peer_id, reason=verdict.reason)
-            link.receiver.begin(msg.round, msg.total_bytes, keep=verdict.keep)
-            link.stream_started = time.monotonic()
-            link.stream_lamport = msg.lamport
-        elif isinstance(msg, Keys | Shares | Present | Confirm | Unmask | Reveal):
-            self._secure_message(link, msg)
-        elif isinstance(msg, ParamsChunk):
-            self._params_chunk(link, msg)
-
-    def _params_chunk(self, link: PeerLink, msg: ParamsChunk) -> None:
-        done = link.receiver.chunk(msg.round, msg.offset, msg.data)
-        if done is None or done.params is None:
-            return
-        # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
-        # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
-        if self.secure is None and not np.isfinite(np.sum(done.params, dtype=np.float64)):
-            self.events.emit(
-                "reject", done.round, peer=link.peer_id, reason="non-finite parameters"
-            )
-            return
-        verdict = self.tracker.deliver(link.peer_id, done.round, done.params)
-        if verdict.keep:
-            self.events.emit(
-                "recv",
-                done.round,
-                peer=link.peer_id,
-                bytes=done.params.nbytes,
-                duration_s=round(time.monotonic() - link.stream_started, 6),
-                buffered=done.round > self.tracker.current,
-                sent_lamport=link.stream_lamport,
-            )
-        else:
-            self.events.emit("reject", done.round, peer=link.peer_id, reason=verdict.reason)
-        self.notify()
-
-    def _secure_message(
-        self, link: PeerLink, msg: Keys | Shares | Present | Confirm | Unmask | Reveal
-    ) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            raise MessageError(
-                f"{type(msg).__name__.upper()} in a network without secure aggregation"
-            )
-        try:
-            if isinstance(msg, Keys):
-                exchange.on_keys(link, msg)
-            elif isinstance(msg, Shares):
-                exchange.on_shares(link, msg)
-            elif isinstance(msg, Present):
-                exchange.on_present(link, msg)
-            elif isinstance(msg, Confirm):
-                exchange.on_confirm(link, msg)
-            elif isinstance(msg, Unmask):
-                exchange.on_unmask(link, msg)
-            else:
-                exchange.on_reveal(link, msg)
-        except SecureAggregationError as exc:  # a step refused that no handler foresaw
-            self.events.emit("reject", msg.round, peer=link.peer_id, reason=str(exc))
+        self.inbox.message(link, msg)
 
     # --- the round loop ------------------------------------------------------------------
 
