@@ -7,9 +7,11 @@ and what was expected. A typo must never fall back silently to a default, becaus
 peers would then run with different settings while believing they agree.
 
 The work is split by job: ``config_yaml`` reads the file safely, ``config_fields`` reads
-typed fields with errors that name them, ``config_roster`` and ``config_training`` read
-the sections, ``config_types`` holds the result's types and the digest. This module is
-the public face: it puts them together (and re-exports the types).
+typed fields with errors that name them, ``config_roster`` (peers, topology),
+``config_training`` (training, model), ``config_aggregation`` (aggregation, dp) and
+``config_limits`` (limits, net) read the sections, ``config_types`` holds the result's
+types and the digest. This module is the public face: it puts them together (and
+re-exports the types).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import os
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from p2pfl.config_aggregation import AggregationReader
 from p2pfl.config_fields import NAME_RE, or_empty, shown
+from p2pfl.config_limits import LimitsReader
 from p2pfl.config_roster import RosterReader
 from p2pfl.config_training import TrainingReader
 from p2pfl.config_types import (
@@ -82,7 +86,7 @@ def parse_config(data: object, source: str) -> Config:
     return _DocumentReader(source).config(data)
 
 
-class _DocumentReader(RosterReader, TrainingReader):
+class _DocumentReader(RosterReader, TrainingReader, AggregationReader, LimitsReader):
     """The whole document: the version first, then every section."""
 
     def config(self, data: object) -> Config:

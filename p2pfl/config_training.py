@@ -1,6 +1,6 @@
-"""The ``training``, ``aggregation``, ``limits`` and ``net`` sections: the model and how
-it is trained, how models are combined (plain rules, secure aggregation, differential
-privacy), and the resource bounds and timers of a node."""
+"""The ``training`` section and its ``model``: what every peer builds from the shared seed
+(kind, task, sizes, a torch or custom factory, the torch optimiser) and how it is trained
+(rounds, epochs, batch size, learning rate, timeouts, input scaling)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,16 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
-from p2pfl.aggregate import parse_rule
 from p2pfl.config_fields import FieldReader, or_empty, shown
-from p2pfl.config_types import (
-    MODEL_KINDS,
-    OPTIMIZER_KINDS,
-    AggregationConfig,
-    LimitsConfig,
-    ModelConfig,
-    NetConfig,
-    TrainingConfig,
-)
+from p2pfl.config_types import MODEL_KINDS, OPTIMIZER_KINDS, ModelConfig, TrainingConfig
 from p2pfl.learning.base import TASKS, Task
-from p2pfl.privacy import DPConfig
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _FACTORY_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
-_MIN_CHUNK, _MAX_CHUNK = 4096, 4 * 1024 * 1024
-_MAX_BUFFERED_ROUNDS = 16
-_MAX_CONNECTIONS = 65535
 
 
 class TrainingReader(FieldReader):
-    """The model, training, aggregation, limits and net sections."""
+    """The training section and its model."""
 
     def training(self, value: object) -> TrainingConfig:
         keys = (
@@ -183,133 +170,3 @@ class TrainingReader(FieldReader):
                 f"expected a non-empty list of layer sizes (e.g. [64]), got {shown(value)}",
             )
         return tuple(self.integer(size, f"{path}[{i}]", 1) for i, size in enumerate(value))
-
-    def aggregation(self, value: object) -> AggregationConfig:
-        section = self.section(
-            value,
-            "aggregation",
-            ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "threshold", "dp"),
-        )
-        raw_rule = section.get("rule", "metropolis")
-        if not isinstance(raw_rule, str):
-            self.fail("aggregation.rule", f"expected a rule name, got {shown(raw_rule)}")
-        try:
-            parsed_rule = parse_rule(raw_rule)
-        except ValueError as exc:
-            self.fail("aggregation.rule", str(exc))
-        rule = str(parsed_rule)
-        secure = self.boolean(section.get("secure", False), "aggregation.secure")
-        if secure and parsed_rule.robust:
-            self.fail(
-                "aggregation.rule",
-                f"{rule} cannot be combined with secure: true: with secure aggregation a "
-                "node only ever sees the masked sum of its neighbourhood, never the single "
-                "vectors a robust rule compares; use rule metropolis with secure aggregation, "
-                "or secure: false with a robust rule",
-            )
-        d = AggregationConfig(rule, secure)
-        clip = self.positive(section.get("clip", d.clip), "aggregation.clip", 2.0**30, "a number")
-        frac_bits = self.integer(
-            section.get("frac_bits", d.frac_bits), "aggregation.frac_bits", 1, 30
-        )
-        if clip * 2.0**frac_bits > 2.0**30:
-            self.fail(
-                "aggregation.clip",
-                f"clip * 2**frac_bits must be at most 2**30 (sums are signed 32-bit "
-                f"integers, every term rounded on its own); "
-                f"{clip:g} * 2**{frac_bits} is {clip * 2.0**frac_bits:.3g}: "
-                "lower clip or frac_bits",
-            )
-        recovery_timeout = self.seconds(
-            section.get("recovery_timeout", d.recovery_timeout), "aggregation.recovery_timeout"
-        )
-        threshold = self.positive(
-            section.get("threshold", d.threshold), "aggregation.threshold", 1.0, "a fraction"
-        )
-        if not 0.5 <= threshold < 1.0:
-            self.fail(
-                "aggregation.threshold",
-                f"expected a fraction >= 0.5 and < 1 (0.5: a strict majority of a group's "
-                f"members rebuilds a secret), got {threshold:g}",
-            )
-        dp = self.dp(section["dp"]) if section.get("dp") is not None else None
-        return AggregationConfig(
-            rule, secure, clip, frac_bits, recovery_timeout, dp=dp, threshold=threshold
-        )
-
-    def dp(self, value: object) -> DPConfig:
-        keys = ("clip_norm", "noise_multiplier", "delta")
-        section = self.section(value, "aggregation.dp", keys, keys)
-        clip_norm = self.positive(section["clip_norm"], "aggregation.dp.clip_norm")
-        noise = self.positive(section["noise_multiplier"], "aggregation.dp.noise_multiplier")
-        delta = self.positive(section["delta"], "aggregation.dp.delta", 0.5)
-        return DPConfig(clip_norm, noise, delta)
-
-    def limits(self, value: object) -> LimitsConfig:
-        d = LimitsConfig()
-        section = self.section(
-            value,
-            "limits",
-            ("max_buffered_rounds", "chunk_bytes", "max_connections", "handshake_timeout"),
-        )
-        return LimitsConfig(
-            max_buffered_rounds=self.integer(
-                section.get("max_buffered_rounds", d.max_buffered_rounds),
-                "limits.max_buffered_rounds",
-                0,
-                _MAX_BUFFERED_ROUNDS,
-            ),
-            chunk_bytes=self.integer(
-                section.get("chunk_bytes", d.chunk_bytes),
-                "limits.chunk_bytes",
-                _MIN_CHUNK,
-                _MAX_CHUNK,
-            ),
-            max_connections=self.integer(
-                section.get("max_connections", d.max_connections),
-                "limits.max_connections",
-                0,
-                _MAX_CONNECTIONS,
-            ),
-            handshake_timeout=self.seconds(
-                section.get("handshake_timeout", d.handshake_timeout), "limits.handshake_timeout"
-            ),
-        )
-
-    def net(self, value: object) -> NetConfig:
-        d = NetConfig()
-        section = self.section(
-            value,
-            "net",
-            (
-                "heartbeat_interval",
-                "heartbeat_timeout",
-                "reconnect_min",
-                "reconnect_max",
-                "down_grace",
-            ),
-        )
-
-        def get(key: str, default: float) -> float:
-            return self.seconds(section.get(key, default), f"net.{key}")
-
-        result = NetConfig(
-            heartbeat_interval=get("heartbeat_interval", d.heartbeat_interval),
-            heartbeat_timeout=get("heartbeat_timeout", d.heartbeat_timeout),
-            reconnect_min=get("reconnect_min", d.reconnect_min),
-            reconnect_max=get("reconnect_max", d.reconnect_max),
-            down_grace=get("down_grace", d.down_grace),
-        )
-        if result.heartbeat_timeout <= result.heartbeat_interval:
-            self.fail(
-                "net.heartbeat_timeout",
-                f"must be greater than heartbeat_interval ({result.heartbeat_interval:g}),"
-                f" got {result.heartbeat_timeout:g}",
-            )
-        if result.reconnect_min > result.reconnect_max:
-            self.fail(
-                "net.reconnect_max",
-                f"must be >= reconnect_min ({result.reconnect_min:g}),"
-                f" got {result.reconnect_max:g}",
-            )
-        return result

@@ -76,3 +76,25 @@ def test_the_harness_and_the_core_do_not_import_the_command_line() -> None:
     # Entry points only: `python -m p2pfl` and the harness's poisoning peer.
     assert users == ["p2pfl.__main__", "p2pfl.harness.byzantine"]
     assert "p2pfl.config" not in graph["p2pfl.topology"]
+
+
+def test_the_config_parts_do_not_import_the_public_face() -> None:
+    graph = import_graph()
+    parts = sorted(m for m in graph if m.startswith("p2pfl.config_"))
+    assert parts == [
+        "p2pfl.config_aggregation",
+        "p2pfl.config_fields",
+        "p2pfl.config_limits",
+        "p2pfl.config_roster",
+        "p2pfl.config_training",
+        "p2pfl.config_types",
+        "p2pfl.config_yaml",
+    ]
+    assert set(parts) <= graph["p2pfl.config"]
+    for part in parts:
+        assert "p2pfl.config" not in graph[part], part
+    # The section readers share the field readers and the types, never each other.
+    readers = ("config_roster", "config_training", "config_aggregation", "config_limits")
+    for reader in readers:
+        uses = {m for m in graph[f"p2pfl.{reader}"] if m.startswith("p2pfl.config")}
+        assert uses <= {"p2pfl.config_fields", "p2pfl.config_types"}, reader

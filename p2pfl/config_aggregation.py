@@ -1,0 +1,76 @@
+"""The ``aggregation`` section: how a peer combines its neighbours' models (a plain or a
+robust rule), secure aggregation's fixed point and sharing threshold, and differential
+privacy. A robust rule with ``secure: true`` is refused here: secure aggregation shows a
+node only the masked sum, never the single vectors a robust rule compares."""
+
+from __future__ import annotations
+
+from p2pfl.aggregate import parse_rule
+from p2pfl.config_fields import FieldReader, shown
+from p2pfl.config_types import AggregationConfig
+from p2pfl.privacy import DPConfig
+
+
+class AggregationReader(FieldReader):
+    """The aggregation section and its dp subsection."""
+
+    def aggregation(self, value: object) -> AggregationConfig:
+        section = self.section(
+            value,
+            "aggregation",
+            ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "threshold", "dp"),
+        )
+        raw_rule = section.get("rule", "metropolis")
+        if not isinstance(raw_rule, str):
+            self.fail("aggregation.rule", f"expected a rule name, got {shown(raw_rule)}")
+        try:
+            parsed_rule = parse_rule(raw_rule)
+        except ValueError as exc:
+            self.fail("aggregation.rule", str(exc))
+        rule = str(parsed_rule)
+        secure = self.boolean(section.get("secure", False), "aggregation.secure")
+        if secure and parsed_rule.robust:
+            self.fail(
+                "aggregation.rule",
+                f"{rule} cannot be combined with secure: true: with secure aggregation a "
+                "node only ever sees the masked sum of its neighbourhood, never the single "
+                "vectors a robust rule compares; use rule metropolis with secure aggregation, "
+                "or secure: false with a robust rule",
+            )
+        d = AggregationConfig(rule, secure)
+        clip = self.positive(section.get("clip", d.clip), "aggregation.clip", 2.0**30, "a number")
+        frac_bits = self.integer(
+            section.get("frac_bits", d.frac_bits), "aggregation.frac_bits", 1, 30
+        )
+        if clip * 2.0**frac_bits > 2.0**30:
+            self.fail(
+                "aggregation.clip",
+                f"clip * 2**frac_bits must be at most 2**30 (sums are signed 32-bit "
+                f"integers, every term rounded on its own); "
+                f"{clip:g} * 2**{frac_bits} is {clip * 2.0**frac_bits:.3g}: "
+                "lower clip or frac_bits",
+            )
+        recovery_timeout = self.seconds(
+            section.get("recovery_timeout", d.recovery_timeout), "aggregation.recovery_timeout"
+        )
+        threshold = self.positive(
+            section.get("threshold", d.threshold), "aggregation.threshold", 1.0, "a fraction"
+        )
+        if not 0.5 <= threshold < 1.0:
+            self.fail(
+                "aggregation.threshold",
+                f"expected a fraction >= 0.5 and < 1 (0.5: a strict majority of a group's "
+                f"members rebuilds a secret), got {threshold:g}",
+            )
+        dp = self.dp(section["dp"]) if section.get("dp") is not None else None
+        return AggregationConfig(
+            rule, secure, clip, frac_bits, recovery_timeout, dp=dp, threshold=threshold
+        )
+
+    def dp(self, value: object) -> DPConfig:
+        keys = ("clip_norm", "noise_multiplier", "delta")
+        section = self.section(value, "aggregation.dp", keys, keys)
+        clip_norm = self.positive(section["clip_norm"], "aggregation.dp.clip_norm")
+        noise = self.positive(section["noise_multiplier"], "aggregation.dp.noise_multiplier")
+        delta = self.positive(section["delta"], "aggregation.dp.delta", 0.5)
+        return DPConfig(clip_norm, noise, delta)
