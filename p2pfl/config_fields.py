@@ -22,8 +22,20 @@ MAX_DEPTH = 64
 _MAX_SECONDS = 7 * 24 * 3600.0
 
 
+#: Integers beyond this many bits are quoted by their length: Python refuses to print an
+#: integer of more than 4300 digits, and no setting needs one of more than 60.
+_SHOWN_INT_BITS = 200
+#: The largest integer a field takes when it names no bound of its own.
+_MAX_INT = 2**63 - 1
+
+
 def join_path(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
+    text = shown(key) if isinstance(key, int) and _huge(key) else str(key)
+    return f"{path}.{text}" if path else text
+
+
+def _huge(value: int) -> bool:
+    return value.bit_length() > _SHOWN_INT_BITS
 
 
 def or_empty(value: object) -> object:
@@ -39,6 +51,9 @@ def shown(value: object) -> str:
     if isinstance(value, str):
         text = value if len(value) <= 60 else value[:57] + "..."
         return repr(text)
+    if isinstance(value, int) and _huge(value):
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"an integer of about {digits} digits"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, Mapping):
@@ -67,6 +82,15 @@ def number_hint(value: object) -> str:
             " (text: YAML reads an exponent without a decimal point as text; write 0.001 or 1.0e-3)"
         )
     return " (text, not a number: remove the quotes)"
+
+
+def as_float(value: int | float) -> float:
+    """``float(value)``, an integer too large for a float becoming infinity (which every
+    reader refuses, as it does 1e400) instead of an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 class FieldReader:
@@ -116,7 +140,9 @@ class FieldReader:
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(path, f"expected {expected}, got {shown(value)}{number_hint(value)}")
         if value < low or (high is not None and value > high):
-            self.fail(path, f"expected {expected}, got {value}")
+            self.fail(path, f"expected {expected}, got {shown(value)}")
+        if high is None and value > _MAX_INT:  # (the digest's JSON must print it)
+            self.fail(path, f"expected {expected} and at most 2**63 - 1, got {shown(value)}")
         return value
 
     def positive(
@@ -126,9 +152,9 @@ class FieldReader:
         expected = f"{what} > 0" if high is None else f"{what} > 0 and <= {high:g}"
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(path, f"expected {expected}, got {shown(value)}{number_hint(value)}")
-        number = float(value)
+        number = as_float(value)
         if not math.isfinite(number) or number <= 0 or (high is not None and number > high):
-            self.fail(path, f"expected {expected}, got {value!r}")
+            self.fail(path, f"expected {expected}, got {shown(value)}")
         return number
 
     def seconds(self, value: object, path: str) -> float:
@@ -160,6 +186,9 @@ class FieldReader:
         """A deep copy restricted to what JSON can express (the digest is canonical JSON)."""
         if depth > MAX_DEPTH:
             self.fail(path, f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, int) and not isinstance(value, bool) and _huge(value):
+            # The digest is canonical JSON: no integer it could not print.
+            self.fail(path, f"expected a number of at most 60 digits, got {shown(value)}")
         if value is None or isinstance(value, bool | int | str):
             return value
         if isinstance(value, float):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
-from p2pfl.config_fields import FieldReader, or_empty, shown
+from p2pfl.config_fields import FieldReader, as_float, or_empty, shown
 from p2pfl.config_types import MODEL_KINDS, OPTIMIZER_KINDS, ModelConfig, TrainingConfig
 from p2pfl.learning.base import TASKS, Task
 
@@ -158,9 +158,9 @@ class TrainingReader(FieldReader):
         """A number in [0, 1)."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(path, f"expected a number >= 0 and < 1, got {shown(value)}")
-        number = float(value)
+        number = as_float(value)
         if not 0.0 <= number < 1.0:
-            self.fail(path, f"expected a number >= 0 and < 1, got {value!r}")
+            self.fail(path, f"expected a number >= 0 and < 1, got {shown(value)}")
         return number
 
     def hidden(self, value: object, path: str) -> tuple[int, ...]:

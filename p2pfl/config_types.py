@@ -242,6 +242,9 @@ def shared_mapping(
             "heartbeat_timeout": net.heartbeat_timeout,
             "reconnect_min": net.reconnect_min,
             "reconnect_max": net.reconnect_max,
+            # Only when set otherwise: it joined the digest late, and files that leave it
+            # at its default keep their digests (and nodes their checkpoints).
+            **({} if net.down_grace == NetConfig.down_grace else {"down_grace": net.down_grace}),
         },
     }
 

@@ -5,6 +5,7 @@ Every error names the file and where in it."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import yaml
 
@@ -42,15 +43,13 @@ def read_yaml_file(path: str | os.PathLike[str]) -> tuple[str, object]:
 def load_yaml(text: str, source: str) -> object:
     """``yaml.safe_load``, after a check of the node tree for what safe_load lets through.
 
-    ``yaml.compose`` builds only the node tree (no objects are constructed), which is
-    where duplicate keys are still visible: PyYAML would otherwise keep the last one
-    silently. The same walk bounds alias expansion and rejects self-referencing anchors.
+    The node tree is composed first (no objects are constructed), which is where duplicate
+    keys are still visible: PyYAML would otherwise keep the last one silently. The same
+    walk bounds alias expansion and rejects self-referencing anchors; then the very same
+    tree is constructed, and a value that cannot be built is a ConfigError naming its field.
     """
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None:
-            check_nodes(root, source)
-        return yaml.safe_load(text)
+        return _construct(_Loader(text, source))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -62,8 +61,57 @@ def load_yaml(text: str, source: str) -> object:
         raise ConfigError(source, "<yaml>", "the document is nested too deeply") from None
 
 
-def check_nodes(root: yaml.Node, source: str) -> None:
+def _construct(loader: _Loader) -> object:
+    """Compose, check, then construct that same node tree (what safe_load does, less the
+    second parse)."""
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        loader.paths = check_nodes(root, loader.source)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+class _Loader(yaml.SafeLoader):
+    """``safe_load``'s loader, except that a scalar its constructors cannot build
+    (``!!int abc``, a number of 5000 digits, ``2024-13-45``, ``!!timestamp x``) is a
+    ConfigError naming the field and the position, not a ValueError or AttributeError."""
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self.source = source
+        #: Each node's field path (by id), from check_nodes.
+        self.paths: dict[int, str] = {}
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ConfigError:
+            raise
+        except (ValueError, OverflowError, TypeError, AttributeError, KeyError) as exc:
+            raise ConfigError(
+                self.source, self.paths.get(id(node), "<yaml>"), _unbuildable(node, exc)
+            ) from None
+
+
+def _unbuildable(node: yaml.Node, exc: Exception) -> str:
+    """Where a value is, what it is meant to be and (for a number or a date) why not."""
+    mark = node.start_mark
+    kind = str(node.tag).rsplit(":", 1)[-1]
+    value = str(node.value) if isinstance(node, yaml.ScalarNode) else "the value"
+    text = repr(value if len(value) <= 60 else value[:57] + "...")
+    # (ValueError and OverflowError say why; the others only name an internal detail.)
+    why = f" ({str(exc).split(';')[0]})" if isinstance(exc, ValueError | OverflowError) else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text} is not a valid YAML {kind}{why}"
+
+
+def check_nodes(root: yaml.Node, source: str) -> dict[int, str]:
+    """Check the tree (size, self-reference, depth, duplicate keys); return each node's
+    field path by id (a key's is its mapping's), for errors found while constructing."""
     budget = [_MAX_YAML_NODES]
+    paths: dict[int, str] = {}
 
     def walk(node: yaml.Node, path: str, ancestors: frozenset[int]) -> None:
         budget[0] -= 1
@@ -76,6 +124,7 @@ def check_nodes(root: yaml.Node, source: str) -> None:
         if len(ancestors) > MAX_DEPTH:
             raise ConfigError(source, path, f"nested more than {MAX_DEPTH} levels deep")
         inner = ancestors | {id(node)}
+        paths.setdefault(id(node), path or "<top level>")
         if isinstance(node, yaml.MappingNode):
             seen: dict[tuple[str, str], int] = {}
             for key_node, value_node in node.value:
@@ -83,6 +132,7 @@ def check_nodes(root: yaml.Node, source: str) -> None:
                     walk(value_node, path, inner)
                     continue
                 child = path
+                paths.setdefault(id(key_node), path or "<top level>")
                 if isinstance(key_node, yaml.ScalarNode):
                     key = (key_node.tag, key_node.value)
                     line = key_node.start_mark.line + 1
@@ -100,3 +150,4 @@ def check_nodes(root: yaml.Node, source: str) -> None:
                 walk(item, f"{path}[{index}]", inner)
 
     walk(root, "", frozenset())
+    return paths

@@ -14,6 +14,8 @@ import contextlib
 import ipaddress
 import logging
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -24,8 +26,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.protocol import State
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedError,
+    InvalidHandshake,
+    InvalidURI,
+)
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event, State
 
 from p2pfl.channel import Channel
 from p2pfl.config import Config
@@ -93,8 +101,12 @@ class PeerLink:
         expected_bytes: int,
         initiator: bool,
         allocate: Callable[[], np.ndarray] | None = None,
+        send_timeout: float = 10.0,
     ) -> None:
         self.peer_id = peer_id
+        #: A record that cannot be handed to the socket in this long (the peer stopped
+        #: reading) ends the link: otherwise every send behind it waits for ever.
+        self.send_timeout = send_timeout
         self.ws = ws
         self.channel = channel
         self.initiator = initiator
@@ -125,7 +137,13 @@ class PeerLink:
     async def _send_record(self, plaintext: bytes | bytearray) -> None:
         record = self.channel.seal(plaintext)
         self.bytes_sent += len(record)
-        await self.ws.send(record)
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self.ws.send(record)
+        except TimeoutError:
+            log.warning("%s does not read what we send: link cut", self.peer_id)
+            self.ws.transport.abort()
+            raise ConnectionClosedError(None, None) from None
 
     async def send_message(self, plaintext: bytes) -> None:
         """Send one short message (``wire.encode_*``): it goes out between the chunks of a
@@ -158,17 +176,79 @@ class PeerLink:
                     await self._send_record(record)
         return self.bytes_sent - before
 
-    async def close(self, code: int = CLOSE_NORMAL, reason: str = "", timeout: float = 2.0) -> None:
-        """Close, bounded: websockets' close() waits in drain() without a timeout when the
-        peer stopped reading, so after ``timeout`` the TCP connection is aborted."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self.ws.close(code, reason)
-        except Exception:
-            pass
-        finally:
-            if self.ws.state is not State.CLOSED:
-                self.ws.transport.abort()
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        await close_bounded(self.ws, code, reason)
+
+
+#: How long a close may wait for the peer before the TCP connection is aborted.
+CLOSE_TIMEOUT = 2.0
+#: How long a look-up of a roster peer's host name may take.
+RESOLVE_TIMEOUT = 5.0
+#: Bytes an unauthenticated connection may leave queued for sending. Our handshake messages
+#: are under 1 KiB; what fills the queue is websockets' pong to every ping, written even
+#: when the peer reads nothing.
+MAX_OUTPUT_PENDING = 64 * 1024
+
+
+async def close_bounded(
+    ws: Connection, code: int = CLOSE_NORMAL, reason: str = "", timeout: float = CLOSE_TIMEOUT
+) -> None:
+    """Close, bounded: websockets' close() waits in drain() with no timeout when the peer
+    stopped reading (a ping flood fills our output with pongs), so after ``timeout`` the
+    TCP connection is aborted. Every close in this module goes through here."""
+    try:
+        async with asyncio.timeout(timeout):
+            await ws.close(code, reason)
+    except Exception:
+        pass
+    finally:
+        if ws.state is not State.CLOSED:
+            ws.transport.abort()
+
+
+#: Before authentication, received bytes are parsed this many at a time, so that a cut
+#: takes effect within one slice (honest traffic then is under 1 KiB per message).
+UNAUTHENTICATED_SLICE = 1024
+
+
+class GuardedConnection(Connection):
+    """What both ends of our connections add to websockets' (server and client alike).
+
+    websockets answers every ping with a pong, even to a peer that reads nothing, and
+    parses a whole socket read (up to 256 KiB: some 40 000 control frames) before we see
+    any of it. p2pfl never pings (liveness is the STATUS heartbeat), so a PING or PONG is
+    a protocol violation that cuts the connection; before authentication the input is
+    parsed in slices so the cut comes within one of them. Queued output above
+    ``max_output`` also cuts it. ``network`` is set by the subclass factories below.
+    """
+
+    network: Network
+    cut = False
+    authenticated = False
+    max_output = MAX_OUTPUT_PENDING
+
+    def data_received(self, data: bytes) -> None:
+        if self.authenticated or len(data) <= UNAUTHENTICATED_SLICE:
+            super().data_received(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), UNAUTHENTICATED_SLICE):
+            if self.cut:
+                return
+            super().data_received(bytes(view[start : start + UNAUTHENTICATED_SLICE]))
+
+    def send_data(self) -> None:
+        super().send_data()
+        if not self.cut and self.transport.get_write_buffer_size() > self.max_output:
+            self.network.cut(self, "peer does not read what we send")
+
+    def process_event(self, event: Event) -> None:
+        if self.cut:
+            return
+        if isinstance(event, Frame) and event.opcode in (Opcode.PING, Opcode.PONG):
+            self.network.cut(self, f"{event.opcode.name.lower()} frame (p2pfl never pings)")
+            return
+        super().process_event(event)
 
 
 @dataclass(frozen=True)
@@ -181,6 +261,12 @@ class NetLimits:
     handshake_timeout: float
     open_timeout: float
     max_queue: int = 16
+
+    @property
+    def max_output(self) -> int:
+        """Bytes an authenticated link may leave queued: our own sends wait (drain) above
+        websockets' write limit, so more than two records queued is pongs nobody reads."""
+        return 2 * self.max_record + MAX_OUTPUT_PENDING
 
 
 class Network:
@@ -218,7 +304,16 @@ class Network:
         self.admission: Admission[ServerConnection] = Admission(self.limits.max_connections)
         self._throttle = Throttle()
         self._throttle_all = Throttle(burst=50, window=10.0)  # all unauthenticated sources
-        self.peer_sources = {source_key(p.host) for p in config.peers.values()}
+        #: Each roster peer's source keys (see ``source_key``): its pending connections are
+        #: evicted last. Addresses written as IPs count at once; host names once resolved
+        #: (at ``listen`` and again whenever the peer is dialled or its link goes down).
+        self._peer_sources: dict[str, frozenset[str]] = {
+            p.id: frozenset({source_key(p.host)}) if _is_ip(p.host) else frozenset()
+            for p in config.peers.values()
+            if p.id != own_id
+        }
+        self.peer_sources: frozenset[str] = frozenset().union(*self._peer_sources.values())
+        self._resolving: set[str] = set()  # peers whose look-up is under way
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -248,9 +343,31 @@ class Network:
             **self._ws_options(),  # type: ignore[arg-type]
         )
         bound = int(next(iter(self._server.sockets)).getsockname()[1])
+        for peer_id in self._peer_sources:
+            self.spawn(self.resolve_peer(peer_id))
         self.events.emit("listen", host=host, port=bound)
         log.info("%s listening on %s:%d", self.own_id, host, bound)
         return bound
+
+    async def resolve_peer(self, peer_id: str) -> None:
+        """Look up a roster peer's host name again (a peer may move, e.g. a new DHCP lease);
+        on failure keep what was known."""
+        host = self.config.peers[peer_id].host
+        if _is_ip(host) or peer_id in self._resolving:
+            return
+        self._resolving.add(peer_id)
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                infos = await _getaddrinfo(host)
+        except (OSError, TimeoutError) as exc:
+            log.debug("cannot resolve %s (%s): %s", host, peer_id, _describe(exc))
+            return
+        finally:
+            self._resolving.discard(peer_id)
+        found = frozenset(source_key(str(info[4][0])) for info in infos)
+        if found:
+            self._peer_sources[peer_id] = found
+            self.peer_sources = frozenset().union(*self._peer_sources.values())
 
     def dial(self, peer_id: str) -> None:
         """Keep a connection to ``peer_id`` up for as long as the network runs."""
@@ -316,16 +433,20 @@ class Network:
         # Admission (the pending-connection budget) is enforced per TCP connection, in
         # _counted_connection, before the websocket upgrade.
         remote = _address(ws)
+        # One deadline from the TCP accept: the upgrade's time counts against it too.
+        loop = asyncio.get_running_loop()
+        accepted = getattr(ws, "accepted_at", 0.0) or loop.time()
         try:
-            async with asyncio.timeout(self.limits.handshake_timeout):
+            async with asyncio.timeout_at(accepted + self.limits.handshake_timeout):
                 link, first = await self._respond(ws, remote)
         except HandshakeError as exc:
             self.refuse(ws, "handshake_fail", str(exc))
-            await ws.close(CLOSE_POLICY, "")
+            await close_bounded(ws, CLOSE_POLICY)
             return
         except (ConnectionClosed, TimeoutError) as exc:
-            self.refuse(ws, "handshake_fail", _describe(exc))
-            await ws.close(CLOSE_POLICY, "")
+            if not (isinstance(ws, GuardedConnection) and ws.cut):  # logged when cut
+                self.refuse(ws, "handshake_fail", _describe(exc))
+            await close_bounded(ws, CLOSE_POLICY)
             return
         await self._run_link(link, first)
 
@@ -340,10 +461,26 @@ class Network:
         self.events.emit(event, addr=remote, reason=reason, role="responder", **extra)
         log.warning("connection from %s refused: %s", remote, reason)
 
+    def cut(self, ws: Connection, reason: str) -> None:
+        """Abort a connection that abuses what websockets does for it (pongs, buffering),
+        once, with a logged reason (rate-limited while it is unauthenticated)."""
+        if not isinstance(ws, GuardedConnection) or ws.cut:
+            return
+        ws.cut = True
+        if isinstance(ws, ServerConnection) and ws in self.admission:
+            self.refuse(ws, "reject", reason)
+        else:
+            self.events.emit("reject", addr=_address(ws), reason=reason)
+            log.warning("%s: connection with %s cut: %s", self.own_id, _address(ws), reason)
+        ws.transport.abort()
+
     def _authenticated(self, ws: Connection) -> None:
         """The peer proved its identity: full-size records from now on, and it leaves the
         pending-connection budget."""
         ws.protocol.max_message_size = self.limits.max_record
+        if isinstance(ws, GuardedConnection):
+            ws.max_output = self.limits.max_output
+            ws.authenticated = True
         if isinstance(ws, ServerConnection):
             self.admission.authenticated(ws)
 
@@ -380,6 +517,7 @@ class Network:
             expected_bytes=self.expected_bytes,
             initiator=False,
             allocate=self.allocate,
+            send_timeout=self.config.net.heartbeat_timeout,
         )
         return link, first
 
@@ -394,6 +532,7 @@ class Network:
                 await existing.closed.wait()
                 delay = low
                 continue
+            await self.resolve_peer(peer_id)
             try:
                 link = await self._dial_once(peer_id)
             except DigestMismatch as exc:
@@ -426,37 +565,43 @@ class Network:
             open_timeout=self.limits.open_timeout,
             proxy=None,
             user_agent_header=None,
+            create_connection=_guarded_client(self),
             **self._ws_options(),  # type: ignore[arg-type]
         )
         try:
-            timeout = self.limits.handshake_timeout
-            hs = IKHandshake(
-                initiator=True,
-                static=self.private_key,
-                prologue=PROLOGUE,
-                remote_static=peer.public_key,
-            )
-            await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
-            async with asyncio.timeout(timeout):
-                message2 = await ws.recv(decode=False)
-            reply = decode_reply(hs.read_message(message2))
-            if reply.status == REPLY_DIGEST_MISMATCH or reply.digest != self.config.digest:
-                raise DigestMismatch(self.config.digest.hex()[:16], reply.digest.hex()[:16])
-            self._authenticated(ws)
-            channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
-            link = PeerLink(
-                peer_id,
-                ws,
-                channel,
-                expected_bytes=self.expected_bytes,
-                initiator=True,
-                allocate=self.allocate,
-            )
-            await link.send_status(self.events.clock.tick(), self.handler.current_round())
-            return link
+            # The whole exchange is bounded: whoever answers at that address (the peer, or
+            # a squatter that pings and never reads) holds this dialer at most this long.
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                return await self._initiate(peer_id, ws)
         except BaseException:
-            await ws.close(CLOSE_POLICY, "")
+            await close_bounded(ws, CLOSE_POLICY)
             raise
+
+    async def _initiate(self, peer_id: str, ws: ClientConnection) -> PeerLink:
+        """Our side of the handshake on a fresh websocket: hello, reply, first STATUS."""
+        hs = IKHandshake(
+            initiator=True,
+            static=self.private_key,
+            prologue=PROLOGUE,
+            remote_static=self.config.peers[peer_id].public_key,
+        )
+        await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
+        reply = decode_reply(hs.read_message(await ws.recv(decode=False)))
+        if reply.status == REPLY_DIGEST_MISMATCH or reply.digest != self.config.digest:
+            raise DigestMismatch(self.config.digest.hex()[:16], reply.digest.hex()[:16])
+        self._authenticated(ws)
+        channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
+        link = PeerLink(
+            peer_id,
+            ws,
+            channel,
+            expected_bytes=self.expected_bytes,
+            initiator=True,
+            allocate=self.allocate,
+            send_timeout=self.config.net.heartbeat_timeout,
+        )
+        await link.send_status(self.events.clock.tick(), self.handler.current_round())
+        return link
 
     # --- a live link -------------------------------------------------------------------------
 
@@ -518,6 +663,8 @@ class Network:
             link.closed.set()
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]
+            if not self._stopping:
+                self.spawn(self.resolve_peer(link.peer_id))  # it may come back from elsewhere
             self.events.emit("disconnect", peer=link.peer_id, reason=reason)
             self.handler.link_down(link, reason)
 
@@ -542,38 +689,45 @@ class Network:
                 self.spawn(_quiet(link.send_status(lamport, round_index)))
 
 
-def _counted_connection(network: Network) -> type[ServerConnection]:
+def _counted_connection(network_: Network) -> type[ServerConnection]:
     """Server connections that enter the pending-connection budget at TCP accept (so sockets
     that never upgrade count too), and log upgrades that fail before ``_accept`` runs."""
 
-    class CountedConnection(ServerConnection):
+    class CountedConnection(GuardedConnection, ServerConnection):
+        network = network_
         evicted = False
+        #: Loop time of the TCP accept: the handshake's deadline counts from here, so the
+        #: websocket upgrade and our handshake share one ``handshake_timeout``.
+        accepted_at = 0.0
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
+            self.accepted_at = asyncio.get_running_loop().time()
             source = source_key(_address(self).rpartition(":")[0])
-            evicted = network.admission.admit(
-                self, source, protected=source in network.peer_sources
+            evicted = self.network.admission.admit(
+                self, source, protected=source in self.network.peer_sources
             )
             if isinstance(evicted, CountedConnection):
                 evicted.evicted = True
-                network.refuse(evicted, "reject", "too many unauthenticated connections")
+                self.network.refuse(evicted, "reject", "too many unauthenticated connections")
                 evicted.transport.abort()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            network.admission.discard(self)
+            self.network.admission.discard(self)
             super().connection_lost(exc)
 
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             try:
                 await super().handshake(*args, **kwargs)
             except asyncio.CancelledError:  # open_timeout expired, or we are shutting down
-                if not network._stopping and not self.evicted:
-                    network.refuse(self, "handshake_fail", "timed out before the websocket upgrade")
+                if not self.network._stopping and not self.evicted:
+                    self.network.refuse(
+                        self, "handshake_fail", "timed out before the websocket upgrade"
+                    )
                 raise
             if self.protocol.state is not State.OPEN and not self.evicted:
                 exc = self.protocol.handshake_exc
-                network.refuse(
+                self.network.refuse(
                     self,
                     "handshake_fail",
                     f"websocket upgrade failed: {exc or 'connection closed'}",
@@ -582,9 +736,54 @@ def _counted_connection(network: Network) -> type[ServerConnection]:
     return CountedConnection
 
 
+def _guarded_client(network_: Network) -> type[ClientConnection]:
+    """Client connections guarded like the server's: a listener at a peer's address that
+    pings, or sends and never reads, is cut, and the dialer moves on."""
+
+    class GuardedClientConnection(GuardedConnection, ClientConnection):
+        network = network_
+
+    return GuardedClientConnection
+
+
 async def _quiet(coro: Coroutine[Any, Any, None]) -> None:
     with contextlib.suppress(ConnectionClosed, OSError):
         await coro
+
+
+def _getaddrinfo(host: str) -> asyncio.Future[list[Any]]:
+    """``socket.getaddrinfo`` in a daemon thread of its own. Not the loop's executor: a
+    look-up that hangs (a slow or hostile DNS server) would hold one of the threads that
+    training and checkpoints run on, and keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[list[Any]] = loop.create_future()
+
+    def settle(result: list[Any] | None, exc: OSError | None) -> None:
+        if future.done():  # the caller gave up (timeout)
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result or [])
+
+    def work() -> None:
+        try:
+            result, exc = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM), None
+        except OSError as error:
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=work, name=f"resolve {host}", daemon=True).start()
+    return future
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def source_key(host: str) -> str:

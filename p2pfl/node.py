@@ -38,9 +38,10 @@ from p2pfl.rounds import RoundTracker
 from p2pfl.scoring import SuspectTracker
 from p2pfl.secagg import FixedPoint
 from p2pfl.secure_exchange import SecureExchange, check_secure_topology
+from p2pfl.statedir import prepare_state_dir
 from p2pfl.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
-from p2pfl.trainer import LocalModel, count_trained_rounds
+from p2pfl.trainer import LocalModel, restore_dp_releases
 from p2pfl.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
@@ -88,9 +89,8 @@ class Node:
         self.id = options.node_id
         self.options = options
         self.training = config.training
-        self.local = LocalModel(
-            config, self.id, data, count_trained_rounds(options.state_dir / "events.jsonl")
-        )
+        # The privacy budget already spent is restored with the checkpoint (run()).
+        self.local = LocalModel(config, self.id, data, 0)
         self.params = self.local.initial_params()
         aggregation = config.aggregation
         #: The fixed point of secure aggregation, or None for plain averaging.
@@ -105,7 +105,10 @@ class Node:
         #: Neighbours whose updates the rule keeps rejecting (logged as ``suspect``).
         self.suspects = SuspectTracker()
         # The model and the log say something about local data: owner-only (0700 / 0600).
-        options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        #: Permissions found looser and tightened (logged at start-up).
+        self.tightened = prepare_state_dir(options.state_dir)
+        for line in self.tightened:
+            log.warning("state directory was readable by other users; tightened %s", line)
         self.clock = LamportClock()
         self.events = EventLog(options.state_dir / "events.jsonl", self.id, self.clock)
         #: What ``p2pfl status`` reports beyond the node's own state.
@@ -417,7 +420,9 @@ class Node:
             loss=round(result.loss, 6),
             **{result.metric: round(result.score, 6)},
         )
-        await self.saver.save_round(r, next_round, self.params, self.clock.value)
+        await self.saver.save_round(
+            r, next_round, self.params, self.clock.value, self.local.dp_releases
+        )
         self.events.emit("checkpoint", r, next_round=next_round)
         duration = time.monotonic() - started
         self.events.emit(
@@ -481,7 +486,7 @@ class Node:
         if self.finished:
             return
         resume = self._resume_round
-        await self.saver.save_final(resume, self.params, self.clock.value)
+        await self.saver.save_final(resume, self.params, self.clock.value, self.local.dp_releases)
         self.events.emit("checkpoint", self.tracker.current, next_round=resume, final=True)
 
     async def _linger(self) -> None:
@@ -537,10 +542,13 @@ class Node:
             expected_digest=self.config.digest,
             expected_size=self.params.size,
         )
+        self.local.dp_releases = restore_dp_releases(
+            self.config, checkpoint, self.options.state_dir / "events.jsonl"
+        )
         if checkpoint is not None:
             self.params = checkpoint.params
             start_round = checkpoint.next_round
-            self.clock.value = max(self.clock.value, checkpoint.lamport)
+            self.clock.restore(checkpoint.lamport)
             self.events.emit("resume", start_round, reason="checkpoint")
             log.info("%s: resuming from checkpoint at round %d", self.id, start_round)
         self.tracker.start_round(start_round)
@@ -552,6 +560,7 @@ class Node:
             parameters=int(self.params.size),
             input_scale=self.input_scale,
             samples=len(self.local.data.y),
+            **({"tightened": self.tightened} if self.tightened else {}),
         )
         try:
             await self._open_services(start_round)

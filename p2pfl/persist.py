@@ -45,15 +45,21 @@ class RoundSaver:
         self._snapshots_fd: int | None = None
 
     async def save_round(
-        self, round_index: int, next_round: int, params: np.ndarray, lamport: int
+        self,
+        round_index: int,
+        next_round: int,
+        params: np.ndarray,
+        lamport: int,
+        dp_releases: int | None = None,
     ) -> bool:
-        """Write round ``round_index``'s checkpoint (resume at ``next_round``) and start
-        its commit. False if it could not be written (e.g. a full disk: the previous
-        checkpoint stands)."""
+        """Write round ``round_index``'s checkpoint (resume at ``next_round``; the privacy
+        accountant at ``dp_releases``) and start its commit. False if it could not be
+        written (e.g. a full disk: the previous checkpoint stands)."""
         await self.committed()
+        checkpoint = Checkpoint(next_round, params, lamport, self.digest, dp_releases)
         try:
             tmp = await self.worker.run(
-                "checkpoint", self._write_round_files, round_index, next_round, params, lamport
+                "checkpoint", self._write_round_files, round_index, checkpoint
             )
         except OSError as exc:
             log.error("%s: round %d checkpoint not written: %s", self.node_id, round_index, exc)
@@ -77,11 +83,13 @@ class RoundSaver:
             if commit.done() and self._commit is commit:
                 self._commit = None
 
-    async def save_final(self, next_round: int, params: np.ndarray, lamport: int) -> None:
+    async def save_final(
+        self, next_round: int, params: np.ndarray, lamport: int, dp_releases: int | None = None
+    ) -> None:
         """Write and commit at once (a stop): what the model is, to resume at
         ``next_round``."""
         await self.committed()
-        checkpoint = Checkpoint(next_round, params, lamport, self.digest)
+        checkpoint = Checkpoint(next_round, params, lamport, self.digest, dp_releases)
         await asyncio.to_thread(save_checkpoint, self.state_dir, checkpoint)
 
     def close(self) -> None:
@@ -89,17 +97,13 @@ class RoundSaver:
             os.close(self._snapshots_fd)
             self._snapshots_fd = None
 
-    def _write_round_files(
-        self, round_index: int, next_round: int, params: np.ndarray, lamport: int
-    ) -> Path:
+    def _write_round_files(self, round_index: int, checkpoint: Checkpoint) -> Path:
         if self.snapshots:
             try:
-                self._write_snapshot(round_index, params)
+                self._write_snapshot(round_index, checkpoint.params)
             except OSError as exc:  # analysis only: never worth stopping a node for
                 log.error("%s: round %d snapshot not written: %s", self.node_id, round_index, exc)
-        return write_checkpoint(
-            self.state_dir, Checkpoint(next_round, params, lamport, self.digest)
-        )
+        return write_checkpoint(self.state_dir, checkpoint)
 
     def _write_snapshot(self, round_index: int, params: np.ndarray) -> None:
         """Round ``round_index``'s model at record ``round_index`` of state_dir/snapshots.f32

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError
 from p2pfl.config import Config
 from p2pfl.learning import (
     Dataset,
@@ -48,13 +49,69 @@ def scale_inputs(data: Dataset, scale: float) -> Dataset:
 
 
 def count_trained_rounds(path: Path) -> int:
-    """How many ``train`` events an existing log holds: a restarted node's privacy budget
-    counts every update it ever released (a redone round is a second release)."""
+    """How many ``train`` events an existing log holds (0 without a log): every update the
+    node released, a redone round being a second release."""
     try:
         with open(path, "rb") as f:
             return sum(1 for line in f if b'"type":"train"' in line)
     except OSError:
         return 0
+
+
+#: How many more releases the log may record than its checkpoint counts. A round's
+#: checkpoint is committed in the background while the next round trains, so a crash can
+#: leave round r - 1's checkpoint under a log that has trained rounds r and r + 1.
+LOG_LEAD = 2
+
+
+def restore_dp_releases(config: Config, checkpoint: Checkpoint | None, log_path: Path) -> int:
+    """The differential-privacy releases a (re)starting node has already made: the budget
+    it has spent, which must never silently restart from zero.
+
+    The checkpoint is the authority (the log may have been rotated or deleted); the log
+    may run up to ``LOG_LEAD`` releases ahead of it, so the larger count is kept. A
+    checkpoint without the count, or one the log outruns by more, is refused.
+    """
+    if config.aggregation.dp is None:
+        return 0
+    logged = count_trained_rounds(log_path)
+    if checkpoint is None:
+        return logged
+    saved = checkpoint.dp_releases
+    if saved is None:
+        raise CheckpointError(_no_budget(log_path, logged))
+    if logged > saved + LOG_LEAD:
+        raise CheckpointError(_budget_behind_log(log_path, saved, logged))
+    return max(saved, logged)
+
+
+def _ways_out(state_dir: Path, logged: int) -> str:
+    return (
+        f"to restart from the initial model and count the log's {logged}, move "
+        f"{state_dir / CHECKPOINT_NAME} away; to start afresh with an unspent budget (only "
+        f"if this node's earlier updates need not count), move {state_dir} away"
+    )
+
+
+def _no_budget(log_path: Path, logged: int) -> str:
+    state_dir = log_path.parent
+    return (
+        f"{state_dir / CHECKPOINT_NAME}: has no differential-privacy budget (written by an "
+        f"earlier p2pfl, which counted releases only in the event log); {log_path} records "
+        f"{logged} release(s) but may have been rotated, so the budget spent is unknown: "
+        + _ways_out(state_dir, logged)
+    )
+
+
+def _budget_behind_log(log_path: Path, saved: int, logged: int) -> str:
+    state_dir = log_path.parent
+    return (
+        f"{state_dir / CHECKPOINT_NAME}: counts {saved} differential-privacy release(s) but "
+        f"{log_path} records {logged}, more than the {LOG_LEAD} a log may run ahead of its "
+        "checkpoint: the checkpoint is older than the log (restored from a backup, or from "
+        "another state directory?) and resuming would undercount the budget spent; "
+        + _ways_out(state_dir, logged)
+    )
 
 
 @dataclass

@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass
 
 from p2pfl.errors import HandshakeError, MessageError
+from p2pfl.events import MAX_LAMPORT
 from p2pfl.secure_group import (
     BOX_BYTES,
     KIND_KEY,
@@ -53,10 +54,6 @@ DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32})
 #: Secure-aggregation messages name at most this many members (a group is a neighbourhood).
 MAX_GROUP_IDS = 64
 MAX_ID_BYTES = 64
-#: Largest Lamport time accepted from a peer. Far below u64 (our own clock must stay encodable
-#: after observing it), int64 (the checkpoint) and 2**53 (jq and JavaScript read JSON numbers
-#: as doubles, and the logs are merged by lamport).
-MAX_LAMPORT = 2**53 - 1
 
 
 class MessageType(enum.IntEnum):

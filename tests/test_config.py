@@ -942,6 +942,7 @@ SEMANTIC_CHANGES: list[Callable[[dict[str, Any]], None]] = [
     setting("limits", value={"chunk_bytes": 8192}),
     setting("limits", value={"max_connections": 3}),
     setting("net", value={"heartbeat_interval": 1}),
+    setting("net", value={"down_grace": 5}),
 ]
 
 
@@ -953,3 +954,23 @@ def test_every_semantic_change_changes_the_digest(
     changed = base()
     change(changed)
     assert load_config(write(tmp_path, changed, "b.yaml")).digest != reference
+
+
+def test_the_digest_covers_every_shared_field(tmp_path: Path) -> None:
+    """A field added to a config section but not to the digest lets peers disagree on it
+    silently (net.down_grace did, until the security review)."""
+    config = load_config(write(tmp_path, base(), "a.yaml"))
+    shared = config.as_mapping()
+    for section in ("topology", "training", "aggregation", "limits", "net"):
+        fields = {f.name for f in dataclasses.fields(getattr(config, section))}
+        covered = set(shared[section])
+        if section == "net":
+            covered.add("down_grace")  # covered when it differs from its default
+        assert fields == covered, section
+
+
+def test_down_grace_at_its_default_keeps_the_old_digest(tmp_path: Path) -> None:
+    plain = load_config(write(tmp_path, base(), "a.yaml")).digest
+    spelled = base()
+    spelled.setdefault("net", {})["down_grace"] = 2.0
+    assert load_config(write(tmp_path, spelled, "b.yaml")).digest == plain

@@ -1,10 +1,12 @@
 """What a node keeps on disk stays consistent: a checkpoint commit in flight is never
 overtaken, a full disk does not stop training, and a restart continues the Lamport clock
-past everything already logged. (Cases found by a review; each failed before its fix.)"""
+past everything already logged, and the privacy budget spent survives a lost event log.
+(Cases found by a review; each failed before its fix.)"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import os
@@ -13,9 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import p2pfl.persist as persist_mod
 from p2pfl import checkpoint as ckpt
 from p2pfl.events import EventLog, LamportClock, last_lamport
+from p2pfl.learning import build_learner, flatten
+from p2pfl.trainer import restore_dp_releases
 
 from .conftest import TIMEOUT
 from .test_node import make_node, read_events
@@ -150,3 +156,119 @@ async def test_resumed_node_does_not_wait_out_the_startup_timeout_for_a_dead_nei
         e for e in read_events(net.state("bob") / "events.jsonl") if e["type"] == "aggregate"
     ]
     assert [(e["round"], e["missing"]) for e in aggregates] == [(1, ["alice"]), (2, ["alice"])]
+
+
+# --- the privacy budget lives in the checkpoint (not in the event log) --------------------
+
+DP = {"aggregation": {"dp": {"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1.0e-5}}}
+
+
+def log_with_trains(state: Path, count: int) -> Path:
+    """An event log holding ``count`` train events (and a few others)."""
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / "events.jsonl"
+    log = EventLog(path, "bob", LamportClock())
+    for r in range(count):
+        log.emit("round_start", r)
+        log.emit("train", r, loss=1.0)
+    log.close()
+    return path
+
+
+def checkpoint(net: Any, dp_releases: int | None) -> ckpt.Checkpoint:
+    """A checkpoint of ``net``'s model (resume at round 4) with that accountant state."""
+    model = net.config.training.model.as_mapping()
+    params = flatten(build_learner(model, net.config.seed, source="test").get_weights())
+    return ckpt.Checkpoint(4, params.copy(), 9, net.config.digest, dp_releases)
+
+
+def test_the_checkpoint_alone_restores_the_budget_when_the_log_is_gone(make_network) -> None:
+    net = make_network(("alice", "bob"), extra=DP)
+    log = net.state("bob") / "events.jsonl"
+    assert restore_dp_releases(net.config, checkpoint(net, 7), log) == 7  # no log at all
+    log_with_trains(net.state("bob"), 2)  # a rotated log: fewer lines than releases
+    assert restore_dp_releases(net.config, checkpoint(net, 7), log) == 7
+
+
+def test_a_log_a_round_ahead_of_its_checkpoint_counts_the_larger_number(make_network) -> None:
+    """The checkpoint of round r - 1 may still be on disk when the log has trained rounds r
+    and r + 1 (the commit of round r was in flight): never count less than was spent."""
+    net = make_network(("alice", "bob"), extra=DP)
+    log = log_with_trains(net.state("bob"), 9)
+    assert restore_dp_releases(net.config, checkpoint(net, 7), log) == 9
+    assert restore_dp_releases(net.config, None, log) == 9  # no checkpoint yet: the log's
+    assert restore_dp_releases(net.config, None, net.state("alice") / "events.jsonl") == 0
+
+
+def test_a_checkpoint_the_log_outruns_is_refused_with_a_way_out(make_network) -> None:
+    net = make_network(("alice", "bob"), extra=DP)
+    log = log_with_trains(net.state("bob"), 10)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        restore_dp_releases(net.config, checkpoint(net, 7), log)
+    message = str(info.value)
+    assert "counts 7 differential-privacy release(s)" in message and "records 10" in message
+    assert f"move {net.state('bob') / 'checkpoint.npz'} away" in message
+    assert f"move {net.state('bob')} away" in message
+
+
+def test_a_checkpoint_without_a_budget_is_refused_when_dp_is_on(make_network) -> None:
+    net = make_network(("alice", "bob"), extra=DP)
+    log = log_with_trains(net.state("bob"), 3)
+    with pytest.raises(ckpt.CheckpointError, match="has no differential-privacy budget") as info:
+        restore_dp_releases(net.config, checkpoint(net, None), log)
+    assert "records 3 release(s)" in str(info.value) and "move" in str(info.value)
+    plain = dataclasses.replace(  # without DP there is no budget to lose
+        net.config, aggregation=dataclasses.replace(net.config.aggregation, dp=None)
+    )
+    assert restore_dp_releases(plain, checkpoint(net, None), log) == 0
+
+
+async def test_a_node_refuses_to_resume_a_dp_run_from_a_checkpoint_without_its_budget(
+    make_network,
+) -> None:
+    net = make_network(("alice", "bob"), extra=DP)
+    bob = make_node(net, "bob")
+    ckpt.save_checkpoint(net.state("bob"), checkpoint(net, None))
+    try:
+        with pytest.raises(ckpt.CheckpointError, match="no differential-privacy budget"):
+            await bob.run()
+    finally:
+        bob.events.close()
+
+
+async def test_deleting_the_event_log_does_not_reset_the_privacy_budget(make_network) -> None:
+    """bob runs alone (alice never comes), stops after a round, loses his event log, and
+    runs again: his epsilon goes on from what he spent, not from zero."""
+    from p2pfl.privacy import epsilon
+
+    net = make_network(
+        ("alice", "bob"),
+        rounds=4,
+        startup_timeout=0.3,
+        extra={**DP, "net": {"down_grace": 0.3}},
+    )
+    first = make_node(net, "bob")
+
+    def stop_after_a_round(record: dict[str, Any]) -> None:
+        if record["type"] == "eval":
+            first.request_stop()
+
+    first.events.listeners.append(stop_after_a_round)
+    assert await asyncio.wait_for(first.run(), 20 * TIMEOUT) == 0
+    log = net.state("bob") / "events.jsonl"
+    spent = len([e for e in read_events(log) if e["type"] == "train"])
+    saved = ckpt.load_checkpoint(
+        net.state("bob"), expected_digest=net.config.digest, expected_size=first.params.size
+    )
+    assert saved is not None and saved.dp_releases is not None
+    assert saved.dp_releases >= spent >= 1 and saved.next_round < 4
+    log.unlink()
+
+    again = make_node(net, "bob")
+    assert await asyncio.wait_for(again.run(), 20 * TIMEOUT) == 0
+    trains = [e for e in read_events(log) if e["type"] == "train"]
+    assert trains, "the second run trained"
+    assert trains[0]["dp_epsilon"] == pytest.approx(
+        epsilon(saved.dp_releases + 1, 1.1, 1e-5), abs=1e-5
+    )
+    assert again.local.dp_releases == saved.dp_releases + len(trains)

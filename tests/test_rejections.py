@@ -11,7 +11,10 @@ thing that is wrong.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import hashlib
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 import p2pfl.pool
 import p2pfl.transfer
 from p2pfl.channel import Channel
+from p2pfl.config import load_config
 from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
 from p2pfl.keys import load_private_key, public_key_b64
 from p2pfl.node import Node
@@ -894,3 +898,217 @@ async def test_sockets_that_never_upgrade_count_and_are_evicted(
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
         await target.trains_with_bob()
+
+
+# --- 12. pings that are never read (security review, finding 2) ---------------------------
+
+#: A masked client ping frame with a 125-byte payload (the largest a control frame may carry).
+_CLIENT_PING = bytes([0x89, 0x80 | 125]) + b"\x01\x02\x03\x04" + bytes(125)
+#: The same, unmasked, as a server sends it.
+_SERVER_PING = bytes([0x89, 125]) + bytes(125)
+#: An unsolicited pong (allowed by RFC 6455, answered by nothing).
+_CLIENT_PONG = bytes([0x8A, 0x80 | 4]) + b"\x01\x02\x03\x04" + bytes(4)
+
+
+def _upgrade_request(port: int) -> bytes:
+    return (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def _flood(writer: asyncio.WriteTransport, frame: bytes, frames: int, pause: float) -> None:
+    """Write ``frame`` in batches until the other end cuts us off; never read."""
+    batch = frame * frames
+    while not writer.is_closing():
+        writer.write(batch)
+        while writer.get_write_buffer_size() > len(batch):  # what drain() does, by hand
+            await asyncio.sleep(0.001)
+            if writer.is_closing():
+                return
+        await asyncio.sleep(pause)
+
+
+async def _upgraded(target: Target) -> asyncio.StreamWriter:
+    """A raw TCP connection to alice, upgraded to a websocket by hand."""
+    port = target.net.config.peers["alice"].port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_upgrade_request(port))
+    assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * TIMEOUT)
+    return writer
+
+
+async def _cut_after(
+    transport: asyncio.WriteTransport, frame: bytes, frames: int, pause: float
+) -> float:
+    """Seconds until alice ends a connection that floods ``frame`` (bounded by the test)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(10 * TIMEOUT):
+            await _flood(transport, frame, frames, pause)
+    transport.abort()
+    return loop.time() - started
+
+
+@pytest.mark.parametrize(
+    ("frame", "kind"), [(_CLIENT_PING, "ping"), (_CLIENT_PONG, "pong")], ids=["ping", "pong"]
+)
+async def test_a_control_frame_flood_before_authentication_is_cut_at_once(
+    make_network: Callable[..., LocalNetwork], frame: bytes, kind: str
+) -> None:
+    """Each ping costs alice a pong, and every control frame costs her a parse in Python:
+    p2pfl never pings, so the first one ends the connection."""
+    async with running_alice(make_network, limits={"handshake_timeout": 5 * TIMEOUT}) as target:
+        writer = await _upgraded(target)
+        elapsed = await _cut_after(writer.transport, frame, 512, 0.0)
+        writer.close()
+        assert elapsed < 1 * TIMEOUT, elapsed
+        await target.wait_event("reject", timeout=1, reason=f"{kind} frame (p2pfl never pings)")
+        await wait_until(lambda: len(target.node.net.admission) == 0)
+        await target.trains_with_bob()
+
+
+async def test_an_authenticated_peer_that_pings_and_never_reads_is_cut(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """What one connection can make alice buffer or parse is bounded, for a roster peer
+    too."""
+    async with running_alice(make_network) as target:
+        async with hostile(target) as ws:
+            await as_bob(ws, target)
+            after = len(target.events())
+            ws.transport.pause_reading()  # from here on nothing alice sends is read
+            elapsed = await _cut_after(ws.transport, _CLIENT_PING, 512, 0.0)
+            assert elapsed < 5 * TIMEOUT, elapsed
+        await target.wait_event("reject", after=after, reason="ping frame (p2pfl never pings)")
+        await target.trains_with_bob(connect_timeout=2)
+
+
+async def test_an_unauthenticated_connection_lives_at_most_the_handshake_timeout(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """The upgrade trickled in over most of the handshake timeout, then nothing: the upgrade
+    and the handshake share one deadline, counted from the TCP accept."""
+    handshake_timeout = 1.5 * TIMEOUT
+    async with running_alice(
+        make_network, limits={"handshake_timeout": handshake_timeout}
+    ) as target:
+        port = target.net.config.peers["alice"].port
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = _upgrade_request(port)
+        for i in range(0, len(request), 10):
+            writer.write(request[i : i + 10])
+            await asyncio.sleep(0.5 * handshake_timeout * 10 / len(request))
+        assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * TIMEOUT)
+        # alice's close frame (or her FIN): we hang up at once, so her close is not waited for
+        await asyncio.wait_for(reader.read(1), 5 * TIMEOUT)
+        elapsed = loop.time() - started
+        writer.close()
+        # Before, the handshake's own timeout started after the upgrade: 1.5 x as long.
+        assert elapsed < handshake_timeout + 0.4 * TIMEOUT, elapsed
+        await target.wait_event("handshake_fail", timeout=1, reason="timed out")
+        await target.trains_with_bob()
+
+
+async def test_a_listener_squatting_a_peers_address_does_not_hold_the_dialer(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """Something at bob's address upgrades alice's dial, then pings and never reads: alice
+    cuts it and dials again; once the real bob is there, they train."""
+    dials = 0
+
+    async def squat(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dials
+        dials += 1
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            request = await reader.readuntil(b"\r\n\r\n")
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in request.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key:")
+            )
+            accept = base64.b64encode(
+                hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            )
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            while True:
+                writer.write(_SERVER_PING * 512)
+                await writer.drain()
+        writer.close()
+
+    async with running_alice(make_network, limits={"handshake_timeout": 5 * TIMEOUT}) as target:
+        bob_port = target.net.config.peers["bob"].port
+        squatter = await asyncio.start_server(squat, "127.0.0.1", bob_port)
+        try:
+            await wait_until(lambda: dials >= 3, timeout=4)
+        finally:
+            squatter.close()
+            await squatter.wait_closed()
+        await target.trains_with_bob(connect_timeout=5)
+
+
+# --- 13. roster peers addressed by host name, under a flood (security review, finding 5) ---
+
+
+async def test_a_peer_addressed_by_host_name_is_protected_during_a_flood(
+    make_network: Callable[..., LocalNetwork],
+) -> None:
+    """Unauthenticated sockets from many sources keep bob's budget full, each newcomer
+    evicting the oldest. alice's address is ``ws://localhost:PORT``: her connection counts
+    as a roster peer's (evicted last) only if bob compares resolved addresses."""
+    base = make_network(PEERS, rounds=5, extra={"limits": {"max_connections": 2}})
+    text = base.config_path.read_text().replace("ws://127.0.0.1:", "ws://localhost:")
+    base.config_path.write_text(text)
+    net = dataclasses.replace(base, config=load_config(base.config_path))
+    assert net.config.peers["alice"].host == "localhost"
+    bob = make_node(net, "bob")
+    bob_task = asyncio.ensure_future(bob.run())
+    sockets: list[asyncio.StreamWriter] = []
+    opened = 0
+
+    async def flood() -> None:
+        nonlocal opened
+        port = net.config.peers["bob"].port
+        while True:
+            source = f"127.0.{opened // 250 % 250 + 1}.{opened % 250 + 2}"
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+                sockets.append(writer)
+            opened += 1
+            if len(sockets) > 64:
+                sockets.pop(0).close()
+
+    flooding = asyncio.ensure_future(flood())
+    alice = make_node(net, "alice")
+    try:
+        await wait_until(lambda: opened > 50)
+        alice_code = await asyncio.wait_for(alice.run(), 30 * TIMEOUT)
+        flooding.cancel()  # before bob stops listening
+        with contextlib.suppress(BaseException):
+            await flooding
+        for writer in sockets:
+            writer.close()
+        codes = [alice_code, await asyncio.wait_for(bob_task, 10 * TIMEOUT)]
+    finally:
+        flooding.cancel()
+        with contextlib.suppress(BaseException):
+            await flooding
+        for writer in sockets:
+            writer.close()
+        bob.request_stop()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(bob_task, 10 * TIMEOUT)
+    assert codes == [0, 0]
+    assert opened > 60  # the flood went on while they trained
+    assert "127.0.0.1" in bob.net.peer_sources  # localhost, resolved
+    for peer in PEERS:
+        events = read_events(net.state(peer) / "events.jsonl")
+        aggregates = [e for e in events if e["type"] == "aggregate"]
+        assert all(set(e["members"]) == set(PEERS) for e in aggregates), (peer, aggregates)

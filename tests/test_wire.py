@@ -250,3 +250,34 @@ async def test_short_messages_go_out_between_the_chunks_of_a_stream() -> None:
     assert 0 < status_at < len(kinds) - 1  # between the stream's first and last records
     offsets = [int.from_bytes(r[13:21], "big") for r in sent if r[0] == MessageType.PARAMS_CHUNK]
     assert offsets == sorted(offsets) and len(offsets) == 10
+
+
+async def test_a_record_the_peer_never_takes_ends_the_link() -> None:
+    """A peer that stops reading fills the socket; the send then waits in websockets'
+    drain() without end, and every send behind it too. After send_timeout the link goes."""
+    import asyncio
+    import types
+
+    from websockets.exceptions import ConnectionClosed
+
+    from p2pfl.net import PeerLink
+
+    aborted = asyncio.Event()
+
+    async def send(record: bytes) -> None:
+        await asyncio.Event().wait()  # never drains
+
+    transport = types.SimpleNamespace(abort=aborted.set)
+    ws = types.SimpleNamespace(send=send, transport=transport)
+    channel = types.SimpleNamespace(seal=bytes)
+    link = PeerLink(
+        "bob",
+        ws,  # type: ignore[arg-type]
+        channel,  # type: ignore[arg-type]
+        expected_bytes=4000,
+        initiator=True,
+        send_timeout=0.05,
+    )
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(link.send_status(1, 0), 5)
+    assert aborted.is_set()

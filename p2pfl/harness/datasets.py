@@ -10,7 +10,6 @@ cheap and scikit-learn stays an optional dependency.
 from __future__ import annotations
 
 import gzip
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from p2pfl.errors import DataError
 from p2pfl.learning.base import Task
 from p2pfl.learning.data import read_npz
 from p2pfl.learning.prepare import _stratified_holdout, load_diabetes_arrays, load_digits_arrays
+from p2pfl.npzread import READ_ERRORS
 
 __all__ = [
     "DEFAULT_FASHION_DIR",
@@ -443,7 +443,7 @@ def _npz_arrays(path: Path, archive: np.lib.npyio.NpzFile) -> dict[str, np.ndarr
                     f"{path}: array {key!r} holds Python objects (pickled); refused for safety"
                 ) from exc
             raise DataError(f"{path}: cannot read array {key!r}: {exc}") from exc
-        except (*_READ_ERRORS, KeyError, zipfile.BadZipFile) as exc:
+        except READ_ERRORS as exc:
             raise DataError(f"{path}: cannot read array {key!r}: {exc}") from exc
     return out
 

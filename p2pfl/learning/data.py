@@ -8,24 +8,24 @@ the node starts rather than as a numpy traceback halfway through the first round
 
 from __future__ import annotations
 
-import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from p2pfl.errors import DataError
 from p2pfl.learning.base import Task
+from p2pfl.npzread import READ_ERRORS, is_zip, scan_npz
 
 __all__ = ["Dataset", "check_compatible", "load_dataset"]
 
 # Labels are class indices; anything this large is a corrupt or misplaced column.
 _MAX_LABEL = 2**31 - 1
 # What a damaged or hostile archive can raise while being opened or read.
-_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+_READ_ERRORS = READ_ERRORS
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,13 @@ def _load_npz(path: Path, *, allow_val: bool, targets: _Targets) -> _Arrays:
 
 
 def read_npz(path: Path, read: Callable[[np.lib.npyio.NpzFile], T]) -> T:
-    """Open an .npz safely (never unpickling) and hand it to ``read``; a damaged archive
-    becomes a DataError naming the file."""
+    """Open an .npz safely (never unpickling, never allocating more than its members
+    hold) and hand it to ``read``; a damaged archive becomes a DataError naming the file."""
     try:
         # Opened here rather than by np.load, so the file is closed even when np.load fails
         # halfway (it leaks its own handle on a corrupt archive).
         with path.open("rb") as fh:
+            _check_archive(path, fh)
             # allow_pickle=False: NEVER change this. Data files may come from elsewhere, and
             # unpickling an object array runs code chosen by whoever wrote the file.
             archive = np.load(fh, allow_pickle=False)
@@ -153,6 +154,16 @@ def read_npz(path: Path, read: Callable[[np.lib.npyio.NpzFile], T]) -> T:
         raise
     except _READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read as an .npz archive: {exc}") from exc
+
+
+def _check_archive(path: Path, fh: BinaryIO) -> None:
+    """Refuse, before numpy allocates anything, a lone ``.npy`` and an archive whose
+    members declare more data than they hold (a tiny file claiming terabytes)."""
+    if fh.read(len(npy_format.MAGIC_PREFIX)) == npy_format.MAGIC_PREFIX:
+        raise DataError(f"{path}: is a single .npy array, not an .npz archive with x and y")
+    fh.seek(0)
+    if is_zip(fh):  # (anything else np.load refuses without reading it: no pickle)
+        scan_npz(fh)
 
 
 def _npz_arrays(
