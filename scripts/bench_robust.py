@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from p2pfl.aggregate import aggregate, parse_rule
+from p2pfl.core.aggregate import aggregate, parse_rule
 
 RULES = "metropolis,median,trimmed-mean:0.25,clipped:1"
 ATTACK = ("--byzantine", "p03:sign-flip", "--byzantine", "p05:random")

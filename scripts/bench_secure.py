@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from p2pfl.config import AggregationConfig  # noqa: E402
+from p2pfl.config.local import build_local_config  # noqa: E402
 from p2pfl.harness.runner import free_ports  # noqa: E402
-from p2pfl.keys import generate_key_file  # noqa: E402
-from p2pfl.localconfig import build_local_config  # noqa: E402
-from p2pfl.secagg import FixedPoint, keystream_sum, sum_contributions, unmask_sum  # noqa: E402
+from p2pfl.proto.keys import generate_key_file  # noqa: E402
+from p2pfl.secure.arithmetic import FixedPoint, keystream_sum, sum_contributions, unmask_sum  # noqa: E402
 
 PEERS = ["p0", "p1", "p2", "p3", "p4"]
 

@@ -26,8 +26,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from p2pfl.keys import generate_key_file  # noqa: E402
-from p2pfl.localconfig import build_local_config  # noqa: E402
+from p2pfl.config.local import build_local_config  # noqa: E402
+from p2pfl.proto.keys import generate_key_file  # noqa: E402
 
 
 def free_port() -> int:

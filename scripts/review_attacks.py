@@ -37,13 +37,13 @@ from typing import Any
 import yaml
 from websockets.asyncio.client import connect
 
-from p2pfl.channel import Channel
 from p2pfl.config import load_config
-from p2pfl.handshake import IKHandshake
-from p2pfl.keys import generate_key_file, load_private_key
+from p2pfl.config.local import build_local_config
 from p2pfl.learning.prepare import load_digits_arrays, write_partitions
-from p2pfl.localconfig import build_local_config
-from p2pfl.wire import PROLOGUE, decode_reply, encode_hello, encode_status
+from p2pfl.proto.channel import Channel
+from p2pfl.proto.handshake import IKHandshake
+from p2pfl.proto.keys import generate_key_file, load_private_key
+from p2pfl.proto.wire import PROLOGUE, decode_reply, encode_hello, encode_status
 
 HOSTILE_LAMPORT = 2**53 - 1 - 40
 _CLIENT_PING = bytes([0x89, 0x80 | 125]) + b"\x01\x02\x03\x04" + bytes(125)

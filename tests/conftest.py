@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from p2pfl.config import Config, load_config
-from p2pfl.keys import generate_key_file
+from p2pfl.config.local import build_local_config
 from p2pfl.learning.prepare import load_digits_arrays, write_partitions
-from p2pfl.localconfig import build_local_config
+from p2pfl.proto.keys import generate_key_file
 
 #: Every timeout in the tests is a multiple of this; raise it on slow machines.
 TIMEOUT = float(os.environ.get("P2PFL_TEST_TIMEOUT", "1.0"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from p2pfl import aggregate as agg
-from p2pfl.aggregate import RobustRule, aggregate, coordinate_median, parse_rule, trimmed_mean
+from p2pfl.core import aggregate as agg
+from p2pfl.core.aggregate import RobustRule, aggregate, coordinate_median, parse_rule, trimmed_mean
 
 
 def vec(*values: float) -> np.ndarray:
@@ -116,7 +116,7 @@ def test_alone_a_robust_rule_keeps_the_own_model() -> None:
 
 
 def test_a_neighbour_flagged_repeatedly_becomes_a_suspect_once() -> None:
-    from p2pfl.scoring import Suspect, SuspectTracker
+    from p2pfl.core.scoring import Suspect, SuspectTracker
 
     tracker = SuspectTracker(window=5, threshold=3)
     assert tracker.record({"b", "c"}, {"c": "far"}) == []

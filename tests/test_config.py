@@ -24,7 +24,7 @@ from p2pfl.config import (
     parse_config,
 )
 from p2pfl.errors import ConfigError
-from p2pfl.keys import public_key_b64
+from p2pfl.proto.keys import public_key_b64
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = ("alice", "bob", "carol", "dave")

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import yaml
 
-from p2pfl.checkpoint import Checkpoint, save_checkpoint
-from p2pfl.cli import main
+from p2pfl.cli.commands import main
 from p2pfl.config import Config, load_config
+from p2pfl.config.local import build_local_config
 from p2pfl.errors import P2PFLError
-from p2pfl.export import export_checkpoint, export_model, find_config, output_base
-from p2pfl.keys import generate_key_file
 from p2pfl.learning.base import Learner, flatten, unflatten
 from p2pfl.learning.factory import build_learner
 from p2pfl.learning.models import MLP, SoftmaxRegression
-from p2pfl.localconfig import build_local_config
+from p2pfl.proto.keys import generate_key_file
+from p2pfl.store.checkpoint import Checkpoint, save_checkpoint
+from p2pfl.store.export import export_checkpoint, export_model, find_config, output_base
 
 CNN = "p2pfl.learning.examples.torch_models:cnn"
 ROUND = 3

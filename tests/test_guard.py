@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p2pfl.guard import Admission, Throttle
+from p2pfl.proto.guard import Admission, Throttle
 
 
 def test_admission_evicts_the_oldest_pending() -> None:

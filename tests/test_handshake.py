@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from noise.connection import Keypair, NoiseConnection
 
-from p2pfl.channel import Channel
 from p2pfl.errors import HandshakeError, LocalProtocolError, RecordError
-from p2pfl.handshake import PROTOCOL_NAME, IKHandshake
+from p2pfl.proto.channel import Channel
+from p2pfl.proto.handshake import PROTOCOL_NAME, IKHandshake
 
 PROLOGUE = b"test-prologue"
 

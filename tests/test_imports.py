@@ -72,29 +72,83 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 def test_the_harness_and_the_core_do_not_import_the_command_line() -> None:
     graph = import_graph()
-    users = sorted(m for m, deps in graph.items() if "p2pfl.cli" in deps)
+    users = sorted(
+        m for m, deps in graph.items() if "p2pfl.cli.commands" in deps and m != "p2pfl.cli"
+    )
     # Entry points only: `python -m p2pfl` and the harness's poisoning peer.
     assert users == ["p2pfl.__main__", "p2pfl.harness.byzantine"]
-    assert "p2pfl.config" not in graph["p2pfl.topology"]
+    assert "p2pfl.config" not in graph["p2pfl.core.topology"]
+
+
+#: The pure packages: the decisions of the protocol, testable without sockets or a loop.
+PURE = ("p2pfl.core", "p2pfl.proto", "p2pfl.secure", "p2pfl.config")
+#: What a pure module may not import: an event loop, threads, sockets, processes.
+SHELL_LIBRARIES = {
+    "asyncio",
+    "websockets",
+    "threading",
+    "socket",
+    "selectors",
+    "subprocess",
+    "concurrent",
+    "multiprocessing",
+}
+#: The packages that run things (and the tools built on them).
+SHELL_PACKAGES = ("p2pfl.daemon", "p2pfl.cli", "p2pfl.harness", "p2pfl.logs", "p2pfl.store")
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every module name ``path`` imports, anywhere in its body (lazy imports too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def pure_modules() -> list[tuple[str, Path]]:
+    found = []
+    for package in PURE:
+        folder = PACKAGE.parent / package.replace(".", "/")
+        for path in sorted(folder.glob("*.py")):
+            found.append((f"{package}.{path.stem}", path))
+    return found
+
+
+def test_the_pure_packages_import_no_event_loop_thread_socket_nor_shell() -> None:
+    modules = pure_modules()
+    assert len(modules) > 20
+    for name, path in modules:
+        for imported in all_imports(path):
+            assert imported.split(".")[0] not in SHELL_LIBRARIES, (name, imported)
+            assert not imported.startswith(SHELL_PACKAGES), (name, imported)
+
+
+def test_the_boundary_test_sees_a_violation(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    import asyncio\n    from p2pfl.daemon.net import Network\n")
+    assert {"asyncio", "p2pfl.daemon.net"} <= all_imports(bad)
 
 
 def test_the_config_parts_do_not_import_the_public_face() -> None:
     graph = import_graph()
-    parts = sorted(m for m in graph if m.startswith("p2pfl.config_"))
+    parts = sorted(m for m in graph if m.startswith("p2pfl.config."))
     assert parts == [
-        "p2pfl.config_aggregation",
-        "p2pfl.config_fields",
-        "p2pfl.config_limits",
-        "p2pfl.config_roster",
-        "p2pfl.config_training",
-        "p2pfl.config_types",
-        "p2pfl.config_yaml",
+        "p2pfl.config.aggregation",
+        "p2pfl.config.fields",
+        "p2pfl.config.limits",
+        "p2pfl.config.local",
+        "p2pfl.config.roster",
+        "p2pfl.config.safe_yaml",
+        "p2pfl.config.schema",
+        "p2pfl.config.training",
     ]
-    assert set(parts) <= graph["p2pfl.config"]
+    assert set(parts) - {"p2pfl.config.local"} <= graph["p2pfl.config"]
     for part in parts:
         assert "p2pfl.config" not in graph[part], part
     # The section readers share the field readers and the types, never each other.
-    readers = ("config_roster", "config_training", "config_aggregation", "config_limits")
-    for reader in readers:
-        uses = {m for m in graph[f"p2pfl.{reader}"] if m.startswith("p2pfl.config")}
-        assert uses <= {"p2pfl.config_fields", "p2pfl.config_types"}, reader
+    for reader in ("roster", "training", "aggregation", "limits"):
+        uses = {m for m in graph[f"p2pfl.config.{reader}"] if m.startswith("p2pfl.config")}
+        assert uses <= {"p2pfl.config.fields", "p2pfl.config.schema"}, reader

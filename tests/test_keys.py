@@ -1,4 +1,4 @@
-"""Tests for p2pfl.keys: key files, public-key encoding, pairwise secrets."""
+"""Tests for p2pfl.proto.keys: key files, public-key encoding, pairwise secrets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import KeyFileError
-from p2pfl.keys import (
+from p2pfl.proto.keys import (
     PAIRWISE_SALT,
     decode_public_key,
     generate_key_file,

@@ -16,11 +16,12 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-from p2pfl.channel import Channel
-from p2pfl.events import MAX_LAMPORT, MAX_LAMPORT_STEP, EventLog, LamportClock
-from p2pfl.handshake import IKHandshake
-from p2pfl.keys import load_private_key
-from p2pfl.wire import PROLOGUE, REPLY_OK, decode_reply, encode_hello, encode_status
+from p2pfl.core.clock import MAX_LAMPORT, MAX_LAMPORT_STEP, LamportClock
+from p2pfl.daemon.events import EventLog
+from p2pfl.proto.channel import Channel
+from p2pfl.proto.handshake import IKHandshake
+from p2pfl.proto.keys import load_private_key
+from p2pfl.proto.wire import PROLOGUE, REPLY_OK, decode_reply, encode_hello, encode_status
 
 from .conftest import TIMEOUT, LocalNetwork
 from .test_node import make_node, read_events

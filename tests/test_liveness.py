@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from p2pfl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from p2pfl.events import EventLog, LamportClock
-from p2pfl.keys import load_private_key
-from p2pfl.net import Network, PeerLink
-from p2pfl.wire import Message, Status
+from p2pfl.core.clock import LamportClock
+from p2pfl.daemon.events import EventLog
+from p2pfl.daemon.net import Network, PeerLink
+from p2pfl.proto.keys import load_private_key
+from p2pfl.proto.wire import Message, Status
+from p2pfl.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 from .conftest import TIMEOUT, LocalNetwork
 from .test_daemon import events, start, stop_all

@@ -21,13 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.lib import format as npy_format
 
-from p2pfl.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint
-from p2pfl.checkpoint import save_checkpoint as save
-from p2pfl.cli import main
+from p2pfl.cli.commands import main
 from p2pfl.config import load_config
 from p2pfl.errors import ConfigError, DataError
 from p2pfl.learning import load_dataset
-from p2pfl.npzwrite import write_npz
+from p2pfl.store.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint
+from p2pfl.store.checkpoint import save_checkpoint as save
+from p2pfl.store.npzwrite import write_npz
 
 from .test_config import base
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from p2pfl.keys import load_private_key
+from p2pfl.daemon.node import Node, NodeOptions
 from p2pfl.learning import load_dataset
-from p2pfl.node import Node, NodeOptions
+from p2pfl.proto.keys import load_private_key
 
 from .conftest import TIMEOUT, LocalNetwork
 
@@ -189,8 +189,8 @@ async def test_a_node_alone_still_ends_each_round_at_its_deadline(make_network) 
 async def test_resampled_k_regular_topology_trains(make_network, tmp_path: Path) -> None:
     """Six peers on a 2-regular graph redrawn every round: each round's aggregate uses
     exactly that round's neighbours, and nobody is missing."""
+    from p2pfl.core.topology import graph_for_round
     from p2pfl.learning.prepare import load_digits_arrays, write_partitions
-    from p2pfl.topology import graph_for_round
 
     peers = tuple(f"p{i}" for i in range(6))
     net = make_network(

@@ -8,8 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
-import p2pfl.npzwrite as npzwrite
-from p2pfl.npzwrite import write_npz
+import p2pfl.store.npzwrite as npzwrite
+from p2pfl.store.npzwrite import write_npz
 
 
 def round_trip(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from p2pfl.cli import main
+from p2pfl.cli.commands import main
+from p2pfl.daemon.metrics import MAX_REASONS, NodeMetrics, reason_label
+from p2pfl.daemon.node import Node, NodeOptions
+from p2pfl.daemon.status import format_status, query_status
 from p2pfl.errors import P2PFLError
-from p2pfl.keys import load_private_key
 from p2pfl.learning import MLP, load_dataset
-from p2pfl.metrics import MAX_REASONS, NodeMetrics, reason_label
-from p2pfl.node import Node, NodeOptions
-from p2pfl.status import format_status, query_status
+from p2pfl.proto.keys import load_private_key
 
 from .conftest import TIMEOUT, LocalNetwork
 
@@ -162,7 +162,7 @@ def test_metrics_labels_stay_bounded() -> None:
 
 async def test_status_socket_in_a_directory_with_a_long_path(tmp_path) -> None:
     """sun_path holds 108 bytes: a deeper state directory is reached from inside it."""
-    from p2pfl.status import open_status_socket, serve_status
+    from p2pfl.daemon.status import open_status_socket, serve_status
 
     state = tmp_path / ("d" * 60) / ("e" * 60)
     state.mkdir(parents=True, mode=0o700)
@@ -185,7 +185,7 @@ async def test_a_node_whose_status_socket_cannot_be_made_still_trains(
     net = make_network(rounds=2)
     (net.state("alice") / "status.sock").mkdir(parents=True)
     nodes = [make_node(net, p) for p in net.peers]
-    with caplog.at_level("ERROR", logger="p2pfl.node"):
+    with caplog.at_level("ERROR", logger="p2pfl.daemon.node"):
         assert await asyncio.wait_for(asyncio.gather(*(n.run() for n in nodes)), 60 * TIMEOUT) == [
             0,
             0,
@@ -211,7 +211,7 @@ def test_metrics_on_a_port_in_use_is_a_clear_error() -> None:
 
 def test_metrics_beyond_loopback_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     metrics = NodeMetrics("alice", ["bob"], lambda: 0)
-    with caplog.at_level("WARNING", logger="p2pfl.metrics"):
+    with caplog.at_level("WARNING", logger="p2pfl.daemon.metrics"):
         host, _port = metrics.serve("127.0.0.1", 0)
         assert "open to anyone" not in caplog.text  # loopback: no warning
         metrics.close()

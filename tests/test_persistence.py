@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-import p2pfl.persist as persist_mod
-from p2pfl import checkpoint as ckpt
-from p2pfl.events import EventLog, LamportClock, last_lamport
+import p2pfl.daemon.persist as persist_mod
+from p2pfl.core.clock import LamportClock
+from p2pfl.daemon.events import EventLog, last_lamport
 from p2pfl.learning import build_learner, flatten
-from p2pfl.trainer import restore_dp_releases
+from p2pfl.learning.trainer import restore_dp_releases
+from p2pfl.store import checkpoint as ckpt
 
 from .conftest import TIMEOUT
 from .test_node import make_node, read_events
@@ -239,7 +240,7 @@ async def test_a_node_refuses_to_resume_a_dp_run_from_a_checkpoint_without_its_b
 async def test_deleting_the_event_log_does_not_reset_the_privacy_budget(make_network) -> None:
     """bob runs alone (alice never comes), stops after a round, loses his event log, and
     runs again: his epsilon goes on from what he spent, not from zero."""
-    from p2pfl.privacy import epsilon
+    from p2pfl.core.privacy import epsilon
 
     net = make_network(
         ("alice", "bob"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from p2pfl.pool import ArrayPool
+from p2pfl.daemon.pool import ArrayPool
 
 
 def test_a_given_array_is_taken_again_instead_of_a_new_one() -> None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from p2pfl.privacy import DPConfig, epsilon, privatize
+from p2pfl.core.privacy import DPConfig, epsilon, privatize
 
 
 def test_epsilon_matches_the_closed_form_optimum() -> None:

@@ -27,14 +27,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-import p2pfl.pool
-import p2pfl.transfer
-from p2pfl.channel import Channel
+import p2pfl.daemon.pool
+import p2pfl.proto.transfer
 from p2pfl.config import load_config
-from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
-from p2pfl.keys import load_private_key, public_key_b64
-from p2pfl.node import Node
-from p2pfl.wire import (
+from p2pfl.daemon.node import Node
+from p2pfl.proto.channel import Channel
+from p2pfl.proto.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
+from p2pfl.proto.keys import load_private_key, public_key_b64
+from p2pfl.proto.wire import (
     CHUNK_OVERHEAD,
     DTYPE_FLOAT32,
     PROLOGUE,
@@ -54,11 +54,11 @@ from .test_node import make_node, read_events
 
 PEERS = ("alice", "bob")
 ROUNDS = 2
-#: Close codes the node sends (p2pfl.net), spelled out so a change to them is noticed here.
+#: Close codes the node sends (p2pfl.daemon.net), spelled out so a change to them is noticed here.
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
-_HEADER = struct.Struct(">BQI")  # type:u8 lamport:u64 round:u32, as documented in p2pfl.wire
+_HEADER = struct.Struct(">BQI")  # type:u8 lamport:u64 round:u32, as documented in p2pfl.proto.wire
 
 
 def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -637,7 +637,7 @@ async def test_stream_of_the_wrong_size_is_refused_before_allocation(
     allocations: list[int] = []
 
     class SpyNumpy:
-        """numpy as p2pfl.transfer sees it, with ``empty`` recording what it is asked for."""
+        """numpy as p2pfl.proto.transfer sees it, with ``empty`` recording what it is asked for."""
 
         def __getattr__(self, name: str) -> Any:
             return getattr(np, name)
@@ -649,9 +649,9 @@ async def test_stream_of_the_wrong_size_is_refused_before_allocation(
     async with running_alice(make_network) as target:
         size = model_bytes(target)
         total = announced(size)
-        monkeypatch.setattr(p2pfl.transfer, "np", SpyNumpy())
-        monkeypatch.setattr(p2pfl.pool, "np", SpyNumpy())  # (a node's receivers draw there)
-        p2pfl.transfer.StreamReceiver(8).begin(0, 8, keep=True)
+        monkeypatch.setattr(p2pfl.proto.transfer, "np", SpyNumpy())
+        monkeypatch.setattr(p2pfl.daemon.pool, "np", SpyNumpy())  # (a node's receivers draw there)
+        p2pfl.proto.transfer.StreamReceiver(8).begin(0, 8, keep=True)
         assert allocations == [2], "the spy does not see StreamReceiver's allocations"
         allocations.clear()
         async with hostile(target) as ws:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from p2pfl.aggregate import metropolis_average
-from p2pfl.rounds import RoundTracker, may_send
+from p2pfl.core.aggregate import metropolis_average
+from p2pfl.core.rounds import RoundTracker, may_send
 
 NEIGHBOURS = frozenset({"b", "c"})
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfl import secagg
-from p2pfl.secagg import (
+from p2pfl.secure import arithmetic as secagg
+from p2pfl.secure.arithmetic import (
     CHUNK,
     FixedPoint,
     add_keystream,

@@ -1,4 +1,4 @@
-"""The secure-aggregation protocol of one group (``secure_group``), sans I/O: exact
+"""The secure-aggregation protocol of one group (``p2pfl.secure.group``), sans I/O: exact
 averages after any dropout the threshold allows, masked vectors that look like noise, and
 a lying owner that learns no single member's vector whatever stories it tells."""
 
@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import SecureAggregationError
-from p2pfl.keys import pairwise_secret
-from p2pfl.secagg import (
+from p2pfl.proto.keys import pairwise_secret
+from p2pfl.secure.arithmetic import (
     FixedPoint,
     add_keystream,
     keystream_sum,
@@ -24,7 +24,7 @@ from p2pfl.secagg import (
     unmask_average,
     within_clip,
 )
-from p2pfl.secure_group import (
+from p2pfl.secure.group import (
     KIND_KEY,
     KIND_SELF_SEED,
     MemberRound,
@@ -32,7 +32,7 @@ from p2pfl.secure_group import (
     threshold,
     view_tag,
 )
-from p2pfl.shamir import combine
+from p2pfl.secure.shamir import combine
 
 FIXED = FixedPoint(clip=64.0, frac_bits=20)
 OWNER = "own"
@@ -63,7 +63,7 @@ def secrets_for(peers: list[str], seed: int = 0) -> dict[str, dict[str, bytes]]:
 
 
 def group_sum(vectors: list[np.ndarray]) -> np.ndarray:
-    """The ring sum of some contributions, computed independently of ``secagg``."""
+    """The ring sum of some contributions, computed independently of ``p2pfl.secure.arithmetic``."""
     return np.sum(np.stack(vectors), axis=0, dtype=np.uint32)  # (uint32 wraps mod 2**32)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from p2pfl.secure_group import MemberRound, OwnerRound
-from p2pfl.wire import Confirm, Present, Reveal, Unmask, decode_message
+from p2pfl.proto.wire import Confirm, Present, Reveal, Unmask, decode_message
+from p2pfl.secure.group import MemberRound, OwnerRound
 
 from .test_node import make_node
 from .test_secure_group import secrets_for

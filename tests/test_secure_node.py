@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from p2pfl.errors import ConfigError, MessageError
-from p2pfl.wire import DTYPE_FLOAT32, ParamsBegin, Shares
+from p2pfl.proto.wire import DTYPE_FLOAT32, ParamsBegin, Shares
 
 from .test_node import make_node, read_events, run_all
 
@@ -81,8 +81,8 @@ def secure_plain(net: Any, tmp_path: Path) -> Any:
 async def test_what_a_neighbour_receives_is_masked(four, monkeypatch) -> None:
     """Capture every masked vector on its way out: uniform noise, uncorrelated with the
     sender's parameters, and different for each owner."""
-    from p2pfl.outbox import Outbox
-    from p2pfl.trainer import LocalModel
+    from p2pfl.daemon.outbox import Outbox
+    from p2pfl.learning.trainer import LocalModel
 
     net = four(rounds=1, extra=SECURE)
     trained: dict[str, np.ndarray] = {}
@@ -154,7 +154,7 @@ async def test_survivors_recover_the_average_without_a_member_that_left(four, mo
     """dave sends his keys for rounds 2 and 3 and then stops while training round 2: every
     owner rebuilds dave's key from the others' shares, removes his masks, and averages over
     those present, exactly. From round 4 on dave is not in the key exchange at all."""
-    from p2pfl.trainer import LocalModel
+    from p2pfl.learning.trainer import LocalModel
 
     original = LocalModel.train
     stopping = asyncio.Event()
@@ -191,9 +191,9 @@ async def test_survivors_recover_the_average_without_a_member_that_left(four, mo
 
 
 async def test_present_sets_and_unmask_requests_that_could_unmask_are_refused(four) -> None:
-    from p2pfl.guard import Throttle
-    from p2pfl.secure_group import MemberRound
-    from p2pfl.wire import MessageType, Present, Unmask
+    from p2pfl.proto.guard import Throttle
+    from p2pfl.proto.wire import MessageType, Present, Unmask
+    from p2pfl.secure.group import MemberRound
 
     net = four(rounds=1, extra=SECURE)
     bob = make_node(net, "bob")
@@ -278,8 +278,8 @@ async def test_a_late_shares_is_refused_and_leaves_no_mask_behind(four) -> None:
 async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None:
     """dave's KEYS arrive after alice sent the round's SHARES: she tells him at once (an
     empty SHARES) instead of letting him wait for the deadline."""
-    from p2pfl.secure_group import MemberRound
-    from p2pfl.wire import Keys, MessageType, decode_message
+    from p2pfl.proto.wire import Keys, MessageType, decode_message
+    from p2pfl.secure.group import MemberRound
 
     net = four(rounds=3, extra=SECURE)
     alice = make_node(net, "alice")
@@ -316,7 +316,7 @@ async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None
 
 def test_secure_aggregation_refuses_more_neighbours_than_its_messages_hold(make_network) -> None:
     peers = [f"p{i:02d}" for i in range(66)]
-    from p2pfl.secure_exchange import check_secure_topology
+    from p2pfl.daemon.secure_exchange import check_secure_topology
 
     net = make_network(peers, rounds=1, extra=SECURE)
     with pytest.raises(ConfigError, match="at most 64 neighbours"):
@@ -324,7 +324,7 @@ def test_secure_aggregation_refuses_more_neighbours_than_its_messages_hold(make_
 
 
 async def test_dp_noise_is_added_and_the_budget_is_logged_every_round(four) -> None:
-    from p2pfl.privacy import epsilon
+    from p2pfl.core.privacy import epsilon
 
     dp = {"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1.0e-5}
     net = four(rounds=3, extra={"aggregation": {**SECURE["aggregation"], "dp": dp}})
@@ -337,7 +337,7 @@ async def test_dp_noise_is_added_and_the_budget_is_logged_every_round(four) -> N
         ]
         assert all(e["dp_delta"] == 1e-5 and e["dp_update_norm"] > 0 for e in trains)
     # A restarted node counts its earlier releases too: its checkpoint keeps them.
-    from p2pfl.checkpoint import load_checkpoint
+    from p2pfl.store.checkpoint import load_checkpoint
 
     saved = load_checkpoint(
         net.state("alice"), expected_digest=net.config.digest, expected_size=nodes[0].params.size
@@ -370,7 +370,7 @@ async def test_a_node_whose_model_turns_nan_neither_crashes_nor_spreads_it(
 ) -> None:
     """alice's training diverges to NaN in round 1: she contributes nothing (the others
     recover without her) and, as an owner, keeps her own model and says why."""
-    from p2pfl.trainer import LocalModel
+    from p2pfl.learning.trainer import LocalModel
 
     original = LocalModel.train
 
@@ -391,7 +391,7 @@ async def test_a_node_whose_model_turns_nan_neither_crashes_nor_spreads_it(
 
 
 async def test_a_flood_of_unrequested_reveals_is_logged_sparingly(four) -> None:
-    from p2pfl.wire import Reveal
+    from p2pfl.proto.wire import Reveal
 
     net = four(rounds=1, extra=SECURE)
     alice = make_node(net, "alice")

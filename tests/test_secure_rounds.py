@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from p2pfl.secure_group import MemberRound
-from p2pfl.wire import Keys, MessageType, decode_message
+from p2pfl.proto.wire import Keys, MessageType, decode_message
+from p2pfl.secure.group import MemberRound
 
 from .test_node import make_node, run_all
 from .test_secure_node import PEERS, SECURE, aggregates, four  # noqa: F401
@@ -88,7 +88,7 @@ async def test_identical_keys_after_a_reconnect_get_the_lost_shares_again(four) 
 async def test_clipped_entries_are_counted_once_per_round(four, monkeypatch) -> None:  # noqa: F811
     """Every node's trained parameters have exactly 3 entries beyond the clip range: the
     aggregate event says 3, though the same parameters are encoded as member and owner."""
-    from p2pfl.trainer import LocalModel
+    from p2pfl.learning.trainer import LocalModel
 
     original = LocalModel.train
 
@@ -151,14 +151,14 @@ async def test_a_stop_while_the_owner_sums_never_hands_its_vectors_out(four, mon
     import threading
     import time
 
-    import p2pfl.pool
-    import p2pfl.secure_exchange as exchange
+    import p2pfl.daemon.pool
+    import p2pfl.daemon.secure_exchange as exchange
 
     lock = threading.Lock()
     reading: set[int] = set()
     given_while_read: list[int] = []
     sums: list[threading.Event] = []
-    real_sum, real_give = exchange.sum_contributions, p2pfl.pool.ArrayPool.give
+    real_sum, real_give = exchange.sum_contributions, p2pfl.daemon.pool.ArrayPool.give
     real_collect = exchange.SecureExchange._collect_reveals
 
     def address(array: np.ndarray) -> int:
@@ -188,7 +188,7 @@ async def test_a_stop_while_the_owner_sums_never_hands_its_vectors_out(four, mon
         await real_collect(self, *args)
 
     monkeypatch.setattr(exchange, "sum_contributions", slow_sum)
-    monkeypatch.setattr(p2pfl.pool.ArrayPool, "give", give)
+    monkeypatch.setattr(p2pfl.daemon.pool.ArrayPool, "give", give)
     monkeypatch.setattr(exchange.SecureExchange, "_collect_reveals", collect_then_stop)
     net = four(rounds=2, extra=SECURE)
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4

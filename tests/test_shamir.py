@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfl.shamir import PRIME, SHARE_BYTES, ShareError, combine, split
+from p2pfl.secure.shamir import PRIME, SHARE_BYTES, ShareError, combine, split
 
 
 @settings(max_examples=50, deadline=None)

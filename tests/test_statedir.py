@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from p2pfl.checkpoint import CHECKPOINT_NAME, SNAPSHOTS_NAME
+from p2pfl.daemon.secure_exchange import JOURNAL
+from p2pfl.daemon.statedir import NODE_FILES, prepare_state_dir
 from p2pfl.errors import P2PFLError
-from p2pfl.secure_exchange import JOURNAL
-from p2pfl.statedir import NODE_FILES, prepare_state_dir
+from p2pfl.store.checkpoint import CHECKPOINT_NAME, SNAPSHOTS_NAME
 
 from .conftest import LocalNetwork
 from .test_node import make_node

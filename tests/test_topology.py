@@ -1,4 +1,4 @@
-"""Tests for p2pfl.topology: graph shapes, k-regular sampling, Metropolis weights."""
+"""Tests for p2pfl.core.topology: graph shapes, k-regular sampling, Metropolis weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.config import TopologyConfig
-from p2pfl.topology import (
+from p2pfl.core.topology import (
     Adjacency,
     epoch_for_round,
     ever_neighbours,

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pfl.config import Config, ModelConfig, load_config, parse_config
 from p2pfl.errors import ConfigError
-from p2pfl.keys import public_key_b64
+from p2pfl.proto.keys import public_key_b64
 
 SOURCE = "peers.yaml"
 CNN = "p2pfl.learning.examples.torch_models:cnn"

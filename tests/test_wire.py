@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.errors import HandshakeError, MessageError
-from p2pfl.transfer import StreamReceiver, iter_chunks
-from p2pfl.wire import (
+from p2pfl.proto.transfer import StreamReceiver, iter_chunks
+from p2pfl.proto.wire import (
     PROTOCOL_VERSION,
     REPLY_DIGEST_MISMATCH,
     REPLY_OK,
@@ -163,7 +163,7 @@ def test_stream_receiver_never_corrupts_state(ops: list[tuple[int, int, int]]) -
 
 
 def test_present_round_trips_and_malformed_ones_are_refused() -> None:
-    from p2pfl.wire import Present, encode_present
+    from p2pfl.proto.wire import Present, encode_present
 
     msg = decode_message(encode_present(7, 3, ("carol", "dave")), max_chunk=1024)
     assert msg == Present(7, 3, ("carol", "dave"))
@@ -182,9 +182,7 @@ def test_present_round_trips_and_malformed_ones_are_refused() -> None:
 
 
 def test_key_exchange_messages_round_trip_with_exact_sizes() -> None:
-    from p2pfl.secure_group import BOX_BYTES, KIND_KEY, KIND_SELF_SEED
-    from p2pfl.shamir import SHARE_BYTES
-    from p2pfl.wire import (
+    from p2pfl.proto.wire import (
         Confirm,
         Keys,
         Reveal,
@@ -196,6 +194,8 @@ def test_key_exchange_messages_round_trip_with_exact_sizes() -> None:
         encode_shares,
         encode_unmask,
     )
+    from p2pfl.secure.group import BOX_BYTES, KIND_KEY, KIND_SELF_SEED
+    from p2pfl.secure.shamir import SHARE_BYTES
 
     boxes = {"bob": b"b" * BOX_BYTES, "carol": b"c" * BOX_BYTES}
     keys = encode_keys(1, 2, b"p" * 32, boxes)
@@ -227,8 +227,8 @@ async def test_short_messages_go_out_between_the_chunks_of_a_stream() -> None:
     import asyncio
     import types
 
-    from p2pfl.net import PeerLink
-    from p2pfl.wire import MessageType
+    from p2pfl.daemon.net import PeerLink
+    from p2pfl.proto.wire import MessageType
 
     sent: list[bytes] = []
 
@@ -260,7 +260,7 @@ async def test_a_record_the_peer_never_takes_ends_the_link() -> None:
 
     from websockets.exceptions import ConnectionClosed
 
-    from p2pfl.net import PeerLink
+    from p2pfl.daemon.net import PeerLink
 
     aborted = asyncio.Event()
 

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 
-from p2pfl.worker import JobCosts, Worker
+from p2pfl.daemon.worker import JobCosts, Worker
 
 
 def test_a_job_runs_inline_only_once_it_is_known_to_be_short() -> None:

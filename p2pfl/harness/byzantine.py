@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m p2pfl.harness.byzantine KIND run ...``: p2pfl run, with the attack."""
-    from p2pfl.cli import build_node, make_parser, setup_logging
+    from p2pfl.cli.commands import build_node, make_parser, setup_logging
     from p2pfl.errors import P2PFLError
 
     args_in = list(sys.argv[1:] if argv is None else argv)

@@ -21,7 +21,7 @@ from p2pfl.errors import DataError
 from p2pfl.learning.base import Task
 from p2pfl.learning.data import read_npz
 from p2pfl.learning.prepare import _stratified_holdout, load_diabetes_arrays, load_digits_arrays
-from p2pfl.npzread import READ_ERRORS
+from p2pfl.store.npzread import READ_ERRORS
 
 __all__ = [
     "DEFAULT_FASHION_DIR",

@@ -51,9 +51,9 @@ def final_models(
     state_dirs: Mapping[str, Path], config_path: Path
 ) -> tuple[dict[str, np.ndarray], Any]:
     """Each peer's last checkpointed model (peers without a checkpoint are left out)."""
-    from p2pfl.checkpoint import load_checkpoint
     from p2pfl.config import load_config
     from p2pfl.learning import build_learner, flatten
+    from p2pfl.store.checkpoint import load_checkpoint
 
     config = load_config(config_path)
     learner = build_learner(
@@ -86,7 +86,7 @@ def consensus_distance(
     """Per round: the root-mean-square distance of the peers' models from their average,
     relative to the average's norm (0 = everyone agrees). From ``--snapshots`` records of
     the rounds each peer completed (a peer that was down for a round has none)."""
-    from p2pfl.checkpoint import SNAPSHOTS_NAME
+    from p2pfl.store.checkpoint import SNAPSHOTS_NAME
 
     done = {(e.node, e.round) for e in events if e.type == "round_end"}
     record_bytes = size * 4

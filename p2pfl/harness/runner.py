@@ -554,7 +554,7 @@ def launch_and_watch(
 
 def _ever_neighbours(layout: Layout) -> dict[str, frozenset[str]]:
     from p2pfl.config import load_config
-    from p2pfl.topology import ever_neighbours
+    from p2pfl.core.topology import ever_neighbours
 
     config = load_config(layout.config)
     return {
@@ -620,6 +620,7 @@ def prepare(options: HarnessOptions) -> Prepared:
 
 def _prepare(options: HarnessOptions) -> Prepared:
     from p2pfl.config import load_config
+    from p2pfl.config.local import build_local_config
     from p2pfl.harness.datasets import describe, load_split
     from p2pfl.harness.partition import (
         TARGET_BINS,
@@ -629,10 +630,9 @@ def _prepare(options: HarnessOptions) -> Prepared:
         partition,
         target_strata,
     )
-    from p2pfl.keys import generate_key_file
     from p2pfl.learning import Dataset
-    from p2pfl.localconfig import build_local_config
-    from p2pfl.trainer import input_scale_for
+    from p2pfl.learning.trainer import input_scale_for
+    from p2pfl.proto.keys import generate_key_file
 
     out = options.out
     if out.exists() and any(out.iterdir()):

@@ -18,7 +18,7 @@ from numpy.lib import format as npy_format
 
 from p2pfl.errors import DataError
 from p2pfl.learning.base import Task
-from p2pfl.npzread import READ_ERRORS, is_zip, scan_npz
+from p2pfl.store.npzread import READ_ERRORS, is_zip, scan_npz
 
 __all__ = ["Dataset", "check_compatible", "load_dataset"]
 

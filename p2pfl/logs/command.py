@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from p2pfl.events import EVENT_TYPES
+from p2pfl.daemon.events import EVENT_TYPES
 from p2pfl.logs.plot import plot_logs
 from p2pfl.logs.read import Event, LogError, Logs, Problem, Tail, read_logs
 from p2pfl.logs.summary import format_summary, summarize, summary_json

@@ -33,12 +33,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from p2pfl.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from p2pfl.config import Config, ModelConfig, load_config
 from p2pfl.errors import P2PFLError
 from p2pfl.learning.base import Learner, flatten, unflatten
 from p2pfl.learning.factory import build_learner
 from p2pfl.learning.models import MLP, SoftmaxRegression
+from p2pfl.store.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 if TYPE_CHECKING:
     import onnx

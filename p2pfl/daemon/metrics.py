@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from p2pfl.errors import P2PFLError
 
-log = logging.getLogger("p2pfl.metrics")
+log = logging.getLogger("p2pfl.daemon.metrics")
 
 __all__ = ["MAX_REASONS", "NodeMetrics", "reason_label"]
 

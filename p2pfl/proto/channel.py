@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from p2pfl.errors import LocalProtocolError, RecordError
-from p2pfl.handshake import TAGLEN, SessionKeys, noise_nonce
+from p2pfl.proto.handshake import TAGLEN, SessionKeys, noise_nonce
 
 #: Noise reserves 2**64 - 1; we stop well before.
 MAX_COUNTER = 2**64 - 2

@@ -6,7 +6,7 @@ Node i's group for round r is G = {i} plus its neighbours. Every other member j 
 
 in the ring of unsigned 32-bit integers, where U1 is the set of members that took part in
 the round's key exchange, s(j, k) = +1 if j sorts before k, else -1, K_jk is a key only j and
-k can derive and b_j is j's fresh self-mask seed (``secure_group`` has the protocol that
+k can derive and b_j is j's fresh self-mask seed (``group`` has the protocol that
 agrees on the keys and recovers from dropouts). Over the members the pairwise masks cancel,
 so i learns sum_j encode(w_ij x_j) once it has removed the self-masks, adds its own
 encode(w_ii x_i) and decodes the weighted average. The owner takes no part in the masks (it
@@ -204,7 +204,7 @@ def masked_contribution(
     x: np.ndarray, weight: float, mask: np.ndarray, fixed: FixedPoint
 ) -> tuple[np.ndarray, int]:
     """y_j = encode(weight * x) + mask, and how many entries were clipped. ``mask`` (the
-    pairwise masks plus the self-mask, see ``secure_group``) is consumed: the result is
+    pairwise masks plus the self-mask, see ``group``) is consumed: the result is
     written into it."""
     clipped = fixed.encode_add(np.ravel(x), weight, mask)
     return mask, clipped

@@ -23,36 +23,37 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from p2pfl.aggregate import aggregate, parse_rule
-from p2pfl.checkpoint import load_checkpoint
 from p2pfl.config import Config
-from p2pfl.events import EventLog, LamportClock
-from p2pfl.inbox import Inbox
+from p2pfl.core.aggregate import aggregate, parse_rule
+from p2pfl.core.clock import LamportClock
+from p2pfl.core.rounds import RoundTracker
+from p2pfl.core.scoring import SuspectTracker
+from p2pfl.core.topology import ever_neighbours, graph_for_round, metropolis_weights
+from p2pfl.daemon.events import EventLog
+from p2pfl.daemon.inbox import Inbox
+from p2pfl.daemon.net import Network, PeerLink
+from p2pfl.daemon.outbox import Outbox
+from p2pfl.daemon.persist import RoundSaver
+from p2pfl.daemon.pool import ArrayPool
+from p2pfl.daemon.procinfo import peak_rss_mb
+from p2pfl.daemon.secure_exchange import SecureExchange, check_secure_topology
+from p2pfl.daemon.statedir import prepare_state_dir
+from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
+from p2pfl.daemon.worker import Worker
 from p2pfl.learning import Dataset
-from p2pfl.net import Network, PeerLink
-from p2pfl.outbox import Outbox
-from p2pfl.persist import RoundSaver
-from p2pfl.pool import ArrayPool
-from p2pfl.procinfo import peak_rss_mb
-from p2pfl.rounds import RoundTracker
-from p2pfl.scoring import SuspectTracker
-from p2pfl.secagg import FixedPoint
-from p2pfl.secure_exchange import SecureExchange, check_secure_topology
-from p2pfl.statedir import prepare_state_dir
-from p2pfl.status import StatusBoard, open_status_socket, serve_status
-from p2pfl.topology import ever_neighbours, graph_for_round, metropolis_weights
-from p2pfl.trainer import LocalModel, restore_dp_releases
-from p2pfl.wire import (
+from p2pfl.learning.trainer import LocalModel, restore_dp_releases
+from p2pfl.proto.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
     Message,
 )
-from p2pfl.worker import Worker
+from p2pfl.secure.arithmetic import FixedPoint
+from p2pfl.store.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
-    from p2pfl.metrics import NodeMetrics
+    from p2pfl.daemon.metrics import NodeMetrics
 
-log = logging.getLogger("p2pfl.node")
+log = logging.getLogger("p2pfl.daemon.node")
 T = TypeVar("T")
 
 
@@ -119,7 +120,7 @@ class Node:
         #: Where the metrics are served, once they are.
         self.metrics_address: tuple[str, int] | None = None
         if options.metrics is not None:
-            from p2pfl.metrics import NodeMetrics  # prometheus-client: only when asked for
+            from p2pfl.daemon.metrics import NodeMetrics  # prometheus-client: only when asked for
 
             self.metrics = NodeMetrics(self.id, config.peer_ids, lambda: len(self.net.links))
             self.events.listeners.append(self.metrics.observe)

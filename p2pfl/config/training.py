@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
-from p2pfl.config_fields import FieldReader, as_float, or_empty, shown
-from p2pfl.config_types import MODEL_KINDS, OPTIMIZER_KINDS, ModelConfig, TrainingConfig
+from p2pfl.config.fields import FieldReader, as_float, or_empty, shown
+from p2pfl.config.schema import MODEL_KINDS, OPTIMIZER_KINDS, ModelConfig, TrainingConfig
 from p2pfl.learning.base import TASKS, Task
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from p2pfl.config_fields import MAX_DEPTH, join_path
+from p2pfl.config.fields import MAX_DEPTH, join_path
 from p2pfl.errors import ConfigError
 
 _MAX_FILE_BYTES = 1 << 20

@@ -24,8 +24,8 @@ import numpy as np
 from numpy.lib.npyio import NpzFile
 
 from p2pfl.errors import P2PFLError
-from p2pfl.npzread import READ_ERRORS, Member, is_zip, scan_npz
-from p2pfl.npzwrite import write_npz
+from p2pfl.store.npzread import READ_ERRORS, Member, is_zip, scan_npz
+from p2pfl.store.npzwrite import write_npz
 
 CHECKPOINT_NAME = "checkpoint.npz"
 #: Optional per-round models for analysis (``p2pfl run --snapshots``): raw little-endian

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from p2pfl.checkpoint import (
+from p2pfl.daemon.worker import Worker
+from p2pfl.store.checkpoint import (
     SNAPSHOTS_NAME,
     Checkpoint,
     commit_checkpoint,
     save_checkpoint,
     write_checkpoint,
 )
-from p2pfl.worker import Worker
 
-log = logging.getLogger("p2pfl.node")
+log = logging.getLogger("p2pfl.daemon.node")
 
 
 class RoundSaver:

@@ -1,9 +1,12 @@
 """The websockets shell: listen, dial, handshake, and move encrypted records.
 
-This module only moves bytes. What the bytes mean is decided by the pure modules
-(``handshake``, ``channel``, ``wire``) and by the node, which receives authenticated
-messages through the ``LinkHandler`` callbacks. Anything a remote end does wrong ends that
-one connection with a logged rejection; the node keeps running.
+What the bytes mean is decided by the pure ``p2pfl.proto`` modules (``handshake``,
+``channel``, ``wire``, ``guard``) and by the node, which receives authenticated messages
+through the ``LinkHandler`` callbacks. Two decisions are still made here, inside awaits:
+whether a handshake is accepted (identity, digest, the first STATUS) and which of two
+crossing links survives. The guards against abuse of websockets itself (pings, unread
+output, unbounded closes) live here too. Anything a remote end does wrong ends that one
+connection with a logged rejection; the node keeps running.
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ from websockets.exceptions import (
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
-from p2pfl.channel import Channel
 from p2pfl.config import Config
+from p2pfl.daemon.events import EventLog
 from p2pfl.errors import DigestMismatch, HandshakeError, P2PFLError, RemoteProtocolError
-from p2pfl.events import EventLog
-from p2pfl.guard import Admission, Throttle
-from p2pfl.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
-from p2pfl.transfer import StreamReceiver, iter_chunks
-from p2pfl.wire import (
+from p2pfl.proto.channel import Channel
+from p2pfl.proto.guard import Admission, Throttle
+from p2pfl.proto.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
+from p2pfl.proto.transfer import StreamReceiver, iter_chunks
+from p2pfl.proto.wire import (
     CHUNK_OVERHEAD,
     DTYPE_FLOAT32,
     PROLOGUE,
@@ -60,7 +63,7 @@ from p2pfl.wire import (
     encode_status,
 )
 
-log = logging.getLogger("p2pfl.net")
+log = logging.getLogger("p2pfl.daemon.net")
 
 #: Close codes we send. Reasons stay generic: details go to our log, not to the peer.
 CLOSE_NORMAL = 1000

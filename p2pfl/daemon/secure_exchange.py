@@ -1,5 +1,5 @@
 """A node's secure-aggregation exchange: the glue between the protocol states of
-``secure_group`` (sans I/O) and the node's links, clock, log and round loop.
+``p2pfl.secure.group`` (pure) and the node's links, clock, log and round loop.
 
 Per round r a node is a *member* of each neighbour's group and the *owner* of its own:
 
@@ -37,13 +37,11 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from p2pfl.core.topology import graph_for_round, metropolis_weights
 from p2pfl.errors import ConfigError, SecureAggregationError
-from p2pfl.guard import Throttle
-from p2pfl.keys import pairwise_secret
-from p2pfl.secagg import FixedPoint, sum_contributions, unmask_sum, within_clip
-from p2pfl.secure_group import MemberRound, OwnerRound
-from p2pfl.topology import graph_for_round, metropolis_weights
-from p2pfl.wire import (
+from p2pfl.proto.guard import Throttle
+from p2pfl.proto.keys import pairwise_secret
+from p2pfl.proto.wire import (
     MAX_GROUP_IDS,
     Confirm,
     Keys,
@@ -58,15 +56,18 @@ from p2pfl.wire import (
     encode_shares,
     encode_unmask,
 )
+from p2pfl.secure.arithmetic import FixedPoint, sum_contributions, unmask_sum, within_clip
+from p2pfl.secure.group import MemberRound, OwnerRound
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from p2pfl.config import Config
-    from p2pfl.events import EventLog, LamportClock
-    from p2pfl.net import Network, PeerLink
-    from p2pfl.pool import ArrayPool
-    from p2pfl.rounds import RoundTracker
+    from p2pfl.core.clock import LamportClock
+    from p2pfl.core.rounds import RoundTracker
+    from p2pfl.daemon.events import EventLog
+    from p2pfl.daemon.net import Network, PeerLink
+    from p2pfl.daemon.pool import ArrayPool
 
 log = logging.getLogger("p2pfl.secure")
 T = TypeVar("T")

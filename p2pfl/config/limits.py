@@ -4,8 +4,8 @@ backoff, how long a vanished neighbour is waited for)."""
 
 from __future__ import annotations
 
-from p2pfl.config_fields import FieldReader
-from p2pfl.config_types import LimitsConfig, NetConfig
+from p2pfl.config.fields import FieldReader
+from p2pfl.config.schema import LimitsConfig, NetConfig
 
 _MIN_CHUNK, _MAX_CHUNK = 4096, 4 * 1024 * 1024
 _MAX_BUFFERED_ROUNDS = 16

@@ -1,7 +1,7 @@
-"""One group's secure-aggregation protocol for one round, both roles, sans I/O.
+"""One group's secure-aggregation protocol for one round, both roles: no sockets, no loop.
 
 This is the protocol of Bonawitz et al. (CCS 2017), run inside each neighbourhood: the
-owner i of the group plays the server, its neighbours the members (``secagg`` has the
+owner i of the group plays the server, its neighbours the members (``arithmetic`` has the
 arithmetic). For round r and owner i, with members M (i's neighbours, sorted), n = |M| and
 threshold t = n // 2 + 1:
 
@@ -55,8 +55,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2pfl.errors import SecureAggregationError
-from p2pfl.secagg import keystream_sum
-from p2pfl.shamir import SHARE_BYTES, combine, split
+from p2pfl.secure.arithmetic import keystream_sum
+from p2pfl.secure.shamir import SHARE_BYTES, combine, split
 
 BOX_SALT = b"p2pfl/v1 share box"
 PAIR_MASK_SALT = b"p2pfl/v1 pair mask"

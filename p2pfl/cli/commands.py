@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 import yaml  # noqa: E402
 
 from p2pfl import __version__  # noqa: E402
+from p2pfl.config.local import build_local_config  # noqa: E402
 from p2pfl.errors import P2PFLError  # noqa: E402
-from p2pfl.localconfig import build_local_config  # noqa: E402
 
 if TYPE_CHECKING:
-    from p2pfl.node import Node
+    from p2pfl.daemon.node import Node
 
 log = logging.getLogger("p2pfl")
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from p2pfl.keys import generate_key_file
+    from p2pfl.proto.keys import generate_key_file
 
     public = generate_key_file(Path(args.keyfile))
     print(public)
@@ -37,7 +37,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_pubkey(args: argparse.Namespace) -> int:
-    from p2pfl.keys import load_private_key, public_key_b64
+    from p2pfl.proto.keys import load_private_key, public_key_b64
 
     print(public_key_b64(load_private_key(Path(args.keyfile))))
     return 0
@@ -115,7 +115,7 @@ def _model_text(model: dict[str, Any]) -> str:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     from p2pfl.config import load_config
-    from p2pfl.keys import generate_key_file
+    from p2pfl.proto.keys import generate_key_file
 
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     out = Path(args.out)
@@ -154,7 +154,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from p2pfl.config import load_config
-    from p2pfl.topology import graph_for_round
+    from p2pfl.core.topology import graph_for_round
 
     config = load_config(Path(args.config))
     graph = graph_for_round(config.topology, config.peer_ids, config.seed, 0)
@@ -176,10 +176,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def build_node(args: argparse.Namespace) -> Node:
     """The ``Node`` that ``p2pfl run ARGS`` runs (config, key and data checked)."""
     from p2pfl.config import load_config
+    from p2pfl.daemon.node import Node, NodeOptions
     from p2pfl.errors import ConfigError
-    from p2pfl.keys import load_private_key, public_key_b64
     from p2pfl.learning import load_dataset
-    from p2pfl.node import Node, NodeOptions
+    from p2pfl.proto.keys import load_private_key, public_key_b64
 
     config = load_config(Path(args.config))
     if args.id not in config.peers:
@@ -225,7 +225,7 @@ def _parse_metrics(text: str) -> tuple[str, int]:
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from p2pfl.status import format_status, query_status
+    from p2pfl.daemon.status import format_status, query_status
 
     status = query_status(Path(args.state_dir))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -251,7 +251,7 @@ def _cmd_harness(args: argparse.Namespace) -> int:
         raise P2PFLError(f"--partition: {exc}") from exc
     ids = peer_ids(args.peers)
     byzantine = _parse_byzantine(args.byzantine, ids)
-    from p2pfl.aggregate import parse_rule
+    from p2pfl.core.aggregate import parse_rule
 
     try:
         rule = str(parse_rule(args.rule))
@@ -542,7 +542,7 @@ def make_parser() -> argparse.ArgumentParser:
     from p2pfl.logs.command import register as register_logs
 
     register_logs(sub)
-    from p2pfl.export import register as register_export
+    from p2pfl.store.export import register as register_export
 
     register_export(sub)
 

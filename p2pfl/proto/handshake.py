@@ -14,7 +14,7 @@ spec's). It is checked against the independent ``noiseprotocol`` package in the 
       -> e, es, s, ss
       <- e, ee, se
 
-The handshake object only turns bytes into bytes; ``p2pfl.net`` moves them.
+The handshake object only turns bytes into bytes; ``p2pfl.daemon.net`` moves them.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from p2pfl.core.privacy import DPConfig
+from p2pfl.core.topology import TopologyConfig
 from p2pfl.learning.base import Task
-from p2pfl.privacy import DPConfig
-from p2pfl.topology import TopologyConfig
 
 SUPPORTED_VERSION = 1
 MODEL_KINDS = ("softmax", "mlp", "custom", "torch")
@@ -96,7 +96,7 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     #: ``metropolis``, ``median``, ``trimmed-mean:BETA`` or ``clipped:TAU`` (normalised
-    #: spelling; ``p2pfl.aggregate.parse_rule`` reads it).
+    #: spelling; ``p2pfl.core.aggregate.parse_rule`` reads it).
     rule: str
     secure: bool
     #: Secure aggregation's fixed point: parameters are clipped to [-clip, clip] and

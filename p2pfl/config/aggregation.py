@@ -5,10 +5,10 @@ node only the masked sum, never the single vectors a robust rule compares."""
 
 from __future__ import annotations
 
-from p2pfl.aggregate import parse_rule
-from p2pfl.config_fields import FieldReader, shown
-from p2pfl.config_types import AggregationConfig
-from p2pfl.privacy import DPConfig
+from p2pfl.config.fields import FieldReader, shown
+from p2pfl.config.schema import AggregationConfig
+from p2pfl.core.aggregate import parse_rule
+from p2pfl.core.privacy import DPConfig
 
 
 class AggregationReader(FieldReader):

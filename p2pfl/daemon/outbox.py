@@ -16,11 +16,11 @@ from collections.abc import Iterable
 import numpy as np
 
 from p2pfl.config import LimitsConfig
-from p2pfl.events import EventLog
-from p2pfl.net import CLOSE_INTERNAL_ERROR, PeerLink
-from p2pfl.rounds import may_send
+from p2pfl.core.rounds import may_send
+from p2pfl.daemon.events import EventLog
+from p2pfl.daemon.net import CLOSE_INTERNAL_ERROR, PeerLink
 
-log = logging.getLogger("p2pfl.node")
+log = logging.getLogger("p2pfl.daemon.node")
 
 
 class Outbox:

@@ -26,9 +26,9 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from p2pfl.core.clock import MAX_LAMPORT
 from p2pfl.errors import HandshakeError, MessageError
-from p2pfl.events import MAX_LAMPORT
-from p2pfl.secure_group import (
+from p2pfl.secure.group import (
     BOX_BYTES,
     KIND_KEY,
     KIND_SELF_SEED,
@@ -105,7 +105,7 @@ class ParamsChunk:
 @dataclass(frozen=True, slots=True)
 class Present:
     """Secure aggregation, owner to each member whose round-R vector arrived: "these are
-    the members whose vectors I count" (U2; see ``secure_group``)."""
+    the members whose vectors I count" (U2; see ``p2pfl.secure.group``)."""
 
     lamport: int
     round: int

@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from p2pfl.core.rounds import RoundTracker
+from p2pfl.daemon.events import EventLog
+from p2pfl.daemon.net import PeerLink
+from p2pfl.daemon.secure_exchange import SecureExchange
 from p2pfl.errors import MessageError, SecureAggregationError
-from p2pfl.events import EventLog
-from p2pfl.net import PeerLink
-from p2pfl.rounds import RoundTracker
-from p2pfl.secure_exchange import SecureExchange
-from p2pfl.wire import (
+from p2pfl.proto.wire import (
     Confirm,
     Keys,
     Message,

@@ -8,10 +8,10 @@ import re
 from collections.abc import Mapping
 from typing import cast, get_args
 
-from p2pfl.config_fields import FieldReader, join_path, shown
-from p2pfl.config_types import PeerInfo
-from p2pfl.keys import decode_public_key
-from p2pfl.topology import TopologyConfig, TopologyKind, graph_for_round, is_connected
+from p2pfl.config.fields import FieldReader, join_path, shown
+from p2pfl.config.schema import PeerInfo
+from p2pfl.core.topology import TopologyConfig, TopologyKind, graph_for_round, is_connected
+from p2pfl.proto.keys import decode_public_key
 
 _TOPOLOGY_KINDS: tuple[str, ...] = get_args(TopologyKind)
 _ADDRESS_RE = re.compile(r"ws://(?P<host>\[[^\]]*\]|[^\[\]/:@?#\s]+):(?P<port>[0-9]{1,5})")

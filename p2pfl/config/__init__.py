@@ -6,10 +6,10 @@ name the file, the exact field (``peers.alice.public_key``, ``training.model.hid
 and what was expected. A typo must never fall back silently to a default, because two
 peers would then run with different settings while believing they agree.
 
-The work is split by job: ``config_yaml`` reads the file safely, ``config_fields`` reads
-typed fields with errors that name them, ``config_roster`` (peers, topology),
-``config_training`` (training, model), ``config_aggregation`` (aggregation, dp) and
-``config_limits`` (limits, net) read the sections, ``config_types`` holds the result's
+The work is split by job: ``safe_yaml`` reads the file safely, ``fields`` reads
+typed fields with errors that name them, ``roster`` (peers, topology),
+``training`` (training, model), ``aggregation`` (aggregation, dp) and
+``limits`` (limits, net) read the sections, ``schema`` holds the result's
 types and the digest. This module is the public face: it puts them together (and
 re-exports the types).
 """
@@ -20,12 +20,12 @@ import os
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from p2pfl.config_aggregation import AggregationReader
-from p2pfl.config_fields import NAME_RE, or_empty, shown
-from p2pfl.config_limits import LimitsReader
-from p2pfl.config_roster import RosterReader
-from p2pfl.config_training import TrainingReader
-from p2pfl.config_types import (
+from p2pfl.config.aggregation import AggregationReader
+from p2pfl.config.fields import NAME_RE, or_empty, shown
+from p2pfl.config.limits import LimitsReader
+from p2pfl.config.roster import RosterReader
+from p2pfl.config.safe_yaml import read_yaml_file
+from p2pfl.config.schema import (
     MODEL_KINDS,
     OPTIMIZER_KINDS,
     SUPPORTED_VERSION,
@@ -39,8 +39,8 @@ from p2pfl.config_types import (
     config_digest,
     shared_mapping,
 )
-from p2pfl.config_yaml import read_yaml_file
-from p2pfl.topology import TopologyConfig, TopologyKind
+from p2pfl.config.training import TrainingReader
+from p2pfl.core.topology import TopologyConfig, TopologyKind
 
 __all__ = [
     "MODEL_KINDS",

@@ -1,6 +1,7 @@
 """A node's learner and local data: one round's local training (with differential
-privacy when configured) and evaluation. No I/O, no event loop: the node runs these as
-jobs of its ``Worker`` and decides what to do with the results.
+privacy when configured) and evaluation. No event loop: the node runs these as jobs of
+its ``Worker`` and decides what to do with the results. The one file it reads is the event
+log, to reconcile the privacy budget with the checkpoint at start-up.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from p2pfl.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError
 from p2pfl.config import Config
+from p2pfl.core.privacy import epsilon, privatize
 from p2pfl.learning import (
     Dataset,
     Evaluation,
@@ -22,7 +23,7 @@ from p2pfl.learning import (
     flatten,
     unflatten,
 )
-from p2pfl.privacy import epsilon, privatize
+from p2pfl.store.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError
 
 
 def input_scale_for(data: Dataset, configured: float | None) -> float:

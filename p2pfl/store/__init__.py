@@ -1,0 +1,1 @@
+"""Files a node writes and reads: checkpoints, ``.npz`` reading and writing, the export."""
