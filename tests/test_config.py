@@ -777,16 +777,28 @@ training: {{rounds: 1, model: {{kind: softmax, inputs: 2, classes: 2}}}}
     assert caught.value.problem == "duplicate key 'alice' (line 5 and line 6)"
 
 
-def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
-    text = yaml.safe_dump(base(), sort_keys=False)
-    text += (
-        "limits: &lim {chunk_bytes: 8192}\nnet:\n  <<: {reconnect_min: 0.1}\n  reconnect_max: 2\n"
-    )
+def test_a_merge_key_cannot_hide_a_duplicate(tmp_path: Path) -> None:
+    """``seed: 7`` beside ``<<: {seed: 9}`` gives two seeds the duplicate-key check never
+    saw; merge keys are refused outright."""
+    text = yaml.safe_dump(base(), sort_keys=False).replace("seed: 3\n", "seed: 7\n<<: {seed: 9}\n")
     path = tmp_path / "peers.yaml"
     path.write_text(text, encoding="utf-8")
-    cfg = load_config(path)
-    assert cfg.limits.chunk_bytes == 8192
-    assert (cfg.net.reconnect_min, cfg.net.reconnect_max) == (0.1, 2.0)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "<top level>"
+    assert caught.value.problem == (
+        "line 4, column 1: merge keys ('<<') are not accepted in peers.yaml; write the fields out"
+    )
+
+
+def test_merge_keys_are_refused_inside_sections_too(tmp_path: Path) -> None:
+    text = yaml.safe_dump(base(), sort_keys=False)
+    text += "limits: &lim {chunk_bytes: 8192}\nnet:\n  <<: {reconnect_min: 0.1}\n"
+    path = tmp_path / "peers.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"merge keys \('<<'\) are not accepted") as caught:
+        load_config(path)
+    assert caught.value.field == "net"
 
 
 def test_self_referencing_alias(tmp_path: Path) -> None:
@@ -974,3 +986,51 @@ def test_down_grace_at_its_default_keeps_the_old_digest(tmp_path: Path) -> None:
     spelled = base()
     spelled.setdefault("net", {})["down_grace"] = 2.0
     assert load_config(write(tmp_path, spelled, "b.yaml")).digest == plain
+
+
+# --- start-up rules live in validation: `p2pfl check` and `p2pfl run` refuse the same files
+
+
+def secure_with(topology: dict[str, Any], peers: int = 4) -> dict[str, Any]:
+    cfg = base()
+    cfg["peers"] = dict(list(cfg["peers"].items())[:peers])
+    cfg["topology"] = topology
+    cfg["aggregation"] = {"secure": True}
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("topology", "peers"),
+    [
+        pytest.param({"kind": "full"}, 2, id="two-peers"),
+        pytest.param({"kind": "ring"}, 2, id="two-peer-ring"),
+        pytest.param(
+            {"kind": "explicit", "edges": [["alice", "bob"], ["bob", "carol"]]}, 3, id="a-path"
+        ),
+    ],
+)
+def test_secure_aggregation_needs_two_neighbours_for_every_peer(
+    tmp_path: Path, topology: dict[str, Any], peers: int
+) -> None:
+    with pytest.raises(ConfigError, match=r"aggregation\.secure: needs every peer to have"):
+        load_config(write(tmp_path, secure_with(topology, peers)))
+
+
+def test_secure_aggregation_is_checked_in_every_resampled_round(tmp_path: Path) -> None:
+    cfg = secure_with({"kind": "k-regular", "degree": 2, "resample_every": 1})
+    cfg["training"]["rounds"] = 3
+    assert load_config(write(tmp_path, cfg)).aggregation.secure  # degree 2 in every round
+
+
+def test_secure_aggregation_over_a_ring_of_three_is_valid(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, secure_with({"kind": "ring"}, 3))).aggregation.secure
+
+
+def test_check_refuses_what_run_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pfl.cli import main
+
+    path = write(tmp_path, secure_with({"kind": "ring"}, 2))
+    assert main(["check", str(path)]) == 2
+    assert "aggregation.secure: needs every peer to have at least 2 neighbours" in (
+        capsys.readouterr().err
+    )

@@ -18,7 +18,7 @@ import pytest
 from p2pfl.harness.baseline import train_centralized
 from p2pfl.harness.faults import Fault, FaultPlan, FaultSpecError, parse_fault
 from p2pfl.harness.progress import RunProgress
-from p2pfl.harness.report import consensus_distance, render_table
+from p2pfl.harness.report import consensus_distance, final_models, render_table
 from p2pfl.harness.runner import free_ports, network_name, peer_ids, standardized
 from p2pfl.logs.read import Event
 
@@ -123,6 +123,27 @@ def test_consensus_distance_uses_each_peers_completed_rounds(tmp_path: Path) -> 
     assert distances[2] is None  # nobody got there
     # a round b did not complete (it was down) is not compared
     assert consensus_distance(states, 2, size, done[:3])[1] is None
+
+
+def test_a_diverged_peer_is_left_out_of_the_report_with_the_reason(make_network) -> None:
+    """A model that diverged to NaN is a checkpoint a node refuses; the report goes on
+    with the other peers and says why that one has no test score."""
+    from p2pfl.learning import build_learner, flatten
+    from p2pfl.store.checkpoint import Checkpoint, save_checkpoint
+
+    net = make_network(("alice", "bob"))
+    model = net.config.training.model.as_mapping()
+    params = flatten(build_learner(model, net.config.seed, source="test").get_weights())
+    for peer, value in (("alice", 0.5), ("bob", np.nan)):
+        net.state(peer).mkdir(parents=True)
+        diverged = np.full_like(params, value)
+        save_checkpoint(net.state(peer), Checkpoint(3, diverged, 9, net.config.digest))
+    warnings: list[str] = []
+    states = {peer: net.state(peer) for peer in net.peers}
+    models, _ = final_models(states, net.config_path, warnings.append)
+    assert list(models) == ["alice"]
+    assert len(warnings) == 1 and warnings[0].startswith("bob: no test score: ")
+    assert "NaN or infinite value" in warnings[0]
 
 
 def test_centralised_baseline_learns_and_is_deterministic() -> None:

@@ -1,7 +1,7 @@
 """What a node keeps on disk stays consistent: a checkpoint commit in flight is never
 overtaken, a full disk does not stop training, and a restart continues the Lamport clock
-past everything already logged, and the privacy budget spent survives a lost event log.
-(Cases found by a review; each failed before its fix.)"""
+past everything already logged, and the privacy budget spent survives a lost event log
+and a power cut. (Cases found by a review; each failed before its fix.)"""
 
 from __future__ import annotations
 
@@ -129,6 +129,29 @@ def test_a_restarted_log_continues_the_lamport_clock(tmp_path: Path) -> None:
     assert lines[-1]["lamport"] == 6
 
 
+def test_sync_makes_the_log_and_its_directory_entry_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path, "alice", LamportClock())
+    synced: list[tuple[int, int]] = []  # (inode, bytes in the log then) per fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.fstat(fd).st_ino, path.stat().st_size))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log.emit("train", 0, loss=1.0)
+    log.sync()
+    size = path.stat().st_size
+    log.emit("train", 1, loss=1.0)
+    log.sync()
+    log.close()
+    log.sync()  # closed: nothing to do
+    file_ino, dir_ino = path.stat().st_ino, tmp_path.stat().st_ino
+    # Each train event was written out before its fsync; the directory is fsynced once.
+    assert synced == [(file_ino, size), (dir_ino, size), (file_ino, path.stat().st_size)]
+
+
 def test_last_lamport_ignores_what_it_cannot_use(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     assert last_lamport(path) == 0  # no log yet
@@ -222,6 +245,59 @@ def test_a_checkpoint_without_a_budget_is_refused_when_dp_is_on(make_network) ->
         net.config, aggregation=dataclasses.replace(net.config.aggregation, dp=None)
     )
     assert restore_dp_releases(plain, checkpoint(net, None), log) == 0
+
+
+def test_without_a_checkpoint_a_log_of_releases_counts_with_a_warning(
+    make_network, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpoint moved away, the log kept: its count is all there is, and if it was
+    rotated too the budget is undercounted where nothing can tell. The operator is told."""
+    net = make_network(("alice", "bob"), extra=DP)
+    log = log_with_trains(net.state("bob"), 3)
+    with caplog.at_level("WARNING", logger="p2pfl.learning.trainer"):
+        assert restore_dp_releases(net.config, None, log) == 3
+    assert f"{log} records 3 release(s)" in caplog.text
+    assert "counted from the event log alone" in caplog.text
+    caplog.clear()
+    plain = dataclasses.replace(
+        net.config, aggregation=dataclasses.replace(net.config.aggregation, dp=None)
+    )
+    with caplog.at_level("WARNING", logger="p2pfl.learning.trainer"):
+        assert restore_dp_releases(net.config, None, net.state("alice") / "events.jsonl") == 0
+        assert restore_dp_releases(net.config, checkpoint(net, 3), log) == 3
+        assert restore_dp_releases(plain, None, log) == 0
+    assert not caplog.records  # a fresh start, a checkpoint, or no DP: nothing to say
+
+
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+async def test_with_dp_each_train_event_is_durable_before_the_update_leaves(
+    make_network, monkeypatch: pytest.MonkeyPatch, dp: bool
+) -> None:
+    """A power cut may roll back the round's checkpoint (committed without a directory
+    fsync) and an unsynced log together: the budget would restart below what was released.
+    With DP the train event is fsynced before the update is handed to the outbox; without
+    DP there is no budget, and no fsync on the round path."""
+    net = make_network(
+        ("alice", "bob"), rounds=2, round_timeout=0.3, startup_timeout=0.3, extra=DP if dp else {}
+    )
+    alice = make_node(net, "alice")
+    order: list[str] = []
+    alice.events.listeners.append(lambda record: order.append(record["type"]))
+    real_sync, real_open = alice.events.sync, alice.outbox.open
+
+    def sync() -> None:
+        order.append("sync")
+        real_sync()
+
+    def outbox_open(*args: Any) -> None:
+        order.append("outbox")
+        real_open(*args)
+
+    monkeypatch.setattr(alice.events, "sync", sync)
+    monkeypatch.setattr(alice.outbox, "open", outbox_open)
+    assert await asyncio.wait_for(alice.run(), 10 * TIMEOUT) == 0
+    seen = [kind for kind in order if kind in ("train", "sync", "outbox")]
+    assert seen == (["train", "sync", "outbox"] if dp else ["train", "outbox"]) * 2
 
 
 async def test_a_node_refuses_to_resume_a_dp_run_from_a_checkpoint_without_its_budget(

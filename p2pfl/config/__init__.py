@@ -116,6 +116,8 @@ class _DocumentReader(RosterReader, TrainingReader, AggregationReader, LimitsRea
         training = self.training(root["training"])
         # An optional section left empty (every line below it commented out) means defaults.
         aggregation = self.aggregation(or_empty(root.get("aggregation")))
+        if aggregation.secure:
+            self.check_secure_groups(topology, tuple(peers), seed, training.rounds)
         limits = self.limits(or_empty(root.get("limits")))
         net = self.net(or_empty(root.get("net")))
         shared = shared_mapping(

@@ -1,7 +1,9 @@
 """The ``aggregation`` section: how a peer combines its neighbours' models (a plain or a
 robust rule), secure aggregation's fixed point and sharing threshold, and differential
 privacy. A robust rule with ``secure: true`` is refused here: secure aggregation shows a
-node only the masked sum, never the single vectors a robust rule compares."""
+node only the masked sum, never the single vectors a robust rule compares. So is a graph
+that secure aggregation cannot mask (``check_secure_groups``): ``p2pfl check`` and
+``p2pfl run`` refuse the same files."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from p2pfl.config.fields import FieldReader, shown
 from p2pfl.config.schema import AggregationConfig
 from p2pfl.core.aggregate import parse_rule
 from p2pfl.core.privacy import DPConfig
+from p2pfl.core.topology import TopologyConfig, graph_for_round
+from p2pfl.proto.wire import MAX_GROUP_IDS
 
 
 class AggregationReader(FieldReader):
@@ -74,3 +78,25 @@ class AggregationReader(FieldReader):
         noise = self.positive(section["noise_multiplier"], "aggregation.dp.noise_multiplier")
         delta = self.positive(section["delta"], "aggregation.dp.delta", 0.5)
         return DPConfig(clip_norm, noise, delta)
+
+    def check_secure_groups(
+        self, topology: TopologyConfig, ids: tuple[str, ...], seed: int, rounds: int
+    ) -> None:
+        """Secure aggregation needs every group to have two members besides its owner (with
+        one, its contribution could not be masked) and at most what a message can name:
+        every peer needs 2 to MAX_GROUP_IDS neighbours in every round's graph."""
+        for r in range(rounds) if topology.resample_every else range(1):
+            graph = graph_for_round(topology, ids, seed, r)
+            for peer, neighbours in graph.items():
+                if len(neighbours) > MAX_GROUP_IDS:
+                    self.fail(
+                        "aggregation.secure",
+                        f"supports at most {MAX_GROUP_IDS} neighbours per peer, but {peer} "
+                        f"has {len(neighbours)} in round {r}",
+                    )
+                if len(neighbours) < 2:
+                    self.fail(
+                        "aggregation.secure",
+                        f"needs every peer to have at least 2 neighbours, but {peer} has "
+                        f"{len(neighbours)} in round {r} (use a topology of degree >= 2)",
+                    )

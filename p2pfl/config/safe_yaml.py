@@ -1,6 +1,9 @@
 """Reading ``peers.yaml`` safely: a size bound, UTF-8, and a YAML node tree checked
-before anything is built (duplicate keys, alias bombs, self-referencing anchors, depth).
-Every error names the file and where in it."""
+before anything is built (duplicate keys, merge keys, alias bombs, self-referencing
+anchors, depth). Numbers are checked before PyYAML builds them: base 60 (YAML 1.1 reads
+``1:30`` as 90, and PyYAML builds such numbers in time quadratic in their length) and
+numbers longer than any setting needs are refused. Every error names the file and where
+in it."""
 
 from __future__ import annotations
 
@@ -15,6 +18,12 @@ from p2pfl.errors import ConfigError
 _MAX_FILE_BYTES = 1 << 20
 # Bounds on what a YAML document may expand to (aliases can multiply a small file).
 _MAX_YAML_NODES = 100_000
+#: The longest number a peers.yaml may write (2**64 - 1 has 20 digits; a float's
+#: shortest exact form at most 24 characters); refused before it is built.
+_MAX_NUMBER_CHARS = 100
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def read_yaml_file(path: str | os.PathLike[str]) -> tuple[str, object]:
@@ -95,6 +104,33 @@ class _Loader(yaml.SafeLoader):
                 self.source, self.paths.get(id(node), "<yaml>"), _unbuildable(node, exc)
             ) from None
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        _check_number(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _check_number(node)
+        return super().construct_yaml_float(node)
+
+
+# (The base class registered its own functions: the overrides take effect once registered.)
+_Loader.add_constructor(_INT_TAG, _Loader.construct_yaml_int)
+_Loader.add_constructor(_FLOAT_TAG, _Loader.construct_yaml_float)
+
+
+def _check_number(node: yaml.Node) -> None:
+    """Refuse a number before PyYAML builds it if it is longer than any setting needs, or
+    in base 60: ``hidden: [1:0]`` would silently be 60, and a megabyte of ``1:0:0...``
+    takes PyYAML's quadratic loop some 40 s of CPU. The ValueError becomes a ConfigError
+    naming the field and the line (``construct_object``)."""
+    if not isinstance(node, yaml.ScalarNode):
+        return  # (PyYAML refuses it with its own error)
+    value = str(node.value)
+    if len(value) > _MAX_NUMBER_CHARS:
+        raise ValueError(f"longer than {_MAX_NUMBER_CHARS} characters")
+    if ":" in value:
+        raise ValueError("base-60 numbers are refused: quote it if it is text")
+
 
 def _unbuildable(node: yaml.Node, exc: Exception) -> str:
     """Where a value is, what it is meant to be and (for a number or a date) why not."""
@@ -128,9 +164,8 @@ def check_nodes(root: yaml.Node, source: str) -> dict[int, str]:
         if isinstance(node, yaml.MappingNode):
             seen: dict[tuple[str, str], int] = {}
             for key_node, value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    walk(value_node, path, inner)
-                    continue
+                if key_node.tag == _MERGE_TAG:
+                    raise _merge_key(source, path, key_node)
                 child = path
                 paths.setdefault(id(key_node), path or "<top level>")
                 if isinstance(key_node, yaml.ScalarNode):
@@ -151,3 +186,15 @@ def check_nodes(root: yaml.Node, source: str) -> dict[int, str]:
 
     walk(root, "", frozenset())
     return paths
+
+
+def _merge_key(source: str, path: str, key_node: yaml.Node) -> ConfigError:
+    """A merge key (``<<``) would bring in fields the duplicate-key check never sees
+    (``seed: 7`` beside ``<<: {seed: 9}`` is silently one or the other): refused."""
+    mark = key_node.start_mark
+    return ConfigError(
+        source,
+        path or "<top level>",
+        f"line {mark.line + 1}, column {mark.column + 1}: merge keys ('<<') are not "
+        "accepted in peers.yaml; write the fields out",
+    )

@@ -212,28 +212,43 @@ async def close_bounded(
 #: Before authentication, received bytes are parsed this many at a time, so that a cut
 #: takes effect within one slice (honest traffic then is under 1 KiB per message).
 UNAUTHENTICATED_SLICE = 1024
+#: Our dialer's upgrade request is about 200 bytes; a browser's a few hundred more.
+MAX_UPGRADE_BYTES = 8192
+#: Data frames a peer sends before it is authenticated: HELLO and the first record (the
+#: responder's view; the dialer receives only the REPLY).
+MAX_HANDSHAKE_FRAMES = 2
 
 
 class GuardedConnection(Connection):
     """What both ends of our connections add to websockets' (server and client alike).
 
     websockets answers every ping with a pong, even to a peer that reads nothing, and
-    parses a whole socket read (up to 256 KiB: some 40 000 control frames) before we see
-    any of it. p2pfl never pings (liveness is the STATUS heartbeat), so a PING or PONG is
-    a protocol violation that cuts the connection; before authentication the input is
-    parsed in slices so the cut comes within one of them. Queued output above
-    ``max_output`` also cuts it. ``network`` is set by the subclass factories below.
+    parses a whole socket read (up to 256 KiB: some 40 000 tiny frames, 150 ms of CPU)
+    before we see any of it. So every frame p2pfl never sends cuts the connection: a PING
+    or PONG (liveness is the STATUS heartbeat), a fragment (messages are one frame each),
+    a text frame; before authentication also more data frames than the handshake has
+    (two) and an HTTP upgrade request above 8 KiB. Before authentication the input is
+    parsed in 1 KiB slices so a cut comes within one of them. Queued output above
+    ``max_output`` also cuts. ``network`` is set by the subclass factories below.
     """
 
     network: Network
     cut = False
     authenticated = False
     max_output = MAX_OUTPUT_PENDING
+    #: Bytes received during the HTTP upgrade, and data frames before authentication.
+    upgrade_bytes = 0
+    early_frames = 0
 
     def data_received(self, data: bytes) -> None:
-        if self.authenticated or len(data) <= UNAUTHENTICATED_SLICE:
+        if self.authenticated:
             super().data_received(data)
             return
+        if self.protocol.state is State.CONNECTING:
+            self.upgrade_bytes += len(data)
+            if self.upgrade_bytes > MAX_UPGRADE_BYTES:
+                self.network.cut(self, f"websocket upgrade above {MAX_UPGRADE_BYTES} bytes")
+                return
         view = memoryview(data)
         for start in range(0, len(data), UNAUTHENTICATED_SLICE):
             if self.cut:
@@ -243,15 +258,31 @@ class GuardedConnection(Connection):
     def send_data(self) -> None:
         super().send_data()
         if not self.cut and self.transport.get_write_buffer_size() > self.max_output:
-            self.network.cut(self, "peer does not read what we send")
+            self.network.cut(self, "peer does not read what we send", polite=False)
 
     def process_event(self, event: Event) -> None:
         if self.cut:
             return
-        if isinstance(event, Frame) and event.opcode in (Opcode.PING, Opcode.PONG):
-            self.network.cut(self, f"{event.opcode.name.lower()} frame (p2pfl never pings)")
-            return
+        if isinstance(event, Frame):
+            fault = self._unwanted(event)
+            if fault is not None:
+                self.network.cut(self, fault)
+                return
         super().process_event(event)
+
+    def _unwanted(self, frame: Frame) -> str | None:
+        """Why ``frame`` is one p2pfl never sends here (None if it is fine)."""
+        if frame.opcode in (Opcode.PING, Opcode.PONG):
+            return f"{frame.opcode.name.lower()} frame (p2pfl never pings)"
+        if frame.opcode is Opcode.CLOSE:
+            return None
+        if frame.opcode is not Opcode.BINARY or not frame.fin:
+            return "fragmented or text frame (p2pfl sends whole binary messages)"
+        if not self.authenticated:
+            self.early_frames += 1
+            if self.early_frames > MAX_HANDSHAKE_FRAMES:
+                return "more messages than a handshake has"
+        return None
 
 
 @dataclass(frozen=True)
@@ -358,15 +389,14 @@ class Network:
         host = self.config.peers[peer_id].host
         if _is_ip(host) or peer_id in self._resolving:
             return
-        self._resolving.add(peer_id)
+        self._resolving.add(peer_id)  # until the look-up's thread ends, not our wait
+        lookup = _getaddrinfo(host, finished=lambda: self._resolving.discard(peer_id))
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT):
-                infos = await _getaddrinfo(host)
+                infos = await asyncio.shield(lookup)
         except (OSError, TimeoutError) as exc:
             log.debug("cannot resolve %s (%s): %s", host, peer_id, _describe(exc))
             return
-        finally:
-            self._resolving.discard(peer_id)
         found = frozenset(source_key(str(info[4][0])) for info in infos)
         if found:
             self._peer_sources[peer_id] = found
@@ -419,16 +449,25 @@ class Network:
             # way to connection_made (accept task -> transport -> callback): let it get
             # there, then drop every unauthenticated connection. One that never starts its
             # upgrade would otherwise wait out open_timeout, or leak if the loop ends first.
+            # Under a flood more keep arriving for a while: drop them again after the
+            # listener is closed and after its handlers are done.
             for _ in range(3):
                 await asyncio.sleep(0)
-            for conn in self.admission.pending():
-                conn.transport.abort()
+            self._abort_pending()
             self._server.close()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            self._abort_pending()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._abort_pending()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+    def _abort_pending(self) -> None:
+        for conn in self.admission.pending():
+            conn.transport.abort()
 
     # --- accepting -------------------------------------------------------------------------
 
@@ -464,9 +503,13 @@ class Network:
         self.events.emit(event, addr=remote, reason=reason, role="responder", **extra)
         log.warning("connection from %s refused: %s", remote, reason)
 
-    def cut(self, ws: Connection, reason: str) -> None:
-        """Abort a connection that abuses what websockets does for it (pongs, buffering),
-        once, with a logged reason (rate-limited while it is unauthenticated)."""
+    def cut(self, ws: Connection, reason: str, *, polite: bool = True) -> None:
+        """End a connection that sends what p2pfl never sends, or does not read, at once:
+        nothing more it sent is parsed. Logged once (rate-limited while unauthenticated).
+
+        ``polite``: tell the peer (close code 1008, as for any protocol error) and let the
+        TCP connection close after that frame, aborting it if that takes ``CLOSE_TIMEOUT``;
+        otherwise (our output is full anyway) abort at once."""
         if not isinstance(ws, GuardedConnection) or ws.cut:
             return
         ws.cut = True
@@ -475,7 +518,13 @@ class Network:
         else:
             self.events.emit("reject", addr=_address(ws), reason=reason)
             log.warning("%s: connection with %s cut: %s", self.own_id, _address(ws), reason)
-        ws.transport.abort()
+        if not polite or ws.protocol.state is not State.OPEN:
+            ws.transport.abort()
+            return
+        ws.protocol.fail(CLOSE_POLICY)  # the close frame; the parser now discards the rest
+        ws.send_data()
+        ws.transport.close()  # stops reading at once, closes once the frame is out
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, ws.transport.abort)
 
     def _authenticated(self, ws: Connection) -> None:
         """The peer proved its identity: full-size records from now on, and it leaves the
@@ -706,6 +755,9 @@ def _counted_connection(network_: Network) -> type[ServerConnection]:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self.accepted_at = asyncio.get_running_loop().time()
+            if self.network._stopping:  # accepted by the kernel before the listener closed
+                self.transport.abort()
+                return
             source = source_key(_address(self).rpartition(":")[0])
             evicted = self.network.admission.admit(
                 self, source, protected=source in self.network.peer_sources
@@ -723,12 +775,12 @@ def _counted_connection(network_: Network) -> type[ServerConnection]:
             try:
                 await super().handshake(*args, **kwargs)
             except asyncio.CancelledError:  # open_timeout expired, or we are shutting down
-                if not self.network._stopping and not self.evicted:
+                if not self.network._stopping and not self.evicted and not self.cut:
                     self.network.refuse(
                         self, "handshake_fail", "timed out before the websocket upgrade"
                     )
                 raise
-            if self.protocol.state is not State.OPEN and not self.evicted:
+            if self.protocol.state is not State.OPEN and not self.evicted and not self.cut:
                 exc = self.protocol.handshake_exc
                 self.network.refuse(
                     self,
@@ -754,15 +806,19 @@ async def _quiet(coro: Coroutine[Any, Any, None]) -> None:
         await coro
 
 
-def _getaddrinfo(host: str) -> asyncio.Future[list[Any]]:
-    """``socket.getaddrinfo`` in a daemon thread of its own. Not the loop's executor: a
-    look-up that hangs (a slow or hostile DNS server) would hold one of the threads that
-    training and checkpoints run on, and keep the process from exiting."""
+def _getaddrinfo(host: str, finished: Callable[[], None]) -> asyncio.Future[list[Any]]:
+    """``socket.getaddrinfo`` in a daemon thread of its own; ``finished`` is called on the
+    loop when that thread is done. Not the loop's executor: a look-up that hangs (a slow
+    or hostile DNS server) would hold one of the threads that training and checkpoints
+    run on, and keep the process from exiting."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[list[Any]] = loop.create_future()
+    # Nobody may be waiting any more (the caller timed out): mark an error as seen.
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def settle(result: list[Any] | None, exc: OSError | None) -> None:
-        if future.done():  # the caller gave up (timeout)
+        finished()
+        if future.done():
             return
         if exc is not None:
             future.set_exception(exc)

@@ -36,7 +36,7 @@ from p2pfl.daemon.outbox import Outbox
 from p2pfl.daemon.persist import RoundSaver
 from p2pfl.daemon.pool import ArrayPool
 from p2pfl.daemon.procinfo import peak_rss_mb
-from p2pfl.daemon.secure_exchange import SecureExchange, check_secure_topology
+from p2pfl.daemon.secure_exchange import SecureExchange
 from p2pfl.daemon.statedir import prepare_state_dir
 from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.daemon.worker import Worker
@@ -98,8 +98,6 @@ class Node:
         self.secure = (
             FixedPoint(aggregation.clip, aggregation.frac_bits) if aggregation.secure else None
         )
-        if self.secure is not None:
-            check_secure_topology(config)
         self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
         #: How plain rounds combine the models (secure rounds: Metropolis over the sum).
         self.rule = parse_rule(aggregation.rule)
@@ -358,6 +356,12 @@ class Node:
             samples=len(self.local.data.y),
             **trained.privacy,
         )
+        if self.config.aggregation.dp is not None:
+            # Durable before the update leaves: a power cut may roll the checkpoint back
+            # (rounds commit it without a directory fsync), never the log's count of
+            # releases, so a restart cannot undercount the budget spent. One fsync per
+            # round, only with DP: ~0.2 ms on the event loop (ext4, virtual disk).
+            self.events.sync()
 
         if exchange is None:
             self.outbox.open(r, dict.fromkeys(neighbours, self.params))
@@ -542,6 +546,7 @@ class Node:
             self.options.state_dir,
             expected_digest=self.config.digest,
             expected_size=self.params.size,
+            dp=self.config.aggregation.dp is not None,
         )
         self.local.dp_releases = restore_dp_releases(
             self.config, checkpoint, self.options.state_dir / "events.jsonl"

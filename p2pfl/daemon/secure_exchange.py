@@ -37,12 +37,11 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from p2pfl.core.topology import graph_for_round, metropolis_weights
-from p2pfl.errors import ConfigError, SecureAggregationError
+from p2pfl.core.topology import metropolis_weights
+from p2pfl.errors import SecureAggregationError
 from p2pfl.proto.guard import Throttle
 from p2pfl.proto.keys import pairwise_secret
 from p2pfl.proto.wire import (
-    MAX_GROUP_IDS,
     Confirm,
     Keys,
     Present,
@@ -109,29 +108,6 @@ class ExchangeHost(Protocol):
         self, done: Callable[[], bool], deadline: Callable[[], float | None]
     ) -> bool:
         """Wait, woken by network news, until ``done()`` or the ``deadline()``."""
-
-
-def check_secure_topology(config: Config) -> None:
-    """Secure aggregation needs every group to have two members besides its owner (with one,
-    its contribution could not be masked): every peer needs two neighbours in every round."""
-    rounds = range(config.training.rounds) if config.topology.resample_every else range(1)
-    for r in rounds:
-        graph = graph_for_round(config.topology, config.peer_ids, config.seed, r)
-        for peer, neighbours in graph.items():
-            if len(neighbours) > MAX_GROUP_IDS:
-                raise ConfigError(
-                    config.source,
-                    "aggregation.secure",
-                    f"supports at most {MAX_GROUP_IDS} neighbours per peer, but {peer} has "
-                    f"{len(neighbours)} in round {r}",
-                )
-            if len(neighbours) < 2:
-                raise ConfigError(
-                    config.source,
-                    "aggregation.secure",
-                    f"needs every peer to have at least 2 neighbours, but {peer} has "
-                    f"{len(neighbours)} in round {r} (use a topology of degree >= 2)",
-                )
 
 
 #: Purpose bound into the pairwise secrets behind the share boxes.

@@ -9,7 +9,7 @@ import json
 import os
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +48,14 @@ class PeerResult:
 
 
 def final_models(
-    state_dirs: Mapping[str, Path], config_path: Path
+    state_dirs: Mapping[str, Path], config_path: Path, warn: Callable[[str], None]
 ) -> tuple[dict[str, np.ndarray], Any]:
-    """Each peer's last checkpointed model (peers without a checkpoint are left out)."""
+    """Each peer's last checkpointed model. Peers without a checkpoint are left out, and
+    so are those whose checkpoint a node would refuse (a model diverged to NaN): ``warn``
+    says which and why, and the rest of the report is still made."""
     from p2pfl.config import load_config
     from p2pfl.learning import build_learner, flatten
-    from p2pfl.store.checkpoint import load_checkpoint
+    from p2pfl.store.checkpoint import CheckpointError, load_checkpoint
 
     config = load_config(config_path)
     learner = build_learner(
@@ -65,7 +67,11 @@ def final_models(
     size = flatten(learner.get_weights()).size
     models: dict[str, np.ndarray] = {}
     for peer, state in state_dirs.items():
-        checkpoint = load_checkpoint(state, expected_digest=config.digest, expected_size=size)
+        try:
+            checkpoint = load_checkpoint(state, expected_digest=config.digest, expected_size=size)
+        except CheckpointError as exc:
+            warn(f"{peer}: no test score: {exc}")
+            continue
         if checkpoint is not None:
             models[peer] = checkpoint.params
     return models, learner

@@ -802,7 +802,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
 
     events = read_logs(layout.state_root).events
     states = {peer: layout.state(peer) for peer in layout.peers}
-    models, learner = final_models(states, layout.config)
+    models, learner = final_models(states, layout.config, say)
     model_size = sum(w.size for w in learner.get_weights())
     x_test = prepared.x_test / np.float32(prepared.input_scale)
     stats = peer_stats(events)

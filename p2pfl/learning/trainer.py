@@ -6,6 +6,7 @@ log, to reconcile the privacy budget with the checkpoint at start-up.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from p2pfl.learning import (
     unflatten,
 )
 from p2pfl.store.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError
+
+log = logging.getLogger("p2pfl.learning.trainer")
 
 
 def input_scale_for(data: Dataset, configured: float | None) -> float:
@@ -71,12 +74,17 @@ def restore_dp_releases(config: Config, checkpoint: Checkpoint | None, log_path:
 
     The checkpoint is the authority (the log may have been rotated or deleted); the log
     may run up to ``LOG_LEAD`` releases ahead of it, so the larger count is kept. A
-    checkpoint without the count, or one the log outruns by more, is refused.
+    checkpoint without the count, or one the log outruns by more, is refused. Each
+    ``train`` event is fsynced before its update leaves (``EventLog.sync``), so a power
+    cut that rolls the checkpoint back leaves the log counting every release. Without a
+    checkpoint the log's count is all there is: a warning says so.
     """
     if config.aggregation.dp is None:
         return 0
     logged = count_trained_rounds(log_path)
     if checkpoint is None:
+        if logged:
+            _warn_log_only(log_path, logged)
         return logged
     saved = checkpoint.dp_releases
     if saved is None:
@@ -84,6 +92,20 @@ def restore_dp_releases(config: Config, checkpoint: Checkpoint | None, log_path:
     if logged > saved + LOG_LEAD:
         raise CheckpointError(_budget_behind_log(log_path, saved, logged))
     return max(saved, logged)
+
+
+def _warn_log_only(log_path: Path, logged: int) -> None:
+    """A log of releases but no checkpoint: the checkpoint was moved away (or never
+    committed). The log's count is all there is; if the log was rotated or cut too, the
+    budget is undercounted and nothing here can tell, so the operator is told."""
+    log.warning(
+        "differential privacy is on and %s has no checkpoint, but %s records %d release(s): "
+        "the privacy budget spent is counted from the event log alone (an undercount if "
+        "the log was rotated or truncated)",
+        log_path.parent,
+        log_path,
+        logged,
+    )
 
 
 def _ways_out(state_dir: Path, logged: int) -> str:
@@ -109,9 +131,9 @@ def _budget_behind_log(log_path: Path, saved: int, logged: int) -> str:
     return (
         f"{state_dir / CHECKPOINT_NAME}: counts {saved} differential-privacy release(s) but "
         f"{log_path} records {logged}, more than the {LOG_LEAD} a log may run ahead of its "
-        "checkpoint: the checkpoint is older than the log (restored from a backup, or from "
-        "another state directory?) and resuming would undercount the budget spent; "
-        + _ways_out(state_dir, logged)
+        "checkpoint: the checkpoint is older than the log (restored from a backup, from "
+        "another state directory, or rolled back by a power cut?) and resuming would undercount "
+        "the budget spent; " + _ways_out(state_dir, logged)
     )
 
 

@@ -10,6 +10,9 @@ final checkpoint of a stopping node fsyncs the directory too.
 Loaded with ``allow_pickle=False`` (never change that: a checkpoint is a file like any other),
 and only after every field's declared shape and type are checked: a damaged or hostile
 checkpoint is a ``CheckpointError`` naming the file, never a traceback or a huge allocation.
+Each field must be an ``.npy`` member under its own name and is read by that name (numpy
+would otherwise prefer a raw member ``next_round`` to the checked ``next_round.npy``), and
+the model must be finite (one NaN averaged in spreads to every neighbour).
 The checkpoint also keeps the differential-privacy accountant's state (``dp_releases``):
 the budget spent must survive a deleted or rotated event log.
 """
@@ -24,7 +27,7 @@ import numpy as np
 from numpy.lib.npyio import NpzFile
 
 from p2pfl.errors import P2PFLError
-from p2pfl.store.npzread import READ_ERRORS, Member, is_zip, scan_npz
+from p2pfl.store.npzread import READ_ERRORS, Array, Member, is_zip, scan_npz
 from p2pfl.store.npzwrite import write_npz
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -42,6 +45,8 @@ _FIELDS = ("params", "next_round", "lamport", "digest")
 _COUNTERS = ("next_round", "lamport")
 #: The privacy accountant's state; absent from checkpoints of earlier versions.
 _DP_RELEASES = "dp_releases"
+#: How a field's member is named in the archive (what numpy.savez and write_npz write).
+_NPY = ".npy"
 #: Counters stay where JSON (the event log, the wire's Lamport times) holds them exactly.
 _MAX_COUNTER = 2**53 - 1
 
@@ -108,12 +113,14 @@ def commit_checkpoint(state_dir: Path, tmp: Path, *, sync_dir: bool = True) -> P
 
 
 def load_checkpoint(
-    state_dir: Path, *, expected_digest: bytes, expected_size: int
+    state_dir: Path, *, expected_digest: bytes, expected_size: int, dp: bool = False
 ) -> Checkpoint | None:
     """Return the checkpoint in ``state_dir``, None if there is none, or raise CheckpointError.
 
     Every field's shape and type is checked from the archive's headers before numpy
     allocates anything: a damaged or hostile file is refused, whatever it declares.
+    ``dp``: differential privacy is on, so an error that suggests starting afresh says what
+    that does to the privacy budget.
     """
     path = state_dir / CHECKPOINT_NAME
     if not path.exists():
@@ -122,29 +129,58 @@ def load_checkpoint(
         with path.open("rb") as fh:
             if not is_zip(fh):
                 raise CheckpointError(f"{path}: unreadable checkpoint: not an .npz archive")
-            _check_fields(path, scan_npz(fh), expected_size)
+            arrays = _check_fields(path, scan_npz(fh), expected_size)
             with np.load(fh, allow_pickle=False) as data:
-                checkpoint = _read_fields(path, data)
+                checkpoint = _read_fields(path, data, arrays)
     except CheckpointError:
         raise
     except READ_ERRORS as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
     if checkpoint.digest != expected_digest:
-        raise CheckpointError(
-            f"{path}: made with config digest {checkpoint.digest.hex()[:16]}, but the config "
-            f"now has {expected_digest.hex()[:16]}; move the state directory away to start "
-            "afresh"
-        )
+        raise CheckpointError(_digest_mismatch(path, checkpoint.digest, expected_digest, dp=dp))
     return checkpoint
 
 
-def _check_fields(path: Path, members: dict[str, Member], expected_size: int) -> None:
+def _digest_mismatch(path: Path, found: bytes, expected: bytes, *, dp: bool) -> str:
+    """Why the checkpoint does not fit the config, and the way out (with DP, at what cost:
+    a fresh state directory has spent no budget, so the node's earlier releases go
+    uncounted)."""
+    message = (
+        f"{path}: made with config digest {found.hex()[:16]}, but the config now has "
+        f"{expected.hex()[:16]}; move the state directory away to start afresh"
+    )
+    if dp:
+        message += (
+            " (differential privacy is on: that restarts the privacy budget at 0, acceptable "
+            "only if this node's earlier updates need not count)"
+        )
+    return message
+
+
+def _field_arrays(path: Path, members: dict[str, Member]) -> dict[str, Array]:
+    """Each field's declared array: the field must be an ``.npy`` member by its own name
+    (a raw member, which numpy returns as bytes, is never read as a field)."""
+    arrays: dict[str, Array] = {}
+    for name in (*_FIELDS, _DP_RELEASES):
+        member = members.get(name)
+        if member is None:
+            if name in _FIELDS:
+                raise CheckpointError(f"{path}: not a p2pfl checkpoint: no field {name!r}")
+            continue
+        if member.array is None or not member.is_npy:
+            raise CheckpointError(
+                f"{path}: field {name!r} is not an .npy array named {name + _NPY!r} "
+                f"(found member {member.filename!r})"
+            )
+        arrays[name] = member.array
+    return arrays
+
+
+def _check_fields(path: Path, members: dict[str, Member], expected_size: int) -> dict[str, Array]:
     """Each field is there, of the shape and type the writer gives it (and params of the
-    model's size): known before anything is read."""
-    for name in _FIELDS:
-        if name not in members:
-            raise CheckpointError(f"{path}: not a p2pfl checkpoint: no field {name!r}")
-    params = members["params"]
+    model's size): known before anything is read. Returns the fields' declared arrays."""
+    arrays = _field_arrays(path, members)
+    params = arrays["params"]
     if len(params.shape) != 1 or params.dtype.kind != "f":
         raise CheckpointError(
             f"{path}: params must be a 1-D float array, got shape {params.shape} of {params.dtype}"
@@ -154,36 +190,55 @@ def _check_fields(path: Path, members: dict[str, Member], expected_size: int) ->
             f"{path}: holds {params.shape[0]} parameters, the model has {expected_size}"
         )
     for name in (*_COUNTERS, _DP_RELEASES):
-        field = members.get(name)
+        field = arrays.get(name)
         if field is not None and (field.shape != () or field.dtype.kind not in "iu"):
             raise CheckpointError(
                 f"{path}: {name} must be a single integer, got shape {field.shape} of {field.dtype}"
             )
-    digest = members["digest"]
+    digest = arrays["digest"]
     if digest.shape != (32,) or digest.dtype != np.uint8:
         raise CheckpointError(
             f"{path}: digest must be 32 bytes, got shape {digest.shape} of {digest.dtype}"
         )
+    return arrays
 
 
-def _read_fields(path: Path, data: NpzFile) -> Checkpoint:
-    """The checked fields' values, each counter in its range."""
-    counters = {name: _counter(path, name, data[name]) for name in _COUNTERS}
+def _read_fields(path: Path, data: NpzFile, arrays: dict[str, Array]) -> Checkpoint:
+    """The checked fields' values, each read by its member's own name (never a raw member
+    that shadows it), each counter in its range, the model finite."""
+
+    def read(name: str) -> np.ndarray:
+        return np.asarray(data[name + _NPY])
+
+    counters = {name: _counter(path, name, read(name)) for name in _COUNTERS}
     dp_releases = (
-        _counter(path, _DP_RELEASES, data[_DP_RELEASES]) if _DP_RELEASES in data.files else None
+        _counter(path, _DP_RELEASES, read(_DP_RELEASES)) if _DP_RELEASES in arrays else None
     )
-    try:
-        with np.errstate(over="raise"):
-            params = np.array(data["params"], dtype=np.float32)
-    except FloatingPointError as exc:
-        raise CheckpointError(f"{path}: params hold values too large for float32") from exc
     return Checkpoint(
         counters["next_round"],
-        params,
+        _params(path, read("params")),
         counters["lamport"],
-        bytes(data["digest"]),
+        bytes(read("digest")),
         dp_releases=dp_releases,
     )
+
+
+def _params(path: Path, value: np.ndarray) -> np.ndarray:
+    """The model as float32, refused if it holds a value float32 cannot (too large) or a
+    NaN or infinity: averaged in, one would turn the neighbours' models into NaN too."""
+    try:
+        with np.errstate(over="raise"):
+            params = np.array(value, dtype=np.float32)
+    except FloatingPointError as exc:
+        raise CheckpointError(f"{path}: params hold values too large for float32") from exc
+    finite = np.isfinite(params)
+    if not finite.all():
+        index = int(np.flatnonzero(~finite)[0])
+        raise CheckpointError(
+            f"{path}: params hold a NaN or infinite value (at index {index}); move {path} "
+            "away to restart this node from the initial model"
+        )
+    return params
 
 
 def _counter(path: Path, name: str, value: np.ndarray) -> int:

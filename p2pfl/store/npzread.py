@@ -5,6 +5,9 @@ byte of data, so a 300-byte file that declares a 4 TiB array ends in a ``MemoryE
 (or, with overcommit, gigabytes of memory). This reads every member's header and sizes
 from the ZIP directory first and refuses a member that claims more than it can hold: a
 stored member holds what it stores, a compressed one at most what deflate can expand to.
+Raw members (no ``.npy`` header, which ``numpy.load`` returns as bytes) are listed too, and
+an archive where one name stands for two members (``k`` and ``k.npy``) is refused:
+``numpy.load`` would hand out the raw one for ``k``, shadowing the checked array.
 Callers turn the ``NpzError`` (and the rest of :data:`READ_ERRORS`) into their own error
 naming the file.
 """
@@ -51,12 +54,26 @@ class NpzError(ValueError):
 
 
 @dataclass(frozen=True)
-class Member:
+class Array:
     """What one ``.npy`` member declares: its array's shape and dtype, and its data size."""
 
     shape: tuple[int, ...]
     dtype: np.dtype[np.generic]
     nbytes: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of the archive: its name in the ZIP directory and, if it starts with an
+    ``.npy`` header, the array it declares (None: raw bytes to ``numpy.load``)."""
+
+    filename: str
+    array: Array | None
+
+    @property
+    def is_npy(self) -> bool:
+        """An ``.npy`` array under an ``.npy`` name: what ``numpy.savez`` writes."""
+        return self.array is not None and self.filename.endswith(_NPY_SUFFIX)
 
 
 def is_zip(fh: BinaryIO) -> bool:
@@ -68,8 +85,9 @@ def is_zip(fh: BinaryIO) -> bool:
 
 
 def scan_npz(fh: BinaryIO) -> dict[str, Member]:
-    """Every ``.npy`` member of the archive in ``fh`` by its ``numpy.load`` name, each
-    checked to hold the data its header declares. Raises NpzError or one of READ_ERRORS."""
+    """Every member of the archive in ``fh`` by its ``numpy.load`` name (the file name less
+    ``.npy``), each ``.npy`` header checked against the data the member holds. Raises
+    NpzError or one of READ_ERRORS."""
     size = fh.seek(0, os.SEEK_END)
     fh.seek(0)
     members: dict[str, Member] = {}
@@ -77,12 +95,12 @@ def scan_npz(fh: BinaryIO) -> dict[str, Member]:
         for info in archive.infolist():
             _check_sizes(info, size)
             name = info.filename.removesuffix(_NPY_SUFFIX)
-            member = _read_header(archive, info, name)
-            if member is None:
-                continue
             if name in members:
-                raise NpzError(f"array {name!r} appears twice in the archive")
-            members[name] = member
+                raise NpzError(
+                    f"array {name!r} appears twice in the archive (as "
+                    f"{members[name].filename!r} and {info.filename!r})"
+                )
+            members[name] = Member(info.filename, _read_header(archive, info, name))
     fh.seek(0)
     return members
 
@@ -104,7 +122,7 @@ def _check_sizes(info: zipfile.ZipInfo, archive_size: int) -> None:
         )
 
 
-def _read_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> Member | None:
+def _read_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> Array | None:
     """The member's declared array, or None if it is not an ``.npy`` file (numpy reads
     such a member as raw bytes, already bounded by its size)."""
     with archive.open(info) as f:
@@ -127,4 +145,4 @@ def _read_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> 
             f"array {name!r} declares shape {shape} of {dtype} ({nbytes} bytes) "
             f"but holds {max(held, 0)} bytes of data"
         )
-    return Member(tuple(shape), dtype, nbytes)
+    return Array(tuple(shape), dtype, nbytes)
