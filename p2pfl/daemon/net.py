@@ -1,18 +1,17 @@
 """The websockets shell: listen, dial, handshake, and move encrypted records.
 
 What the bytes mean is decided by the pure ``p2pfl.proto`` modules (``handshake``,
-``channel``, ``wire``, ``guard``) and by the node, which receives authenticated messages
-through the ``LinkHandler`` callbacks. Two decisions are still made here, inside awaits:
-whether a handshake is accepted (identity, digest, the first STATUS) and which of two
-crossing links survives. The guards against abuse of websockets itself (pings, unread
-output, unbounded closes) live here too. Anything a remote end does wrong ends that one
-connection with a logged rejection; the node keeps running.
+``channel``, ``wire``, ``guard``, and ``admit`` for whether a handshake is accepted and
+which of two crossing links survives) and by the node, which receives authenticated
+messages through the ``LinkHandler`` callbacks. The guards against abuse of websockets
+itself (frames p2pfl never sends, unread output, unbounded closes) live here. Anything a
+remote end does wrong ends that one connection with a logged rejection; the node keeps
+running.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ipaddress
 import logging
@@ -41,6 +40,7 @@ from websockets.protocol import Event, State
 from p2pfl.config import Config
 from p2pfl.daemon.events import EventLog
 from p2pfl.errors import DigestMismatch, HandshakeError, P2PFLError, RemoteProtocolError
+from p2pfl.proto.admit import confirm_keys, judge_hello, judge_reply, keeps_old_link
 from p2pfl.proto.channel import Channel
 from p2pfl.proto.guard import Admission, Throttle
 from p2pfl.proto.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
@@ -49,8 +49,6 @@ from p2pfl.proto.wire import (
     CHUNK_OVERHEAD,
     DTYPE_FLOAT32,
     PROLOGUE,
-    REPLY_DIGEST_MISMATCH,
-    REPLY_OK,
     Message,
     Status,
     decode_hello,
@@ -72,11 +70,6 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_LATER = 1013
-
-
-def fingerprint(public_key: bytes) -> str:
-    """A short, log-safe name for a public key."""
-    return base64.b64encode(public_key).decode()[:12]
 
 
 class LinkHandler(Protocol):
@@ -540,17 +533,16 @@ class Network:
         msg1 = await ws.recv(decode=False)
         hs = IKHandshake(initiator=False, static=self.private_key, prologue=PROLOGUE)
         hello = decode_hello(hs.read_message(msg1))
-        peer_id = self.id_by_key.get(hs.remote_static)
-        if peer_id is None:
-            raise HandshakeError(f"unknown public key {fingerprint(hs.remote_static)}")
-        if hello.peer_id != peer_id:
-            raise HandshakeError(f"key of {peer_id!r} presented with id {hello.peer_id!r}")
-        if peer_id == self.own_id:
-            raise HandshakeError("a peer presented our own key")
-        if hello.digest != self.config.digest:
-            await ws.send(hs.write_message(encode_reply(REPLY_DIGEST_MISMATCH, self.config.digest)))
-            raise DigestMismatch(self.config.digest.hex()[:16], hello.digest.hex()[:16])
-        await ws.send(hs.write_message(encode_reply(REPLY_OK, self.config.digest)))
+        verdict = judge_hello(
+            hello,
+            hs.remote_static,
+            roster=self.id_by_key,
+            own_id=self.own_id,
+            digest=self.config.digest,
+        )
+        peer_id = verdict.peer_id
+        await ws.send(hs.write_message(encode_reply(verdict.reply, self.config.digest)))
+        verdict.fail_if_mismatch(self.config.digest, hello.digest)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         # Key confirmation: message 1 alone could be a replay, so the link only counts once
         # the initiator proves it holds the session keys with a first record.
@@ -559,8 +551,7 @@ class Network:
             first = decode_message(channel.open(record), max_chunk=self.limits.max_chunk)
         except RemoteProtocolError as exc:
             raise HandshakeError(f"key confirmation from {peer_id} failed: {exc}") from exc
-        if not isinstance(first, Status):
-            raise HandshakeError(f"{peer_id} did not open with STATUS")
+        first = confirm_keys(peer_id, first)
         self._authenticated(ws)
         link = PeerLink(
             peer_id,
@@ -638,9 +629,7 @@ class Network:
             remote_static=self.config.peers[peer_id].public_key,
         )
         await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
-        reply = decode_reply(hs.read_message(await ws.recv(decode=False)))
-        if reply.status == REPLY_DIGEST_MISMATCH or reply.digest != self.config.digest:
-            raise DigestMismatch(self.config.digest.hex()[:16], reply.digest.hex()[:16])
+        judge_reply(decode_reply(hs.read_message(await ws.recv(decode=False))), self.config.digest)
         self._authenticated(ws)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         link = PeerLink(
@@ -657,20 +646,16 @@ class Network:
 
     # --- a live link -------------------------------------------------------------------------
 
-    def _canonical(self, link: PeerLink) -> bool:
-        """Dialed by the smaller id (the direction _dial_forever keeps up)."""
-        return link.initiator == (self.own_id < link.peer_id)
-
     async def _run_link(self, link: PeerLink, first: Status | None) -> None:
         old = self.links.get(link.peer_id)
-        if (
-            old is not None
-            and self._canonical(old)
-            and not self._canonical(link)
-            and time.monotonic() - old.created < self.limits.handshake_timeout
+        if old is not None and keeps_old_link(
+            self.own_id,
+            link.peer_id,
+            old_initiator=old.initiator,
+            new_initiator=link.initiator,
+            old_age=time.monotonic() - old.created,
+            handshake_timeout=self.limits.handshake_timeout,
         ):
-            # Crossing dials (the smaller id's dialer and the larger id's announce): both
-            # ends keep the smaller id's link. A stale link (peer restarted) is older.
             await link.close(CLOSE_NORMAL, "duplicate")
             return
         self.links[link.peer_id] = link

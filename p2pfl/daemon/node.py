@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from p2pfl.config import Config
 from p2pfl.core.aggregate import aggregate, parse_rule
 from p2pfl.core.clock import LamportClock
+from p2pfl.core.phases import Phase, advance
 from p2pfl.core.rounds import RoundTracker
 from p2pfl.core.scoring import SuspectTracker
 from p2pfl.core.topology import ever_neighbours, graph_for_round, metropolis_weights
@@ -123,7 +124,7 @@ class Node:
             self.metrics = NodeMetrics(self.id, config.peer_ids, lambda: len(self.net.links))
             self.events.listeners.append(self.metrics.observe)
         #: What the node is doing now (``p2pfl status``).
-        self.phase = "starting"
+        self.phase = Phase.STARTING
         self._graphs: dict[int, dict[str, frozenset[str]]] = {}
         self.tracker = RoundTracker(
             total_rounds=config.training.rounds,
@@ -345,7 +346,7 @@ class Node:
             exchange.start_round(r)
 
         t0 = time.monotonic()
-        self.phase = "training"
+        self.phase = advance(self.phase, Phase.TRAINING)
         trained = await self.worker.run("train", self.local.train, self.params, r)
         self.params = trained.params
         self.events.emit(
@@ -368,7 +369,7 @@ class Node:
         else:  # each owner's vector is added as its key exchange and mask are done
             self.outbox.open(r, {})
             exchange.trained(r, trained.params)
-        self.phase = "collecting"
+        self.phase = advance(self.phase, Phase.COLLECTING)
         self.outbox.offer_all(neighbours, self.net.links)
         self.tracker.start_collecting(loop.time(), self.training.round_timeout)
         # Woken by network news, by the deadline, or when a disconnected neighbour's grace
@@ -393,7 +394,7 @@ class Node:
                 self.buffers.give(vector)
 
         received = self.tracker.take_received()
-        self.phase = "aggregating"
+        self.phase = advance(self.phase, Phase.AGGREGATING)
         missing = sorted(neighbours - set(received))
         weights = metropolis_weights(self.graph(r), self.id)
         if exchange is None:
@@ -416,7 +417,7 @@ class Node:
         if missing:
             log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
 
-        self.phase = "evaluating"
+        self.phase = advance(self.phase, Phase.EVALUATING)
         split, result = await self.worker.run("evaluate", self.local.evaluate, self.params)
         self.events.emit(
             "eval",
@@ -525,7 +526,7 @@ class Node:
         self.tracker.start_round(self.training.rounds)
         self.net.broadcast_status(self.training.rounds)
         self.finished = True
-        self.phase = "finished"
+        self.phase = advance(self.phase, Phase.FINISHED)
         await self._linger()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -632,7 +633,7 @@ class Node:
                 self.net.announce(target)
 
     async def _shut_down(self) -> None:
-        self.phase = "stopping"
+        self.phase = advance(self.phase, Phase.STOPPING)
         if self._status_task is not None:
             self._status_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
