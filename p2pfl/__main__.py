@@ -2,6 +2,6 @@
 
 import sys
 
-from p2pfl.cli.commands import main
+from p2pfl.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pfl.cli.commands import main
+from p2pfl.cli import main
 from p2pfl.config import load_config
 
 
@@ -86,7 +86,8 @@ def test_run_refuses_a_key_that_is_not_the_peers(
 def test_harness_model_names() -> None:
     import argparse
 
-    from p2pfl.cli.commands import _model_text, _parse_model
+    from p2pfl.cli.args import model_text as _model_text
+    from p2pfl.cli.args import parse_model as _parse_model
 
     cnn = _parse_model("torch:cnn")
     assert cnn == {"kind": "torch", "factory": "p2pfl.learning.examples.torch_models:cnn"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from p2pfl.cli.commands import main
+from p2pfl.cli import main
 from p2pfl.config import Config, load_config
 from p2pfl.config.local import build_local_config
 from p2pfl.errors import P2PFLError

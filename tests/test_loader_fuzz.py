@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.lib import format as npy_format
 
-from p2pfl.cli.commands import main
+from p2pfl.cli import main
 from p2pfl.config import load_config
 from p2pfl.errors import ConfigError, DataError
 from p2pfl.learning import load_dataset

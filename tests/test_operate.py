@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from p2pfl.cli.commands import main
+from p2pfl.cli import main
 from p2pfl.daemon.metrics import MAX_REASONS, NodeMetrics, reason_label
 from p2pfl.daemon.node import Node, NodeOptions
 from p2pfl.daemon.status import format_status, query_status

@@ -2,7 +2,7 @@
 
 Used by ``p2pfl init`` (a local try-out), the harness, the benchmarks and the tests: each
 writes what an operator would write by hand. A module of its own so that none of them has
-to import the command line (``p2pfl.cli.commands``) to get it.
+to import the command line (``p2pfl.cli``) to get it.
 """
 
 from __future__ import annotations

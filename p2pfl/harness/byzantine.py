@@ -18,7 +18,8 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m p2pfl.harness.byzantine KIND run ...``: p2pfl run, with the attack."""
-    from p2pfl.cli.commands import build_node, make_parser, setup_logging
+    from p2pfl.cli.launch import build_node, setup_logging
+    from p2pfl.cli.parser import make_parser
     from p2pfl.errors import P2PFLError
 
     args_in = list(sys.argv[1:] if argv is None else argv)

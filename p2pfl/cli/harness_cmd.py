@@ -1,0 +1,179 @@
+"""``p2pfl harness``: the command's arguments checked and turned into ``HarnessOptions``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from p2pfl.cli.args import TORCH_MOMENTUM, model_text
+from p2pfl.errors import P2PFLError
+
+if TYPE_CHECKING:
+    from p2pfl.harness.runner import HarnessOptions
+
+
+def cmd_harness(args: argparse.Namespace) -> int:
+    from p2pfl.harness.runner import run_harness
+
+    return run_harness(harness_options(args))
+
+
+def harness_options(args: argparse.Namespace) -> HarnessOptions:
+    """Every ``p2pfl harness`` argument checked (P2PFLError naming the flag) and resolved
+    (per-dataset recipes, the default topology and run folder)."""
+    from p2pfl.harness.datasets import recipe, task_of
+    from p2pfl.harness.partition import parse_partition
+    from p2pfl.harness.runner import HarnessOptions, peer_ids
+
+    if args.peers < 2:
+        raise P2PFLError(f"--peers must be at least 2, got {args.peers}")
+    try:
+        partition = parse_partition(args.partition)
+    except ValueError as exc:
+        raise P2PFLError(f"--partition: {exc}") from exc
+    ids = peer_ids(args.peers)
+    topology, topology_text = _topology(args)
+    model = _model(args)
+    learning_rate, batch_size = recipe(args.dataset, model["kind"])
+    return HarnessOptions(
+        peers=args.peers,
+        topology=topology,
+        topology_text=topology_text,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        partition=partition,
+        model=model,
+        model_text=model_text(model),
+        task=task_of(args.dataset, args.task),
+        seed=args.seed,
+        out=_out_dir(args).resolve(),
+        learning_rate=learning_rate if args.learning_rate is None else args.learning_rate,
+        batch_size=batch_size if args.batch_size is None else args.batch_size,
+        local_epochs=args.local_epochs,
+        round_timeout=args.round_timeout,
+        faults=_faults(args, ids),
+        baseline=not args.no_baseline,
+        snapshots=not args.no_snapshots,
+        standardize=args.standardize,
+        secure=args.secure,
+        dp=_dp(args),
+        progress=not args.quiet,
+        rule=_rule(args),
+        byzantine=_parse_byzantine(args.byzantine, ids),
+    )
+
+
+def _rule(args: argparse.Namespace) -> str:
+    from p2pfl.core.aggregate import parse_rule
+
+    try:
+        rule = str(parse_rule(args.rule))
+    except ValueError as exc:
+        raise P2PFLError(f"--rule: {exc}") from exc
+    if args.secure and parse_rule(rule).robust:
+        raise P2PFLError(f"--rule {rule} cannot be combined with --secure (see peers.yaml)")
+    return rule
+
+
+def _faults(args: argparse.Namespace, ids: list[str]) -> tuple[Any, ...]:
+    from p2pfl.harness.faults import parse_fault
+
+    try:
+        return tuple(
+            [parse_fault("kill", text, ids, args.rounds) for text in args.kill]
+            + [parse_fault("restart", text, ids, args.rounds) for text in args.restart]
+        )
+    except ValueError as exc:
+        raise P2PFLError(str(exc)) from exc
+
+
+def _topology(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The topology section and how the report names it."""
+    topology = args.topology or (
+        {"kind": "k-regular", "degree": 4} if args.peers > 5 else {"kind": "full"}
+    )
+    degree = topology.get("degree")
+    if degree is not None and not 1 <= degree < args.peers:
+        raise P2PFLError(
+            f"--topology k-regular:{degree} needs more than {degree} peers (--peers {args.peers})"
+        )
+    text = {
+        "k-regular": f"k-regular:{topology.get('degree')}",
+        "explicit-file": str(topology.get("path")),
+    }.get(topology["kind"], topology["kind"])
+    if topology.get("kind") == "explicit-file":
+        topology = _explicit_topology(Path(topology["path"]))
+    return topology, text
+
+
+def _model(args: argparse.Namespace) -> dict[str, Any]:
+    """The model section, with the torch optimiser the flags ask for."""
+    model = dict(args.model)
+    if model["kind"] == "torch":
+        model["optimizer"] = {"kind": args.optimizer}
+        if args.optimizer == "sgd":
+            model["optimizer"]["momentum"] = (
+                TORCH_MOMENTUM if args.momentum is None else args.momentum
+            )
+    elif args.optimizer != "sgd" or args.momentum:
+        raise P2PFLError(
+            f"--optimizer/--momentum apply to torch models; --model {model_text(model)} "
+            "trains with plain SGD"
+        )
+    return model
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    dataset_name = Path(args.dataset).stem if args.dataset.endswith(".npz") else args.dataset
+    return Path(
+        args.out
+        or f"runs/{dataset_name.split(':')[0]}-{args.peers}p-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+
+
+def _dp(args: argparse.Namespace) -> dict[str, float] | None:
+    if args.dp_noise is None:
+        return None
+    return {"clip_norm": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
+
+
+def _parse_byzantine(specs: list[str], ids: list[str]) -> dict[str, str]:
+    """``--byzantine PEER:KIND`` (repeatable) -> {peer: kind}, each checked."""
+    from p2pfl.harness.attacks import KINDS, parse_attack
+
+    attacks: dict[str, str] = {}
+    for spec in specs:
+        peer, _, kind = spec.partition(":")
+        if peer not in ids:
+            raise P2PFLError(
+                f"--byzantine {spec}: no peer {peer!r} (peers are {ids[0]}..{ids[-1]})"
+            )
+        try:
+            parse_attack(kind)
+        except ValueError:
+            raise P2PFLError(
+                f"--byzantine {spec}: unknown attack {kind!r} (expected {', '.join(KINDS)})"
+            ) from None
+        if peer in attacks:
+            raise P2PFLError(f"--byzantine: {peer} is given twice")
+        attacks[peer] = kind
+    if len(attacks) >= len(ids):
+        raise P2PFLError("--byzantine: at least one peer must stay honest")
+    return attacks
+
+
+def _explicit_topology(path: Path) -> dict[str, Any]:
+    """``--topology FILE``: a YAML file with ``edges: [[p00, p01], ...]`` (peer ids p00..)."""
+    from p2pfl.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), "topology", f"cannot read: {exc}") from exc
+    if not isinstance(data, dict) or "edges" not in data:
+        raise ConfigError(str(path), "edges", "expected a mapping with edges: [[p00, p01], ...]")
+    return {"kind": "explicit", "edges": data["edges"]}

@@ -1,0 +1,246 @@
+"""The ``p2pfl`` argument parser, one function per command. Each command's handler is
+``p2pfl.cli.commands.COMMANDS[name]`` (``logs`` and ``export`` register their own): the
+parser imports no command, so the harness's poisoning peer can parse ``run`` arguments
+without the rest of the command line."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from p2pfl import __version__
+from p2pfl.cli.args import (
+    TORCH_MOMENTUM,
+    parse_harness_topology,
+    parse_listen,
+    parse_metrics,
+    parse_model,
+    parse_topology,
+)
+
+Subparsers = Any  # argparse's _SubParsersAction, private in typeshed
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pfl",
+        description="Peer-to-peer federated learning daemon (no coordinator).",
+        epilog="Exit codes: 0 success (or a clean stop on SIGINT/SIGTERM), 2 a configuration, "
+        "key, data or checkpoint error (the message names the file and the field).",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pfl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_keys(sub)
+    _add_init(sub)
+    _add_harness(sub)
+    from p2pfl.logs.command import register as register_logs
+
+    register_logs(sub)
+    from p2pfl.store.export import register as register_export
+
+    register_export(sub)
+
+    _add_check_and_run(sub)
+    _add_status(sub)
+    return parser
+
+
+def _add_keys(sub: Subparsers) -> None:
+    """keygen, pubkey."""
+    p = sub.add_parser("keygen", help="create an X25519 private key file (mode 0600)")
+    p.add_argument("keyfile")
+
+    p = sub.add_parser("pubkey", help="print the public key of a private key file")
+    p.add_argument("keyfile")
+
+
+def _add_init(sub: Subparsers) -> None:
+    """init: peers.yaml and keys for a local run."""
+    p = sub.add_parser("init", help="write peers.yaml and keys for a local multi-peer run")
+    p.add_argument("--peers", required=True, help="comma-separated peer ids, e.g. alice,bob,carol")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--base-port", type=int, default=7070)
+    p.add_argument("--out", required=True)
+    p.add_argument("--network", default="local")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--topology", type=parse_topology, default={"kind": "full"})
+    p.add_argument("--model", type=parse_model, default={"kind": "mlp", "hidden": [64]})
+    p.add_argument("--inputs", type=int, default=64, help="features per sample (digits: 64)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--learning-rate", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--round-timeout", type=float, default=30.0)
+
+
+def _add_harness(sub: Subparsers) -> None:
+    """harness: N real peers on this machine."""
+    p = sub.add_parser(
+        "harness",
+        help="run N real peers on this machine: data split, training, report",
+        description="Start N real `p2pfl run` processes on 127.0.0.1 (free ports), each with "
+        "its own data partition, show live progress, then compare every peer's final model "
+        "on a held-out test set with the centralised model trained on the pooled data. "
+        "Writes OUT/summary.json and OUT/report.png; the peers' event logs are in OUT/state.",
+    )
+    p.add_argument("--peers", type=int, default=8, help="number of peers (default 8)")
+    p.add_argument(
+        "--topology",
+        type=parse_harness_topology,
+        help="full, ring, k-regular:D, or a YAML file with edges: [[p00, p01], ...]"
+        " (default: k-regular:4 with more than 5 peers, else full)",
+    )
+    p.add_argument("--rounds", type=int, default=30, help="gossip rounds (default 30)")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits, fashion-mnist[:DIR] (IDX files; default DIR "
+        "/usr/share/datasets/fashion-mnist), diabetes (regression), or a .npz with x, y "
+        "[x_test, y_test]",
+    )
+    p.add_argument(
+        "--partition", default="iid", help="iid, dirichlet:ALPHA or shards:K (default iid)"
+    )
+    p.add_argument(
+        "--model",
+        type=parse_model,
+        default={"kind": "mlp", "hidden": [64]},
+        help="softmax, mlp, mlp:H1,H2 (numpy, default mlp:64), or a PyTorch model: "
+        "torch:cnn, torch:mlp (the shipped examples) or torch:MODULE:FUNCTION "
+        "(needs pip install 'p2pfl[torch]')",
+    )
+    _add_harness_training(p)
+    _add_harness_faults_and_privacy(p)
+
+
+def _add_harness_training(p: argparse.ArgumentParser) -> None:
+    """harness: how the peers train."""
+    p.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="torch models: the optimiser (default sgd)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=float,
+        help=f"torch models with sgd: momentum (default {TORCH_MOMENTUM})",
+    )
+    p.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        help="for an .npz dataset: regression trains on real targets y (default "
+        "classification; diabetes is always regression)",
+    )
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", help="run folder, must be new or empty (default runs/<name>-<time>)")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        help="SGD step size (default per dataset: digits 0.3, others 0.1)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="minibatch size (default per dataset: digits 4, others 32)"
+    )
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--round-timeout", type=float, default=30.0)
+
+
+def _add_harness_faults_and_privacy(p: argparse.ArgumentParser) -> None:
+    """harness: faults, secure aggregation, DP, attacks, outputs."""
+    p.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="PEER@ROUND",
+        help="SIGKILL PEER once it starts ROUND (repeatable)",
+    )
+    p.add_argument(
+        "--restart",
+        action="append",
+        default=[],
+        metavar="PEER@ROUND",
+        help="start PEER again once the others reach ROUND (killing it first if it runs)",
+    )
+    p.add_argument(
+        "--standardize",
+        action=argparse.BooleanOptionalAction,
+        help="z-score every feature over the pooled training data (default: only for .npz)",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="secure aggregation: each peer learns only its neighbourhood's weighted sum",
+    )
+    p.add_argument(
+        "--dp-noise",
+        type=float,
+        metavar="SIGMA",
+        help="differential privacy: Gaussian noise multiplier of every peer's update",
+    )
+    p.add_argument(
+        "--dp-clip", type=float, default=1.0, help="DP: L2 clip of every update (default 1)"
+    )
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="DP: delta (default 1e-5)")
+    p.add_argument(
+        "--rule",
+        default="metropolis",
+        help="aggregation rule: metropolis (default), median, trimmed-mean:BETA or "
+        "clipped:TAU (robust rules: plain mode only)",
+    )
+    p.add_argument(
+        "--byzantine",
+        action="append",
+        default=[],
+        metavar="PEER:KIND",
+        help="make PEER poison what it sends: random, sign-flip or scaled:K (repeatable; "
+        "a harness-only attack, reported apart from the honest peers)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the centralised model")
+    p.add_argument(
+        "--no-snapshots",
+        action="store_true",
+        help="do not keep per-round models (no consensus distance; saves disk for big models)",
+    )
+
+
+def _add_check_and_run(sub: Subparsers) -> None:
+    """check a peers.yaml; run one node."""
+    p = sub.add_parser("check", help="validate a peers.yaml; print peers, neighbours and digest")
+    p.add_argument("config", help="the shared peers.yaml")
+
+    p = sub.add_parser("run", help="run one node")
+    p.add_argument("config", help="the shared peers.yaml (identical on every peer)")
+    p.add_argument("--id", required=True, help="this node's peer id in the config")
+    p.add_argument("--key", required=True, help="this node's private key file")
+    p.add_argument("--data", required=True, help=".npz (x, y, optional x_val, y_val) or .csv")
+    p.add_argument("--val-data", help="validation data (.npz or .csv), if not inside --data")
+    p.add_argument("--state-dir", required=True, help="events.jsonl and checkpoints go here")
+    p.add_argument(
+        "--listen", type=parse_listen, help="HOST:PORT to bind instead of the config address"
+    )
+    p.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also keep every round's model in STATE_DIR/snapshots/ (for analysis)",
+    )
+    p.add_argument(
+        "--metrics",
+        type=parse_metrics,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; a bare "
+        "PORT listens on 127.0.0.1 only)",
+    )
+
+
+def _add_status(sub: Subparsers) -> None:
+    """status: ask a running node."""
+    p = sub.add_parser(
+        "status",
+        help="ask a running node (through STATE_DIR/status.sock) for its round and neighbours",
+    )
+    p.add_argument("state_dir", help="the node's --state-dir")
+    p.add_argument("--json", action="store_true", help="the status as JSON")
