@@ -240,3 +240,16 @@ def test_a_resuming_node_stops_waiting_for_a_neighbour_down_past_its_grace() -> 
     assert t.not_ready(neighbours, {"b"}, resumed=True, now=11.0) == ["c"]
     assert t.startup_wakeup(["c"], resumed=True, deadline=60.0) == 12.0
     assert t.not_ready(neighbours, {"b"}, resumed=True, now=12.0) == []
+
+
+def test_the_buffering_window_is_one_rule_for_streams_keys_and_owners() -> None:
+    from p2pfl.core.rounds import announced_keeps
+
+    # a neighbour at round 3 keeps what we send for rounds 3..3+max_buffered_rounds
+    assert [r for r in range(8) if announced_keeps(r, 3, 2)] == [3, 4, 5]
+    assert may_send(5, 3, None, 2) and not may_send(6, 3, None, 2)
+    t = tracker()
+    t.start_round(2)
+    assert t.horizon == 2 + t.max_buffered_rounds
+    assert [r for r in range(8) if t.in_window(r)] == list(range(2, t.horizon + 1))
+    assert "too far ahead" in t.judge("b", t.horizon + 1).reason

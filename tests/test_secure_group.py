@@ -595,3 +595,40 @@ def test_an_owner_that_shrinks_one_members_key_set_gets_nothing(n: int) -> None:
     assert not ({j} <= seeds and set(partners) <= keys)
     assert seeds == keys == set()
     assert any("did not mask with" in r for r in refusals)
+
+
+class SeededRandomness:
+    """A deterministic stand-in for ``secrets`` (tests only: it is not a secret source)."""
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self._random = random.Random(seed)
+        self.calls = 0
+
+    def token_bytes(self, nbytes: int) -> bytes:
+        self.calls += 1
+        return self._random.randbytes(nbytes)
+
+    def randbelow(self, exclusive_upper_bound: int) -> int:
+        self.calls += 1
+        return self._random.randrange(exclusive_upper_bound)
+
+
+def test_a_members_secrets_come_only_from_the_randomness_it_is_given() -> None:
+    """The protocol is pure: the same source gives the same keys, boxes and shares, so a
+    round can be replayed exactly; the default source is the OS's (``secrets``)."""
+    names = ["a", "b", "c", "d"]
+    secrets = secrets_for(names)
+
+    def member(rng: SeededRandomness) -> MemberRound:
+        return MemberRound("a", OWNER, names, ROUND, secrets["a"], rng=rng)
+
+    first, again = SeededRandomness(1), SeededRandomness(1)
+    one, two = member(first), member(again)
+    assert first.calls > 0
+    assert one.public == two.public and one.boxes == two.boxes
+    other = member(SeededRandomness(2))
+    assert other.public != one.public and other.boxes != one.boxes
+    default = MemberRound("a", OWNER, names, ROUND, secrets["a"])
+    assert default.public not in (one.public, other.public)

@@ -15,6 +15,26 @@ from p2pfl.learning.base import TASKS, Task
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _FACTORY_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
+_MODEL_KEYS = (
+    "kind",
+    "task",
+    "inputs",
+    "classes",
+    "outputs",
+    "hidden",
+    "factory",
+    "options",
+    "optimizer",
+)
+#: Model fields that only some kinds use, and those kinds.
+_KIND_ONLY_KEYS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "hidden": ("mlp",),
+        "factory": ("custom", "torch"),
+        "options": ("custom", "torch"),
+        "optimizer": ("torch",),
+    }
+)
 
 
 class TrainingReader(FieldReader):
@@ -60,58 +80,12 @@ class TrainingReader(FieldReader):
 
     def model(self, value: object) -> ModelConfig:
         path = "training.model"
-        section = self.section(
-            value,
-            path,
-            (
-                "kind",
-                "task",
-                "inputs",
-                "classes",
-                "outputs",
-                "hidden",
-                "factory",
-                "options",
-                "optimizer",
-            ),
-            ("kind", "inputs"),
-        )
+        section = self.section(value, path, _MODEL_KEYS, ("kind", "inputs"))
         kind = self.choice(section["kind"], f"{path}.kind", MODEL_KINDS)
         task = cast(Task, self.choice(section.get("task", "classification"), f"{path}.task", TASKS))
         inputs = self.integer(section["inputs"], f"{path}.inputs", 1)
-        if task == "classification":
-            if "outputs" in section:
-                self.fail(
-                    f"{path}.outputs",
-                    "only used with task regression; a classifier has classes",
-                )
-            if "classes" not in section:
-                self.fail(f"{path}.classes", "required field is missing (for classification)")
-            outputs = self.integer(section["classes"], f"{path}.classes", 2)
-        else:
-            if "classes" in section:
-                self.fail(
-                    f"{path}.classes",
-                    "only used with task classification; a regressor has outputs (default 1)",
-                )
-            if kind == "softmax":
-                self.fail(
-                    f"{path}.kind",
-                    "softmax is a classifier; for regression use mlp, torch or custom",
-                )
-            outputs = self.integer(section.get("outputs", 1), f"{path}.outputs", 1)
-        only: dict[str, tuple[str, ...]] = {
-            "hidden": ("mlp",),
-            "factory": ("custom", "torch"),
-            "options": ("custom", "torch"),
-            "optimizer": ("torch",),
-        }
-        for key, owners in only.items():
-            if key in section and kind not in owners:
-                self.fail(
-                    f"{path}.{key}",
-                    f"only used with kind {' or '.join(owners)} (kind is {kind!r})",
-                )
+        outputs = self.model_outputs(section, path, kind, task)
+        self.check_kind_keys(section, path, kind)
         hidden: tuple[int, ...] = ()
         factory: str | None = None
         options: dict[str, Any] = {}
@@ -119,18 +93,7 @@ class TrainingReader(FieldReader):
         if kind == "mlp":
             hidden = self.hidden(section.get("hidden", [64]), f"{path}.hidden")
         if kind in ("custom", "torch"):
-            if "factory" not in section:
-                self.fail(f"{path}.factory", f'required for kind {kind} ("module:function")')
-            factory = section["factory"]
-            if not isinstance(factory, str) or not _FACTORY_RE.fullmatch(factory):
-                self.fail(
-                    f"{path}.factory",
-                    f'expected "module:function" (e.g. mypkg.models:build), got {shown(factory)}',
-                )
-            raw_options = section.get("options", {})
-            if not isinstance(raw_options, Mapping):
-                self.fail(f"{path}.options", f"expected a mapping, got {shown(raw_options)}")
-            options = self.json_value(raw_options, f"{path}.options")
+            factory, options = self.factory_and_options(section, path, kind)
         if kind == "torch":
             optimizer = self.optimizer(or_empty(section.get("optimizer")), f"{path}.optimizer")
         return ModelConfig(
@@ -143,6 +106,58 @@ class TrainingReader(FieldReader):
             task=task,
             optimizer=MappingProxyType(optimizer),
         )
+
+    def model_outputs(self, section: Mapping[str, Any], path: str, kind: str, task: Task) -> int:
+        """The output width: ``classes`` for a classifier, ``outputs`` for a regressor. The
+        other task's field is refused rather than ignored, so a config says what it means."""
+        if task == "classification":
+            if "outputs" in section:
+                self.fail(
+                    f"{path}.outputs",
+                    "only used with task regression; a classifier has classes",
+                )
+            if "classes" not in section:
+                self.fail(f"{path}.classes", "required field is missing (for classification)")
+            return self.integer(section["classes"], f"{path}.classes", 2)
+        if "classes" in section:
+            self.fail(
+                f"{path}.classes",
+                "only used with task classification; a regressor has outputs (default 1)",
+            )
+        if kind == "softmax":
+            self.fail(
+                f"{path}.kind",
+                "softmax is a classifier; for regression use mlp, torch or custom",
+            )
+        return self.integer(section.get("outputs", 1), f"{path}.outputs", 1)
+
+    def check_kind_keys(self, section: Mapping[str, Any], path: str, kind: str) -> None:
+        """Refuse a field the model's kind does not use: it would be silently ignored."""
+        for key, owners in _KIND_ONLY_KEYS.items():
+            if key in section and kind not in owners:
+                self.fail(
+                    f"{path}.{key}",
+                    f"only used with kind {' or '.join(owners)} (kind is {kind!r})",
+                )
+
+    def factory_and_options(
+        self, section: Mapping[str, Any], path: str, kind: str
+    ) -> tuple[str, dict[str, Any]]:
+        """A custom or torch model's ``factory`` ("module:function": only its form is checked
+        here, it is imported when the learner is built) and its ``options`` (JSON values)."""
+        if "factory" not in section:
+            self.fail(f"{path}.factory", f'required for kind {kind} ("module:function")')
+        factory = section["factory"]
+        if not isinstance(factory, str) or not _FACTORY_RE.fullmatch(factory):
+            self.fail(
+                f"{path}.factory",
+                f'expected "module:function" (e.g. mypkg.models:build), got {shown(factory)}',
+            )
+        raw_options = section.get("options", {})
+        if not isinstance(raw_options, Mapping):
+            self.fail(f"{path}.options", f"expected a mapping, got {shown(raw_options)}")
+        options: dict[str, Any] = self.json_value(raw_options, f"{path}.options")
+        return factory, options
 
     def optimizer(self, value: object, path: str) -> dict[str, Any]:
         """``{kind: sgd | adam, momentum (sgd only, 0 <= m < 1), weight_decay >= 0}``."""

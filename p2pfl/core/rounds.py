@@ -40,6 +40,13 @@ def may_send(
     still at its checkpoint round gets them when it announces our round)."""
     if sent_round == round_index or announced is None:
         return False
+    return announced_keeps(round_index, announced, max_buffered_rounds)
+
+
+def announced_keeps(round_index: int, announced: int, max_buffered_rounds: int) -> bool:
+    """A neighbour at round ``announced`` keeps what we send for ``round_index``: it is
+    its current round or within its buffering window. The one copy of that rule, for
+    parameter streams and secure aggregation's KEYS alike."""
     return round_index - max_buffered_rounds <= announced <= round_index
 
 
@@ -131,6 +138,15 @@ class RoundTracker:
             return 0
         return known[(len(known) - 1) // 2]
 
+    @property
+    def horizon(self) -> int:
+        """The last round we keep anything for now (the buffering window's end)."""
+        return self.current + self.max_buffered_rounds
+
+    def in_window(self, round_index: int) -> bool:
+        """Round ``round_index`` is the current one or within the buffering window."""
+        return self.current <= round_index <= self.horizon
+
     def judge(self, peer: str, round_index: int) -> Verdict:
         """Decide, before receiving it, whether a parameter stream is worth keeping."""
         if round_index < self.current:
@@ -139,9 +155,10 @@ class RoundTracker:
             return Verdict(False, f"round {round_index} arrived after its members were fixed")
         if round_index >= self.total_rounds:
             return Verdict(False, f"round {round_index} is beyond the last round")
-        horizon = self.current + self.max_buffered_rounds
-        if round_index > horizon:
-            return Verdict(False, f"round {round_index} too far ahead (buffering up to {horizon})")
+        if round_index > self.horizon:
+            return Verdict(
+                False, f"round {round_index} too far ahead (buffering up to {self.horizon})"
+            )
         if peer not in self.neighbours_of(round_index):
             return Verdict(False, f"not a neighbour in round {round_index}")
         if round_index == self.current and peer in self.excluded:

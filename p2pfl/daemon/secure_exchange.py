@@ -37,6 +37,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from p2pfl.core.rounds import announced_keeps
 from p2pfl.core.topology import metropolis_weights
 from p2pfl.errors import SecureAggregationError
 from p2pfl.proto.guard import Throttle
@@ -251,7 +252,7 @@ class SecureExchange:
             member = self.members.get((r, link.peer_id))
             if member is None or (link.keys_round is not None and link.keys_round >= r):
                 continue
-            if not r - node.config.limits.max_buffered_rounds <= announced <= r:
+            if not announced_keeps(r, announced, node.config.limits.max_buffered_rounds):
                 continue
             link.keys_round = r
             message = encode_keys(node.clock.tick(), r, member.public, member.boxes)
@@ -423,9 +424,7 @@ class SecureExchange:
         state = self.owners.get(r)
         if self._sits_out(r):
             return None
-        current = node.tracker.current
-        window = current <= r <= current + node.config.limits.max_buffered_rounds
-        if state is None and window and r < node.config.training.rounds:
+        if state is None and node.tracker.in_window(r) and r < node.config.training.rounds:
             state = OwnerRound(
                 node.id, node.graph(r)[node.id], r, node.config.aggregation.threshold
             )
@@ -444,7 +443,7 @@ class SecureExchange:
             if state is None:
                 raise SecureAggregationError(
                     f"KEYS for round {msg.round} outside rounds {self.node.tracker.current}.."
-                    f"{self.node.tracker.current + self.node.config.limits.max_buffered_rounds}"
+                    f"{self.node.tracker.horizon}"
                 )
             again = member in state.publics
             state.add_keys(member, msg.public, msg.boxes)

@@ -177,43 +177,16 @@ def build_summary(
     ``accuracy_per_round``, peers' ``test_accuracy``; or ``r2``, ``centralized_r2`` ...).
     """
     m = metric
-    finals = {p.peer: p.test_score for p in peers if p.test_score is not None}
     # Poisoning peers (--byzantine) are not what the network is for: left out of the mean.
     attackers = set(options.get("byzantine") or {})
-    honest = [p for p in peers if p.peer not in attackers]
-    finished = [p.test_score for p in honest if p.finished and p.test_score is not None]
-    counted = finished or [p.test_score for p in honest if p.test_score is not None]
-    over = "peers that finished" if finished else "all peers with a checkpoint"
-    mean = statistics.fmean(counted) if counted else None
-    durations = [_number(e.get("duration_s")) for e in events if e.type == "round_end"]
-    trains = [_number(e.get("duration_s")) for e in events if e.type == "train"]
-    central = baseline.final_score if baseline else None
+    headline, mean = _headline_score(peers, attackers)
     summary: dict[str, Any] = {
         **options,
         "metric": m,
         "wall_s": round(wall_s, 3),
-        m: {
-            "per_peer": {k: round(v, 6) for k, v in finals.items()},
-            "mean": None if mean is None else round(mean, 6),
-            "min": round(min(counted), 6) if counted else None,
-            "max": round(max(counted), 6) if counted else None,
-            "over": f"honest {over}" if attackers else over,
-        },
-        f"centralized_{m}": None if central is None else round(central, 6),
-        f"centralized_best_{m}": round(baseline.best_score, 6) if baseline else None,
-        "centralized_epochs": baseline.epochs if baseline else None,
-        "centralized_seconds": round(baseline.seconds, 3) if baseline else None,
-        "ratio": round(mean / central, 6) if mean is not None and central else None,
-        "round_time_s": round(statistics.median(durations), 6) if durations else None,
-        "round_time_s_mean": round(statistics.fmean(durations), 6) if durations else None,
-        "round_time_s_p90": round(float(np.percentile(durations, 90)), 6) if durations else None,
-        # median training time / median round time: one slow round (a dead neighbour's grace)
-        # would otherwise dominate a ratio of sums
-        "train_share": (
-            round(statistics.median(trains) / statistics.median(durations), 4)
-            if trains and durations and statistics.median(durations) > 0
-            else None
-        ),
+        m: headline,
+        **_baseline_scores(baseline, m, mean),
+        **_round_times(events),
         "bytes_sent": sum(p.bytes_sent for p in peers),
         "bytes_received": sum(p.bytes_received for p in peers),
         "peak_rss_mb": {
@@ -221,22 +194,7 @@ def build_summary(
             "max": max((p.peak_rss_mb or 0.0 for p in peers), default=0.0),
             "total_sampled": record.get("peak_total_rss_mb"),
         },
-        "peers_detail": [
-            {
-                "peer": p.peer,
-                "samples": p.samples,
-                "classes_held": p.classes_held,
-                "rounds_done": p.rounds_done,
-                f"test_{m}": p.test_score,
-                **({} if p.test_mse is None else {"test_mse": round(p.test_mse, 6)}),
-                "bytes_sent": p.bytes_sent,
-                "bytes_received": p.bytes_received,
-                "median_round_s": p.median_round_s,
-                "train_share": p.train_share,
-                "finished": p.finished,
-            }
-            for p in peers
-        ],
+        "peers_detail": [_peer_detail(p, m) for p in peers],
         f"{m}_per_round": per_round_score(events, [p.peer for p in peers], m),
         "consensus_distance": [None if d is None else float(f"{d:.6g}") for d in consensus],
         f"centralized_{m}_per_epoch": (
@@ -250,6 +208,78 @@ def build_summary(
         "stranded": record.get("stranded", []),
     }
     return summary
+
+
+def _headline_score(
+    peers: Sequence[PeerResult], attackers: set[str]
+) -> tuple[dict[str, Any], float | None]:
+    """The headline entry (every peer's test score; mean, min and max over the honest
+    peers) and the mean, which the baseline ratio needs too. Counted are the honest peers
+    that finished or, when none did, every honest peer with a checkpoint (``over`` says
+    which)."""
+    finals = {p.peer: p.test_score for p in peers if p.test_score is not None}
+    honest = [p for p in peers if p.peer not in attackers]
+    finished = [p.test_score for p in honest if p.finished and p.test_score is not None]
+    counted = finished or [p.test_score for p in honest if p.test_score is not None]
+    over = "peers that finished" if finished else "all peers with a checkpoint"
+    mean = statistics.fmean(counted) if counted else None
+    headline = {
+        "per_peer": {k: round(v, 6) for k, v in finals.items()},
+        "mean": None if mean is None else round(mean, 6),
+        "min": round(min(counted), 6) if counted else None,
+        "max": round(max(counted), 6) if counted else None,
+        "over": f"honest {over}" if attackers else over,
+    }
+    return headline, mean
+
+
+def _baseline_scores(baseline: BaselineResult | None, m: str, mean: float | None) -> dict[str, Any]:
+    """The centralised model's results and the peers' mean as a fraction of its score: the
+    question a run answers is how close decentralised training gets to pooled data."""
+    central = baseline.final_score if baseline else None
+    return {
+        f"centralized_{m}": None if central is None else round(central, 6),
+        f"centralized_best_{m}": round(baseline.best_score, 6) if baseline else None,
+        "centralized_epochs": baseline.epochs if baseline else None,
+        "centralized_seconds": round(baseline.seconds, 3) if baseline else None,
+        "ratio": round(mean / central, 6) if mean is not None and central else None,
+    }
+
+
+def _round_times(events: Sequence[Event]) -> dict[str, Any]:
+    """Round durations (median, mean, 90th percentile) and the share of a round spent
+    training, over every peer's rounds."""
+    durations = [_number(e.get("duration_s")) for e in events if e.type == "round_end"]
+    trains = [_number(e.get("duration_s")) for e in events if e.type == "train"]
+    return {
+        "round_time_s": round(statistics.median(durations), 6) if durations else None,
+        "round_time_s_mean": round(statistics.fmean(durations), 6) if durations else None,
+        "round_time_s_p90": round(float(np.percentile(durations, 90)), 6) if durations else None,
+        # median training time / median round time: one slow round (a dead neighbour's grace)
+        # would otherwise dominate a ratio of sums
+        "train_share": (
+            round(statistics.median(trains) / statistics.median(durations), 4)
+            if trains and durations and statistics.median(durations) > 0
+            else None
+        ),
+    }
+
+
+def _peer_detail(p: PeerResult, m: str) -> dict[str, Any]:
+    """One peer's row of ``peers_detail`` (``test_mse`` only for regression)."""
+    return {
+        "peer": p.peer,
+        "samples": p.samples,
+        "classes_held": p.classes_held,
+        "rounds_done": p.rounds_done,
+        f"test_{m}": p.test_score,
+        **({} if p.test_mse is None else {"test_mse": round(p.test_mse, 6)}),
+        "bytes_sent": p.bytes_sent,
+        "bytes_received": p.bytes_received,
+        "median_round_s": p.median_round_s,
+        "train_share": p.train_share,
+        "finished": p.finished,
+    }
 
 
 def privacy_spent(events: Sequence[Event]) -> dict[str, Any] | None:

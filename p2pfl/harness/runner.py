@@ -23,10 +23,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -37,6 +37,11 @@ from p2pfl.harness.partition import PartitionSpec
 from p2pfl.harness.progress import RunProgress
 from p2pfl.learning.base import Task
 from p2pfl.logs.read import Event, Tail
+
+if TYPE_CHECKING:
+    from p2pfl.harness.baseline import BaselineResult
+    from p2pfl.harness.datasets import SplitData
+    from p2pfl.harness.report import PeerResult
 
 #: Monitor loop period: each poll reads every peer's new events, which costs CPU the peers
 #: share (32 peers, 10 ms: 11% of a core, two peers' worth); 20 updates a second are
@@ -619,42 +624,15 @@ def prepare(options: HarnessOptions) -> Prepared:
 
 
 def _prepare(options: HarnessOptions) -> Prepared:
-    from p2pfl.config import load_config
-    from p2pfl.config.local import build_local_config
-    from p2pfl.harness.datasets import describe, load_split
-    from p2pfl.harness.partition import (
-        TARGET_BINS,
-        classes_per_peer,
-        describe_heterogeneity,
-        label_histogram,
-        partition,
-        target_strata,
-    )
+    from p2pfl.harness.datasets import describe
+    from p2pfl.harness.partition import classes_per_peer, describe_heterogeneity
     from p2pfl.learning import Dataset
     from p2pfl.learning.trainer import input_scale_for
-    from p2pfl.proto.keys import generate_key_file
 
-    out = options.out
-    if out.exists() and any(out.iterdir()):
-        raise HarnessError(f"{out} is not empty; choose a new --out (nothing is overwritten)")
-    if options.peers < 2:
-        raise HarnessError(f"--peers must be at least 2, got {options.peers}")
-    layout = Layout(out, peer_ids(options.peers))
-    try:
-        split = load_split(options.dataset, seed=options.seed, task=options.task)
-    except ImportError as exc:
-        raise HarnessError(
-            f"--dataset {options.dataset} needs {exc.name}: pip install 'p2pfl[tools]'"
-        ) from exc
+    layout = _new_layout(options)
+    split = _load_split(options)
     regression = split.task == "regression"
-    # A regression set is split on its target's deciles, as a classifier's on its classes.
-    strata = target_strata(split.y_train) if regression else split.y_train
-    bins = TARGET_BINS if regression else split.classes
-    try:
-        parts = partition(strata, options.peers, options.partition, options.seed)
-    except ValueError as exc:
-        raise HarnessError(f"--partition {options.partition}: {exc}") from exc
-    histogram = label_histogram(strata, parts, bins)
+    parts, histogram = _partitioned(split, options)
     held = classes_per_peer(histogram)
     x_train, x_test = split.x_train, split.x_test
     y_train, y_test = split.y_train, split.y_test
@@ -666,14 +644,95 @@ def _prepare(options: HarnessOptions) -> Prepared:
     if regression:  # a target of 25-346 would blow up SGD from a model that outputs ~0
         y_train, y_test = standardized_targets(y_train, y_test)
 
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    for peer, rows in zip(layout.peers, parts, strict=True):
-        np.savez(layout.data(peer), x=x_train[rows], y=y_train[rows])
-    np.savez(layout.test_data, x=x_test, y=y_test)
+    _write_data(layout, parts, (x_train, y_train), (x_test, y_test))
     # One input scale for everyone (and the baseline): from all the training data.
     scale = 1.0 if standardize else input_scale_for(Dataset(x_train, y_train, None, None), None)
+    _write_config(layout, options, split, scale)
+    notes = [
+        *(["standardized"] if standardize else []),
+        *(["targets standardized (MSE in units of their variance)"] if regression else []),
+    ]
+    return Prepared(
+        layout=layout,
+        split_name=split.name,
+        split_description=describe(split) + "".join(f", {note}" for note in notes),
+        task=split.task,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        classes=split.classes,
+        inputs=split.inputs,
+        input_scale=scale,
+        samples={peer: int(rows.size) for peer, rows in zip(layout.peers, parts, strict=True)},
+        classes_held={peer: int(n) for peer, n in zip(layout.peers, held, strict=True)},
+        heterogeneity=describe_heterogeneity(
+            histogram, unit="target deciles" if regression else "classes"
+        ),
+    )
 
-    (out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
+
+def _new_layout(options: HarnessOptions) -> Layout:
+    """The run's layout, once the options allow a run: nothing is overwritten, and a
+    network needs two peers."""
+    out = options.out
+    if out.exists() and any(out.iterdir()):
+        raise HarnessError(f"{out} is not empty; choose a new --out (nothing is overwritten)")
+    if options.peers < 2:
+        raise HarnessError(f"--peers must be at least 2, got {options.peers}")
+    return Layout(out, peer_ids(options.peers))
+
+
+def _load_split(options: HarnessOptions) -> SplitData:
+    """The dataset and its test set; a missing optional package is named with its fix."""
+    from p2pfl.harness.datasets import load_split
+
+    try:
+        return load_split(options.dataset, seed=options.seed, task=options.task)
+    except ImportError as exc:
+        raise HarnessError(
+            f"--dataset {options.dataset} needs {exc.name}: pip install 'p2pfl[tools]'"
+        ) from exc
+
+
+def _partitioned(split: SplitData, options: HarnessOptions) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each peer's training rows, and how many of each class (or target decile) it holds."""
+    from p2pfl.harness.partition import TARGET_BINS, label_histogram, partition, target_strata
+
+    regression = split.task == "regression"
+    # A regression set is split on its target's deciles, as a classifier's on its classes.
+    strata = target_strata(split.y_train) if regression else split.y_train
+    bins = TARGET_BINS if regression else split.classes
+    try:
+        parts = partition(strata, options.peers, options.partition, options.seed)
+    except ValueError as exc:
+        raise HarnessError(f"--partition {options.partition}: {exc}") from exc
+    return parts, label_histogram(strata, parts, bins)
+
+
+def _write_data(
+    layout: Layout,
+    parts: list[np.ndarray],
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """One data file per peer (its rows of ``train``) and the shared test set."""
+    (layout.out / "data").mkdir(parents=True, exist_ok=True)
+    x_train, y_train = train
+    for peer, rows in zip(layout.peers, parts, strict=True):
+        np.savez(layout.data(peer), x=x_train[rows], y=y_train[rows])
+    x_test, y_test = test
+    np.savez(layout.test_data, x=x_test, y=y_test)
+
+
+def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, scale: float) -> None:
+    """A key per peer and the shared peers.yaml, loaded once here: a config the peers
+    would refuse fails before any of them starts, with the same message."""
+    from p2pfl.config import load_config
+    from p2pfl.config.local import build_local_config
+    from p2pfl.proto.keys import generate_key_file
+
+    (layout.out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
     public = {peer: generate_key_file(layout.key(peer)) for peer in layout.peers}
     ports = dict(zip(layout.peers, free_ports(len(layout.peers)), strict=True))
     shared = build_local_config(
@@ -708,28 +767,6 @@ def _prepare(options: HarnessOptions) -> Prepared:
     )
     layout.config.write_text(header + yaml.safe_dump(shared, sort_keys=False), encoding="utf-8")
     load_config(layout.config)  # the peers will: fail here first, with the same message
-    notes = [
-        *(["standardized"] if standardize else []),
-        *(["targets standardized (MSE in units of their variance)"] if regression else []),
-    ]
-    return Prepared(
-        layout=layout,
-        split_name=split.name,
-        split_description=describe(split) + "".join(f", {note}" for note in notes),
-        task=split.task,
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test,
-        y_test=y_test,
-        classes=split.classes,
-        inputs=split.inputs,
-        input_scale=scale,
-        samples={peer: int(rows.size) for peer, rows in zip(layout.peers, parts, strict=True)},
-        classes_held={peer: int(n) for peer, n in zip(layout.peers, held, strict=True)},
-        heterogeneity=describe_heterogeneity(
-            histogram, unit="target deciles" if regression else "classes"
-        ),
-    )
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -761,18 +798,7 @@ def standardized_targets(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.nd
 
 def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> int:
     """Prepare, run, evaluate, report. Returns 0, or 1 if a peer did not finish."""
-    from p2pfl.harness.baseline import train_centralized
-    from p2pfl.harness.report import (
-        PeerResult,
-        build_summary,
-        consensus_distance,
-        final_models,
-        peer_stats,
-        plot_report,
-        render_table,
-        test_evaluation,
-        write_summary,
-    )
+    from p2pfl.harness.report import build_summary, consensus_distance, final_models
     from p2pfl.logs.read import read_logs
 
     def say(text: str) -> None:
@@ -782,6 +808,43 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
     if options.rounds < 1:
         raise HarnessError(f"--rounds must be at least 1, got {options.rounds}")
     prepared = prepare(options)
+    layout = prepared.layout
+    _announce(options, prepared, say)
+    try:
+        record = launch_and_watch(layout, options, out_stream=out_stream)
+    except KeyboardInterrupt:
+        say(f"\ninterrupted: every peer process was stopped; what they wrote is in {layout.out}")
+        raise
+
+    events = read_logs(layout.state_root).events
+    states = {peer: layout.state(peer) for peer in layout.peers}
+    models, learner = final_models(states, layout.config, say)
+    model_size = sum(w.size for w in learner.get_weights())
+    x_test = prepared.x_test / np.float32(prepared.input_scale)
+    results = _peer_results(prepared, record, events, learner, models, x_test)
+    baseline, interrupted = _train_baseline(options, prepared, x_test, say)
+    summary = build_summary(
+        options=_summary_options(options, prepared),
+        peers=results,
+        events=events,
+        baseline=baseline,
+        consensus=(
+            consensus_distance(states, options.rounds, model_size, events)
+            if options.snapshots
+            else []
+        ),
+        wall_s=record.wall_s,
+        metric="accuracy" if prepared.task == "classification" else "r2",
+        record=_record_json(record),
+    )
+    _write_report(summary, layout, say)
+    if interrupted:
+        return 130
+    return _exit_code(options, results, record)
+
+
+def _announce(options: HarnessOptions, prepared: Prepared, say: Callable[[str], None]) -> None:
+    """What is about to run (data, peers, model, topology) and where its files go."""
     layout = prepared.layout
     say(f"{prepared.split_description}")
     say(
@@ -794,21 +857,23 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
         f"{options.rounds} rounds, topology {options.topology_text}"
     )
     say(f"run folder: {layout.out}")
-    try:
-        record = launch_and_watch(layout, options, out_stream=out_stream)
-    except KeyboardInterrupt:
-        say(f"\ninterrupted: every peer process was stopped; what they wrote is in {layout.out}")
-        raise
 
-    events = read_logs(layout.state_root).events
-    states = {peer: layout.state(peer) for peer in layout.peers}
-    models, learner = final_models(states, layout.config, say)
-    model_size = sum(w.size for w in learner.get_weights())
-    x_test = prepared.x_test / np.float32(prepared.input_scale)
+
+def _peer_results(
+    prepared: Prepared,
+    record: RunRecord,
+    events: list[Event],
+    learner: Any,
+    models: Mapping[str, np.ndarray],
+    x_test: np.ndarray,
+) -> list[PeerResult]:
+    """Per peer: its final model on the test set (if it left a usable checkpoint) and what
+    its events say about its rounds, traffic and memory."""
+    from p2pfl.harness.report import PeerResult, peer_stats, test_evaluation
+
     stats = peer_stats(events)
-    metric = "accuracy" if prepared.task == "classification" else "r2"
     results = []
-    for peer in layout.peers:
+    for peer in prepared.layout.peers:
         s = stats[peer]
         rounds = s["rounds"]
         tested = (
@@ -836,71 +901,81 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
                 finished=s["finished"],
             )
         )
+    return results
 
-    baseline = None
-    interrupted = False
-    if options.baseline:
-        epochs = options.local_epochs * options.rounds
-        say(
-            f"training the centralised baseline: {epochs} epochs on all "
-            f"{prepared.y_train.size} training samples ..."
-        )
-        try:
-            baseline = train_centralized(
-                learner_model_mapping(layout.config),
-                seed=options.seed,
-                x=prepared.x_train / np.float32(prepared.input_scale),
-                y=prepared.y_train,
-                x_test=x_test,
-                y_test=prepared.y_test,
-                epochs=epochs,
-                batch_size=options.batch_size,
-                learning_rate=options.learning_rate,
-            )
-        except KeyboardInterrupt:  # keep the peers' results: write the summary without it
-            say("centralised baseline interrupted: the summary is written without it")
-            interrupted = True
 
-    summary = build_summary(
-        options={
-            "peers": options.peers,
-            "rounds": options.rounds,
-            "dataset": options.dataset,
-            "dataset_info": prepared.split_description,
-            "task": prepared.task,
-            "partition": str(options.partition),
-            "partition_info": prepared.heterogeneity,
-            "topology": options.topology_text,
-            "secure": options.secure,
-            "rule": options.rule,
-            "byzantine": dict(options.byzantine),
-            "dp": None if options.dp is None else dict(options.dp),
-            "model": options.model_text,
-            "seed": options.seed,
-            "local_epochs": options.local_epochs,
-            "learning_rate": options.learning_rate,
-            "batch_size": options.batch_size,
-            "out": str(layout.out),
-        },
-        peers=results,
-        events=events,
-        baseline=baseline,
-        consensus=(
-            consensus_distance(states, options.rounds, model_size, events)
-            if options.snapshots
-            else []
-        ),
-        wall_s=record.wall_s,
-        metric=metric,
-        record={
-            "peak_total_rss_mb": round(record.peak_total_rss_mb, 1),
-            "faults": [f.as_json() for f in record.faults],
-            "faults_not_done": record.faults_not_done,
-            "exit_codes": record.exit_codes,
-            "log_problems": record.log_problems,
-            "stranded": record.stranded,
-        },
+def _train_baseline(
+    options: HarnessOptions, prepared: Prepared, x_test: np.ndarray, say: Callable[[str], None]
+) -> tuple[BaselineResult | None, bool]:
+    """The centralised model to compare with (None if not asked for), and whether Ctrl-C
+    cut its training short: the peers' results are kept and reported without it."""
+    from p2pfl.harness.baseline import train_centralized
+
+    if not options.baseline:
+        return None, False
+    epochs = options.local_epochs * options.rounds
+    say(
+        f"training the centralised baseline: {epochs} epochs on all "
+        f"{prepared.y_train.size} training samples ..."
     )
+    try:
+        baseline = train_centralized(
+            learner_model_mapping(prepared.layout.config),
+            seed=options.seed,
+            x=prepared.x_train / np.float32(prepared.input_scale),
+            y=prepared.y_train,
+            x_test=x_test,
+            y_test=prepared.y_test,
+            epochs=epochs,
+            batch_size=options.batch_size,
+            learning_rate=options.learning_rate,
+        )
+    except KeyboardInterrupt:  # keep the peers' results: write the summary without it
+        say("centralised baseline interrupted: the summary is written without it")
+        return None, True
+    return baseline, False
+
+
+def _summary_options(options: HarnessOptions, prepared: Prepared) -> dict[str, Any]:
+    """The run's settings as summary.json records them (plain JSON types)."""
+    return {
+        "peers": options.peers,
+        "rounds": options.rounds,
+        "dataset": options.dataset,
+        "dataset_info": prepared.split_description,
+        "task": prepared.task,
+        "partition": str(options.partition),
+        "partition_info": prepared.heterogeneity,
+        "topology": options.topology_text,
+        "secure": options.secure,
+        "rule": options.rule,
+        "byzantine": dict(options.byzantine),
+        "dp": None if options.dp is None else dict(options.dp),
+        "model": options.model_text,
+        "seed": options.seed,
+        "local_epochs": options.local_epochs,
+        "learning_rate": options.learning_rate,
+        "batch_size": options.batch_size,
+        "out": str(prepared.layout.out),
+    }
+
+
+def _record_json(record: RunRecord) -> dict[str, Any]:
+    """What the monitor saw (memory, faults, exits, log problems) for summary.json."""
+    return {
+        "peak_total_rss_mb": round(record.peak_total_rss_mb, 1),
+        "faults": [f.as_json() for f in record.faults],
+        "faults_not_done": record.faults_not_done,
+        "exit_codes": record.exit_codes,
+        "log_problems": record.log_problems,
+        "stranded": record.stranded,
+    }
+
+
+def _write_report(summary: Mapping[str, Any], layout: Layout, say: Callable[[str], None]) -> None:
+    """summary.json, the table, report.png (if matplotlib is there) and where they are."""
+    from p2pfl.harness.report import plot_report, render_table, write_summary
+
     summary_path = layout.out / "summary.json"
     write_summary(summary_path, summary)
     say("")
@@ -913,8 +988,11 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
         say("report.png not written: matplotlib is missing (pip install 'p2pfl[tools]')")
     say(f"summary: {summary_path}")
     say(f"logs:    {p2pfl_command()} logs summary {layout.out}")
-    if interrupted:
-        return 130
+
+
+def _exit_code(options: HarnessOptions, results: list[PeerResult], record: RunRecord) -> int:
+    """1 if a peer did not finish that should have: not one killed for good by a fault,
+    nor one stopped as stranded."""
     unfinished = [p.peer for p in results if not p.finished]
     killed_for_good = {f.peer for f in options.faults if f.action == "kill"} - {
         f.peer for f in options.faults if f.action == "restart"

@@ -1,4 +1,6 @@
-"""One group's secure-aggregation protocol for one round, both roles: no sockets, no loop.
+"""One group's secure-aggregation protocol for one round, both roles, pure: no sockets, no
+loop, and its randomness (ephemeral keys, self-mask seeds, Shamir coefficients, box
+nonces) from the ``rng`` it is given (``secrets`` unless a test passes a seeded one).
 
 This is the protocol of Bonawitz et al. (CCS 2017), run inside each neighbourhood: the
 owner i of the group plays the server, its neighbours the members (``arithmetic`` has the
@@ -41,10 +43,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
+import secrets
 import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -143,8 +146,18 @@ class BoxContent:
     seed_share: bytes
 
 
-def seal_box(key: bytes, content: BoxContent) -> bytes:
-    nonce = os.urandom(_NONCE_BYTES)  # random: a restarted node may seal again under one key
+class Randomness(Protocol):
+    """Where a member's secrets come from. The ``secrets`` module is one (the default and
+    the only one outside tests); tests pass a seeded stand-in to make a round exact."""
+
+    def token_bytes(self, nbytes: int) -> bytes: ...
+
+    def randbelow(self, exclusive_upper_bound: int) -> int: ...
+
+
+def seal_box(key: bytes, content: BoxContent, rng: Randomness = secrets) -> bytes:
+    # A random nonce: a restarted node may seal again under one key.
+    nonce = rng.token_bytes(_NONCE_BYTES)
     plain = content.public + content.key_share + content.seed_share
     return nonce + AESGCM(key).encrypt(nonce, plain, None)
 
@@ -179,18 +192,19 @@ class MemberRound:
         round_index: int,
         pair_secrets: Mapping[str, bytes],
         fraction: float = 0.5,
+        rng: Randomness = secrets,
     ) -> None:
         self.me, self.owner, self.round = me, owner, round_index
         self.members = tuple(sorted(members))
         if me not in self.members or owner in self.members:
             raise ValueError("the member must be in the group and the owner outside it")
         self.threshold = threshold(len(self.members), fraction)
-        key_seed, self._self_seed = os.urandom(32), os.urandom(32)
+        key_seed, self._self_seed = rng.token_bytes(32), rng.token_bytes(32)
         self._private = X25519PrivateKey.from_private_bytes(key_seed)
         self.public = _public_bytes(self._private)
         count = len(self.members)
-        key_shares = split(key_seed, count, self.threshold)
-        seed_shares = split(self._self_seed, count, self.threshold)
+        key_shares = split(key_seed, count, self.threshold, rng.randbelow)
+        seed_shares = split(self._self_seed, count, self.threshold, rng.randbelow)
         self._secrets = pair_secrets
         #: The boxes for the owner to relay, one per other member.
         self.boxes: dict[str, bytes] = {}
@@ -202,7 +216,7 @@ class MemberRound:
                 self._held[k] = content
             else:
                 key = box_key(pair_secrets[k], round_index, owner, me, k)
-                self.boxes[k] = seal_box(key, content)
+                self.boxes[k] = seal_box(key, content, rng)
         #: U1, the members whose keys the owner relayed to us (None until SHARES).
         self.keyed: frozenset[str] | None = None
         #: Why we will not contribute to this group (None: we may).

@@ -3,13 +3,14 @@ fewer give nothing (every value is equally likely). Sans I/O.
 
 The field is the integers modulo the Mersenne prime 2**521 - 1, big enough for any 32-byte
 secret; a share is the value of a random polynomial of degree threshold - 1 at x = 1..n, with
-the secret at x = 0. Coefficients come from the OS's entropy.
+the secret at x = 0. Coefficients come from the caller's source of randomness: the OS's
+(``secrets``) unless a test passes a seeded one.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from p2pfl.errors import SecureAggregationError
 
@@ -24,15 +25,21 @@ class ShareError(SecureAggregationError):
     """Shares that cannot give a secret back: too few, out of range, or inconsistent."""
 
 
-def split(secret: bytes, count: int, threshold: int) -> list[bytes]:
+def split(
+    secret: bytes,
+    count: int,
+    threshold: int,
+    randbelow: Callable[[int], int] = secrets.randbelow,
+) -> list[bytes]:
     """``count`` shares of ``secret`` (share k is for x = k + 1); any ``threshold`` of them
-    reconstruct it."""
+    reconstruct it. ``randbelow(n)`` draws the coefficients uniformly below n; it must be a
+    cryptographic source outside tests (the default is)."""
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"a secret is {SECRET_BYTES} bytes")
     if not 1 <= threshold <= count:
         raise ValueError(f"threshold {threshold} must be between 1 and the count {count}")
     coefficients = [int.from_bytes(secret, "big")]
-    coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coefficients += [randbelow(PRIME) for _ in range(threshold - 1)]
     return [_encode(_evaluate(coefficients, x)) for x in range(1, count + 1)]
 
 

@@ -38,7 +38,7 @@ from p2pfl.errors import P2PFLError
 from p2pfl.learning.base import Learner, flatten, unflatten
 from p2pfl.learning.factory import build_learner
 from p2pfl.learning.models import MLP, SoftmaxRegression
-from p2pfl.store.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from p2pfl.store.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
     import onnx
@@ -194,6 +194,38 @@ def export_checkpoint(
     config_file = find_config(state_dir) if config_path is None else Path(config_path)
     config = load_config(config_file)
     model = config.training.model
+    learner, checkpoint, size = _restored_learner(state_dir, config, config_file)
+
+    logged_scale, node = _logged_start(state_dir, config)
+    scale, scale_note = _chosen_input_scale(input_scale, config, logged_scale, state_dir)
+    notes = [] if scale_note is None else [scale_note]
+
+    torch_state = _torch_learner(learner).state_dict() if model.kind == "torch" else None
+    tensors = _named_tensors(learner, model, torch_state)
+    meta = _meta(config, model, checkpoint.next_round, size, scale, node, list(tensors))
+    base = _output_base_made(Path(out))
+    files = [_write(base.with_name(base.name + ".npz"), lambda f: _write_npz(f, tensors, meta))]
+    more_files, more_notes = _write_format_files(
+        base, learner, model, torch_state, scale=scale, meta=meta, with_onnx=with_onnx
+    )
+    return Export(
+        files=files + more_files,
+        parameters=size,
+        next_round=checkpoint.next_round,
+        rounds=config.training.rounds,
+        tensors=list(tensors),
+        input_scale=scale,
+        node=node,
+        notes=notes + more_notes,
+    )
+
+
+def _restored_learner(
+    state_dir: Path, config: Config, config_file: Path
+) -> tuple[Learner, Checkpoint, int]:
+    """The config's model with the checkpoint's parameters in it, the checkpoint and the
+    parameter count: the checkpoint is a flat vector that only the model gives shapes to."""
+    model = config.training.model
     learner = build_learner(
         model.as_mapping(), config.seed, source=str(config_file), torch_threads=None
     )
@@ -206,63 +238,70 @@ def export_checkpoint(
             "round; is this a node's --state-dir, and has it finished a round?)"
         )
     learner.set_weights(unflatten(checkpoint.params, template))
+    return learner, checkpoint, size
 
-    logged_scale, node = _logged_start(state_dir, config)
-    notes: list[str] = []
+
+def _chosen_input_scale(
+    input_scale: float | None, config: Config, logged_scale: float | None, state_dir: Path
+) -> tuple[float, str | None]:
+    """The divisor the node applied to its features, and a note when it had to be assumed:
+    the exported model is only right for inputs scaled as the node's were."""
     if input_scale is not None:
         if not (math.isfinite(input_scale) and input_scale > 0):
             raise P2PFLError(f"--input-scale must be a number > 0, got {input_scale!r}")
-        scale = float(input_scale)
-    elif config.training.input_scale is not None:
-        scale = config.training.input_scale
-    elif logged_scale is not None:
-        scale = logged_scale
-    else:
-        scale = 1.0
-        notes.append(
-            f"input_scale is auto and {state_dir / _EVENTS_NAME} has no node_start under this "
-            "config: assuming 1 (features not divided); pass --input-scale if the node's "
-            "data went beyond [-1, 1]"
-        )
+        return float(input_scale), None
+    if config.training.input_scale is not None:
+        return config.training.input_scale, None
+    if logged_scale is not None:
+        return logged_scale, None
+    return 1.0, (
+        f"input_scale is auto and {state_dir / _EVENTS_NAME} has no node_start under this "
+        "config: assuming 1 (features not divided); pass --input-scale if the node's "
+        "data went beyond [-1, 1]"
+    )
 
-    torch_state = _torch_learner(learner).state_dict() if model.kind == "torch" else None
-    tensors = _named_tensors(learner, model, torch_state)
-    meta = _meta(config, model, checkpoint.next_round, size, scale, node, list(tensors))
-    base = output_base(Path(out))
+
+def _output_base_made(out: Path) -> Path:
+    """:func:`output_base` of ``out``, with its directory created (an operator's error if
+    that fails, not a traceback)."""
+    base = output_base(out)
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise P2PFLError(f"{base.parent}: cannot create the output directory: {exc}") from exc
-    files = [_write(base.with_name(base.name + ".npz"), lambda f: _write_npz(f, tensors, meta))]
+    return base
 
+
+def _write_format_files(
+    base: Path,
+    learner: Learner,
+    model: ModelConfig,
+    torch_state: Mapping[str, Any] | None,
+    *,
+    scale: float,
+    meta: Mapping[str, Any],
+    with_onnx: bool,
+) -> tuple[list[Path], list[str]]:
+    """The files beside the .npz (``.pt`` for torch, ``.onnx`` for the numpy models when
+    onnx is installed) and notes on what was not written and why."""
     if torch_state is not None:
         state = torch_state
-        files.append(_write(base.with_name(base.name + ".pt"), lambda f: _torch_save(state, f)))
-        notes.append(
+        path = _write(base.with_name(base.name + ".pt"), lambda f: _torch_save(state, f))
+        return [path], [
             "torch model: no ONNX file (torch.onnx.export needs more packages); rebuild the "
             f"module with {model.factory} and load_state_dict the .pt"
-        )
-    elif model.kind == "custom":
-        notes.append("custom learner: only the .npz (its arrays in get_weights() order)")
-    elif with_onnx:
-        try:
-            import onnx as _onnx  # noqa: F401  (an optional extra)
-        except ImportError:
-            notes.append(f"onnx not installed: no ONNX file ({ONNX_HINT})")
-        else:
-            graph = build_onnx(learner, model, input_scale=scale, meta=meta)
-            data = graph.SerializeToString()
-            files.append(_write(base.with_name(base.name + ".onnx"), lambda f: f.write(data)))
-    return Export(
-        files=files,
-        parameters=size,
-        next_round=checkpoint.next_round,
-        rounds=config.training.rounds,
-        tensors=list(tensors),
-        input_scale=scale,
-        node=node,
-        notes=notes,
-    )
+        ]
+    if model.kind == "custom":
+        return [], ["custom learner: only the .npz (its arrays in get_weights() order)"]
+    if not with_onnx:
+        return [], []
+    try:
+        import onnx as _onnx  # noqa: F401  (an optional extra)
+    except ImportError:
+        return [], [f"onnx not installed: no ONNX file ({ONNX_HINT})"]
+    graph = build_onnx(learner, model, input_scale=scale, meta=meta)
+    data = graph.SerializeToString()
+    return [_write(base.with_name(base.name + ".onnx"), lambda f: f.write(data))], []
 
 
 def _torch_learner(learner: Learner) -> TorchLearner:
