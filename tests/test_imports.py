@@ -160,3 +160,18 @@ def test_the_config_parts_do_not_import_the_public_face() -> None:
     for reader in ("roster", "training", "aggregation", "limits"):
         uses = {m for m in graph[f"p2pfl.config.{reader}"] if m.startswith("p2pfl.config")}
         assert uses <= {"p2pfl.config.fields", "p2pfl.config.schema"}, reader
+
+
+#: A function a newcomer can read in one screen (issue 21).
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_in_the_package_is_longer_than_a_screen() -> None:
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1 if node.end_lineno else 0
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.name} ({lines})")
+    assert long == []

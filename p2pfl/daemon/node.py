@@ -42,7 +42,8 @@ from p2pfl.daemon.statedir import prepare_state_dir
 from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.daemon.worker import Worker
 from p2pfl.learning import Dataset
-from p2pfl.learning.trainer import LocalModel, restore_dp_releases
+from p2pfl.learning.base import Evaluation
+from p2pfl.learning.trainer import LocalModel, Trained, restore_dp_releases
 from p2pfl.proto.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
@@ -104,6 +105,26 @@ class Node:
         self.rule = parse_rule(aggregation.rule)
         #: Neighbours whose updates the rule keeps rejecting (logged as ``suspect``).
         self.suspects = SuspectTracker()
+        self._open_log(options)
+        #: What the node is doing now (``p2pfl status``).
+        self.phase = Phase.STARTING
+        self._graphs: dict[int, dict[str, frozenset[str]]] = {}
+        self.tracker = RoundTracker(
+            total_rounds=config.training.rounds,
+            neighbours_of=self.neighbours_of,
+            max_buffered_rounds=config.limits.max_buffered_rounds,
+            down_grace=config.net.down_grace,
+        )
+        self._build_parts(private_key)
+        self._changed: asyncio.Event | None = None
+        self.finished = False
+        self._status_task: asyncio.Future[None] | None = None
+        self._stop: asyncio.Event | None = None
+        #: The round a restart should begin with, given what self.params holds now.
+        self._resume_round = 0
+
+    def _open_log(self, options: NodeOptions) -> None:
+        """The state directory (made private), the event log and what listens to it."""
         # The model and the log say something about local data: owner-only (0700 / 0600).
         #: Permissions found looser and tightened (logged at start-up).
         self.tightened = prepare_state_dir(options.state_dir)
@@ -121,17 +142,12 @@ class Node:
         if options.metrics is not None:
             from p2pfl.daemon.metrics import NodeMetrics  # prometheus-client: only when asked for
 
-            self.metrics = NodeMetrics(self.id, config.peer_ids, lambda: len(self.net.links))
+            self.metrics = NodeMetrics(self.id, self.config.peer_ids, lambda: len(self.net.links))
             self.events.listeners.append(self.metrics.observe)
-        #: What the node is doing now (``p2pfl status``).
-        self.phase = Phase.STARTING
-        self._graphs: dict[int, dict[str, frozenset[str]]] = {}
-        self.tracker = RoundTracker(
-            total_rounds=config.training.rounds,
-            neighbours_of=self.neighbours_of,
-            max_buffered_rounds=config.limits.max_buffered_rounds,
-            down_grace=config.net.down_grace,
-        )
+
+    def _build_parts(self, private_key: X25519PrivateKey) -> None:
+        """The shell's parts, wired: network, worker, saver, outbox, secure exchange, inbox."""
+        config, options = self.config, self.options
         #: Spare model-sized arrays: received models, and (secure) masks, reuse them.
         self.buffers = ArrayPool(self.params.size, keep=0)
         self.net = Network(
@@ -169,12 +185,6 @@ class Node:
             offer=self.offer,
             notify=self.notify,
         )
-        self._changed: asyncio.Event | None = None
-        self.finished = False
-        self._status_task: asyncio.Future[None] | None = None
-        self._stop: asyncio.Event | None = None
-        #: The round a restart should begin with, given what self.params holds now.
-        self._resume_round = 0
 
     @property
     def input_scale(self) -> float:
@@ -331,101 +341,15 @@ class Node:
         return max(start_round, self.tracker.consensus_round(start_round))
 
     async def _round(self, r: int) -> int:
-        loop = asyncio.get_running_loop()
+        """One round: train -> send and collect -> aggregate -> evaluate -> checkpoint.
+        Returns the next round."""
         started = time.monotonic()
         cpu_started = time.process_time()  # (all threads: training, masks, transfers)
-        neighbours = self.neighbours_of(r)
-        self.tracker.start_round(r)
-        self._resume_round = r
-        # A round's received models (and, secure, masks for it and the next) are reused.
-        self.buffers.keep = (2 if self.exchange is not None else 1) * len(neighbours)
-        self.net.broadcast_status(r)
-        self.events.emit("round_start", r, neighbours=sorted(neighbours))
-        exchange = self.exchange
-        if exchange is not None:  # keys first: the owners relay them while we train
-            exchange.start_round(r)
-
-        t0 = time.monotonic()
-        self.phase = advance(self.phase, Phase.TRAINING)
-        trained = await self.worker.run("train", self.local.train, self.params, r)
-        self.params = trained.params
-        self.events.emit(
-            "train",
-            r,
-            loss=round(trained.loss, 6),
-            duration_s=round(time.monotonic() - t0, 6),
-            samples=len(self.local.data.y),
-            **trained.privacy,
-        )
-        if self.config.aggregation.dp is not None:
-            # Durable before the update leaves: a power cut may roll the checkpoint back
-            # (rounds commit it without a directory fsync), never the log's count of
-            # releases, so a restart cannot undercount the budget spent. One fsync per
-            # round, only with DP: ~0.2 ms on the event loop (ext4, virtual disk).
-            self.events.sync()
-
-        if exchange is None:
-            self.outbox.open(r, dict.fromkeys(neighbours, self.params))
-        else:  # each owner's vector is added as its key exchange and mask are done
-            self.outbox.open(r, {})
-            exchange.trained(r, trained.params)
-        self.phase = advance(self.phase, Phase.COLLECTING)
-        self.outbox.offer_all(neighbours, self.net.links)
-        self.tracker.start_collecting(loop.time(), self.training.round_timeout)
-        # Woken by network news, by the deadline, or when a disconnected neighbour's grace
-        # runs out (then it is not waited for).
-        if exchange is None:
-            await self.wait_until(
-                lambda: self.tracker.collection_done(loop.time()),
-                lambda: self.tracker.next_wakeup(loop.time()),
-            )
-        else:
-            exchange.start_collecting(loop.time())
-            await self.wait_until(
-                lambda: exchange.collection_done(r, loop.time()),
-                lambda: exchange.next_wakeup(r, loop.time()),
-            )
-        self.outbox.stop_offering()
-        assert self.tracker.deadline is not None
-        await self.outbox.finish(self.tracker.deadline)
-        sent = self.outbox.close()
-        if exchange is not None and self.outbox.all_sent():
-            for vector in sent:  # masked vectors no stream reads now
-                self.buffers.give(vector)
-
-        received = self.tracker.take_received()
-        self.phase = advance(self.phase, Phase.AGGREGATING)
-        missing = sorted(neighbours - set(received))
-        weights = metropolis_weights(self.graph(r), self.id)
-        if exchange is None:
-            used, outcome = self._aggregate_plain(r, received, weights)
-        else:
-            used, outcome, own_clipped = await exchange.aggregate(r, received, weights)
-            # (the same parameters, encoded as member and as owner: count each entry once)
-            outcome["clipped"] = max(exchange.clipped, own_clipped)
-        next_round = self.tracker.next_round()
-        self._resume_round = next_round  # from here on, self.params is "round r done"
-        self.events.emit(
-            "aggregate",
-            r,
-            rule="secure-metropolis" if self.secure is not None else str(self.rule),
-            members=sorted(used),
-            weights={k: round(v, 6) for k, v in used.items()},
-            missing=missing,
-            **outcome,
-        )
-        if missing:
-            log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
-
-        self.phase = advance(self.phase, Phase.EVALUATING)
-        split, result = await self.worker.run("evaluate", self.local.evaluate, self.params)
-        self.events.emit(
-            "eval",
-            r,
-            data=split,
-            loss=round(result.loss, 6),
-            **{result.metric: round(result.score, 6)},
-        )
+        neighbours = self._start_round(r)
+        trained = await self._train(r)
+        await self._exchange_models(r, neighbours)
+        received, next_round = await self._aggregate(r, neighbours)
+        split, result = await self._evaluate(r)
         await self.saver.save_round(
             r, next_round, self.params, self.clock.value, self.local.dp_releases
         )
@@ -452,6 +376,119 @@ class Node:
             duration,
         )
         return next_round
+
+    def _start_round(self, r: int) -> frozenset[str]:
+        """Announce round r; returns its neighbours. With secure aggregation the keys go
+        first: the owners relay them while we train."""
+        neighbours = self.neighbours_of(r)
+        self.tracker.start_round(r)
+        self._resume_round = r
+        # A round's received models (and, secure, masks for it and the next) are reused.
+        self.buffers.keep = (2 if self.exchange is not None else 1) * len(neighbours)
+        self.net.broadcast_status(r)
+        self.events.emit("round_start", r, neighbours=sorted(neighbours))
+        if self.exchange is not None:
+            self.exchange.start_round(r)
+        return neighbours
+
+    async def _train(self, r: int) -> Trained:
+        """Round r's local training (a worker job); with DP the release is logged durably
+        before anything leaves."""
+        t0 = time.monotonic()
+        self.phase = advance(self.phase, Phase.TRAINING)
+        trained = await self.worker.run("train", self.local.train, self.params, r)
+        self.params = trained.params
+        self.events.emit(
+            "train",
+            r,
+            loss=round(trained.loss, 6),
+            duration_s=round(time.monotonic() - t0, 6),
+            samples=len(self.local.data.y),
+            **trained.privacy,
+        )
+        if self.config.aggregation.dp is not None:
+            # Durable before the update leaves: a power cut may roll the checkpoint back
+            # (rounds commit it without a directory fsync), never the log's count of
+            # releases, so a restart cannot undercount the budget spent. One fsync per
+            # round, only with DP: ~0.2 ms on the event loop (ext4, virtual disk).
+            self.events.sync()
+        return trained
+
+    async def _exchange_models(self, r: int, neighbours: frozenset[str]) -> None:
+        """Send our parameters (plain, or masked per owner) and collect the neighbours'
+        until the round core (or the secure exchange) says collection is over."""
+        loop = asyncio.get_running_loop()
+        exchange = self.exchange
+        if exchange is None:
+            self.outbox.open(r, dict.fromkeys(neighbours, self.params))
+        else:  # each owner's vector is added as its key exchange and mask are done
+            self.outbox.open(r, {})
+            exchange.trained(r, self.params)
+        self.phase = advance(self.phase, Phase.COLLECTING)
+        self.outbox.offer_all(neighbours, self.net.links)
+        self.tracker.start_collecting(loop.time(), self.training.round_timeout)
+        # Woken by network news, by the deadline, or when a disconnected neighbour's grace
+        # runs out (then it is not waited for).
+        if exchange is None:
+            await self.wait_until(
+                lambda: self.tracker.collection_done(loop.time()),
+                lambda: self.tracker.next_wakeup(loop.time()),
+            )
+        else:
+            exchange.start_collecting(loop.time())
+            await self.wait_until(
+                lambda: exchange.collection_done(r, loop.time()),
+                lambda: exchange.next_wakeup(r, loop.time()),
+            )
+        self.outbox.stop_offering()
+        assert self.tracker.deadline is not None
+        await self.outbox.finish(self.tracker.deadline)
+        sent = self.outbox.close()
+        if exchange is not None and self.outbox.all_sent():
+            for vector in sent:  # masked vectors no stream reads now
+                self.buffers.give(vector)
+
+    async def _aggregate(
+        self, r: int, neighbours: frozenset[str]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Combine what arrived (the rule, or the secure sum); returns what was received
+        and the next round."""
+        received = self.tracker.take_received()
+        self.phase = advance(self.phase, Phase.AGGREGATING)
+        missing = sorted(neighbours - set(received))
+        weights = metropolis_weights(self.graph(r), self.id)
+        if self.exchange is None:
+            used, outcome = self._aggregate_plain(r, received, weights)
+        else:
+            used, outcome, own_clipped = await self.exchange.aggregate(r, received, weights)
+            # (the same parameters, encoded as member and as owner: count each entry once)
+            outcome["clipped"] = max(self.exchange.clipped, own_clipped)
+        next_round = self.tracker.next_round()
+        self._resume_round = next_round  # from here on, self.params is "round r done"
+        self.events.emit(
+            "aggregate",
+            r,
+            rule="secure-metropolis" if self.secure is not None else str(self.rule),
+            members=sorted(used),
+            weights={k: round(v, 6) for k, v in used.items()},
+            missing=missing,
+            **outcome,
+        )
+        if missing:
+            log.info("%s round %d: aggregated without %s", self.id, r, ", ".join(missing))
+        return received, next_round
+
+    async def _evaluate(self, r: int) -> tuple[str, Evaluation]:
+        self.phase = advance(self.phase, Phase.EVALUATING)
+        split, result = await self.worker.run("evaluate", self.local.evaluate, self.params)
+        self.events.emit(
+            "eval",
+            r,
+            data=split,
+            loss=round(result.loss, 6),
+            **{result.metric: round(result.score, 6)},
+        )
+        return split, result
 
     def _aggregate_plain(
         self, r: int, received: dict[str, np.ndarray], weights: dict[str, float]
