@@ -175,3 +175,19 @@ def test_no_function_in_the_package_is_longer_than_a_screen() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.name} ({lines})")
     assert long == []
+
+
+def test_the_package_reaches_into_no_other_objects_private_members() -> None:
+    """``obj._name`` only on ``self``/``cls``: a module that needs another's internals gets
+    a public seam instead (argparse's subparser type has no public name)."""
+    reach_ins = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            if node.attr.startswith("__") or node.attr == "_SubParsersAction":
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            reach_ins.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} .{node.attr}")
+    assert reach_ins == []

@@ -365,6 +365,49 @@ async def test_crossing_dials_keep_the_same_link_at_both_ends(make_network: Make
             network.events.close()
 
 
+async def test_a_replaced_link_still_delivers_what_was_under_way(
+    make_network: MakeNetwork,
+) -> None:
+    """The other order: at both ends bob's announce (X) comes up first and alice's dial (C)
+    replaces it. A stream bob had started on X must still arrive: X stays open for what is
+    under way (nothing new goes out on it) until the peer closes it or a handshake timeout
+    passes. (Closing it at once lost that round's model now and then: the flaky
+    trains-with-bob failures of the rejection tests.)"""
+    net = make_network(("alice", "bob"), extra={"limits": {"handshake_timeout": 5 * TIMEOUT}})
+    handlers = {p: Recorder() for p in net.peers}
+    nets = {
+        p: Network(
+            config=net.config,
+            own_id=p,
+            private_key=load_private_key(net.keys[p]),
+            handler=handlers[p],
+            events=EventLog(net.root / f"{p}.jsonl", p, LamportClock()),
+            expected_bytes=4 * 16,
+        )
+        for p in net.peers
+    }
+    alice, bob = nets["alice"], nets["bob"]
+    try:
+        for p, network in nets.items():
+            await network.listen("127.0.0.1", net.config.peers[p].port)
+        crossing = await asyncio.wait_for(bob._dial_once("alice"), 5 * TIMEOUT)
+        bob.spawn(bob._run_link(crossing, None))
+        await wait_until(lambda: "bob" in alice.links and "alice" in bob.links)
+        x_at_alice = alice.links["bob"]
+        canonical = await asyncio.wait_for(alice._dial_once("bob"), 5 * TIMEOUT)
+        alice.spawn(alice._run_link(canonical, None))
+        await wait_until(lambda: alice.links.get("bob") is canonical)
+        await wait_until(lambda: bob.links.get("alice") is not crossing)
+        # Both ends replaced X; what bob had under way on it still gets through.
+        await crossing.send_status(100, 7)
+        await wait_until(lambda: 7 in handlers["alice"].statuses(x_at_alice))
+        assert "bob" not in [link.peer_id for link in handlers["alice"].down]
+    finally:
+        for network in nets.values():
+            await network.close()
+            network.events.close()
+
+
 @pytest.mark.parametrize("attempt", range(3))
 async def test_a_restarted_peer_announcing_itself_keeps_one_link(
     make_network: MakeNetwork, attempt: int

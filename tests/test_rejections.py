@@ -146,8 +146,18 @@ class Target:
             events = read_events(self.net.state(peer) / "events.jsonl")
             aggregates = [e for e in events if e["type"] == "aggregate"]
             assert [e["round"] for e in aggregates] == list(range(ROUNDS)), peer
-            assert all(e["missing"] == [] for e in aggregates), (peer, aggregates)
-            assert all(set(e["members"]) == set(PEERS) for e in aggregates), (peer, aggregates)
+            story = [  # what to read when this fails: the links and the round-0 traffic
+                {
+                    k: e.get(k)
+                    for k in ("node", "type", "round", "peer", "role", "reason", "lamport")
+                }
+                for name in PEERS
+                for e in read_events(self.net.state(name) / "events.jsonl")
+                if e["type"] in ("connect", "disconnect", "send", "recv", "reject", "aggregate")
+            ]
+            told = "\n".join(map(str, story))
+            assert all(e["missing"] == [] for e in aggregates), f"{peer}:\n{told}"
+            assert all(set(e["members"]) == set(PEERS) for e in aggregates), f"{peer}:\n{told}"
             stop = [e for e in events if e["type"] == "node_stop"]
             assert stop and stop[-1]["finished"] is True, peer
 

@@ -400,3 +400,20 @@ async def test_a_flood_of_unrequested_reveals_is_logged_sparingly(four) -> None:
         assert 1 <= len(rejects) <= 10 and "unrequested reveal" in rejects[0]["reason"]
     finally:
         alice.events.close()
+
+
+async def test_without_buffering_no_keys_go_a_round_ahead(four) -> None:
+    """Keys for round r+1 go out during round r only when owners may buffer a round
+    (limits.max_buffered_rounds >= 1) and r+1 exists: an owner refuses KEYS outside its
+    window, so keys sent ahead without one would be refused (and logged) every round."""
+    extra = {**SECURE, "limits": {"max_buffered_rounds": 0}}
+    net = four(rounds=3, extra=extra)
+    nodes = [make_node(net, p) for p in PEERS]
+    assert await run_all(nodes) == [0] * 4
+    for peer in PEERS:
+        events = read_events(net.state(peer) / "events.jsonl")
+        refused = [e for e in events if "KEYS" in str(e.get("reason", ""))]
+        assert refused == [], (peer, refused)
+        aggregates = [e for e in events if e["type"] == "aggregate"]
+        assert [e["round"] for e in aggregates] == [0, 1, 2]
+        assert all(e["missing"] == [] for e in aggregates), (peer, aggregates)

@@ -344,6 +344,7 @@ class Network:
         }
         self.peer_sources: frozenset[str] = frozenset().union(*self._peer_sources.values())
         self._resolving: set[str] = set()  # peers whose look-up is under way
+        self._retiring: set[PeerLink] = set()  # replaced links finishing what is under way
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -437,9 +438,8 @@ class Network:
             self._server.server.close()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(
-            *(link.close(CLOSE_GOING_AWAY, "shutting down") for link in list(self.links.values()))
-        )
+        links = [*self.links.values(), *self._retiring]
+        await asyncio.gather(*(link.close(CLOSE_GOING_AWAY, "shutting down") for link in links))
         if self._server is not None:
             # A TCP connection accepted just before the listener closed may still be on its
             # way to connection_made (accept task -> transport -> callback): let it get
@@ -460,6 +460,11 @@ class Network:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+    @property
+    def stopping(self) -> bool:
+        """``close`` has begun: no new connection is taken from here on."""
+        return self._stopping
 
     def _abort_pending(self) -> None:
         for conn in self.admission.pending():
@@ -663,7 +668,7 @@ class Network:
             return
         self.links[link.peer_id] = link
         if old is not None:  # the peer restarted or reconnected: the new link wins
-            self.spawn(old.close(CLOSE_NORMAL, "replaced"))
+            self.spawn(self._retire(old))
         self.events.emit("connect", peer=link.peer_id, role="out" if link.initiator else "in")
         self.events.emit("handshake_ok", peer=link.peer_id)
         log.info("%s: connected to %s", self.own_id, link.peer_id)
@@ -708,6 +713,20 @@ class Network:
             self.events.emit("disconnect", peer=link.peer_id, reason=reason)
             self.handler.link_down(link, reason)
 
+    async def _retire(self, link: PeerLink) -> None:
+        """A link replaced by a newer one to the same peer. Nothing new goes out on it (it
+        is no longer in ``links``), but what is under way may finish: with crossing dials
+        the peer may be streaming this round's model on it, and closing it at once lost
+        that model for the round. It closes when the peer closes it, or after one
+        handshake timeout (the peer retires it the same way)."""
+        self._retiring.add(link)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.closed.wait(), self.limits.handshake_timeout)
+            await link.close(CLOSE_NORMAL, "replaced")
+        finally:
+            self._retiring.discard(link)
+
     def _dispatch(self, link: PeerLink, msg: Message) -> None:
         self.events.clock.observe(msg.lamport)
         self.handler.message(link, msg)
@@ -743,7 +762,7 @@ def _counted_connection(network_: Network) -> type[ServerConnection]:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self.accepted_at = asyncio.get_running_loop().time()
-            if self.network._stopping:  # accepted by the kernel before the listener closed
+            if self.network.stopping:  # accepted by the kernel before the listener closed
                 self.transport.abort()
                 return
             source = source_key(_address(self).rpartition(":")[0])
@@ -763,7 +782,7 @@ def _counted_connection(network_: Network) -> type[ServerConnection]:
             try:
                 await super().handshake(*args, **kwargs)
             except asyncio.CancelledError:  # open_timeout expired, or we are shutting down
-                if not self.network._stopping and not self.evicted and not self.cut:
+                if not self.network.stopping and not self.evicted and not self.cut:
                     self.network.refuse(
                         self, "handshake_fail", "timed out before the websocket upgrade"
                     )

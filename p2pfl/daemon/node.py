@@ -440,6 +440,7 @@ class Node:
                 lambda: exchange.collection_done(r, loop.time()),
                 lambda: exchange.next_wakeup(r, loop.time()),
             )
+        await self._wait_for_fresh_links(neighbours)
         self.outbox.stop_offering()
         assert self.tracker.deadline is not None
         await self.outbox.finish(self.tracker.deadline)
@@ -447,6 +448,20 @@ class Node:
         if exchange is not None and self.outbox.all_sent():
             for vector in sent:  # masked vectors no stream reads now
                 self.buffers.give(vector)
+
+    async def _wait_for_fresh_links(self, neighbours: frozenset[str]) -> None:
+        """A neighbour whose link came up during collection (a crossing dial, a reconnect)
+        tells us its round on that link a moment later, and only then may our parameters
+        go out on it. A round that already has that neighbour's model would otherwise end
+        first and never send it ours. Bounded by one handshake timeout."""
+
+        def unannounced() -> bool:
+            links = self.net.links
+            return any(links[p].announced is None for p in neighbours if p in links)
+
+        if unannounced():
+            bound = asyncio.get_running_loop().time() + self.config.limits.handshake_timeout
+            await self.wait_until(lambda: not unannounced(), lambda: bound)
 
     async def _aggregate(
         self, r: int, neighbours: frozenset[str]

@@ -427,7 +427,7 @@ class Monitor:
                 and event.type == "node_start"
                 and event.ts >= self.paused[0].wall_time
             ):
-                self._resume_others()
+                self.resume_others()
             pending = self.restarts.get(event.node)
             if (
                 pending is not None
@@ -458,7 +458,7 @@ class Monitor:
             if fault.action == "restart":
                 # Starting a process takes ~0.4 s, rounds can take milliseconds: pause the
                 # others until it is up, so that the rejoin happens (and can be watched).
-                self._resume_others()
+                self.resume_others()
                 paused = [p for p in self.running() if p.peer != fault.peer and p.pause()]
                 proc.start(self.env)
                 others = [r for p, r in self.progress.started_rounds().items() if p != fault.peer]
@@ -469,7 +469,9 @@ class Monitor:
                 self.restarts[fault.peer] = restart
                 self.paused = (restart, paused)
 
-    def _resume_others(self) -> None:
+    def resume_others(self) -> None:
+        """Let the peers paused for a --restart run on (also on the way out: none may stay
+        stopped when the harness ends)."""
         if self.paused is not None:
             restart, paused = self.paused
             for p in paused:
@@ -483,7 +485,7 @@ class Monitor:
             restart, _ = self.paused
             proc = self.processes[restart.peer]
             if not proc.running or time.time() - restart.wall_time > MAX_PAUSE_S:
-                self._resume_others()
+                self.resume_others()
 
     def _check_exits(self) -> None:
         """A peer that fails on its own (not killed or stopped by us) ends the run."""
@@ -552,7 +554,7 @@ def launch_and_watch(
             if options.progress and monitor.tty:
                 out_stream.write("\n")
         finally:
-            monitor._resume_others()
+            monitor.resume_others()
             stop_all(monitor.processes)
     return monitor.finish()
 
