@@ -308,15 +308,8 @@ async def test_a_stop_mid_round_checkpoints_the_round_the_model_is_at(
     assert np.array_equal(checkpoint.params, model["params"])
 
 
-# --- 4. Crossing dials keep one and the same link --------------------------------------------
-
-
-async def test_crossing_dials_keep_the_same_link_at_both_ends(make_network: MakeNetwork) -> None:
-    """alice (the smaller id) dials bob while bob announces himself to alice, and the two
-    handshakes complete in the worst order: at bob, alice's link arrives first; at alice,
-    bob's. Both ends must keep alice's link (the old code kept the newest at each end,
-    i.e. a different link at each end, and each end closed the link the other kept)."""
-    net = make_network(("alice", "bob"))
+async def bare_networks(net: LocalNetwork) -> tuple[dict[str, Recorder], dict[str, Network]]:
+    """Each peer's Network alone (no node), listening, with a Recorder for its handler."""
     handlers = {p: Recorder() for p in net.peers}
     nets = {
         p: Network(
@@ -329,10 +322,23 @@ async def test_crossing_dials_keep_the_same_link_at_both_ends(make_network: Make
         )
         for p in net.peers
     }
+    for p, network in nets.items():
+        await network.listen("127.0.0.1", net.config.peers[p].port)
+    return handlers, nets
+
+
+# --- 4. Crossing dials keep one and the same link --------------------------------------------
+
+
+async def test_crossing_dials_keep_the_same_link_at_both_ends(make_network: MakeNetwork) -> None:
+    """alice (the smaller id) dials bob while bob announces himself to alice, and the two
+    handshakes complete in the worst order: at bob, alice's link arrives first; at alice,
+    bob's. Both ends must keep alice's link (the old code kept the newest at each end,
+    i.e. a different link at each end, and each end closed the link the other kept)."""
+    net = make_network(("alice", "bob"))
+    handlers, nets = await bare_networks(net)
     alice, bob = nets["alice"], nets["bob"]
     try:
-        for p, network in nets.items():
-            await network.listen("127.0.0.1", net.config.peers[p].port)
         # alice's dial authenticates: bob's responder side takes it up at once.
         canonical = await asyncio.wait_for(alice._dial_once("bob"), 5 * TIMEOUT)
         await wait_until(lambda: "alice" in bob.links)
@@ -374,22 +380,9 @@ async def test_a_replaced_link_still_delivers_what_was_under_way(
     passes. (Closing it at once lost that round's model now and then: the flaky
     trains-with-bob failures of the rejection tests.)"""
     net = make_network(("alice", "bob"), extra={"limits": {"handshake_timeout": 5 * TIMEOUT}})
-    handlers = {p: Recorder() for p in net.peers}
-    nets = {
-        p: Network(
-            config=net.config,
-            own_id=p,
-            private_key=load_private_key(net.keys[p]),
-            handler=handlers[p],
-            events=EventLog(net.root / f"{p}.jsonl", p, LamportClock()),
-            expected_bytes=4 * 16,
-        )
-        for p in net.peers
-    }
+    handlers, nets = await bare_networks(net)
     alice, bob = nets["alice"], nets["bob"]
     try:
-        for p, network in nets.items():
-            await network.listen("127.0.0.1", net.config.peers[p].port)
         crossing = await asyncio.wait_for(bob._dial_once("alice"), 5 * TIMEOUT)
         bob.spawn(bob._run_link(crossing, None))
         await wait_until(lambda: "bob" in alice.links and "alice" in bob.links)

@@ -223,9 +223,8 @@ class GuardedConnection(Connection):
     or PONG (liveness is the STATUS heartbeat), a fragment (messages are one frame each),
     a text frame; before authentication also more data frames than a handshake needs
     (MAX_HANDSHAKE_FRAMES) and an HTTP upgrade request above 8 KiB. Before authentication
-    the input is
-    parsed in 1 KiB slices so a cut comes within one of them. Queued output above
-    ``max_output`` also cuts. ``network`` is set by the subclass factories below.
+    the input is parsed in 1 KiB slices so a cut comes within one of them. Queued output
+    above ``max_output`` also cuts. ``network`` is set by the subclass factories below.
     """
 
     network: Network
