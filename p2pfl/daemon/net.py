@@ -294,7 +294,8 @@ class NetLimits:
     @property
     def max_output(self) -> int:
         """Bytes an authenticated link may leave queued: our own sends wait (drain) above
-        websockets' write limit, so more than two records queued is pongs nobody reads."""
+        websockets' write limit, so more than two records queued means a peer that does
+        not read (a bound behind the frame rules, which already cut pings)."""
         return 2 * self.max_record + MAX_OUTPUT_PENDING
 
 
@@ -444,18 +445,15 @@ class Network:
             # way to connection_made (accept task -> transport -> callback): let it get
             # there, then drop every unauthenticated connection. One that never starts its
             # upgrade would otherwise wait out open_timeout, or leak if the loop ends first.
-            # Under a flood more keep arriving for a while: drop them again after the
-            # listener is closed and after its handlers are done.
+            # (One that gets there later still, under a flood, aborts itself: see
+            # CountedConnection.connection_made.)
             for _ in range(3):
                 await asyncio.sleep(0)
-            self._abort_pending()
+            for conn in self.admission.pending():
+                conn.transport.abort()
             self._server.close()
-            for _ in range(3):
-                await asyncio.sleep(0)
-            self._abort_pending()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
-            self._abort_pending()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
@@ -464,10 +462,6 @@ class Network:
     def stopping(self) -> bool:
         """``close`` has begun: no new connection is taken from here on."""
         return self._stopping
-
-    def _abort_pending(self) -> None:
-        for conn in self.admission.pending():
-            conn.transport.abort()
 
     # --- accepting -------------------------------------------------------------------------
 
