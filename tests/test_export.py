@@ -175,7 +175,7 @@ def test_onnx_classifier_gives_the_model_probabilities(tmp_path: Path) -> None:
     raw = features(high=16.0)  # the graph divides by the input scale, as the node did
     probabilities, logits = ReferenceEvaluator(proto).run(None, {"x": raw})
     assert isinstance(run.learner, MLP)
-    want = run.learner._forward(raw / np.float32(16.0))[1]
+    want = run.learner.logits(raw / np.float32(16.0))
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(probabilities, softmax(want), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(
@@ -191,7 +191,7 @@ def test_onnx_softmax_regression(tmp_path: Path) -> None:
     files = export_model(run.state, run.config_path, tmp_path / "model")
     (probabilities, _) = ReferenceEvaluator(str(files[1])).run(None, {"x": features()})
     assert isinstance(run.learner, SoftmaxRegression)
-    want = softmax(run.learner._forward(features())[1])
+    want = softmax(run.learner.logits(features()))
     np.testing.assert_allclose(probabilities, want, rtol=1e-5, atol=1e-6)
 
 

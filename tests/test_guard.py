@@ -62,4 +62,4 @@ def test_throttle_memory_is_bounded() -> None:
     t = Throttle(burst=1, window=10.0, max_keys=100)
     for i in range(1000):
         t.allow(f"10.0.{i // 256}.{i % 256}", 0.0)
-    assert len(t._state) <= 100
+    assert len(t) <= 100

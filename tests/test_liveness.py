@@ -273,13 +273,13 @@ async def test_a_stop_mid_round_checkpoints_the_round_the_model_is_at(
         return original(*args)
 
     setattr(alice.local, stage, hold)
-    final_checkpoint = alice._final_checkpoint
+    settle = alice.worker.settle  # (only the final checkpoint waits for the worker)
 
-    async def release_then_checkpoint() -> None:
+    async def release_then_settle() -> None:
         gate.set()  # the stop has cancelled the round: let the held stage return
-        await final_checkpoint()
+        await settle()
 
-    alice._final_checkpoint = release_then_checkpoint  # type: ignore[method-assign]
+    alice.worker.settle = release_then_settle  # type: ignore[method-assign]
     runs = [asyncio.ensure_future(n.run()) for n in (alice, bob)]
     try:
         assert await asyncio.to_thread(held.wait, 20 * TIMEOUT), f"alice never reached {stage}"
@@ -340,16 +340,16 @@ async def test_crossing_dials_keep_the_same_link_at_both_ends(make_network: Make
     alice, bob = nets["alice"], nets["bob"]
     try:
         # alice's dial authenticates: bob's responder side takes it up at once.
-        canonical = await asyncio.wait_for(alice._dial_once("bob"), 5 * TIMEOUT)
+        canonical = await asyncio.wait_for(alice.dial_once("bob"), 5 * TIMEOUT)
         await wait_until(lambda: "alice" in bob.links)
         at_bob = bob.links["alice"]
         # bob's announce authenticates: alice's responder side takes it up at once.
-        crossing = await asyncio.wait_for(bob._dial_once("alice"), 5 * TIMEOUT)
+        crossing = await asyncio.wait_for(bob.dial_once("alice"), 5 * TIMEOUT)
         await wait_until(lambda: "bob" in alice.links)
         at_alice = alice.links["bob"]
         # Only now do the two initiators run their links (each end sees its own last).
-        alice.spawn(alice._run_link(canonical, None))
-        bob_run = bob.spawn(bob._run_link(crossing, None))
+        alice.spawn(alice.run_link(canonical, None))
+        bob_run = bob.spawn(bob.run_link(crossing, None))
         await asyncio.wait_for(bob_run, 5 * TIMEOUT)
         await asyncio.wait_for(at_alice.closed.wait(), 5 * TIMEOUT)
 
@@ -383,12 +383,12 @@ async def test_a_replaced_link_still_delivers_what_was_under_way(
     handlers, nets = await bare_networks(net)
     alice, bob = nets["alice"], nets["bob"]
     try:
-        crossing = await asyncio.wait_for(bob._dial_once("alice"), 5 * TIMEOUT)
-        bob.spawn(bob._run_link(crossing, None))
+        crossing = await asyncio.wait_for(bob.dial_once("alice"), 5 * TIMEOUT)
+        bob.spawn(bob.run_link(crossing, None))
         await wait_until(lambda: "bob" in alice.links and "alice" in bob.links)
         x_at_alice = alice.links["bob"]
-        canonical = await asyncio.wait_for(alice._dial_once("bob"), 5 * TIMEOUT)
-        alice.spawn(alice._run_link(canonical, None))
+        canonical = await asyncio.wait_for(alice.dial_once("bob"), 5 * TIMEOUT)
+        alice.spawn(alice.run_link(canonical, None))
         await wait_until(lambda: alice.links.get("bob") is canonical)
         await wait_until(lambda: bob.links.get("alice") is not crossing)
         # Both ends replaced X; what bob had under way on it still gets through.

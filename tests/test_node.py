@@ -128,7 +128,6 @@ async def test_wait_asks_for_the_deadline_again_after_each_wake_up(make_network)
     """A neighbour that drops while a node collects brings the wake-up forward (its grace
     ends before the round deadline). The wait must notice without any further news."""
     node = make_node(make_network(("alice", "bob")), "alice")
-    node._changed = asyncio.Event()
     loop = asyncio.get_running_loop()
     start = loop.time()
     wake = {"at": start + 60.0}  # the round deadline

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from p2pfl.errors import ConfigError, MessageError
-from p2pfl.proto.wire import DTYPE_FLOAT32, ParamsBegin, Shares
+from p2pfl.proto.wire import DTYPE_FLOAT32, ParamsBegin
 
 from .test_node import make_node, read_events, run_all
 
@@ -81,25 +81,25 @@ def secure_plain(net: Any, tmp_path: Path) -> Any:
 async def test_what_a_neighbour_receives_is_masked(four, monkeypatch) -> None:
     """Capture every masked vector on its way out: uniform noise, uncorrelated with the
     sender's parameters, and different for each owner."""
-    from p2pfl.daemon.outbox import Outbox
+    from p2pfl.daemon.node import Node
     from p2pfl.learning.trainer import LocalModel
 
     net = four(rounds=1, extra=SECURE)
     trained: dict[str, np.ndarray] = {}
     sent: dict[tuple[str, str], np.ndarray] = {}
-    train, start_send = LocalModel.train, Outbox._start_send
+    train, send_vector = LocalModel.train, Node.send_vector
 
     def capture_train(self: Any, params: np.ndarray, round_index: int) -> Any:
         result = train(self, params, round_index)
         trained[self.peer_id] = result.params.copy()
         return result
 
-    def capture_send(self: Any, link: Any, round_index: int, params: np.ndarray) -> None:
-        sent[(self.events.node_id, link.peer_id)] = params.copy()
-        start_send(self, link, round_index, params)
+    def capture_send(self: Node, owner: str, vector: np.ndarray) -> None:
+        sent[(self.id, owner)] = vector.copy()
+        send_vector(self, owner, vector)
 
     monkeypatch.setattr(LocalModel, "train", capture_train)
-    monkeypatch.setattr(Outbox, "_start_send", capture_send)
+    monkeypatch.setattr(Node, "send_vector", capture_send)
     assert await run_all([make_node(net, p) for p in PEERS]) == [0] * 4
     assert len(sent) == 12  # 4 peers, 3 owners each
     for (sender, _), y in sent.items():
@@ -187,130 +187,6 @@ async def test_survivors_recover_the_average_without_a_member_that_left(four, mo
         assert helped and helped[-1]["missing"] == ["dave"]
     alice, bob, carol = (n.params for n in nodes[:3])
     assert np.max(np.abs(alice - bob)) < 1e-4 and np.max(np.abs(alice - carol)) < 1e-4
-
-
-async def test_present_sets_and_unmask_requests_that_could_unmask_are_refused(four) -> None:
-    from p2pfl.proto.guard import Throttle
-    from p2pfl.proto.wire import MessageType, Present, Unmask
-    from p2pfl.secure.group import MemberRound
-
-    net = four(rounds=1, extra=SECURE)
-    bob = make_node(net, "bob")
-    assert bob.exchange is not None
-    bob.exchange._refusals = Throttle(burst=100, window=10.0)  # every refusal logged here
-    others = [p for p in PEERS if p != "bob"]
-    secrets = {p: b"s" * 32 for p in others}
-    member = MemberRound("bob", "alice", ["bob", "carol", "dave"], 3, secrets)
-    bob.exchange.members[(3, "alice")] = member
-    member.keyed = frozenset({"bob", "carol", "dave"})
-    sent: list[bytes] = []
-
-    async def send_message(message: bytes) -> None:
-        sent.append(message)
-
-    link = types.SimpleNamespace(peer_id="alice", send_message=send_message)
-    everyone = ("bob", "carol", "dave")
-
-    def last_reject() -> dict[str, Any]:
-        return read_events(net.state("bob") / "events.jsonl")[-1]
-
-    try:
-        for request, problem in (
-            (Present(1, 3, everyone), "sent alice no vector"),  # not contributed yet
-            (Present(1, 2, everyone), "sent alice no vector"),  # not a round bob took part in
-            (Unmask(1, 3, {}), "no present set confirmed"),
-        ):
-            bob.message(link, request)  # type: ignore[arg-type]
-            assert last_reject()["type"] == "reject" and problem in last_reject()["reason"]
-        member.contributed = True
-        for request, problem in (
-            (Present(1, 3, ("carol", "dave")), "leaves us out"),
-            (Present(1, 3, ("bob", "zed", "dave")), "did not mask with"),
-            (Present(1, 3, ("bob",)), "1 members would be present, 2 needed"),
-        ):
-            bob.message(link, request)  # type: ignore[arg-type]
-            assert last_reject()["type"] == "reject" and problem in last_reject()["reason"]
-        bob.message(link, Present(1, 3, everyone))  # type: ignore[arg-type]
-        await asyncio.sleep(0)
-        assert len(sent) == 1 and sent[0][0] == MessageType.CONFIRM
-        bob.message(link, Unmask(1, 3, {"carol": bytes(32)}))  # type: ignore[arg-type]
-        assert "only 1 members confirm the present set" in last_reject()["reason"]
-    finally:
-        bob.events.close()
-
-
-async def test_a_late_shares_is_refused_and_leaves_no_mask_behind(four) -> None:
-    """The second review's F2: a SHARES for a round that already ended started a
-    model-sized mask that nothing ever collected."""
-    net = four(rounds=50, extra=SECURE)
-    nodes = {p: make_node(net, p) for p in PEERS}
-    alice = nodes["alice"]
-
-    def shares(r: int, owner: str) -> Shares:
-        boxes = {
-            k: nodes[k].exchange.members[(r, owner)].boxes["alice"]
-            for k in PEERS
-            if k not in (owner, "alice")
-        }
-        return Shares(1, r, boxes)
-
-    try:
-        for r in range(4):
-            for node in nodes.values():
-                node.tracker.start_round(r)
-                node.exchange.start_round(r)
-            if r:  # bob's SHARES for the round before arrive now
-                alice.message(types.SimpleNamespace(peer_id="bob"), shares(r - 1, "bob"))  # type: ignore[arg-type]
-        assert alice.exchange is not None and not alice.exchange._masks
-        last = read_events(net.state("alice") / "events.jsonl")[-1]
-        assert last["type"] == "reject" and "unrequested SHARES" in last["reason"]
-        alice.message(types.SimpleNamespace(peer_id="bob"), shares(3, "bob"))  # type: ignore[arg-type]
-        assert list(alice.exchange._masks) == [(3, "bob")]  # the current round's is kept
-    finally:
-        for node in nodes.values():
-            node.events.close()
-            assert node.exchange is not None
-            node.exchange.close()
-    await asyncio.sleep(0.05)
-
-
-async def test_keys_that_come_too_late_get_an_empty_shares_at_once(four) -> None:
-    """dave's KEYS arrive after alice sent the round's SHARES: she tells him at once (an
-    empty SHARES) instead of letting him wait for the deadline."""
-    from p2pfl.proto.wire import Keys, MessageType, decode_message
-    from p2pfl.secure.group import MemberRound
-
-    net = four(rounds=3, extra=SECURE)
-    alice = make_node(net, "alice")
-    assert alice.exchange is not None
-    sent: list[bytes] = []
-
-    async def send_message(message: bytes) -> None:
-        sent.append(message)
-
-    state = alice.exchange._owner(0)
-    assert state is not None
-    secrets = {p: b"s" * 32 for p in PEERS}
-    group = [p for p in PEERS if p != "alice"]
-    rounds = {m: MemberRound(m, "alice", group, 0, secrets) for m in group}
-    for m in ("bob", "carol"):
-        state.add_keys(m, rounds[m].public, rounds[m].boxes)
-    state.dispatch()
-    dave = types.SimpleNamespace(peer_id="dave", send_message=send_message)
-    try:
-        alice.message(dave, Keys(1, 0, rounds["dave"].public, rounds["dave"].boxes))  # type: ignore[arg-type]
-        await asyncio.sleep(0)
-        assert len(sent) == 1 and sent[0][0] == MessageType.SHARES and sent[0][13] == 0
-        last = read_events(net.state("alice") / "events.jsonl")[-1]
-        assert last["type"] == "reject" and "after the shares went out" in last["reason"]
-        bob = types.SimpleNamespace(peer_id="bob", send_message=send_message)
-        alice.message(bob, Keys(2, 0, rounds["bob"].public, rounds["bob"].boxes))  # type: ignore[arg-type]
-        await asyncio.sleep(0)  # the same KEYS again (a reconnect): his SHARES again
-        assert len(sent) == 2 and read_events(net.state("alice") / "events.jsonl")[-1] == last
-        again = decode_message(sent[1], max_chunk=1 << 20)
-        assert isinstance(again, Shares) and again.boxes == state.shares_for("bob")
-    finally:
-        alice.events.close()
 
 
 def test_secure_aggregation_refuses_more_neighbours_than_its_messages_hold(make_network) -> None:

@@ -408,7 +408,7 @@ def test_parsed_torch_section_builds_its_learner() -> None:
     )
     learner = build_learner(model.as_mapping(), 3, torch_threads=None)
     assert isinstance(learner, TorchLearner) and learner.task == "classification"
-    assert learner._optimizer_spec == OptimizerSpec("sgd", 0.9, 0.001)
+    assert learner.optimizer_spec == OptimizerSpec("sgd", 0.9, 0.001)
     regression = model_of({"kind": "torch", "task": "regression", "inputs": 10, "factory": MLP})
     regressor = build_learner(regression.as_mapping(), 3, torch_threads=None)
     assert isinstance(regressor, TorchLearner)

@@ -287,7 +287,7 @@ def test_optimizer_state_is_local_and_persists_across_fits(digits) -> None:
     n = learner.n_parameters
     rng = np.random.default_rng(0)
     learner.fit(x, y, epochs=1, batch_size=50, learning_rate=0.05, rng=rng)
-    optimizer = learner._optimizer
+    optimizer = learner.optimizer
     assert isinstance(optimizer, torch.optim.SGD)
     params = list(learner.module.parameters())
     buffers = [optimizer.state[p]["momentum_buffer"] for p in params]
@@ -303,7 +303,7 @@ def test_optimizer_state_is_local_and_persists_across_fits(digits) -> None:
     assert all(torch.equal(b, s) for b, s in zip(buffers, snapshot, strict=True))
     # the next fit goes on with the same optimiser and its state, at the new learning rate
     learner.fit(x, y, epochs=1, batch_size=50, learning_rate=0.01, rng=rng)
-    assert learner._optimizer is optimizer
+    assert learner.optimizer is optimizer
     assert all(g["lr"] == 0.01 for g in optimizer.param_groups)
     assert not all(
         torch.equal(optimizer.state[p]["momentum_buffer"], s)
@@ -317,7 +317,7 @@ def test_adam_moments_stay_out_of_the_weights(digits) -> None:
     learner.fit(
         digits[0][:64], digits[1][:64], epochs=1, batch_size=32, learning_rate=0.001, rng=rng
     )
-    optimizer = learner._optimizer
+    optimizer = learner.optimizer
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.param_groups[0]["weight_decay"] == 0.001
     state = optimizer.state[next(learner.module.parameters())]
@@ -327,8 +327,8 @@ def test_adam_moments_stay_out_of_the_weights(digits) -> None:
 
 def test_optimizer_spec_from_the_config_reaches_the_learner() -> None:
     learner = torch_learner(cnn_model(optimizer={"kind": "sgd", "momentum": 0.5}))
-    assert learner._optimizer_spec == OptimizerSpec("sgd", 0.5, 0.0)
-    assert torch_learner(cnn_model())._optimizer_spec == OptimizerSpec()
+    assert learner.optimizer_spec == OptimizerSpec("sgd", 0.5, 0.0)
+    assert torch_learner(cnn_model()).optimizer_spec == OptimizerSpec()
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``p2pfl harness``: the command's arguments checked and turned into ``HarnessOptions``."""
+"""``p2pfl harness``: the command's arguments checked and turned into ``HarnessOptions``,
+then the run (``cmd_harness``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The ``p2pfl`` argument parser, one function per command. Each command's handler is
-``p2pfl.cli.commands.COMMANDS[name]`` (``logs`` and ``export`` register their own): the
-parser imports no command, so the harness's poisoning peer can parse ``run`` arguments
-without the rest of the command line."""
+``p2pfl.cli.commands.COMMANDS[name]`` (``logs`` and ``export`` register their own, so the
+parser imports those two modules): it imports no other command, so the harness's poisoning
+peer can parse ``run`` arguments without ``cli.commands``."""
 
 from __future__ import annotations
 

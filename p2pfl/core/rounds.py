@@ -7,11 +7,14 @@ and the clock, which makes the rules testable without sockets.
 
 Rules:
 - Parameters for the current round, or a later one within ``max_buffered_rounds``, from a
-  peer that is a neighbour in that round, are kept. Past rounds, rounds too far ahead,
-  non-neighbours and duplicates are dropped with a reason. (A peer's own claims never widen
-  the window: otherwise it could make us hold one model per remaining round.)
-- Collection ends when every neighbour delivered, or each missing neighbour has announced a
-  later round (it will never send this one), or the deadline passed.
+  peer that is a neighbour in that round, are kept. Past rounds, rounds whose members are
+  fixed already, rounds past the last, rounds too far ahead, non-neighbours, neighbours
+  left out of this round (secure aggregation: no keys in time) and duplicates are dropped
+  with a reason. (A peer's own claims never widen the window: otherwise it could make us
+  hold one model per remaining round.)
+- Collection ends when every neighbour delivered, or each missing one has announced a
+  later round (it will never send this one), is gone (disconnected for ``down_grace``) or
+  was left out, or the deadline passed.
 - The next round is ``max(current + 1, lower median of the neighbours' announced rounds)``:
   a node that restarted or was cut off jumps to where most of its neighbours are (averaging
   pulls its model back), while a single lying neighbour cannot make it skip rounds.

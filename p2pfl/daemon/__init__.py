@@ -1,2 +1,4 @@
-"""The asyncio shell: the node, its network links, the event log, workers, persistence,
-status and metrics. Decisions live in the pure packages; this moves bytes and runs timers."""
+"""The asyncio shell: the node, its network links, the event log, worker threads, the state
+directory (events, checkpoints, ``secagg.log``), the status socket and metrics. The
+protocol's decisions live in the pure packages; what stays here is about resources: which
+job runs on which thread, when a file is synced, when a link is closed."""

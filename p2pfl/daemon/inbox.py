@@ -1,8 +1,10 @@
-"""What arrives on a node's links: announced rounds, parameter streams, and secure
-aggregation's messages, judged by the round core (``rounds.RoundTracker``) and logged.
+"""What arrives on a node's links: announced rounds and parameter streams, judged by the
+round core (``rounds.RoundTracker``) and logged; secure aggregation's messages go to the
+secure exchange (whose session judges them).
 
-Every rejection is a ``reject`` event with its reason; the link stays up unless the
-message breaks the protocol (then a MessageError drops it).
+Every rejection is a ``reject`` event with its reason (secure aggregation's are throttled
+per peer); the link stays up unless the message breaks the protocol (then a MessageError
+drops it).
 """
 
 from __future__ import annotations
@@ -116,17 +118,6 @@ class Inbox:
                 f"{type(msg).__name__.upper()} in a network without secure aggregation"
             )
         try:
-            if isinstance(msg, Keys):
-                exchange.on_keys(link, msg)
-            elif isinstance(msg, Shares):
-                exchange.on_shares(link, msg)
-            elif isinstance(msg, Present):
-                exchange.on_present(link, msg)
-            elif isinstance(msg, Confirm):
-                exchange.on_confirm(link, msg)
-            elif isinstance(msg, Unmask):
-                exchange.on_unmask(link, msg)
-            else:
-                exchange.on_reveal(link, msg)
+            exchange.receive(link, msg)
         except SecureAggregationError as exc:  # a step refused that no handler foresaw
             self.events.emit("reject", msg.round, peer=link.peer_id, reason=str(exc))

@@ -116,8 +116,6 @@ class PeerLink:
         self.bytes_received = 0
         #: The round whose parameters were sent on this link (each link gets them once).
         self.sent_round: int | None = None
-        #: The round whose secure-aggregation KEYS were sent on this link.
-        self.keys_round: int | None = None
         #: The round the peer announced on this link (None until its first STATUS here).
         self.announced: int | None = None
         #: One record at a time (sealing order is sending order: counters are implicit).
@@ -418,11 +416,11 @@ class Network:
         if peer_id in self.links:
             return
         try:
-            link = await self._dial_once(peer_id)
+            link = await self.dial_once(peer_id)
         except (P2PFLError, OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
             log.debug("announcing ourselves to %s failed: %s", peer_id, _describe(exc))
             return
-        await self._run_link(link, None)
+        await self.run_link(link, None)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a task that ``close()`` cancels and awaits."""
@@ -484,7 +482,7 @@ class Network:
                 self.refuse(ws, "handshake_fail", _describe(exc))
             await close_bounded(ws, CLOSE_POLICY)
             return
-        await self._run_link(link, first)
+        await self.run_link(link, first)
 
     def refuse(self, ws: Connection, event: str, reason: str) -> None:
         """Log a refused unauthenticated connection, rate-limited per source address."""
@@ -578,7 +576,7 @@ class Network:
                 continue
             await self.resolve_peer(peer_id)
             try:
-                link = await self._dial_once(peer_id)
+                link = await self.dial_once(peer_id)
             except DigestMismatch as exc:
                 self.events.emit("handshake_fail", peer=peer_id, reason=str(exc), role="initiator")
                 log.error("%s: %s", peer_id, exc)
@@ -595,14 +593,17 @@ class Network:
                 )
             else:
                 delay = low
-                await self._run_link(link, None)
+                await self.run_link(link, None)
                 if self._stopping:
                     return
             # Exponential backoff with jitter, so restarted peers do not reconnect in lockstep.
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, high)
 
-    async def _dial_once(self, peer_id: str) -> PeerLink:
+    async def dial_once(self, peer_id: str) -> PeerLink:
+        """One dial of ``peer_id``: connect, authenticate, send our first STATUS. The link
+        is not taken up until ``run_link`` runs it (``_dial_forever`` does both, with
+        retries; tests call the two steps apart to order crossing handshakes)."""
         peer = self.config.peers[peer_id]
         ws: ClientConnection = await connect(
             peer.address,
@@ -647,7 +648,9 @@ class Network:
 
     # --- a live link -------------------------------------------------------------------------
 
-    async def _run_link(self, link: PeerLink, first: Status | None) -> None:
+    async def run_link(self, link: PeerLink, first: Status | None) -> None:
+        """Take up an authenticated link (unless the crossing-link rule keeps the old one)
+        and read from it until it closes."""
         old = self.links.get(link.peer_id)
         if old is not None and keeps_old_link(
             self.own_id,

@@ -271,7 +271,8 @@ class Node:
         """Wait for ``done()`` to become true, woken by network events. False on timeout.
         ``deadline()`` is asked again after every wake-up (a neighbour that dropped
         meanwhile brings the next wake-up forward)."""
-        assert self._changed is not None
+        if self._changed is None:  # (made on the loop that waits)
+            self._changed = asyncio.Event()
         loop = asyncio.get_running_loop()
         while True:
             # The wake-up first, then done(): a grace that ends between the two is then
@@ -301,6 +302,8 @@ class Node:
 
     def link_up(self, link: PeerLink) -> None:
         self.tracker.mark_up(link.peer_id)
+        if self.exchange is not None:
+            self.exchange.links_changed()
         self.offer(link)
         self.notify()
 
@@ -308,6 +311,8 @@ class Node:
         if link.peer_id not in self.net.links:  # not replaced by a newer connection
             self.tracker.forget_peer(link.peer_id)
             self.tracker.mark_down(link.peer_id, asyncio.get_running_loop().time())
+        if self.exchange is not None:
+            self.exchange.links_changed()
         self.notify()
 
     def message(self, link: PeerLink, msg: Message) -> None:

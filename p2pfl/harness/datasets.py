@@ -1,10 +1,11 @@
-"""Whole datasets (train and test split) for the harness: digits, Fashion-MNIST, ``.npz``.
+"""Whole datasets (train and test split) for the harness: digits, diabetes (regression),
+Fashion-MNIST, ``.npz``.
 
 Only the harness and tests use this module; peer processes read their own partition files
 through ``p2pfl.learning.data``. Files are still treated as untrusted input: every problem
 is a ``DataError`` naming the file and the fault, and nothing is ever unpickled.
-scikit-learn is imported lazily (only for ``digits``) so that importing this module stays
-cheap and scikit-learn stays an optional dependency.
+scikit-learn is imported lazily (only for ``digits`` and ``diabetes``) so that importing
+this module stays cheap and scikit-learn stays an optional dependency.
 """
 
 from __future__ import annotations

@@ -193,6 +193,11 @@ class _DenseNetwork:
 
     # -- extras -------------------------------------------------------------------------
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The model's raw outputs for every row of ``x`` (before any softmax): what an
+        exported model must reproduce."""
+        return self._forward(self._check_x(x))[1]
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted class index for every row of ``x`` (regression: the predicted targets,
         shape ``(n, outputs)``)."""

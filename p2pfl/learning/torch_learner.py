@@ -59,7 +59,7 @@ class OptimizerSpec:
 def use_threads(threads: int) -> None:
     """Cap torch's threads in this process. A peer process takes one (as for BLAS):
     several peers share a machine's cores, and oversubscribed thread pools made numpy peers
-    11x slower (DESIGN section 6). The harness's baseline, alone on the machine, takes all."""
+    11x slower (measured on 2 cores). The harness's baseline, alone on the machine, takes all."""
     torch.set_num_threads(max(1, threads))
     # Inter-op threads can only be set before the first parallel work has started.
     if threads == 1 and torch.get_num_interop_threads() != 1:
@@ -114,9 +114,16 @@ class TorchLearner:
             offset += n
         #: The same memory as a numpy array: what ``get_weights`` hands out.
         self._flat_np = self._flat.numpy()
-        self._optimizer_spec = optimizer
+        #: How the local optimiser is built (peers.yaml's ``model.optimizer``).
+        self.optimizer_spec = optimizer
         self._optimizer: torch.optim.Optimizer | None = None
         self._loss: nn.Module = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The local optimiser (None before the first fit): its state, e.g. momentum, stays
+        on this node and outlives each round's new weights."""
+        return self._optimizer
 
     @property
     def n_parameters(self) -> int:
@@ -210,7 +217,7 @@ class TorchLearner:
         learning rate is set on every call."""
         if self._optimizer is None:
             params = [p for p in self.module.parameters() if p.requires_grad]
-            self._optimizer = self._optimizer_spec.build(params, learning_rate)
+            self._optimizer = self.optimizer_spec.build(params, learning_rate)
         for group in self._optimizer.param_groups:
             group["lr"] = learning_rate
         return self._optimizer

@@ -81,6 +81,10 @@ class Throttle:
         self.max_keys = max_keys
         self._state: dict[str, tuple[float, int, int]] = {}  # key -> (start, used, suppressed)
 
+    def __len__(self) -> int:
+        """How many keys are tracked now (bounded by ``max_keys``)."""
+        return len(self._state)
+
     def allow(self, key: str, now: float) -> int | None:
         """None if the event should be dropped; else how many were dropped before it."""
         start, used, suppressed = self._state.get(key, (now, 0, 0))

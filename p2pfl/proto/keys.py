@@ -2,8 +2,10 @@
 
 The WireGuard model: every peer has one static X25519 key pair, the public half is listed
 in ``peers.yaml`` (the roster is the access list), and the private half lives in a file
-only its owner can read. Any two peers can derive a shared secret without a round trip,
-which is what pairwise channel keys and secure-aggregation masks are built from.
+only its owner can read. Any two peers can derive a shared secret without a round trip:
+secure aggregation's share boxes and view tags are keyed from it (``pairwise_secret``).
+Channel keys come from the Noise IK handshake instead (``handshake``), and the masks from
+per-round ephemeral keys (``secure.group``).
 """
 
 from __future__ import annotations

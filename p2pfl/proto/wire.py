@@ -239,6 +239,21 @@ def encode_shares(lamport: int, round_index: int, boxes: dict[str, bytes]) -> by
     return _HEADER.pack(MessageType.SHARES, lamport, round_index) + body
 
 
+def encode_secure(msg: Keys | Shares | Present | Confirm | Unmask | Reveal) -> bytes:
+    """Any secure-aggregation message, as its own ``encode_*`` writes it."""
+    if isinstance(msg, Keys):
+        return encode_keys(msg.lamport, msg.round, msg.public, msg.boxes)
+    if isinstance(msg, Shares):
+        return encode_shares(msg.lamport, msg.round, msg.boxes)
+    if isinstance(msg, Present):
+        return encode_present(msg.lamport, msg.round, msg.present)
+    if isinstance(msg, Confirm):
+        return encode_confirm(msg.lamport, msg.round, msg.tags)
+    if isinstance(msg, Unmask):
+        return encode_unmask(msg.lamport, msg.round, msg.tags)
+    return encode_reveal(msg.lamport, msg.round, msg.shares)
+
+
 def _decode_secure(kind: int, lamport: int, round_index: int, body: memoryview) -> Message:
     if kind == MessageType.PRESENT:
         return Present(lamport, round_index, tuple(_decode_entries("PRESENT", body, 0)[0]))

@@ -1,11 +1,13 @@
 """One group's secure-aggregation protocol for one round, both roles, pure: no sockets, no
 loop, and its randomness (ephemeral keys, self-mask seeds, Shamir coefficients, box
-nonces) from the ``rng`` it is given (``secrets`` unless a test passes a seeded one).
+nonces) from the ``rng`` it is given (``secrets`` unless a test passes a seeded one). (The
+owner's low-order-point check of a member's key uses a throwaway key of its own.)
 
 This is the protocol of Bonawitz et al. (CCS 2017), run inside each neighbourhood: the
 owner i of the group plays the server, its neighbours the members (``arithmetic`` has the
 arithmetic). For round r and owner i, with members M (i's neighbours, sorted), n = |M| and
-threshold t = n // 2 + 1:
+threshold t = floor(f * n) + 1 for ``aggregation.threshold`` f in [0.5, 1) (by default
+t = n // 2 + 1, a strict majority):
 
 1. KEYS (member j -> owner): j draws an ephemeral X25519 key e_j and a self-mask seed b_j,
    splits both t-of-n (Shamir) and sends, for every other member k, a *box*: e_j's public
