@@ -1034,3 +1034,39 @@ def test_check_refuses_what_run_refuses(tmp_path: Path, capsys: pytest.CaptureFi
     assert "aggregation.secure: needs every peer to have at least 2 neighbours" in (
         capsys.readouterr().err
     )
+
+
+def test_min_neighbours_defaults_to_one_and_zero_allows_training_alone(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, base())).training.min_neighbours == 1
+    cfg = base()
+    cfg["training"]["min_neighbours"] = 0
+    assert load_config(write(tmp_path, cfg)).training.min_neighbours == 0
+
+
+@pytest.mark.parametrize(
+    ("topology", "wanted", "problem"),
+    [
+        ({"kind": "ring"}, 3, "is 3, but alice has only 2 neighbour(s) in round 0"),
+        ({"kind": "full"}, 4, "is 4, but alice has only 3 neighbour(s) in round 0"),
+        ({"kind": "full"}, -1, "expected an integer >= 0"),
+        ({"kind": "full"}, "two", "expected an integer"),
+    ],
+)
+def test_min_neighbours_must_be_reachable_for_every_peer(
+    tmp_path: Path, topology: dict[str, Any], wanted: object, problem: str
+) -> None:
+    cfg = base()
+    cfg["topology"] = topology
+    cfg["training"]["min_neighbours"] = wanted
+    with pytest.raises(ConfigError, match=r"training\.min_neighbours") as info:
+        load_config(write(tmp_path, cfg))
+    assert problem in str(info.value)
+
+
+def test_min_neighbours_is_part_of_the_shared_digest(tmp_path: Path) -> None:
+    cfg = base()
+    cfg["training"]["min_neighbours"] = 2
+    assert (
+        load_config(write(tmp_path, cfg)).digest
+        != load_config(write(tmp_path, base(), "b.yaml")).digest
+    )

@@ -436,7 +436,12 @@ async def test_a_stop_coinciding_with_a_network_event_is_not_lost(
     same loop turn, as when neighbours are stopped together. She must still stop. (On
     Python 3.11, asyncio.wait_for, which the wait used, swallowed the cancellation:
     CPython gh-86296; the node ran on to its last round.)"""
-    net = make_network(("alice", "bob"), round_timeout=30, startup_timeout=0.05)
+    net = make_network(
+        ("alice", "bob"),
+        round_timeout=30,
+        startup_timeout=0.05,
+        extra={"training": {"min_neighbours": 0}},
+    )
     alice = make_node(net, "alice")
     run = asyncio.ensure_future(alice.run())
     try:

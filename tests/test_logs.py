@@ -252,9 +252,9 @@ def test_summary_numbers(two_machines: Path) -> None:
 def test_summary_table_and_json(two_machines: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["logs", str(two_machines)]) == 0
     out, err = out_lines(capsys)
-    assert out[0].split()[:4] == ["peer", "rounds", "sent", "recv"]
+    assert out[0].split()[:5] == ["peer", "rounds", "alone", "sent", "recv"]
     alice = out[1].split()
-    assert alice[:4] == ["alice", "2", "2", "2"]
+    assert alice[:5] == ["alice", "2", "0", "2", "2"]
     assert alice[-1] == "yes" and "0.7500" in alice
     end = out[0].index("cpu ms") + len("cpu ms")  # (a right-aligned column)
     assert out[1][end - 4 : end] == "40.0" and out[2][end - 1 : end] == "-"
@@ -847,3 +847,17 @@ def test_tail_skips_an_endless_line_in_bounded_memory(tmp_path: Path) -> None:
     events, problems = tail.poll()
     assert problems == [] and [e.lamport for e in events] == [4]
     assert events[0].line == 2
+
+
+def test_summary_counts_rounds_aggregated_alone_and_a_node_that_stopped_alone() -> None:
+    events = [
+        Event(T0, "a", "aggregate", 0, 1, {"members": ["a", "b"]}, Path("x"), 1),
+        Event(T0, "a", "aggregate", 1, 2, {"members": ["a"]}, Path("x"), 2),
+        Event(T0, "a", "aggregate", 2, 3, {"members": "a"}, Path("x"), 3),  # (malformed)
+        Event(T0, "b", "node_stop", 0, 4, {"finished": False, "reason": "alone"}, Path("x"), 4),
+    ]
+    a, b = summarize(events)
+    assert (a.alone, b.alone) == (1, 0)
+    table = format_summary([a, b])
+    assert table.splitlines()[2].split()[-1] == "alone"
+    assert "alone: rounds averaged with no neighbour's model" in table

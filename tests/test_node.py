@@ -176,7 +176,13 @@ async def test_stop_request_shuts_down_cleanly(make_network) -> None:
 
 async def test_a_node_alone_still_ends_each_round_at_its_deadline(make_network) -> None:
     """No neighbour ever connects, so no network event wakes the round: the deadline must."""
-    net = make_network(("alice", "bob"), rounds=2, round_timeout=0.3, startup_timeout=0.3)
+    net = make_network(
+        ("alice", "bob"),
+        rounds=2,
+        round_timeout=0.3,
+        startup_timeout=0.3,
+        extra={"training": {"min_neighbours": 0}},
+    )
     alice = make_node(net, "alice")
     assert await asyncio.wait_for(alice.run(), 10 * TIMEOUT) == 0
     aggregates = [

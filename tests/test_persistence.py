@@ -167,7 +167,10 @@ async def test_resumed_node_does_not_wait_out_the_startup_timeout_for_a_dead_nei
     so it gives her net.down_grace, then goes on (and its live neighbours, who wait for
     its rounds, are not held up)."""
     net = make_network(
-        ("alice", "bob"), rounds=3, startup_timeout=60, extra={"net": {"down_grace": 0.3}}
+        ("alice", "bob"),
+        rounds=3,
+        startup_timeout=60,
+        extra={"net": {"down_grace": 0.3}, **ALONE},  # (bob may go on alone)
     )
     bob = make_node(net, "bob")
     ckpt.save_checkpoint(
@@ -185,6 +188,8 @@ async def test_resumed_node_does_not_wait_out_the_startup_timeout_for_a_dead_nei
 # --- the privacy budget lives in the checkpoint (not in the event log) --------------------
 
 DP = {"aggregation": {"dp": {"clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1.0e-5}}}
+#: A node that may train alone (``training.min_neighbours`` 0), for tests of one node.
+ALONE = {"training": {"min_neighbours": 0}}
 
 
 def log_with_trains(state: Path, count: int) -> Path:
@@ -278,7 +283,11 @@ async def test_with_dp_each_train_event_is_durable_before_the_update_leaves(
     With DP the train event is fsynced before the update is handed to the outbox; without
     DP there is no budget, and no fsync on the round path."""
     net = make_network(
-        ("alice", "bob"), rounds=2, round_timeout=0.3, startup_timeout=0.3, extra=DP if dp else {}
+        ("alice", "bob"),
+        rounds=2,
+        round_timeout=0.3,
+        startup_timeout=0.3,
+        extra={**(DP if dp else {}), **ALONE},
     )
     alice = make_node(net, "alice")
     order: list[str] = []
@@ -322,7 +331,7 @@ async def test_deleting_the_event_log_does_not_reset_the_privacy_budget(make_net
         ("alice", "bob"),
         rounds=4,
         startup_timeout=0.3,
-        extra={**DP, "net": {"down_grace": 0.3}},
+        extra={**DP, "net": {"down_grace": 0.3}, **ALONE},
     )
     first = make_node(net, "bob")
 

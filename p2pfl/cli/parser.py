@@ -26,7 +26,9 @@ def make_parser() -> argparse.ArgumentParser:
         prog="p2pfl",
         description="Peer-to-peer federated learning daemon (no coordinator).",
         epilog="Exit codes: 0 success (or a clean stop on SIGINT/SIGTERM), 2 a configuration, "
-        "key, data or checkpoint error (the message names the file and the field).",
+        "key, data or checkpoint error (the message names the file and the field), 3 a node "
+        "that never had training.min_neighbours neighbours (it says whom it waited for "
+        "and why).",
     )
     parser.add_argument("--version", action="version", version=f"p2pfl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -114,6 +114,7 @@ class _DocumentReader(RosterReader, TrainingReader, AggregationReader, LimitsRea
         topology = self.topology(root.get("topology", {"kind": "full"}), tuple(peers))
         self.check_graph(topology, tuple(peers), seed)
         training = self.training(root["training"])
+        self.check_min_neighbours(topology, tuple(peers), seed, training)
         # An optional section left empty (every line below it commented out) means defaults.
         aggregation = self.aggregation(or_empty(root.get("aggregation")))
         if aggregation.secure:

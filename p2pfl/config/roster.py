@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import cast, get_args
 
 from p2pfl.config.fields import FieldReader, join_path, shown
-from p2pfl.config.schema import PeerInfo
+from p2pfl.config.schema import PeerInfo, TrainingConfig
 from p2pfl.core.topology import TopologyConfig, TopologyKind, graph_for_round, is_connected
 from p2pfl.proto.keys import decode_public_key
 
@@ -162,6 +162,22 @@ class RosterReader(FieldReader):
                 self.fail(path, f"duplicate of topology.edges[{first_seen[(a, b)]}]")
             first_seen[(a, b)] = index
         return tuple(sorted(first_seen))
+
+    def check_min_neighbours(
+        self, topology: TopologyConfig, ids: tuple[str, ...], seed: int, training: TrainingConfig
+    ) -> None:
+        """``training.min_neighbours`` must be reachable: every peer has at least that many
+        neighbours in every round's graph (or that peer could never start a round)."""
+        wanted = training.min_neighbours
+        for r in range(training.rounds) if topology.resample_every else range(1):
+            graph = graph_for_round(topology, ids, seed, r)
+            peer = min(sorted(graph), key=lambda p: len(graph[p]))
+            if len(graph[peer]) < wanted:
+                self.fail(
+                    "training.min_neighbours",
+                    f"is {wanted}, but {peer} has only {len(graph[peer])} neighbour(s) in "
+                    f"round {r}; lower it, or use a topology of higher degree",
+                )
 
     def check_graph(self, topology: TopologyConfig, ids: tuple[str, ...], seed: int) -> None:
         """The graph must be connected, or the model could never reach consensus."""

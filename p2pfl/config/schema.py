@@ -91,6 +91,11 @@ class TrainingConfig:
     #: the smallest power of two >= the largest |x| in the node's own training data, so
     #: pixel data (0-16, 0-255) lands in [0, 1] on every peer without configuration.
     input_scale: float | None = None
+    #: The fewest neighbours whose models a round should average: a node starts no round
+    #: with fewer connected (it waits, up to ``startup_timeout``, then stops with exit
+    #: code 3), and a run in which no round reached it ends with exit code 3. 0: a node may
+    #: train alone.
+    min_neighbours: int = 1
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,7 @@ def shared_mapping(
             "learning_rate": training.learning_rate,
             "round_timeout": training.round_timeout,
             "startup_timeout": training.startup_timeout,
+            "min_neighbours": training.min_neighbours,
             "input_scale": "auto" if training.input_scale is None else training.input_scale,
             "model": training.model.as_mapping(),
         },

@@ -48,6 +48,7 @@ class TrainingReader(FieldReader):
             "learning_rate",
             "round_timeout",
             "startup_timeout",
+            "min_neighbours",
             "input_scale",
             "model",
         )
@@ -67,6 +68,9 @@ class TrainingReader(FieldReader):
             ),
             model=self.model(section["model"]),
             input_scale=self.input_scale(section.get("input_scale", "auto")),
+            min_neighbours=self.integer(
+                section.get("min_neighbours", 1), "training.min_neighbours", 0
+            ),
         )
 
     def input_scale(self, value: object) -> float | None:

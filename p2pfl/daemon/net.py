@@ -346,6 +346,9 @@ class Network:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        #: Why a roster peer has no link, as far as we know (the last failed dial, a
+        #: digest mismatch); a peer with a link, or never tried, has no entry.
+        self.unreached: dict[str, str] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -419,6 +422,12 @@ class Network:
             link = await self.dial_once(peer_id)
         except (P2PFLError, OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
             log.debug("announcing ourselves to %s failed: %s", peer_id, _describe(exc))
+            if peer_id not in self.links:
+                self.unreached[peer_id] = (
+                    str(exc)
+                    if isinstance(exc, P2PFLError)
+                    else _unreachable(exc, self.config.peers[peer_id].address)
+                )
             return
         await self.run_link(link, None)
 
@@ -541,7 +550,12 @@ class Network:
         )
         peer_id = verdict.peer_id
         await ws.send(hs.write_message(encode_reply(verdict.reply, self.config.digest)))
-        verdict.fail_if_mismatch(self.config.digest, hello.digest)
+        try:
+            verdict.fail_if_mismatch(self.config.digest, hello.digest)
+        except DigestMismatch as exc:
+            if peer_id not in self.links:
+                self.unreached[peer_id] = str(exc)
+            raise
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         # Key confirmation: message 1 alone could be a replay, so the link only counts once
         # the initiator proves it holds the session keys with a first record.
@@ -580,17 +594,21 @@ class Network:
             except DigestMismatch as exc:
                 self.events.emit("handshake_fail", peer=peer_id, reason=str(exc), role="initiator")
                 log.error("%s: %s", peer_id, exc)
+                self.unreached[peer_id] = str(exc)
                 delay = high
             except HandshakeError as exc:
                 self.events.emit("handshake_fail", peer=peer_id, reason=str(exc), role="initiator")
                 log.warning("handshake with %s failed: %s", peer_id, exc)
+                self.unreached[peer_id] = f"handshake failed: {exc}"
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, InvalidURI) as exc:
                 log.debug("cannot reach %s yet: %s", peer_id, _describe(exc))
+                self.unreached[peer_id] = _unreachable(exc, self.config.peers[peer_id].address)
             except Exception as exc:  # never let one surprise end the dialer for good
                 log.exception("unexpected error dialing %s", peer_id)
                 self.events.emit(
                     "handshake_fail", peer=peer_id, reason=_describe(exc), role="initiator"
                 )
+                self.unreached[peer_id] = _describe(exc)
             else:
                 delay = low
                 await self.run_link(link, None)
@@ -631,7 +649,18 @@ class Network:
             remote_static=self.config.peers[peer_id].public_key,
         )
         await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
-        judge_reply(decode_reply(hs.read_message(await ws.recv(decode=False))), self.config.digest)
+        try:
+            answer = await ws.recv(decode=False)
+        except ConnectionClosed as exc:
+            if exc.rcvd is None or exc.rcvd.code != CLOSE_POLICY:
+                raise
+            # A responder that does not know our key (or that holds another key for this
+            # id) ends the handshake with no answer at all (a policy close).
+            raise HandshakeError(
+                f"{peer_id} closed the handshake without answering: does its peers.yaml list "
+                "our public key (and its own the one ours lists)?"
+            ) from None
+        judge_reply(decode_reply(hs.read_message(answer)), self.config.digest)
         self._authenticated(ws)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         link = PeerLink(
@@ -663,6 +692,7 @@ class Network:
             await link.close(CLOSE_NORMAL, "duplicate")
             return
         self.links[link.peer_id] = link
+        self.unreached.pop(link.peer_id, None)
         if old is not None:  # the peer restarted or reconnected: the new link wins
             self.spawn(self._retire(old))
         self.events.emit("connect", peer=link.peer_id, role="out" if link.initiator else "in")
@@ -867,6 +897,19 @@ def _address(ws: Connection) -> str:
         return f"{host}:{port}"
     except (TypeError, ValueError):
         return "?"
+
+
+def _unreachable(exc: BaseException, address: str) -> str:
+    """Why a dial of ``address`` failed, for an operator."""
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused at {address}: not running yet, or another port?"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host of {address}: {exc.strerror}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {address}: unreachable, or a firewall?"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot reach {address}: {exc.strerror}"
+    return f"cannot reach {address}: {_describe(exc)}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -38,6 +38,7 @@ from p2pfl.daemon.persist import RoundSaver
 from p2pfl.daemon.pool import ArrayPool
 from p2pfl.daemon.procinfo import peak_rss_mb
 from p2pfl.daemon.secure_exchange import SecureExchange
+from p2pfl.daemon.startup import EXIT_ALONE, REPORT_EVERY, waiting_for
 from p2pfl.daemon.statedir import prepare_state_dir
 from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.daemon.worker import Worker
@@ -118,6 +119,11 @@ class Node:
         self._build_parts(private_key)
         self._changed: asyncio.Event | None = None
         self.finished = False
+        #: What ``run`` returns: 0, or ``EXIT_ALONE``.
+        self.exit_code = 0
+        #: Rounds aggregated in this life, and the most neighbours' models one averaged.
+        self.rounds_run = 0
+        self.most_averaged = 0
         self._status_task: asyncio.Future[None] | None = None
         self._stop: asyncio.Event | None = None
         #: The round a restart should begin with, given what self.params holds now.
@@ -320,30 +326,67 @@ class Node:
 
     # --- the round loop ------------------------------------------------------------------
 
-    async def _startup(self, start_round: int, resumed: bool) -> int:
-        """Wait (bounded) for this round's neighbours and their round numbers.
+    async def _startup(self, start_round: int, resumed: bool) -> int | None:
+        """Wait (bounded) for this round's neighbours and their round numbers; the round
+        to start with, or None when fewer than ``training.min_neighbours`` came.
 
-        A fresh node waits up to ``training.startup_timeout`` (peers start at different
-        times). A node resuming from a checkpoint joins a network that is already running:
-        a neighbour that has not connected within ``net.down_grace`` is down, and waiting
-        longer would also hold up the live neighbours, who wait for this node's rounds.
+        A fresh node waits up to ``training.startup_timeout`` for all of them (peers start
+        at different times). A node resuming from a checkpoint joins a network that is
+        already running: a neighbour that has not connected within ``net.down_grace`` is
+        down, and waiting longer would also hold up the live neighbours, who wait for this
+        node's rounds. Either way it says every few seconds whom it waits for, and why.
         """
         loop = asyncio.get_running_loop()
         neighbours = self.neighbours_of(start_round)
         deadline = loop.time() + self.training.startup_timeout
         tracker = self.tracker
+        need = min(self.training.min_neighbours, len(neighbours))
 
         def waiting() -> list[str]:
             return tracker.not_ready(neighbours, self.net.links, resumed=resumed, now=loop.time())
 
-        ready = await self.wait_until(
-            lambda: not waiting(),
-            lambda: tracker.startup_wakeup(waiting(), resumed=resumed, deadline=deadline),
-        )
-        if not ready:
-            missing = sorted(neighbours - set(self.net.links))
-            log.warning("%s: starting without %s (startup timeout)", self.id, ", ".join(missing))
+        def missing() -> list[str]:
+            links, rounds = self.net.links, tracker.peer_rounds
+            return sorted(p for p in neighbours if not (p in links and p in rounds))
+
+        def done() -> bool:
+            return not waiting() and len(neighbours) - len(missing()) >= need
+
+        report_at = [loop.time() + REPORT_EVERY]
+
+        def wakeup() -> float:
+            graces = tracker.startup_wakeup(waiting(), resumed=resumed, deadline=deadline)
+            return min(graces, report_at[0])
+
+        while not await self.wait_until(done, wakeup):
+            now = loop.time()
+            if now >= deadline:
+                break
+            if now >= report_at[0]:
+                left = deadline - now
+                log.info("%s: waiting for %s (%.0fs left)", self.id, self._why(missing()), left)
+                report_at[0] = now + REPORT_EVERY
+        absent = missing()
+        if len(neighbours) - len(absent) < need:
+            log.error(
+                "%s: only %d of the %d neighbour(s) a round needs (training.min_neighbours) "
+                "came within training.startup_timeout (%gs). Not training alone: exit code %d. "
+                "%s",
+                self.id,
+                len(neighbours) - len(absent),
+                need,
+                self.training.startup_timeout,
+                EXIT_ALONE,
+                self._why(absent),
+            )
+            return None
+        if absent:
+            log.warning("%s: starting without %s (startup timeout)", self.id, self._why(absent))
         return max(start_round, self.tracker.consensus_round(start_round))
+
+    def _why(self, peers: list[str]) -> str:
+        """Whom we wait for, and why (``startup.waiting_for``)."""
+        return waiting_for(peers, self.id, linked=self.net.links, unreached=self.net.unreached)
 
     async def _round(self, r: int) -> int:
         """One round: train -> send and collect -> aggregate -> evaluate -> checkpoint.
@@ -483,6 +526,8 @@ class Node:
             used, outcome, own_clipped = await self.exchange.aggregate(r, received, weights)
             # (the same parameters, encoded as member and as owner: count each entry once)
             outcome["clipped"] = max(self.exchange.clipped, own_clipped)
+        self.rounds_run += 1
+        self.most_averaged = max(self.most_averaged, len(set(used) - {self.id}))
         next_round = self.tracker.next_round()
         self._resume_round = next_round  # from here on, self.params is "round r done"
         self.events.emit(
@@ -575,11 +620,26 @@ class Node:
             self.net.check_heartbeats(time.monotonic(), self.config.net.heartbeat_timeout)
 
     async def _rounds(self, start_round: int, resumed: bool) -> None:
-        r = await self._startup(start_round, resumed)
+        started = await self._startup(start_round, resumed)
+        if started is None:
+            self.exit_code = EXIT_ALONE
+            return
+        r = started
         if r != start_round:
             self.events.emit("resume", r, reason="neighbours are ahead", from_round=start_round)
         while r < self.training.rounds:
             r = await self._round(r)
+        need = self.training.min_neighbours
+        if self.rounds_run and self.most_averaged < need:
+            log.error(
+                "%s: no round averaged the models of %d neighbour(s) (training.min_neighbours; "
+                "at most %d): exit code %d",
+                self.id,
+                need,
+                self.most_averaged,
+                EXIT_ALONE,
+            )
+            self.exit_code = EXIT_ALONE
         self.tracker.start_round(self.training.rounds)
         self.net.broadcast_status(self.training.rounds)
         self.finished = True
@@ -609,6 +669,18 @@ class Node:
         self.local.dp_releases = restore_dp_releases(
             self.config, checkpoint, self.options.state_dir / "events.jsonl"
         )
+        if checkpoint is not None and checkpoint.next_round >= self.training.rounds:
+            log.info(
+                "%s: training is complete: all %d rounds are done (checkpoint in %s); "
+                "nothing to do",
+                self.id,
+                self.training.rounds,
+                self.options.state_dir,
+            )
+            self.events.close()
+            if self.exchange is not None:
+                self.exchange.close()
+            return 0
         if checkpoint is not None:
             self.params = checkpoint.params
             start_round = checkpoint.next_round
@@ -643,7 +715,7 @@ class Node:
             await self._final_checkpoint()
         finally:
             await self._shut_down()
-        return 0
+        return self.exit_code
 
     async def _open_services(self, start_round: int) -> None:
         """Listen for peers; serve metrics and the status socket if asked to."""
@@ -705,7 +777,11 @@ class Node:
             self.tracker.current,
             finished=self.finished,
             peak_rss_mb=peak_rss_mb(),
-            reason="completed" if self.finished else "stopped",
+            reason="alone"
+            if self.exit_code == EXIT_ALONE
+            else "completed"
+            if self.finished
+            else "stopped",
         )
         self.events.close()
         if self.exchange is not None:

@@ -40,6 +40,8 @@ class PeerSummary:
     #: Neighbours this node logged ``suspect`` events for (robust aggregation kept
     #: rejecting their updates), sorted.
     suspects: list[str] = field(default_factory=list)
+    #: Rounds aggregated with no neighbour's model (only the node's own).
+    alone: int = 0
 
 
 def _number(value: Any) -> float | None:
@@ -59,82 +61,102 @@ def summarize(events: Iterable[Event]) -> list[PeerSummary]:
     return [_summarize_node(node, by_node[node]) for node in sorted(by_node)]
 
 
-def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
-    counts: dict[str, int] = defaultdict(int)
-    nbytes = {"send": 0, "recv": 0}
-    round_times: dict[int | None, float] = {}
-    round_durations: list[float] = []
-    round_cpu: list[float] = []
-    train_times: dict[int | None, list[float]] = defaultdict(list)
-    handshake_peers: set[str] = set()
+@dataclass
+class _Tally:
+    """What one node's events add up to, one event at a time."""
+
+    node: str
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    nbytes: dict[str, int] = field(default_factory=lambda: {"send": 0, "recv": 0})
+    round_times: dict[int | None, float] = field(default_factory=dict)
+    round_cpu: list[float] = field(default_factory=list)
+    train_times: dict[int | None, list[float]] = field(default_factory=lambda: defaultdict(list))
+    handshake_peers: set[str] = field(default_factory=set)
+    suspects: set[str] = field(default_factory=set)
+    alone: int = 0
     accuracy: float | None = None
     r2: float | None = None
-    suspects: set[str] = set()
     peak: float | None = None
     finished: bool | None = None
     stop_reason: str | None = None
     dp_epsilon: float | None = None
     dp_delta: float | None = None
-    for e in events:
-        counts[e.type] += 1
-        if e.type in nbytes:
+    round_durations: list[float] = field(default_factory=list)
+
+    def add(self, e: Event) -> None:
+        self.counts[e.type] += 1
+        if e.type in self.nbytes:
             size = _number(e.get("bytes"))
-            nbytes[e.type] += int(size) if size is not None else 0
+            self.nbytes[e.type] += int(size) if size is not None else 0
         elif e.type == "round_end":
             duration = _number(e.get("duration_s"))
             if duration is not None:
-                round_durations.append(duration)
-                round_times[e.round] = duration
+                self.round_durations.append(duration)
+                self.round_times[e.round] = duration
             cpu = _number(e.get("cpu_s"))
             if cpu is not None:
-                round_cpu.append(cpu)
+                self.round_cpu.append(cpu)
         elif e.type == "train":
             duration = _number(e.get("duration_s"))
             if duration is not None:
-                train_times[e.round].append(duration)
+                self.train_times[e.round].append(duration)
             if _number(e.get("dp_epsilon")) is not None:
-                dp_epsilon = _number(e.get("dp_epsilon"))
-                dp_delta = _number(e.get("dp_delta"))
+                self.dp_epsilon = _number(e.get("dp_epsilon"))
+                self.dp_delta = _number(e.get("dp_delta"))
         elif e.type == "handshake_ok":
-            handshake_peers.add(str(e.get("peer", e.get("addr", "?"))))
+            self.handshake_peers.add(str(e.get("peer", e.get("addr", "?"))))
+        elif e.type == "aggregate":
+            members = e.get("members")
+            if isinstance(members, list) and not set(map(str, members)) - {self.node}:
+                self.alone += 1
         elif e.type == "suspect":
-            suspects.add(str(e.get("peer", "?")))
+            self.suspects.add(str(e.get("peer", "?")))
         elif e.type == "eval":
-            accuracy = _number(e.get("accuracy"))
-            r2 = _number(e.get("r2"))
+            self.accuracy = _number(e.get("accuracy"))
+            self.r2 = _number(e.get("r2"))
         elif e.type == "node_stop":
-            rss = _number(e.get("peak_rss_mb"))
-            if rss is not None:
-                peak = rss if peak is None else max(peak, rss)
-            done = e.get("finished")
-            finished = done if isinstance(done, bool) else None
-            reason = e.get("reason")
-            stop_reason = reason if isinstance(reason, str) else None
+            self._stopped(e)
+
+    def _stopped(self, e: Event) -> None:
+        rss = _number(e.get("peak_rss_mb"))
+        if rss is not None:
+            self.peak = rss if self.peak is None else max(self.peak, rss)
+        done = e.get("finished")
+        self.finished = done if isinstance(done, bool) else None
+        reason = e.get("reason")
+        self.stop_reason = reason if isinstance(reason, str) else None
+
+
+def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
+    t = _Tally(node)
+    for e in events:
+        t.add(e)
     # The share counts training only in rounds that ended, so an interrupted last round
     # does not inflate it.
-    completed_train = sum(sum(train_times[r]) for r in round_times if r in train_times)
-    completed_round = sum(round_times.values())
+    completed_train = sum(sum(t.train_times[r]) for r in t.round_times if r in t.train_times)
+    completed_round = sum(t.round_times.values())
     return PeerSummary(
         peer=node,
-        rounds=counts["round_end"],
-        sent=counts["send"],
-        received=counts["recv"],
-        bytes_sent=nbytes["send"],
-        bytes_received=nbytes["recv"],
-        rejections=counts["reject"],
-        reconnects=counts["handshake_ok"] - len(handshake_peers),
-        mean_round_s=_mean(round_durations),
-        mean_train_s=_mean([t for times in train_times.values() for t in times]),
+        rounds=t.counts["round_end"],
+        sent=t.counts["send"],
+        received=t.counts["recv"],
+        bytes_sent=t.nbytes["send"],
+        bytes_received=t.nbytes["recv"],
+        rejections=t.counts["reject"],
+        reconnects=t.counts["handshake_ok"] - len(t.handshake_peers),
+        mean_round_s=_mean(t.round_durations),
+        mean_train_s=_mean([x for times in t.train_times.values() for x in times]),
         train_share=completed_train / completed_round if completed_round > 0 else None,
-        last_accuracy=accuracy,
-        peak_rss_mb=peak,
-        finished=finished,
-        stop_reason=stop_reason,
-        dp_epsilon=dp_epsilon,
-        dp_delta=dp_delta,
-        mean_round_cpu_s=_mean(round_cpu),
-        last_r2=r2,
-        suspects=sorted(suspects),
+        last_accuracy=t.accuracy,
+        peak_rss_mb=t.peak,
+        finished=t.finished,
+        stop_reason=t.stop_reason,
+        dp_epsilon=t.dp_epsilon,
+        dp_delta=t.dp_delta,
+        mean_round_cpu_s=_mean(t.round_cpu),
+        last_r2=t.r2,
+        suspects=sorted(t.suspects),
+        alone=t.alone,
     )
 
 
@@ -155,6 +177,7 @@ def _opt(value: float | None, fmt: str, scale: float = 1.0) -> str:
 _COLUMNS = (
     ("peer", "<"),
     ("rounds", ">"),
+    ("alone", ">"),
     ("sent", ">"),
     ("recv", ">"),
     ("bytes sent", ">"),
@@ -175,6 +198,7 @@ def _row(s: PeerSummary) -> list[str]:
     return [
         s.peer,
         str(s.rounds),
+        str(s.alone),
         str(s.sent),
         str(s.received),
         human_bytes(s.bytes_sent),
@@ -187,8 +211,12 @@ def _row(s: PeerSummary) -> list[str]:
         _opt(s.train_share, ".0f", 100),
         _opt(s.last_accuracy, ".4f"),
         "-" if s.peak_rss_mb is None else f"{s.peak_rss_mb:.0f} MB",
-        "-" if s.finished is None else "yes" if s.finished else "no",
+        "-" if s.finished is None else "alone" if s.stop_reason == "alone" else _yes(s.finished),
     ]
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def format_summary(summaries: Sequence[PeerSummary]) -> str:
@@ -222,6 +250,13 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
     deltas = {s.dp_delta for s in summaries if s.dp_delta is not None}
     if deltas:
         lines.append(f"epsilon: differential privacy spent so far, at delta {min(deltas):g}")
+    if any(s.alone for s in summaries):
+        lines.append("alone: rounds averaged with no neighbour's model")
+    if any(s.stop_reason == "alone" for s in summaries):
+        lines.append(
+            "finished 'alone': stopped with exit code 3, too few neighbours "
+            "(training.min_neighbours)"
+        )
     if any(s.finished is None for s in summaries):
         lines.append("finished '-': no node_stop logged (still running, or killed)")
     return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Never alone in silence: a starting node says whom it waits for and why, a node that
+reaches too few neighbours (``training.min_neighbours``) stops with exit code 3 instead
+of training alone, and a restarted finished node says so and exits at once."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from p2pfl.config import load_config
+from p2pfl.daemon.startup import EXIT_ALONE, waiting_for
+from p2pfl.logs.read import read_logs
+from p2pfl.logs.summary import format_summary, summarize
+from p2pfl.proto.keys import generate_key_file
+
+from .conftest import TIMEOUT
+from .test_node import make_node, read_events, run_all
+
+
+def test_why_a_neighbour_is_missing_in_words() -> None:
+    unreached = {"bob": "connection refused at ws://127.0.0.1:9"}
+    line = waiting_for(
+        ["erin", "dave", "bob", "alice"], "carol", linked={"dave"}, unreached=unreached
+    )
+    assert line == (
+        "alice: not connected yet: it dials us; bob: connection refused at ws://127.0.0.1:9; "
+        "dave: connected, its round not announced yet; erin: not connected yet"
+    )
+
+
+async def test_a_node_that_reaches_no_neighbour_says_why_and_exits_3(
+    make_network: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("p2pfl.daemon.node.REPORT_EVERY", 0.2 * TIMEOUT)
+    net = make_network(startup_timeout=1.0)
+    alice = make_node(net, "alice")
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    assert await run_all([alice]) == [EXIT_ALONE]
+    waiting = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert waiting, "no 'waiting for' line while starting"
+    for peer in ("bob", "carol"):
+        address = net.config.peers[peer].address
+        assert f"{peer}: connection refused at {address}" in waiting[-1]
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "only 0 of the 1 neighbour(s)" in error and "exit code 3" in error
+    events = read_events(net.state("alice") / "events.jsonl")
+    assert not [e for e in events if e["type"] in ("train", "aggregate")]
+    assert events[-1]["type"] == "node_stop" and events[-1]["reason"] == "alone"
+    table = format_summary(summarize(read_logs(net.state("alice")).events))
+    assert table.splitlines()[1].split()[-1] == "alone" and "exit code 3" in table
+
+
+async def test_with_min_neighbours_0_a_node_may_train_alone(make_network: Any) -> None:
+    net = make_network(startup_timeout=0.5, rounds=2, extra={"training": {"min_neighbours": 0}})
+    assert await run_all([make_node(net, "alice")]) == [0]
+    (s,) = summarize(read_logs(net.state("alice")).events)
+    assert (s.rounds, s.alone, s.finished) == (2, 2, True)
+
+
+async def test_a_node_that_is_not_known_to_its_neighbour_is_told_what_to_check(
+    make_network: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob's peers.yaml lists another key for alice: bob ends her handshake without a word;
+    alice says what to check instead of "cannot reach"."""
+    net = make_network(("alice", "bob"), startup_timeout=1.5)
+    data = yaml.safe_load(net.config_path.read_text())
+    data["peers"]["alice"]["public_key"] = generate_key_file(tmp_path / "other.key")
+    other = tmp_path / "bob.yaml"
+    other.write_text(yaml.safe_dump(data))
+    bob_net = dataclasses.replace(net, config_path=other, config=load_config(other))
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    codes = await run_all([make_node(net, "alice"), make_node(bob_net, "bob")])
+    assert codes == [EXIT_ALONE, EXIT_ALONE]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    (alice,) = [m for m in errors if m.startswith("alice: only 0")]
+    assert "bob: handshake failed: bob closed the handshake without answering" in alice
+    assert "does its peers.yaml list our public key" in alice
+
+
+async def test_a_restarted_finished_node_says_so_and_exits_at_once(
+    make_network: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    net = make_network(("alice", "bob"), rounds=2)
+    assert await run_all([make_node(net, p) for p in net.peers]) == [0, 0]
+    before = read_events(net.state("alice") / "events.jsonl")
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    started = time.monotonic()
+    assert await run_all([make_node(net, "alice")]) == [0]
+    assert time.monotonic() - started < 2.0 * TIMEOUT
+    assert any(
+        "training is complete: all 2 rounds are done" in r.getMessage() for r in caplog.records
+    )
+    assert read_events(net.state("alice") / "events.jsonl") == before  # nothing happened
+    await asyncio.sleep(0)
