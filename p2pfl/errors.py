@@ -39,12 +39,15 @@ class HandshakeError(RemoteProtocolError):
 
 
 class DigestMismatch(HandshakeError):
-    """Both ends authenticated but their shared configuration differs."""
+    """Both ends authenticated but their shared configuration differs (in ``fields``, when
+    the other end said which)."""
 
-    def __init__(self, ours: str, theirs: str) -> None:
+    def __init__(self, ours: str, theirs: str, fields: tuple[str, ...] = ()) -> None:
         self.ours = ours
         self.theirs = theirs
-        super().__init__(f"config digest mismatch: ours {ours}, theirs {theirs}")
+        self.fields = fields
+        where = f"; peers.yaml differs in {', '.join(fields)}" if fields else ""
+        super().__init__(f"config digest mismatch: ours {ours}, theirs {theirs}{where}")
 
 
 class RecordError(RemoteProtocolError):

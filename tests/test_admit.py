@@ -8,7 +8,9 @@ import pytest
 
 from p2pfl.errors import DigestMismatch, HandshakeError
 from p2pfl.proto.admit import (
+    MAX_NAMED_FIELDS,
     confirm_keys,
+    differing_fields,
     is_canonical,
     judge_hello,
     judge_reply,
@@ -127,3 +129,50 @@ def test_a_stale_link_gives_way_to_a_new_one() -> None:
     assert not keeps_old_link(
         "alice", "bob", old_initiator=False, new_initiator=True, old_age=0.1, handshake_timeout=5
     )
+
+
+def test_a_mismatch_names_the_fields_that_differ() -> None:
+    ours = {"seed": b"1" * 8, "training.rounds": b"2" * 8, "peers.dave": b"3" * 8}
+    theirs = {"seed": b"1" * 8, "training.rounds": b"9" * 8, "peers.erin": b"4" * 8}
+    with pytest.raises(DigestMismatch) as info:
+        judge_reply(Reply(PROTOCOL_VERSION, REPLY_DIGEST_MISMATCH, OTHER, theirs), DIGEST, ours)
+    assert info.value.fields == (
+        "training.rounds",
+        "peers.erin (only theirs)",
+        "peers.dave (only ours)",
+    )
+    assert "peers.yaml differs in training.rounds, peers.erin (only theirs)" in str(info.value)
+
+
+def test_a_cut_field_list_does_not_blame_what_it_left_out() -> None:
+    ours = {"seed": b"1" * 8, "peers.dave": b"3" * 8}
+    assert differing_fields(ours, {"seed": b"2" * 8}, truncated=True) == ("seed",)
+
+
+def test_a_long_list_of_differences_is_shortened() -> None:
+    ours = {f"f{i:02d}": b"1" * 8 for i in range(20)}
+    theirs = {f"f{i:02d}": b"2" * 8 for i in range(20)}
+    named = differing_fields(ours, theirs)
+    assert len(named) == MAX_NAMED_FIELDS + 1 and named[-1] == "and 8 more"
+
+
+def test_field_digests_change_only_where_the_config_does() -> None:
+    from p2pfl.config.schema import field_digests
+
+    shared = {
+        "seed": 3,
+        "peers": {"alice": {"address": "ws://a"}, "bob": {"address": "ws://b"}},
+        "training": {"rounds": 5, "learning_rate": 0.1, "model": {"kind": "mlp"}},
+    }
+    before = field_digests(shared)
+    assert list(before) == [
+        "seed",
+        "training.learning_rate",
+        "training.model",
+        "training.rounds",
+        "peers.alice",
+        "peers.bob",
+    ]
+    shared["training"]["learning_rate"] = 0.2
+    after = field_digests(shared)
+    assert [k for k in before if before[k] != after[k]] == ["training.learning_rate"]

@@ -99,3 +99,25 @@ async def test_a_restarted_finished_node_says_so_and_exits_at_once(
     )
     assert read_events(net.state("alice") / "events.jsonl") == before  # nothing happened
     await asyncio.sleep(0)
+
+
+async def test_a_digest_mismatch_names_the_fields_that_differ(
+    make_network: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob's copy of peers.yaml has another learning rate and one more round: both say so,
+    naming the fields, instead of two digests."""
+    net = make_network(("alice", "bob"), startup_timeout=1.5)
+    data = yaml.safe_load(net.config_path.read_text())
+    data["training"]["learning_rate"] = 0.25
+    data["training"]["rounds"] += 1
+    other = tmp_path / "bob.yaml"
+    other.write_text(yaml.safe_dump(data))
+    bob_net = dataclasses.replace(net, config_path=other, config=load_config(other))
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    codes = await run_all([make_node(net, "alice"), make_node(bob_net, "bob")])
+    assert codes == [EXIT_ALONE, EXIT_ALONE]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for node, peer in (("alice", "bob"), ("bob", "alice")):
+        (line,) = [m for m in errors if m.startswith(f"{node}: only 0")]
+        assert f"{peer}: config digest mismatch" in line, line
+        assert "peers.yaml differs in training.learning_rate, training.rounds" in line, line

@@ -949,6 +949,7 @@ SEMANTIC_CHANGES: list[Callable[[dict[str, Any]], None]] = [
     setting("training", "learning_rate", value=0.2),
     setting("training", "round_timeout", value=31),
     setting("training", "startup_timeout", value=61),
+    setting("training", "min_neighbours", value=2),
     setting("training", "model", "hidden", value=[65]),
     setting("training", "model", "inputs", value=63),
     setting("limits", value={"chunk_bytes": 8192}),
@@ -978,6 +979,8 @@ def test_the_digest_covers_every_shared_field(tmp_path: Path) -> None:
         covered = set(shared[section])
         if section == "net":
             covered.add("down_grace")  # covered when it differs from its default
+        if section == "training":
+            covered.add("min_neighbours")  # the same
         assert fields == covered, section
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from p2pfl.errors import HandshakeError, MessageError
 from p2pfl.proto.transfer import StreamReceiver, iter_chunks
 from p2pfl.proto.wire import (
+    MAX_REPLY_PAYLOAD,
     PROTOCOL_VERSION,
     REPLY_DIGEST_MISMATCH,
     REPLY_OK,
@@ -281,3 +282,55 @@ async def test_a_record_the_peer_never_takes_ends_the_link() -> None:
     with pytest.raises(ConnectionClosed):
         await asyncio.wait_for(link.send_status(1, 0), 5)
     assert aborted.is_set()
+
+
+def test_a_mismatch_reply_carries_the_field_digests() -> None:
+    digest = bytes(range(32))
+    fields = {"seed": b"s" * 8, "training.rounds": b"r" * 8, "peers.bob": b"b" * 8}
+    reply = decode_reply(encode_reply(REPLY_DIGEST_MISMATCH, digest, fields))
+    assert (reply.fields, reply.truncated) == (fields, False)
+    assert list(reply.fields) == list(fields)  # the order is kept
+    ok = encode_reply(REPLY_OK, digest, fields)  # an OK reply never carries them
+    assert decode_reply(ok).fields == {} and len(ok) == len(encode_reply(REPLY_OK, digest))
+
+
+def test_a_mismatch_reply_holds_what_fits_and_says_it_was_cut() -> None:
+    digest = bytes(32)
+    fields = {f"peers.p{i:04d}": i.to_bytes(8, "big") for i in range(2000)}
+    raw = encode_reply(REPLY_DIGEST_MISMATCH, digest, fields)
+    assert len(raw) <= MAX_REPLY_PAYLOAD
+    reply = decode_reply(raw)
+    assert reply.truncated and 0 < len(reply.fields) < 2000
+    assert all(fields[name] == value for name, value in reply.fields.items())
+
+
+def _mismatch(body: bytes) -> bytes:
+    return encode_reply(REPLY_DIGEST_MISMATCH, bytes(32))[:-_FIELDS_HEAD_SIZE] + body
+
+
+_FIELDS_HEAD_SIZE = 3
+_ONE = bytes([4]) + b"seed" + bytes(8)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"", "field list of 0 bytes"),
+        (bytes([0, 0, 1]), "truncated"),
+        (bytes([2, 0, 0]), "unknown flags 2"),
+        (bytes([0, 0, 1]) + bytes([4]) + b"seed" + bytes(7), "malformed field"),
+        (bytes([0, 0, 1]) + bytes([0]) + bytes(8), "malformed field"),
+        (bytes([0, 0, 1]) + bytes([2]) + b"\xff\xfe" + bytes(8), "not UTF-8"),
+        (bytes([0, 0, 2]) + _ONE + _ONE, "names field 'seed' twice"),
+        (bytes([0, 0, 1]) + _ONE + b"x", "1 trailing bytes"),
+        (bytes([0, 0, 0]) + bytes(MAX_REPLY_PAYLOAD), "field list of"),
+    ],
+)
+def test_a_malformed_mismatch_reply_is_refused(body: bytes, problem: str) -> None:
+    with pytest.raises(HandshakeError, match=problem):
+        decode_reply(_mismatch(body))
+
+
+def test_an_ok_reply_with_anything_after_it_is_refused() -> None:
+    with pytest.raises(HandshakeError, match="expected 34"):
+        decode_reply(encode_reply(REPLY_OK, bytes(32)) + b"\x00")

@@ -218,7 +218,13 @@ def shared_mapping(
             "learning_rate": training.learning_rate,
             "round_timeout": training.round_timeout,
             "startup_timeout": training.startup_timeout,
-            "min_neighbours": training.min_neighbours,
+            # Only when set otherwise (as net.down_grace): files that leave it at its default
+            # keep their digests, and nodes their checkpoints.
+            **(
+                {}
+                if training.min_neighbours == TrainingConfig.min_neighbours
+                else {"min_neighbours": training.min_neighbours}
+            ),
             "input_scale": "auto" if training.input_scale is None else training.input_scale,
             "model": training.model.as_mapping(),
         },
@@ -255,8 +261,38 @@ def shared_mapping(
     }
 
 
-def config_digest(shared: Mapping[str, Any]) -> bytes:
-    canonical = json.dumps(
-        shared, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+def _canonical(value: Any) -> bytes:
+    text = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
-    return hashlib.sha256(canonical.encode("ascii")).digest()
+    return text.encode("ascii")
+
+
+def config_digest(shared: Mapping[str, Any]) -> bytes:
+    return hashlib.sha256(_canonical(shared)).digest()
+
+
+#: Bytes of each field's digest in ``field_digests`` (a diagnosis, not a security check:
+#: the whole digest is what peers must agree on).
+FIELD_DIGEST_BYTES = 8
+
+
+def field_digests(shared: Mapping[str, Any]) -> dict[str, bytes]:
+    """A short digest per field of the shared mapping, named by its path (``seed``,
+    ``training.learning_rate``, ``peers.bob``, ``training.model``), so that two peers whose
+    whole digests differ can say where. Sections are split one level down; a field that
+    is itself a mapping (a peer, the model) is one entry. Ordered: sections first, peers
+    last (a long roster is the first thing to leave out when space is short)."""
+    out: dict[str, bytes] = {}
+
+    def add(path: str, value: Any) -> None:
+        out[path] = hashlib.sha256(_canonical(value)).digest()[:FIELD_DIGEST_BYTES]
+
+    for key in sorted(shared, key=lambda k: (k == "peers", k)):
+        value = shared[key]
+        if isinstance(value, Mapping) and value:
+            for sub in sorted(value):
+                add(f"{key}.{sub}", value[sub])
+        else:
+            add(key, value)
+    return out

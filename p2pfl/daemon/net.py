@@ -38,12 +38,13 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from p2pfl.config import Config
+from p2pfl.config.schema import field_digests
 from p2pfl.daemon.events import EventLog
 from p2pfl.errors import DigestMismatch, HandshakeError, P2PFLError, RemoteProtocolError
 from p2pfl.proto.admit import confirm_keys, judge_hello, judge_reply, keeps_old_link
 from p2pfl.proto.channel import Channel
 from p2pfl.proto.guard import Admission, Throttle
-from p2pfl.proto.handshake import MAX_HANDSHAKE_MESSAGE, TAGLEN, IKHandshake
+from p2pfl.proto.handshake import MAX_HANDSHAKE_MESSAGE, MAX_REPLY_MESSAGE, TAGLEN, IKHandshake
 from p2pfl.proto.transfer import StreamReceiver, iter_chunks
 from p2pfl.proto.wire import (
     CHUNK_OVERHEAD,
@@ -328,6 +329,9 @@ class Network:
             open_timeout=config.limits.handshake_timeout,
         )
         self.id_by_key = {p.public_key: p.id for p in config.peers.values()}
+        #: Per-field digests of our config: a mismatch REPLY carries them, so the peer
+        #: that dialled can say which fields differ.
+        self.field_digests = field_digests(config.as_mapping())
         self.links: dict[str, PeerLink] = {}
         self.admission: Admission[ServerConnection] = Admission(self.limits.max_connections)
         self._throttle = Throttle()
@@ -549,7 +553,8 @@ class Network:
             digest=self.config.digest,
         )
         peer_id = verdict.peer_id
-        await ws.send(hs.write_message(encode_reply(verdict.reply, self.config.digest)))
+        reply = encode_reply(verdict.reply, self.config.digest, self.field_digests)
+        await ws.send(hs.write_message(reply))
         try:
             verdict.fail_if_mismatch(self.config.digest, hello.digest)
         except DigestMismatch as exc:
@@ -629,7 +634,8 @@ class Network:
             proxy=None,
             user_agent_header=None,
             create_connection=_guarded_client(self),
-            **self._ws_options(),  # type: ignore[arg-type]
+            # (a REPLY naming the fields of a config that differs is bigger than a HELLO)
+            **{**self._ws_options(), "max_size": MAX_REPLY_MESSAGE},  # type: ignore[arg-type]
         )
         try:
             # The whole exchange is bounded: whoever answers at that address (the peer, or
@@ -660,7 +666,8 @@ class Network:
                 f"{peer_id} closed the handshake without answering: does its peers.yaml list "
                 "our public key (and its own the one ours lists)?"
             ) from None
-        judge_reply(decode_reply(hs.read_message(answer)), self.config.digest)
+        reply = decode_reply(hs.read_message(answer))
+        judge_reply(reply, self.config.digest, self.field_digests)
         self._authenticated(ws)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         link = PeerLink(

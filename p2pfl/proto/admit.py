@@ -59,11 +59,31 @@ def judge_hello(
     return HelloVerdict(peer_id, status)
 
 
-def judge_reply(reply: Reply, digest: bytes) -> None:
+def judge_reply(reply: Reply, digest: bytes, fields: Mapping[str, bytes] | None = None) -> None:
     """The initiator's judgement of the REPLY: the responder must run the same config
-    (its status and the digest it sends must both say so)."""
+    (its status and the digest it sends must both say so). ``fields``: our own field
+    digests, to name where the configs differ."""
     if reply.status != REPLY_OK or reply.digest != digest:
-        raise DigestMismatch(digest.hex()[:16], reply.digest.hex()[:16])
+        differ = differing_fields(fields or {}, reply.fields, truncated=reply.truncated)
+        raise DigestMismatch(digest.hex()[:16], reply.digest.hex()[:16], differ)
+
+
+#: The most differing fields a mismatch names (the rest are counted).
+MAX_NAMED_FIELDS = 12
+
+
+def differing_fields(
+    ours: Mapping[str, bytes], theirs: Mapping[str, bytes], *, truncated: bool = False
+) -> tuple[str, ...]:
+    """The fields whose digests differ, or that only one side has (``theirs`` may have
+    been cut short: then ours that it lacks are not counted as differing)."""
+    names = [n for n in ours if n in theirs and ours[n] != theirs[n]]
+    names += [f"{n} (only theirs)" for n in theirs if n not in ours]
+    if not truncated:
+        names += [f"{n} (only ours)" for n in ours if n not in theirs]
+    if len(names) > MAX_NAMED_FIELDS:
+        names = [*names[:MAX_NAMED_FIELDS], f"and {len(names) - MAX_NAMED_FIELDS} more"]
+    return tuple(names)
 
 
 def confirm_keys(peer_id: str, first: Message) -> Status:

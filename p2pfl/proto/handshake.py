@@ -34,8 +34,12 @@ PROTOCOL_NAME = b"Noise_IK_25519_AESGCM_SHA256"
 DHLEN = 32
 HASHLEN = 32
 TAGLEN = 16
-#: Largest handshake message we accept; ours are far smaller. Checked before any crypto.
+#: Largest first handshake message a responder accepts (from anyone: it is read before
+#: the sender is known); ours are far smaller. Checked before any crypto.
 MAX_HANDSHAKE_MESSAGE = 1024
+#: Largest second message an initiator accepts (from the address it dialled): a REPLY
+#: that names the fields of a config that differs (``wire.MAX_REPLY_PAYLOAD``) fits.
+MAX_REPLY_MESSAGE = 8192
 
 
 def _public_bytes(key: X25519PrivateKey) -> bytes:
@@ -212,7 +216,8 @@ class IKHandshake:
 
         Raises HandshakeError on anything malformed or unauthenticated.
         """
-        if len(message) > MAX_HANDSHAKE_MESSAGE:
+        limit = MAX_REPLY_MESSAGE if self.initiator else MAX_HANDSHAKE_MESSAGE
+        if len(message) > limit:
             raise HandshakeError(f"handshake message too large ({len(message)} bytes)")
         message = bytes(message)  # accept any bytes-like input
         ss = self._ss

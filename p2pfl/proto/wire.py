@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from p2pfl.core.clock import MAX_LAMPORT
 from p2pfl.errors import HandshakeError, MessageError
@@ -350,11 +350,23 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """Second handshake payload (responder -> initiator)."""
+    """Second handshake payload (responder -> initiator). With ``REPLY_DIGEST_MISMATCH``
+    it also carries the responder's per-field digests (``config.field_digests``), so the
+    initiator can name the fields that differ; ``truncated``: some did not fit."""
 
     version: int
     status: int
     digest: bytes
+    fields: dict[str, bytes] = field(default_factory=dict)
+    truncated: bool = False
+
+
+#: The most a REPLY payload may hold (the initiator accepts a handshake message this
+#: size plus Noise's ephemeral key and tag: ``handshake.MAX_REPLY_MESSAGE``).
+MAX_REPLY_PAYLOAD = 8000
+_FIELDS_HEAD = struct.Struct(">BH")  # flags (bit 0: truncated), count
+_FIELD_DIGEST = 8
+_MAX_FIELD_NAME = 200
 
 
 def encode_hello(digest: bytes, peer_id: str) -> bytes:
@@ -379,18 +391,69 @@ def decode_hello(payload: bytes) -> Hello:
     return Hello(version, digest, peer_id)
 
 
-def encode_reply(status: int, digest: bytes) -> bytes:
-    return _REPLY.pack(PROTOCOL_VERSION, status, digest)
+def encode_reply(status: int, digest: bytes, fields: dict[str, bytes] | None = None) -> bytes:
+    """A REPLY; with a digest mismatch, then the field digests, in their order, as many as
+    fit in ``MAX_REPLY_PAYLOAD``: flags:u8 count:u16, per field len:u8 name digest(8)."""
+    head = _REPLY.pack(PROTOCOL_VERSION, status, digest)
+    if status != REPLY_DIGEST_MISMATCH:
+        return head
+    body = bytearray()
+    count, truncated = 0, False
+    for name, value in (fields or {}).items():
+        raw = name.encode("utf-8")
+        if len(value) != _FIELD_DIGEST or not 0 < len(raw) <= _MAX_FIELD_NAME:
+            raise ValueError(f"field {name!r}: a name of 1..{_MAX_FIELD_NAME} bytes, 8-byte digest")
+        entry = bytes([len(raw)]) + raw + value
+        if len(head) + _FIELDS_HEAD.size + len(body) + len(entry) > MAX_REPLY_PAYLOAD:
+            truncated = True
+            break
+        body += entry
+        count += 1
+    return head + _FIELDS_HEAD.pack(int(truncated), count) + bytes(body)
 
 
 def decode_reply(payload: bytes) -> Reply:
-    if len(payload) != _REPLY.size:
+    if len(payload) < _REPLY.size:
         raise HandshakeError(f"reply payload of {len(payload)} bytes, expected {_REPLY.size}")
-    version, status, digest = _REPLY.unpack(payload)
+    version, status, digest = _REPLY.unpack_from(payload, 0)
     if version != PROTOCOL_VERSION:
         raise HandshakeError(
             f"unsupported protocol version {version} (this p2pfl speaks {PROTOCOL_VERSION})"
         )
     if status not in (REPLY_OK, REPLY_DIGEST_MISMATCH):
         raise HandshakeError(f"unknown handshake reply status {status}")
-    return Reply(version, status, digest)
+    if status == REPLY_OK:
+        if len(payload) != _REPLY.size:
+            raise HandshakeError(f"reply payload of {len(payload)} bytes, expected {_REPLY.size}")
+        return Reply(version, status, digest)
+    fields, truncated = _decode_fields(memoryview(payload)[_REPLY.size :])
+    return Reply(version, status, digest, fields, truncated)
+
+
+def _decode_fields(body: memoryview) -> tuple[dict[str, bytes], bool]:
+    """The field digests of a mismatch REPLY, with exact lengths and unique names."""
+    if len(body) > MAX_REPLY_PAYLOAD or len(body) < _FIELDS_HEAD.size:
+        raise HandshakeError(f"a mismatch reply's field list of {len(body)} bytes")
+    flags, count = _FIELDS_HEAD.unpack_from(body, 0)
+    if flags > 1:
+        raise HandshakeError(f"a mismatch reply with unknown flags {flags}")
+    fields: dict[str, bytes] = {}
+    at = _FIELDS_HEAD.size
+    for _ in range(count):
+        if at >= len(body):
+            raise HandshakeError("a mismatch reply's field list is truncated")
+        size = body[at]
+        end = at + 1 + size + _FIELD_DIGEST
+        if not 0 < size <= _MAX_FIELD_NAME or end > len(body):
+            raise HandshakeError("a mismatch reply with a malformed field")
+        try:
+            name = bytes(body[at + 1 : at + 1 + size]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise HandshakeError("a mismatch reply's field name is not UTF-8") from None
+        if name in fields:
+            raise HandshakeError(f"a mismatch reply names field {name!r} twice")
+        fields[name] = bytes(body[at + 1 + size : end])
+        at = end
+    if at != len(body):
+        raise HandshakeError(f"a mismatch reply with {len(body) - at} trailing bytes")
+    return fields, bool(flags)
