@@ -50,6 +50,10 @@ async def test_secure_rounds_match_plain_averaging(four, tmp_path: Path) -> None
         for e in aggregates(secure.state(peer) / "events.jsonl"):
             assert e["rule"] == "secure-metropolis" and e["missing"] == []
             assert set(e["members"]) == set(PEERS) and e["clipped"] == 0
+        # A clean run refuses nothing (members' answers after the owner went on are
+        # ``late`` events, not rejects).
+        events = read_events(secure.state(peer) / "events.jsonl")
+        assert [e for e in events if e["type"] == "reject"] == []
     # The same network without masks (same seed and data, own state folders): the same
     # models, up to the fixed point's rounding (2**-21 per term per round).
     baseline = [make_node(secure_plain(secure, tmp_path), p) for p in PEERS]

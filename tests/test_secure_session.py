@@ -573,3 +573,28 @@ def last_reject_of(session: SecureSession) -> str:
     rejects = [e for e in session.events_to_log() if e.kind == "reject"]
     assert rejects, "nothing was refused"
     return str(rejects[-1].fields["reason"])
+
+
+def test_answers_after_the_unmasking_ended_are_late_not_rejected() -> None:
+    """dave answers after alice had enough and went on: expected traffic, logged as a
+    ``late`` event (a clean secure run logs no reject). An answer for a round alice never
+    unmasked is still a reject."""
+    cluster = Cluster()
+    alice, received = _ready_to_unmask(cluster)
+    alice.ask_present(0, received, 0.0)
+    cluster.drain(["alice"])
+    held = [w for w in cluster.wire if w[1] == "dave"]
+    cluster.wire = [w for w in cluster.wire if w[1] != "dave"]
+    cluster.deliver()
+    alice.ask_unmask(0, 1.0)
+    cluster.drain(["alice"])
+    cluster.deliver()
+    alice.revealed(0)
+    alice.end_unmasking(0)
+    cluster.wire = held
+    cluster.deliver()  # dave's CONFIRM, after the end
+    events = cluster.events["alice"]
+    assert [e.kind for e in events if e.fields.get("peer") == "dave"] == ["late"]
+    assert "CONFIRM after the unmasking of round 0 ended" in events[-1].fields["reason"]
+    alice.receive("dave", Reveal(1, 5, {}), 2.0)
+    assert last_reject_of(alice) == "REVEAL refused: unrequested reveal for round 5"

@@ -33,6 +33,7 @@ EVENT_TYPES = frozenset(
         "disconnect",
         "handshake_ok",
         "handshake_fail",
+        "late",
         "round_start",
         "train",
         "send",

@@ -38,7 +38,8 @@ The rules (each has a unit test in ``tests/test_secure_session.py``):
 6. *Unmasking.* PRESENT to the present members, UNMASK (with the tags) to those who
    confirmed; each step waits for the members asked on the link they are still on, at
    most ``recovery_timeout``, and once the threshold answered, as long again at most.
-7. *Refusals* are logged at most a few times per peer and window.
+7. *Refusals* are logged at most a few times per peer and window; an answer to an
+   unmasking step that already ended (the owner had enough) is ``late``, not a ``reject``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pfl.secure")
 
 SecureMessage = Keys | Shares | Present | Confirm | Unmask | Reveal
+#: How many past rounds an answer may arrive for and count as ``late`` (not a ``reject``).
+UNMASKED_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ class SecureSession:
         #: The latest round whose KEYS went out on the peer's current link.
         self._keys_sent: dict[str, int] = {}
         self.refusals = Throttle(burst=5, window=10.0)
+        #: Recent rounds whose unmasking (as owner) is over.
+        self._unmasked: set[int] = set()
         self._send: list[tuple[str, SecureMessage]] = []
         self._events: list[Event] = []
         self._jobs: list[MakeMask | Contribute] = []
@@ -492,6 +497,13 @@ class SecureSession:
 
     def _on_owner_reply(self, member: str, msg: Confirm | Reveal, now: float) -> None:
         state = self.owners.get(msg.round)
+        what = "CONFIRM" if isinstance(msg, Confirm) else "REVEAL"
+        if state is None and msg.round in self._unmasked:
+            # Expected traffic, not a fault: a member answered after we had enough answers
+            # and stopped waiting (a debug event, so a clean run logs no reject).
+            reason = f"{what} after the unmasking of round {msg.round} ended"
+            self._refuse(member, msg.round, reason, now, kind="late")
+            return
         try:
             if isinstance(msg, Confirm):
                 if state is None:
@@ -502,7 +514,6 @@ class SecureSession:
                     raise SecureAggregationError(f"unrequested reveal for round {msg.round}")
                 state.add_reveal(member, msg.shares)
         except SecureAggregationError as exc:
-            what = "CONFIRM" if isinstance(msg, Confirm) else "reveal"
             self._refuse(member, msg.round, f"{what} refused: {exc}", now)
 
     # --- unmasking (owner) ---------------------------------------------------------------
@@ -549,8 +560,9 @@ class SecureSession:
         return state
 
     def end_unmasking(self, r: int) -> None:
-        """The round's unmasking is over: later answers are refused."""
+        """The round's unmasking is over: later answers are dropped (logged as ``late``)."""
         self.owners.pop(r, None)
+        self._unmasked = {u for u in self._unmasked if u > r - UNMASKED_KEPT} | {r}
 
     def _unmasking(self, r: int) -> OwnerRound:
         state = self.owners.get(r)
@@ -575,11 +587,14 @@ class SecureSession:
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _refuse(self, peer: str, round_index: int, reason: str, now: float) -> None:
-        """Log a refused step, at most a few times per peer and window (floods stay quiet)."""
+    def _refuse(
+        self, peer: str, round_index: int, reason: str, now: float, kind: str = "reject"
+    ) -> None:
+        """Log a refused (or ``late``) step, at most a few times per peer and window
+        (floods stay quiet)."""
         suppressed = self.refusals.allow(peer, now)
         if suppressed is not None:
             fields: dict[str, Any] = {"peer": peer, "reason": reason}
             if suppressed:
                 fields["suppressed"] = suppressed
-            self._events.append(Event("reject", round_index, fields))
+            self._events.append(Event(kind, round_index, fields))
