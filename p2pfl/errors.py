@@ -30,6 +30,10 @@ class DataError(P2PFLError, ValueError):
     """A node's local data file is missing or malformed."""
 
 
+class ListenError(P2PFLError, OSError):
+    """A node cannot listen where it was told to (a port in use, an address not ours)."""
+
+
 class RemoteProtocolError(P2PFLError):
     """The remote peer broke the protocol; the connection is closed and the event logged."""
 

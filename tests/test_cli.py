@@ -108,3 +108,49 @@ def test_harness_refuses_an_optimizer_for_numpy_models(
     assert code == 2
     assert "--optimizer/--momentum apply to torch models" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_keygen_makes_missing_folders_owner_only(tmp_path: Path) -> None:
+    key = tmp_path / "etc" / "p2pfl" / "node.key"
+    assert main(["keygen", str(key)]) == 0
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for folder in (tmp_path / "etc", key.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_init_writes_an_ipv6_host_in_brackets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "net"
+    assert main(["init", "--peers", "a,b", "--host", "::1", "--out", str(out)]) == 0
+    assert load_config(out / "peers.yaml").peers["a"].address == "ws://[::1]:7070"
+    assert main(["check", str(out / "peers.yaml")]) == 0
+
+
+@pytest.mark.parametrize("listen", [False, True])
+def test_a_port_in_use_is_an_error_naming_where_it_was_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], digits_dir: Path, listen: bool
+) -> None:
+    import socket
+
+    out = tmp_path / "net"
+    main(["init", "--peers", "a,b", "--out", str(out), "--base-port", "7170"])
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = out / "peers.yaml"
+    if not listen:  # the port in peers.yaml is taken
+        config.write_text(config.read_text().replace(":7170", f":{port}"))
+    capsys.readouterr()
+    try:
+        args = ["run", str(config), "--id", "a", "--key", str(out / "keys" / "a.key")]
+        args += ["--data", str(digits_dir / "alice.npz"), "--state-dir", str(tmp_path / "s")]
+        if listen:
+            args += ["--listen", f"127.0.0.1:{port}"]
+        assert main(args) == 2
+    finally:
+        holder.close()
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert ("see --listen" if listen else "peers.a.address") in err

@@ -66,10 +66,16 @@ def test_overwrite_is_refused(tmp_path: Path) -> None:
     assert public_key_b64(load_private_key(path)) == public
 
 
-def test_generate_into_missing_directory(tmp_path: Path) -> None:
+def test_generate_into_a_missing_folder_makes_it(tmp_path: Path) -> None:
     path = tmp_path / "missing" / "k"
-    with pytest.raises(KeyFileError, match="cannot create key file"):
-        generate_key_file(path)
+    generate_key_file(path)
+    assert path.exists() and (path.parent.stat().st_mode & 0o777) == 0o700
+
+
+def test_generate_under_a_file_is_a_key_file_error(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("not a folder")
+    with pytest.raises(KeyFileError, match="cannot create the folder of key file"):
+        generate_key_file(tmp_path / "plain" / "sub" / "k")
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o644, 0o660, 0o666, 0o700 | 0o007])

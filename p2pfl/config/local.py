@@ -12,6 +12,11 @@ from typing import Any
 __all__ = ["build_local_config"]
 
 
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def build_local_config(
     *,
     peers: list[str],
@@ -38,7 +43,8 @@ def build_local_config(
         "network": network,
         "seed": seed,
         "peers": {
-            p: {"address": f"ws://{host}:{ports[p]}", "public_key": public_keys[p]} for p in peers
+            p: {"address": f"ws://{url_host(host)}:{ports[p]}", "public_key": public_keys[p]}
+            for p in peers
         },
         "topology": topology,
         "training": {

@@ -42,6 +42,7 @@ from p2pfl.daemon.startup import EXIT_ALONE, REPORT_EVERY, waiting_for
 from p2pfl.daemon.statedir import prepare_state_dir
 from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.daemon.worker import Worker
+from p2pfl.errors import ListenError
 from p2pfl.learning import Dataset
 from p2pfl.learning.base import Evaluation
 from p2pfl.learning.trainer import LocalModel, Trained, restore_dp_releases
@@ -722,9 +723,24 @@ class Node:
         peer = self.config.peers[self.id]
         host = self.options.listen_host or peer.host
         port = peer.port if self.options.listen_port is None else self.options.listen_port
-        await self.net.listen(host, port)
+        told = self.options.listen_host is not None or self.options.listen_port is not None
+        try:
+            await self.net.listen(host, port)
+        except OSError as exc:
+            where = "--listen" if told else f"{self.config.source}: peers.{self.id}.address"
+            raise ListenError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} (another process on "
+                f"that port, or not this machine's address? see {where})"
+            ) from None
         if self.metrics is not None and self.options.metrics is not None:
-            self.metrics_address = self.metrics.serve(*self.options.metrics)
+            try:
+                self.metrics_address = self.metrics.serve(*self.options.metrics)
+            except OSError as exc:
+                raise ListenError(
+                    "cannot serve metrics on {}:{}: {} (see --metrics)".format(
+                        *self.options.metrics, exc.strerror or exc
+                    )
+                ) from None
             self.events.emit(
                 "listen",
                 start_round,

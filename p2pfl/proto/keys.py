@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import os
 import stat
+from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -41,13 +42,20 @@ _MAX_KEY_FILE_BYTES = 1024
 
 
 def generate_key_file(path: str | os.PathLike[str]) -> str:
-    """Create a new private-key file readable only by its owner; return the public key (base64).
+    """Create a new private-key file readable only by its owner (and any missing folders
+    above it, 0700); return the public key (base64).
 
     The mode is set by ``os.open`` itself, so the key is never on disk with looser
     permissions (no chmod race), and ``O_EXCL`` refuses to overwrite an existing file: losing
     an identity key means editing ``peers.yaml`` on every peer.
     """
     shown = os.fspath(path)
+    missing = [p for p in Path(path).parents if not p.exists()]
+    try:  # (missing folders are made owner-only, as the key itself: outermost first)
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create the folder of key file {shown}: {exc.strerror}") from exc
     key = X25519PrivateKey.generate()
     content = base64.b64encode(key.private_bytes_raw()) + b"\n"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
