@@ -80,7 +80,7 @@ async def test_a_node_that_is_not_known_to_its_neighbour_is_told_what_to_check(
     assert codes == [EXIT_ALONE, EXIT_ALONE]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     (alice,) = [m for m in errors if m.startswith("alice: only 0")]
-    assert "bob: handshake failed: bob closed the handshake without answering" in alice
+    assert "bob: handshake failed: bob ended the handshake with a policy close" in alice
     assert "does its peers.yaml list our public key" in alice
 
 

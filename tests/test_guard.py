@@ -63,3 +63,11 @@ def test_throttle_memory_is_bounded() -> None:
     for i in range(1000):
         t.allow(f"10.0.{i // 256}.{i % 256}", 0.0)
     assert len(t) <= 100
+
+
+def test_text_from_the_other_end_is_one_safe_log_line() -> None:
+    from p2pfl.proto.guard import printable
+
+    assert printable("bye\n2026 ERROR forged\x1b[2J") == "bye\\n2026 ERROR forged\\x1b[2J"
+    assert printable("x" * 300, 10) == "x" * 10 + "..."
+    assert printable("plain words") == "plain words"

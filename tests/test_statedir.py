@@ -75,3 +75,24 @@ def test_a_node_tightens_its_state_directory(make_network: Callable[..., LocalNe
     node.events.close()
     assert mode(state) == 0o700 and mode(state / "events.jsonl") == 0o600
     assert len(node.tightened) == 2
+
+
+def test_a_second_node_on_a_state_directory_is_refused_naming_the_first(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from p2pfl.daemon.statedir import StateLock
+
+    state = tmp_path / "state"
+    prepare_state_dir(state)
+    first = StateLock(state)
+    with pytest.raises(P2PFLError, match=rf"in use by another p2pfl node \(pid {os.getpid()}\)"):
+        StateLock(state)
+    # another process is refused too (the kernel's lock, not a flag in this process)
+    code = "import sys; from pathlib import Path; from p2pfl.daemon.statedir import StateLock\n"
+    code += "try:\n    StateLock(Path(sys.argv[1]))\nexcept Exception as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code, str(state)], capture_output=True, text=True)
+    assert f"pid {os.getpid()}" in out.stdout
+    first.release()
+    StateLock(state).release()  # free again

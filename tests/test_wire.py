@@ -315,12 +315,14 @@ _ONE = bytes([4]) + b"seed" + bytes(8)
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        (b"", "field list of 0 bytes"),
+        (bytes([0, 0]), "field list of 2 bytes"),
         (bytes([0, 0, 1]), "truncated"),
         (bytes([2, 0, 0]), "unknown flags 2"),
         (bytes([0, 0, 1]) + bytes([4]) + b"seed" + bytes(7), "malformed field"),
         (bytes([0, 0, 1]) + bytes([0]) + bytes(8), "malformed field"),
-        (bytes([0, 0, 1]) + bytes([2]) + b"\xff\xfe" + bytes(8), "not UTF-8"),
+        (bytes([0, 0, 1]) + bytes([2]) + b"\xff\xfe" + bytes(8), "not a config path"),
+        (bytes([0, 0, 1]) + bytes([3]) + b"a\nb" + bytes(8), "not a config path"),
+        (bytes([0, 0, 1]) + bytes([3]) + b"a\x1bb" + bytes(8), "not a config path"),
         (bytes([0, 0, 2]) + _ONE + _ONE, "names field 'seed' twice"),
         (bytes([0, 0, 1]) + _ONE + b"x", "1 trailing bytes"),
         (bytes([0, 0, 0]) + bytes(MAX_REPLY_PAYLOAD), "field list of"),
@@ -334,3 +336,8 @@ def test_a_malformed_mismatch_reply_is_refused(body: bytes, problem: str) -> Non
 def test_an_ok_reply_with_anything_after_it_is_refused() -> None:
     with pytest.raises(HandshakeError, match="expected 34"):
         decode_reply(encode_reply(REPLY_OK, bytes(32)) + b"\x00")
+
+
+def test_a_mismatch_reply_from_an_older_peer_has_no_fields() -> None:
+    reply = decode_reply(encode_reply(REPLY_DIGEST_MISMATCH, bytes(32))[:34])
+    assert reply.status == REPLY_DIGEST_MISMATCH and reply.fields == {}

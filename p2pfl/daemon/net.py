@@ -43,7 +43,7 @@ from p2pfl.daemon.events import EventLog
 from p2pfl.errors import DigestMismatch, HandshakeError, P2PFLError, RemoteProtocolError
 from p2pfl.proto.admit import confirm_keys, judge_hello, judge_reply, keeps_old_link
 from p2pfl.proto.channel import Channel
-from p2pfl.proto.guard import Admission, Throttle
+from p2pfl.proto.guard import Admission, Throttle, printable
 from p2pfl.proto.handshake import MAX_HANDSHAKE_MESSAGE, MAX_REPLY_MESSAGE, TAGLEN, IKHandshake
 from p2pfl.proto.transfer import StreamReceiver, iter_chunks
 from p2pfl.proto.wire import (
@@ -555,12 +555,9 @@ class Network:
         peer_id = verdict.peer_id
         reply = encode_reply(verdict.reply, self.config.digest, self.field_digests)
         await ws.send(hs.write_message(reply))
-        try:
-            verdict.fail_if_mismatch(self.config.digest, hello.digest)
-        except DigestMismatch as exc:
-            if peer_id not in self.links:
-                self.unreached[peer_id] = str(exc)
-            raise
+        # (a mismatch is not noted in ``unreached`` here: a replayed HELLO could claim one;
+        # our own dial, or the peer's announce, brings the confirmed story)
+        verdict.fail_if_mismatch(self.config.digest, hello.digest)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         # Key confirmation: message 1 alone could be a replay, so the link only counts once
         # the initiator proves it holds the session keys with a first record.
@@ -663,8 +660,9 @@ class Network:
             # A responder that does not know our key (or that holds another key for this
             # id) ends the handshake with no answer at all (a policy close).
             raise HandshakeError(
-                f"{peer_id} closed the handshake without answering: does its peers.yaml list "
-                "our public key (and its own the one ours lists)?"
+                f"{peer_id} ended the handshake with a policy close, without answering: it "
+                "may not know our key (does its peers.yaml list our public key, and ours "
+                "its?), or it is not that peer"
             ) from None
         reply = decode_reply(hs.read_message(answer))
         judge_reply(reply, self.config.digest, self.field_digests)
@@ -924,9 +922,10 @@ def _describe(exc: BaseException) -> str:
         frame = exc.rcvd or exc.sent
         if frame is None:
             return "connection lost"
+        reason = printable(frame.reason, 123)  # (the other end's words: maybe not ours)
         if frame.code == CLOSE_TOO_BIG:
-            return f"frame above the size limit ({frame.reason})"
-        return f"closed ({frame.code}{' ' + frame.reason if frame.reason else ''})"
+            return f"frame above the size limit ({reason})"
+        return f"closed ({frame.code}{' ' + reason if reason else ''})"
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"

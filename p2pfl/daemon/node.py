@@ -39,7 +39,7 @@ from p2pfl.daemon.pool import ArrayPool
 from p2pfl.daemon.procinfo import peak_rss_mb
 from p2pfl.daemon.secure_exchange import SecureExchange
 from p2pfl.daemon.startup import EXIT_ALONE, REPORT_EVERY, waiting_for
-from p2pfl.daemon.statedir import prepare_state_dir
+from p2pfl.daemon.statedir import StateLock, prepare_state_dir
 from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.daemon.worker import Worker
 from p2pfl.errors import ListenError
@@ -135,6 +135,8 @@ class Node:
         # The model and the log say something about local data: owner-only (0700 / 0600).
         #: Permissions found looser and tightened (logged at start-up).
         self.tightened = prepare_state_dir(options.state_dir)
+        #: One node per state directory (released when the node shuts down).
+        self.state_lock = StateLock(options.state_dir)
         for line in self.tightened:
             log.warning("state directory was readable by other users; tightened %s", line)
         self.clock = LamportClock()
@@ -681,6 +683,7 @@ class Node:
             self.events.close()
             if self.exchange is not None:
                 self.exchange.close()
+            self.state_lock.release()
             return 0
         if checkpoint is not None:
             self.params = checkpoint.params
@@ -802,3 +805,4 @@ class Node:
         self.events.close()
         if self.exchange is not None:
             self.exchange.close()
+        self.state_lock.release()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping
 
+from p2pfl.proto.guard import printable
+
 #: The exit code of a node that never had ``training.min_neighbours`` neighbours.
 EXIT_ALONE = 3
 #: Seconds between two "waiting for ..." lines while a node starts.
@@ -25,7 +27,7 @@ def why_missing(
     if peer in linked:
         return "connected, its round not announced yet"
     if peer in unreached:
-        return unreached[peer]
+        return printable(unreached[peer], 400)  # (parts of it may come from the other end)
     if peer < own_id:  # (the smaller id dials; we only announce ourselves once)
         return "not connected yet: it dials us"
     return "not connected yet"

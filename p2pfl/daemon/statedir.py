@@ -57,3 +57,44 @@ def prepare_state_dir(path: Path) -> list[str]:
                 ) from exc
             tightened.append(f"{target}: {current:04o} -> {current & ~0o077:04o}")
     return tightened
+
+
+#: The lock file: held (``flock``) by the node that uses the directory, naming its pid.
+LOCK_NAME = "lock"
+
+
+class StateLock:
+    """One node per state directory: two would interleave one event log and overwrite
+    each other's checkpoints. The lock is the kernel's (``flock``), so it ends with the
+    process that holds it, however that ends; the file names that process's pid."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        self._fd: int | None = None
+        lock_path = path / LOCK_NAME
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+        except OSError as exc:
+            raise P2PFLError(f"{lock_path}: cannot open the state directory's lock: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            holder = holder if holder.isdigit() else "unknown"
+            os.close(fd)
+            raise P2PFLError(
+                f"{path}: the state directory is in use by another p2pfl node (pid {holder}); "
+                "stop that node first, or give this one another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))  # (a full disk: no pid shown)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # (closing the file releases the lock)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()

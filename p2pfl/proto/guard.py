@@ -97,3 +97,10 @@ class Throttle:
             self._state.clear()  # bounded memory under address-spraying
         self._state[key] = (start, used + 1, 0)
         return suppressed
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Text from the other side of a connection, safe for one log line: control characters
+    (newlines, terminal escapes) shown as escapes, and at most ``limit`` characters."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else safe[:limit] + "..."

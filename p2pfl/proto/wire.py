@@ -23,6 +23,7 @@ A parameter stream is one PARAMS_BEGIN then chunks in order until ``total_bytes`
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -367,6 +368,8 @@ MAX_REPLY_PAYLOAD = 8000
 _FIELDS_HEAD = struct.Struct(">BH")  # flags (bit 0: truncated), count
 _FIELD_DIGEST = 8
 _MAX_FIELD_NAME = 200
+#: What a field name may hold: peer ids and config keys, joined by dots.
+_FIELD_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 def encode_hello(digest: bytes, peer_id: str) -> bytes:
@@ -401,7 +404,7 @@ def encode_reply(status: int, digest: bytes, fields: dict[str, bytes] | None = N
     count, truncated = 0, False
     for name, value in (fields or {}).items():
         raw = name.encode("utf-8")
-        if len(value) != _FIELD_DIGEST or not 0 < len(raw) <= _MAX_FIELD_NAME:
+        if len(value) != _FIELD_DIGEST or not _FIELD_NAME.fullmatch(name):
             raise ValueError(f"field {name!r}: a name of 1..{_MAX_FIELD_NAME} bytes, 8-byte digest")
         entry = bytes([len(raw)]) + raw + value
         if len(head) + _FIELDS_HEAD.size + len(body) + len(entry) > MAX_REPLY_PAYLOAD:
@@ -431,7 +434,10 @@ def decode_reply(payload: bytes) -> Reply:
 
 
 def _decode_fields(body: memoryview) -> tuple[dict[str, bytes], bool]:
-    """The field digests of a mismatch REPLY, with exact lengths and unique names."""
+    """The field digests of a mismatch REPLY, with exact lengths and unique names made of
+    the characters of ids and config paths. No body at all: none sent (an older peer)."""
+    if not body:
+        return {}, False
     if len(body) > MAX_REPLY_PAYLOAD or len(body) < _FIELDS_HEAD.size:
         raise HandshakeError(f"a mismatch reply's field list of {len(body)} bytes")
     flags, count = _FIELDS_HEAD.unpack_from(body, 0)
@@ -446,10 +452,9 @@ def _decode_fields(body: memoryview) -> tuple[dict[str, bytes], bool]:
         end = at + 1 + size + _FIELD_DIGEST
         if not 0 < size <= _MAX_FIELD_NAME or end > len(body):
             raise HandshakeError("a mismatch reply with a malformed field")
-        try:
-            name = bytes(body[at + 1 : at + 1 + size]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise HandshakeError("a mismatch reply's field name is not UTF-8") from None
+        name = bytes(body[at + 1 : at + 1 + size]).decode("ascii", "replace")
+        if not _FIELD_NAME.fullmatch(name):
+            raise HandshakeError("a mismatch reply's field name is not a config path")
         if name in fields:
             raise HandshakeError(f"a mismatch reply names field {name!r} twice")
         fields[name] = bytes(body[at + 1 + size : end])
