@@ -154,3 +154,18 @@ def test_a_port_in_use_is_an_error_naming_where_it_was_set(
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
     assert ("see --listen" if listen else "peers.a.address") in err
+
+
+def test_a_data_error_names_the_data_file_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "net"
+    main(["init", "--peers", "a,b", "--out", str(out)])
+    data = tmp_path / "alice.csv"
+    data.write_text("radius,texture,diagnosis\n1.5,2,1\n2.5,3,0\n")
+    capsys.readouterr()
+    args = ["run", str(out / "peers.yaml"), "--id", "a", "--key", str(out / "keys" / "a.key")]
+    assert main([*args, "--data", str(data), "--state-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"p2pfl: error: {data}: data has 2 features but the model (")
+    assert "training.model) expects 64" in err

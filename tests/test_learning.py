@@ -534,12 +534,12 @@ def test_load_csv_with_bom_header(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("a,b,c\n1,2,0\n", "no 'label' or 'y' column"),
         ("label,y,c\n1,2,0\n", "more than one label column"),
         ("a,label\n", "no data rows"),
         ("", "no data rows"),
-        ("1,2,0\n1,abc,1\n", "malformed CSV"),
-        ("1,2,0\n1,2\n", "malformed CSV"),
+        ("1,2,0\n1,abc,1\n", "line 2, column 2: 'abc' is not a number"),
+        ("# comment\na,b,label\n1,2,0\n\n1,x,1\n", "line 5, column 'b': 'x' is not a number"),
+        ("1,2,0\n1,2\n", "line 2 has 2 fields, the others 3"),
         ("1,2,0.5\n", "integer class labels"),
         ("1\n2\n", "at least one feature column"),
         ("a,b,label\n1,2,3,4\n", "malformed CSV|header has 3 columns"),
@@ -574,14 +574,46 @@ def test_check_compatible() -> None:
         y=np.array([0, 1, 2]),
         x_val=np.zeros((1, 4), np.float32),
         y_val=np.array([5]),
+        source="alice.npz",
     )
-    with pytest.raises(DataError, match=r"alice\.npz: data has 4 features but the model expects 5"):
-        check_compatible(ds, 5, 10, "alice.npz")
+    with pytest.raises(DataError) as info:
+        check_compatible(ds, 5, 10, "peers.yaml")
+    assert str(info.value) == (
+        "alice.npz: data has 4 features but the model (peers.yaml: training.model) expects 5"
+    )
     with pytest.raises(DataError, match=r"label 5 in y_val is outside 0\.\.3"):
-        check_compatible(ds, 4, 4, "alice.npz")
-    with pytest.raises(DataError, match=r"label 2 in y is outside 0\.\.1"):
-        check_compatible(ds, 4, 2, "alice.npz")
-    check_compatible(ds, 4, 6, "alice.npz")
+        check_compatible(ds, 4, 4, "peers.yaml")
+    with pytest.raises(DataError, match=r"alice\.npz: label 2 in y is outside 0\.\.1"):
+        check_compatible(ds, 4, 2, "peers.yaml")
+    check_compatible(ds, 4, 6, "peers.yaml")
+
+
+def test_a_header_without_label_or_y_takes_the_last_column(tmp_path: Path) -> None:
+    path = tmp_path / "cancer.csv"
+    path.write_text("radius,texture,diagnosis\n1.5,2,1\n2.5,3,0\n")
+    ds = load_dataset(path)
+    np.testing.assert_array_equal(ds.y, [1, 0])
+    np.testing.assert_array_equal(ds.x, np.array([[1.5, 2], [2.5, 3]], np.float32))
+
+
+@pytest.mark.parametrize("label", ["diagnosis", "Diagnosis", "1"])
+def test_the_label_column_can_be_named_or_numbered(tmp_path: Path, label: str) -> None:
+    path = tmp_path / "cancer.csv"
+    path.write_text("diagnosis,radius,texture\n1,1.5,2\n0,2.5,3\n")
+    ds = load_dataset(path, label_column=label)
+    np.testing.assert_array_equal(ds.y, [1, 0])
+    assert ds.x.shape == (2, 2) and ds.source == str(path)
+
+
+def test_an_unknown_label_column_names_the_choices(tmp_path: Path) -> None:
+    path = tmp_path / "cancer.csv"
+    path.write_text("diagnosis,radius\n1,1.5\n")
+    with pytest.raises(
+        DataError,
+        match=r"'size' is neither a column number 1\.\.2 nor one of "
+        r"the header's names \(diagnosis, radius\)",
+    ):
+        load_dataset(path, label_column="size")
 
 
 # --------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def build_node(args: argparse.Namespace) -> Node:
         Path(args.data),
         val_path=Path(args.val_data) if args.val_data else None,
         task=config.training.model.task,
+        label_column=args.label_column,
     )
     host, port = args.listen if args.listen else (None, None)
     node = Node(

@@ -220,6 +220,12 @@ def _add_check_and_run(sub: Subparsers) -> None:
     p.add_argument("--key", required=True, help="this node's private key file")
     p.add_argument("--data", required=True, help=".npz (x, y, optional x_val, y_val) or .csv")
     p.add_argument("--val-data", help="validation data (.npz or .csv), if not inside --data")
+    p.add_argument(
+        "--label-column",
+        metavar="NAME|N",
+        help="a CSV's label column: a header name or a 1-based number (default: the column "
+        "named label or y, else the last)",
+    )
     p.add_argument("--state-dir", required=True, help="events.jsonl and checkpoints go here")
     p.add_argument(
         "--listen", type=parse_listen, help="HOST:PORT to bind instead of the config address"

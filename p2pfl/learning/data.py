@@ -40,6 +40,8 @@ class Dataset:
     y: np.ndarray
     x_val: np.ndarray | None
     y_val: np.ndarray | None
+    #: Where the data came from (a file), for error messages.
+    source: str = "the data"
 
     @property
     def features(self) -> int:
@@ -48,23 +50,30 @@ class Dataset:
 
 
 def load_dataset(
-    path: str | Path, *, val_path: str | Path | None = None, task: Task = "classification"
+    path: str | Path,
+    *,
+    val_path: str | Path | None = None,
+    task: Task = "classification",
+    label_column: str | None = None,
 ) -> Dataset:
     """Load and validate a data file; ``val_path`` supplies (or replaces) validation data.
 
     ``.npz`` files hold arrays ``x`` and ``y`` and optionally ``x_val`` and ``y_val``.
-    ``.csv`` files are numeric, with an optional header row: the label column is the one
-    named ``label`` or ``y`` when there is a header, the last column otherwise.
+    ``.csv`` files are numeric, with an optional header row: the label column is
+    ``label_column`` (a header name, or a 1-based number), else the one named ``label`` or
+    ``y``, else the last column.
     A validation file uses the same formats (``x``/``y`` for ``.npz``). For ``task``
     classification ``y`` holds integer class labels (int64); for regression real targets
     (float32, shape ``(n,)`` or, in an ``.npz``, ``(n, outputs)``).
     """
     path = Path(path)
     targets = _labels if task == "classification" else _real_targets
-    x, y, x_val, y_val = _load_any(path, allow_val=True, targets=targets)
+    x, y, x_val, y_val = _load_any(path, allow_val=True, targets=targets, label=label_column)
     if val_path is not None:
         val_path = Path(val_path)
-        x_val, y_val, _, _ = _load_any(val_path, allow_val=False, targets=targets)
+        x_val, y_val, _, _ = _load_any(
+            val_path, allow_val=False, targets=targets, label=label_column
+        )
         val_source = val_path
     else:
         val_source = path
@@ -73,24 +82,26 @@ def load_dataset(
             f"{val_source}: validation data has {x_val.shape[1]} features "
             f"but the training data in {path} has {x.shape[1]}"
         )
-    return Dataset(x=x, y=y, x_val=x_val, y_val=y_val)
+    return Dataset(x=x, y=y, x_val=x_val, y_val=y_val, source=str(path))
 
 
 def check_compatible(
     ds: Dataset, inputs: int, classes: int, source: str, task: Task = "classification"
 ) -> None:
     """Raise ``DataError`` unless ``ds`` fits a model with ``inputs`` features and ``classes``
-    classes (regression: ``classes`` targets per row)."""
+    classes (regression: ``classes`` targets per row). The error names the data file first
+    (``ds.source``): the data, not ``source`` (the config), is usually what is off."""
+    model = f"the model ({source}: training.model)"
     if ds.x.shape[1] != inputs:
         raise DataError(
-            f"{source}: data has {ds.x.shape[1]} features but the model expects {inputs}"
+            f"{ds.source}: data has {ds.x.shape[1]} features but {model} expects {inputs}"
         )
     if task == "regression":
         for name, ys in (("y", ds.y), ("y_val", ds.y_val)):
             width = 1 if ys is None or ys.ndim == 1 else ys.shape[1]
             if ys is not None and width != classes:
                 raise DataError(
-                    f"{source}: {name} has {width} target column(s) but the model has "
+                    f"{ds.source}: {name} has {width} target column(s) but {model} has "
                     f"{classes} output(s)"
                 )
         return
@@ -101,8 +112,8 @@ def check_compatible(
         if lo < 0 or hi >= classes:
             bad = lo if lo < 0 else hi
             raise DataError(
-                f"{source}: label {bad} in {name} is outside 0..{classes - 1} "
-                f"(the model has {classes} classes)"
+                f"{ds.source}: label {bad} in {name} is outside 0..{classes - 1} "
+                f"({model} has {classes} classes)"
             )
 
 
@@ -113,7 +124,9 @@ _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 _Targets = Callable[[Path, str, np.ndarray, int, str], np.ndarray]
 
 
-def _load_any(path: Path, *, allow_val: bool, targets: _Targets) -> _Arrays:
+def _load_any(
+    path: Path, *, allow_val: bool, targets: _Targets, label: str | None = None
+) -> _Arrays:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise DataError(f"{path}: data file {what}")
@@ -121,7 +134,7 @@ def _load_any(path: Path, *, allow_val: bool, targets: _Targets) -> _Arrays:
     if suffix == ".npz":
         return _load_npz(path, allow_val=allow_val, targets=targets)
     if suffix == ".csv":
-        x, y = _load_csv(path, targets)
+        x, y = _load_csv(path, targets, label)
         return x, y, None, None
     raise DataError(f"{path}: unknown data file extension {path.suffix!r} (use .npz or .csv)")
 
@@ -261,7 +274,7 @@ def _real_targets(path: Path, name: str, arr: np.ndarray, rows: int, x_name: str
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _load_csv(path: Path, targets: _Targets) -> tuple[np.ndarray, np.ndarray]:
+def _load_csv(path: Path, targets: _Targets, label: str | None) -> tuple[np.ndarray, np.ndarray]:
     try:
         header, skip, has_data = _csv_layout(path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -275,26 +288,65 @@ def _load_csv(path: Path, targets: _Targets) -> tuple[np.ndarray, np.ndarray]:
         )
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read CSV file: {exc}") from exc
-    except ValueError as exc:
-        raise DataError(f"{path}: malformed CSV: {exc}") from exc
+    except ValueError as exc:  # find the line and column ourselves: numpy's are off by the header
+        raise DataError(_csv_fault(path, header, skip) or f"{path}: malformed CSV: {exc}") from exc
     if table.shape[1] < 2:
         raise DataError(f"{path}: CSV needs at least one feature column and a label column")
-    if header is None:
-        label_col = table.shape[1] - 1
-    else:
-        if len(header) != table.shape[1]:
-            raise DataError(
-                f"{path}: header has {len(header)} columns but the rows have {table.shape[1]}"
-            )
-        matches = [i for i, name in enumerate(header) if name in ("label", "y")]
-        if not matches:
-            raise DataError(f"{path}: CSV header has no 'label' or 'y' column")
-        if len(matches) > 1:
-            raise DataError(f"{path}: CSV header has more than one label column ('label' / 'y')")
-        label_col = matches[0]
-    x = _features(path, "features", np.delete(table, label_col, axis=1))
-    y = targets(path, f"label column {label_col + 1}", table[:, label_col], x.shape[0], "x")
+    if header is not None and len(header) != table.shape[1]:
+        raise DataError(
+            f"{path}: header has {len(header)} columns but the rows have {table.shape[1]}"
+        )
+    col = _label_column(path, header, table.shape[1], label)
+    x = _features(path, "features", np.delete(table, col, axis=1))
+    name = f"label column {header[col]!r}" if header else f"label column {col + 1}"
+    y = targets(path, name, table[:, col], x.shape[0], "x")
     return x, y
+
+
+def _label_column(path: Path, header: list[str] | None, width: int, label: str | None) -> int:
+    """Which column holds the labels: ``label`` (a header name or a 1-based number), else
+    the one named ``label`` or ``y``, else the last."""
+    if label is not None:
+        if label.isdigit() and 1 <= int(label) <= width:
+            return int(label) - 1
+        if header is not None and label.strip().lower() in header:
+            return header.index(label.strip().lower())
+        names = f"the header's names ({', '.join(header)})" if header else "no header"
+        raise DataError(
+            f"{path}: --label-column {label!r} is neither a column number 1..{width} nor one "
+            f"of {names}"
+        )
+    if header is None:
+        return width - 1
+    matches = [i for i, name in enumerate(header) if name in ("label", "y")]
+    if len(matches) > 1:
+        raise DataError(
+            f"{path}: CSV header has more than one label column ('label' / 'y'); choose one "
+            "with --label-column"
+        )
+    return matches[0] if matches else width - 1
+
+
+def _csv_fault(path: Path, header: list[str] | None, skip: int) -> str | None:
+    """The first line that ``np.loadtxt`` cannot read, said with its line number and the
+    column's name (None if this reading finds none)."""
+    width = len(header) if header is not None else None
+    with path.open(encoding="utf-8-sig") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = raw.split("#", 1)[0].strip()
+            if number <= skip or not line:
+                continue
+            fields = line.split(",")
+            if width is None:
+                width = len(fields)
+            elif len(fields) != width:
+                return f"{path}: line {number} has {len(fields)} fields, the others {width}"
+            for i, field in enumerate(fields):
+                if not _is_number(field.strip()):
+                    column = f"{header[i]!r}" if header is not None else str(i + 1)
+                    shown = field.strip()[:40]
+                    return f"{path}: line {number}, column {column}: {shown!r} is not a number"
+    return None
 
 
 def _csv_layout(path: Path) -> tuple[list[str] | None, int, bool]:

@@ -49,6 +49,7 @@ def scale_inputs(data: Dataset, scale: float) -> Dataset:
         y=data.y,
         x_val=None if data.x_val is None else data.x_val * factor,
         y_val=data.y_val,
+        source=data.source,
     )
 
 
