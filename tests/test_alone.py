@@ -121,3 +121,25 @@ async def test_a_digest_mismatch_names_the_fields_that_differ(
         (line,) = [m for m in errors if m.startswith(f"{node}: only 0")]
         assert f"{peer}: config digest mismatch" in line, line
         assert "peers.yaml differs in training.learning_rate, training.rounds" in line, line
+
+
+async def test_peers_whose_data_give_other_input_scales_are_refused_naming_both(
+    make_network: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """input_scale: auto, and bob's features are 100 times alice's: one model would see
+    inputs scaled differently at each peer. They refuse each other, and say both scales."""
+    import numpy as np
+
+    from p2pfl.learning import load_dataset
+
+    net = make_network(("alice", "bob"), startup_timeout=1.5)
+    ds = load_dataset(net.data["bob"])
+    louder = tmp_path / "bob.npz"
+    np.savez(louder, x=ds.x * 100, y=ds.y)
+    bob_net = dataclasses.replace(net, data={**net.data, "bob": louder})
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    codes = await run_all([make_node(net, "alice"), make_node(bob_net, "bob")])
+    assert codes == [EXIT_ALONE, EXIT_ALONE]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    (alice,) = [m for m in errors if m.startswith("alice: only 0")]
+    assert "data.input_scale.128 (only theirs), data.input_scale.1 (only ours)" in alice

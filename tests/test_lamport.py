@@ -77,7 +77,9 @@ ROUNDS = 8
 HOSTILE = MAX_LAMPORT - 40
 
 
-async def _status_as(net: LocalNetwork, attacker: str, victim: str, lamport: int) -> None:
+async def _status_as(
+    net: LocalNetwork, attacker: str, victim: str, lamport: int, digest: bytes
+) -> None:
     """Authenticate to ``victim`` with ``attacker``'s real key and send one STATUS."""
     config = net.config
     async with connect(
@@ -89,7 +91,7 @@ async def _status_as(net: LocalNetwork, attacker: str, victim: str, lamport: int
             prologue=PROLOGUE,
             remote_static=config.peers[victim].public_key,
         )
-        await ws.send(hs.write_message(encode_hello(config.digest, attacker)))
+        await ws.send(hs.write_message(encode_hello(digest, attacker)))
         reply = decode_reply(hs.read_message(await ws.recv(decode=False)))
         assert reply.status == REPLY_OK
         channel = Channel(hs.session_keys(), max_plaintext=1 << 16)
@@ -124,7 +126,7 @@ async def test_a_hostile_lamport_neither_splits_the_network_nor_survives_a_resta
     try:
         await _wait_for(alice_log, "listen", None, tasks["alice"])  # type: ignore[arg-type]
         # bob's key, before the real bob starts: any roster peer can do this.
-        await _status_as(net, "bob", "alice", HOSTILE)
+        await _status_as(net, "bob", "alice", HOSTILE, alice.net.digest)
         # alice reads it (her clock takes one step) but does not follow it to the limit
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5 * TIMEOUT

@@ -244,7 +244,7 @@ async def noise_hello(
 ) -> IKHandshake:
     """Send Noise IK message 1 (our static key, hello payload) to alice."""
     hs = initiator(target, key)
-    hello = encode_hello(target.net.config.digest if digest is None else digest, peer_id)
+    hello = encode_hello(target.node.net.digest if digest is None else digest, peer_id)
     await ws.send(hs.write_message(hello))
     return hs
 
@@ -374,7 +374,7 @@ async def test_digest_mismatch_is_answered_and_logged_with_both_digests(
     make_network: Callable[..., LocalNetwork],
 ) -> None:
     async with running_alice(make_network) as target:
-        ours = target.net.config.digest
+        ours = target.node.net.digest
         theirs = bytes(b ^ 0xFF for b in ours)
         async with hostile(target) as ws:
             hs = await noise_hello(ws, target, key_of(target, "bob"), digest=theirs)
@@ -522,7 +522,7 @@ async def test_replayed_session_fails_key_confirmation(
     """
     async with running_alice(make_network) as target:
         hs = initiator(target, key_of(target, "bob"))
-        message1 = hs.write_message(encode_hello(target.net.config.digest, "bob"))
+        message1 = hs.write_message(encode_hello(target.node.net.digest, "bob"))
         async with hostile(target) as ws:
             await ws.send(message1)
             assert (await noise_reply(ws, hs)).status == REPLY_OK
@@ -757,7 +757,7 @@ async def _no_key_confirmation(ws: ClientConnection, target: Target) -> None:
 async def _half_message(ws: ClientConnection, target: Target) -> None:
     """A fragmented message whose last fragment never comes."""
     hs = initiator(target, key_of(target, "bob"))
-    message = hs.write_message(encode_hello(target.net.config.digest, "bob"))
+    message = hs.write_message(encode_hello(target.node.net.digest, "bob"))
 
     async def fragments() -> AsyncIterator[bytes]:
         yield message[:40]

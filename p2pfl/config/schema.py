@@ -272,6 +272,24 @@ def config_digest(shared: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(_canonical(shared)).digest()
 
 
+def link_digest(config_digest: bytes, derived: Mapping[str, str]) -> bytes:
+    """The digest two peers compare when they connect: the config's, and what each node
+    derived from its own data that must agree across the network (an automatic input
+    scale). ``derived`` empty: the config's digest itself."""
+    if not derived:
+        return config_digest
+    return hashlib.sha256(config_digest + _canonical(dict(derived))).digest()
+
+
+def derived_fields(derived: Mapping[str, str]) -> dict[str, bytes]:
+    """``field_digests`` entries for ``derived`` values, the value in the name (``data.
+    input_scale.4096``): two peers that differ there see each other's value."""
+    return {
+        f"{k}.{v}": hashlib.sha256(v.encode()).digest()[:FIELD_DIGEST_BYTES]
+        for k, v in derived.items()
+    }
+
+
 #: Bytes of each field's digest in ``field_digests`` (a diagnosis, not a security check:
 #: the whole digest is what peers must agree on).
 FIELD_DIGEST_BYTES = 8

@@ -19,7 +19,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from p2pfl.config import Config
-from p2pfl.config.schema import field_digests
+from p2pfl.config.schema import derived_fields, field_digests, link_digest
 from p2pfl.daemon.events import EventLog
 from p2pfl.errors import DigestMismatch, HandshakeError, P2PFLError, RemoteProtocolError
 from p2pfl.proto.admit import confirm_keys, judge_hello, judge_reply, keeps_old_link
@@ -311,7 +311,9 @@ class Network:
         events: EventLog,
         expected_bytes: int,
         allocate: Callable[[], np.ndarray] | None = None,
+        derived: Mapping[str, str] | None = None,
     ) -> None:
+        derived = derived or {}
         self.config = config
         self.own_id = own_id
         self.private_key = private_key
@@ -329,9 +331,12 @@ class Network:
             open_timeout=config.limits.handshake_timeout,
         )
         self.id_by_key = {p.public_key: p.id for p in config.peers.values()}
-        #: Per-field digests of our config: a mismatch REPLY carries them, so the peer
-        #: that dialled can say which fields differ.
-        self.field_digests = field_digests(config.as_mapping())
+        #: The digest peers compare: the config's, and what this node derived from its data
+        #: that must agree (``derived``, e.g. an automatic input scale).
+        self.digest = link_digest(config.digest, derived)
+        #: Per-field digests of both: a mismatch REPLY carries them, so the peer that
+        #: dialled can say which fields differ.
+        self.field_digests = field_digests(config.as_mapping()) | derived_fields(derived)
         self.links: dict[str, PeerLink] = {}
         self.admission: Admission[ServerConnection] = Admission(self.limits.max_connections)
         self._throttle = Throttle()
@@ -550,14 +555,14 @@ class Network:
             hs.remote_static,
             roster=self.id_by_key,
             own_id=self.own_id,
-            digest=self.config.digest,
+            digest=self.digest,
         )
         peer_id = verdict.peer_id
-        reply = encode_reply(verdict.reply, self.config.digest, self.field_digests)
+        reply = encode_reply(verdict.reply, self.digest, self.field_digests)
         await ws.send(hs.write_message(reply))
         # (a mismatch is not noted in ``unreached`` here: a replayed HELLO could claim one;
         # our own dial, or the peer's announce, brings the confirmed story)
-        verdict.fail_if_mismatch(self.config.digest, hello.digest)
+        verdict.fail_if_mismatch(self.digest, hello.digest)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         # Key confirmation: message 1 alone could be a replay, so the link only counts once
         # the initiator proves it holds the session keys with a first record.
@@ -651,7 +656,7 @@ class Network:
             prologue=PROLOGUE,
             remote_static=self.config.peers[peer_id].public_key,
         )
-        await ws.send(hs.write_message(encode_hello(self.config.digest, self.own_id)))
+        await ws.send(hs.write_message(encode_hello(self.digest, self.own_id)))
         try:
             answer = await ws.recv(decode=False)
         except ConnectionClosed as exc:
@@ -665,7 +670,7 @@ class Network:
                 "its?), or it is not that peer"
             ) from None
         reply = decode_reply(hs.read_message(answer))
-        judge_reply(reply, self.config.digest, self.field_digests)
+        judge_reply(reply, self.digest, self.field_digests)
         self._authenticated(ws)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
         link = PeerLink(

@@ -154,6 +154,16 @@ class Node:
             self.metrics = NodeMetrics(self.id, self.config.peer_ids, lambda: len(self.net.links))
             self.events.listeners.append(self.metrics.observe)
 
+    @property
+    def derived(self) -> dict[str, str]:
+        """What this node derived from its own data that every peer must share: an
+        automatic input scale (``input_scale: auto``). Peers compare it when they connect:
+        a neighbour whose data gave another scale is refused, naming both, instead of one
+        model seeing differently scaled inputs at each peer."""
+        if self.config.training.input_scale is not None:
+            return {}
+        return {"data.input_scale": f"{self.local.input_scale:g}"}
+
     def _build_parts(self, private_key: X25519PrivateKey) -> None:
         """The shell's parts, wired: network, worker, saver, outbox, secure exchange, inbox."""
         config, options = self.config, self.options
@@ -167,6 +177,7 @@ class Node:
             events=self.events,
             expected_bytes=self.params.nbytes,
             allocate=lambda: self.buffers.take().view(np.float32),
+            derived=self.derived,
         )
         self.worker = Worker()
         self.saver = RoundSaver(
