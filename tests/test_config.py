@@ -980,7 +980,7 @@ def test_the_digest_covers_every_shared_field(tmp_path: Path) -> None:
         if section == "net":
             covered.add("down_grace")  # covered when it differs from its default
         if section == "training":
-            covered.add("min_neighbours")  # the same
+            covered |= {"min_neighbours", "standardize"}  # the same
         assert fields == covered, section
 
 
@@ -1073,3 +1073,46 @@ def test_min_neighbours_is_part_of_the_shared_digest(tmp_path: Path) -> None:
         load_config(write(tmp_path, cfg)).digest
         != load_config(write(tmp_path, base(), "b.yaml")).digest
     )
+
+
+@pytest.mark.parametrize(
+    ("standardize", "extra", "problem"),
+    [
+        ("sometimes", {}, "expected none, federated or {mean: [...], std: [...]}"),
+        ("federated", {"input_scale": 255}, "standardize replaces input_scale"),
+        ({"mean": [0.0] * 63, "std": [1.0] * 64}, {}, "expected 64 numbers"),
+        ({"mean": [0.0] * 64, "std": [1.0] * 63 + [0.0]}, {}, "std[63]: expected a number > 0"),
+        ({"mean": [0.0] * 63 + ["x"], "std": [1.0] * 64}, {}, "mean[63]: expected a number"),
+        ({"mean": [0.0] * 64}, {}, "std: required field is missing"),
+    ],
+)
+def test_standardize_is_checked(
+    tmp_path: Path, standardize: object, extra: dict[str, Any], problem: str
+) -> None:
+    cfg = base()
+    cfg["training"].update({"standardize": standardize, **extra})
+    with pytest.raises(ConfigError, match=r"training\.standardize") as info:
+        load_config(write(tmp_path, cfg))
+    assert problem in str(info.value)
+
+
+def test_standardize_values_and_federated_are_read_and_in_the_digest(tmp_path: Path) -> None:
+    cfg = base()
+    cfg["training"]["standardize"] = "federated"
+    federated = load_config(write(tmp_path, cfg))
+    assert federated.training.standardize is not None and federated.training.standardize.federated
+    cfg["training"]["standardize"] = {"mean": [0.5] * 64, "std": [2] * 64}
+    given = load_config(write(tmp_path, cfg, "b.yaml"))
+    assert given.training.standardize is not None
+    assert given.training.standardize.std == (2.0,) * 64
+    plain = load_config(write(tmp_path, base(), "c.yaml"))
+    assert len({plain.digest, federated.digest, given.digest}) == 3
+
+
+def test_federated_standardize_must_fit_a_record(tmp_path: Path) -> None:
+    cfg = base()
+    cfg["training"]["standardize"] = "federated"
+    cfg["training"]["model"]["inputs"] = 200
+    cfg["limits"] = {"chunk_bytes": 4096}
+    with pytest.raises(ConfigError, match=r"above limits\.chunk_bytes"):
+        load_config(write(tmp_path, cfg))

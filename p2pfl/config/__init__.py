@@ -120,6 +120,7 @@ class _DocumentReader(RosterReader, TrainingReader, AggregationReader, LimitsRea
         if aggregation.secure:
             self.check_secure_groups(topology, tuple(peers), seed, training.rounds)
         limits = self.limits(or_empty(root.get("limits")))
+        self.check_federated_moments(training, len(peers), limits.chunk_bytes)
         net = self.net(or_empty(root.get("net")))
         shared = shared_mapping(
             version=SUPPORTED_VERSION,

@@ -96,6 +96,27 @@ class TrainingConfig:
     #: code 3), and a run in which no round reached it ends with exit code 3. 0: a node may
     #: train alone.
     min_neighbours: int = 1
+    #: Feature standardisation, the same at every peer: None (off; ``input_scale``
+    #: applies), ``federated`` (the network's mean and standard deviation, computed before
+    #: round 0 without pooling data), or the values themselves.
+    standardize: Standardize | None = None
+
+
+@dataclass(frozen=True)
+class Standardize:
+    """``x -> (x - mean) / std`` per feature; ``mean``/``std`` None: ``federated``."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def federated(self) -> bool:
+        return self.mean is None
+
+    def as_json(self) -> Any:
+        if self.mean is None:
+            return "federated"
+        return {"mean": list(self.mean), "std": list(self.std or ())}
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,27 @@ class Config:
         )
 
 
+def _training_mapping(training: TrainingConfig) -> dict[str, Any]:
+    return {
+        "rounds": training.rounds,
+        "local_epochs": training.local_epochs,
+        "batch_size": training.batch_size,
+        "learning_rate": training.learning_rate,
+        "round_timeout": training.round_timeout,
+        "startup_timeout": training.startup_timeout,
+        # Only when set otherwise (as net.down_grace): files that leave them at their
+        # defaults keep their digests, and nodes their checkpoints.
+        **(
+            {}
+            if training.min_neighbours == TrainingConfig.min_neighbours
+            else {"min_neighbours": training.min_neighbours}
+        ),
+        **({} if training.standardize is None else {"standardize": training.standardize.as_json()}),
+        "input_scale": "auto" if training.input_scale is None else training.input_scale,
+        "model": training.model.as_mapping(),
+    }
+
+
 def shared_mapping(
     *,
     version: int,
@@ -211,23 +253,7 @@ def shared_mapping(
             "edges": [list(edge) for edge in sorted(topology.edges)],
             "resample_every": topology.resample_every,
         },
-        "training": {
-            "rounds": training.rounds,
-            "local_epochs": training.local_epochs,
-            "batch_size": training.batch_size,
-            "learning_rate": training.learning_rate,
-            "round_timeout": training.round_timeout,
-            "startup_timeout": training.startup_timeout,
-            # Only when set otherwise (as net.down_grace): files that leave it at its default
-            # keep their digests, and nodes their checkpoints.
-            **(
-                {}
-                if training.min_neighbours == TrainingConfig.min_neighbours
-                else {"min_neighbours": training.min_neighbours}
-            ),
-            "input_scale": "auto" if training.input_scale is None else training.input_scale,
-            "model": training.model.as_mapping(),
-        },
+        "training": _training_mapping(training),
         "aggregation": {
             "rule": aggregation.rule,
             "secure": aggregation.secure,

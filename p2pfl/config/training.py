@@ -4,13 +4,20 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
 from p2pfl.config.fields import FieldReader, as_float, or_empty, shown
-from p2pfl.config.schema import MODEL_KINDS, OPTIMIZER_KINDS, ModelConfig, TrainingConfig
+from p2pfl.config.schema import (
+    MODEL_KINDS,
+    OPTIMIZER_KINDS,
+    ModelConfig,
+    Standardize,
+    TrainingConfig,
+)
 from p2pfl.learning.base import TASKS, Task
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -50,6 +57,7 @@ class TrainingReader(FieldReader):
             "startup_timeout",
             "min_neighbours",
             "input_scale",
+            "standardize",
             "model",
         )
         section = self.section(value, "training", keys, ("rounds", "model"))
@@ -71,7 +79,66 @@ class TrainingReader(FieldReader):
             min_neighbours=self.integer(
                 section.get("min_neighbours", 1), "training.min_neighbours", 0
             ),
+            standardize=self.standardize(section),
         )
+
+    def standardize(self, section: Mapping[str, Any]) -> Standardize | None:
+        """``standardize``: none, federated, or ``{mean: [...], std: [...]}`` (one number
+        per model input). It replaces ``input_scale``, which may then not be a number."""
+        path = "training.standardize"
+        value = section.get("standardize", "none")
+        if value == "none":
+            return None
+        if isinstance(section.get("input_scale", "auto"), int | float):
+            self.fail(path, "standardize replaces input_scale: leave input_scale at auto")
+        if value == "federated":
+            return Standardize()
+        if isinstance(value, str):
+            expected = "none, federated or {mean: [...], std: [...]}"
+            self.fail(path, f"expected {expected}, got {shown(value)}")
+        values = self.section(value, path, ("mean", "std"), ("mean", "std"))
+        model = section.get("model")
+        inputs = model.get("inputs") if isinstance(model, Mapping) else None
+        mean = self.numbers(values["mean"], f"{path}.mean", inputs, positive=False)
+        std = self.numbers(values["std"], f"{path}.std", inputs, positive=True)
+        return Standardize(mean, std)
+
+    def check_federated_moments(self, training: TrainingConfig, peers: int, chunk: int) -> None:
+        """``standardize: federated`` sends each peer's totals in one message, tagged for
+        every other peer: it must fit a record, and name at most 64 other peers."""
+        if training.standardize is None or not training.standardize.federated:
+            return
+        if peers > 65:
+            self.fail("training.standardize", f"federated supports up to 65 peers, not {peers}")
+        size = 16 * (2 * training.model.inputs + 1) + (peers - 1) * 97 + 100
+        if size > chunk:
+            self.fail(
+                "training.standardize",
+                f"federated needs messages of {size} bytes for {training.model.inputs} inputs, "
+                f"above limits.chunk_bytes ({chunk}): raise it",
+            )
+
+    def numbers(
+        self, value: object, path: str, length: object, *, positive: bool
+    ) -> tuple[float, ...]:
+        """A list of finite numbers, one per model input (``positive``: each > 0)."""
+        if not isinstance(value, list) or not value:
+            self.fail(path, f"expected a list of numbers, one per model input, got {shown(value)}")
+        if isinstance(length, int) and len(value) != length:
+            self.fail(path, f"expected {length} numbers (training.model.inputs), got {len(value)}")
+        out = []
+        for i, item in enumerate(value):
+            where = f"{path}[{i}]"
+            if positive:
+                out.append(self.positive(item, where))
+                continue
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                self.fail(where, f"expected a number, got {shown(item)}")
+            number = as_float(item)
+            if not math.isfinite(number):
+                self.fail(where, f"expected a finite number, got {shown(item)}")
+            out.append(number)
+        return tuple(out)
 
     def input_scale(self, value: object) -> float | None:
         if value == "auto":

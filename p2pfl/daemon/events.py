@@ -34,6 +34,7 @@ EVENT_TYPES = frozenset(
         "handshake_ok",
         "handshake_fail",
         "late",
+        "standardize",
         "round_start",
         "train",
         "send",

@@ -26,12 +26,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from p2pfl.config import Config
 from p2pfl.core.aggregate import aggregate, parse_rule
 from p2pfl.core.clock import LamportClock
+from p2pfl.core.moments import digest
 from p2pfl.core.phases import Phase, advance
 from p2pfl.core.rounds import RoundTracker
 from p2pfl.core.scoring import SuspectTracker
 from p2pfl.core.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.inbox import Inbox
+from p2pfl.daemon.moments_exchange import MomentsExchange, load_saved
 from p2pfl.daemon.net import Network, PeerLink
 from p2pfl.daemon.outbox import Outbox
 from p2pfl.daemon.persist import RoundSaver
@@ -42,7 +44,7 @@ from p2pfl.daemon.startup import EXIT_ALONE, REPORT_EVERY, waiting_for
 from p2pfl.daemon.statedir import StateLock, prepare_state_dir
 from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.daemon.worker import Worker
-from p2pfl.errors import ListenError
+from p2pfl.errors import ListenError, MessageError
 from p2pfl.learning import Dataset
 from p2pfl.learning.base import Evaluation
 from p2pfl.learning.trainer import LocalModel, Trained, restore_dp_releases
@@ -50,6 +52,7 @@ from p2pfl.proto.wire import (
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
     Message,
+    Moments,
 )
 from p2pfl.secure.arithmetic import FixedPoint
 from p2pfl.store.checkpoint import load_checkpoint
@@ -118,6 +121,18 @@ class Node:
             down_grace=config.net.down_grace,
         )
         self._build_parts(private_key)
+        #: ``standardize: federated``: the flooding of the feature totals (None: not used,
+        #: or this node's standardisation was saved by an earlier life).
+        self.moments: MomentsExchange | None = None
+        standardize = config.training.standardize
+        if standardize is not None and standardize.federated:
+            saved = load_saved(options.state_dir, config)
+            if saved is not None:
+                self.local.standardize(*saved)
+            else:
+                self.moments = MomentsExchange(
+                    config, self.id, private_key, self.local.data.x, self.clock, self.events
+                )
         self._changed: asyncio.Event | None = None
         self.finished = False
         #: What ``run`` returns: 0, or ``EXIT_ALONE``.
@@ -160,7 +175,7 @@ class Node:
         automatic input scale (``input_scale: auto``). Peers compare it when they connect:
         a neighbour whose data gave another scale is refused, naming both, instead of one
         model seeing differently scaled inputs at each peer."""
-        if self.config.training.input_scale is not None:
+        if self.config.training.input_scale is not None or self.config.training.standardize:
             return {}
         return {"data.input_scale": f"{self.local.input_scale:g}"}
 
@@ -315,7 +330,10 @@ class Node:
         return self.tracker.current
 
     def offer(self, link: PeerLink) -> None:
-        """Send what is due on ``link``: secure aggregation's KEYS, this round's parameters."""
+        """Send what is due on ``link``: the feature totals (``standardize: federated``),
+        secure aggregation's KEYS, this round's parameters."""
+        if self.moments is not None:
+            self.moments.offer_all(link, self.net.spawn)
         if self.exchange is not None:
             self.exchange.offer_keys(link)
         self.outbox.offer(link)
@@ -336,6 +354,12 @@ class Node:
         self.notify()
 
     def message(self, link: PeerLink, msg: Message) -> None:
+        if isinstance(msg, Moments):
+            if self.moments is None:
+                raise MessageError("MOMENTS in a network without standardize: federated")
+            if self.moments.receive(link, msg, self.net.links, self.net.spawn):
+                self.notify()
+            return
         self.inbox.message(link, msg)
 
     # --- the round loop ------------------------------------------------------------------
@@ -397,6 +421,38 @@ class Node:
         if absent:
             log.warning("%s: starting without %s (startup timeout)", self.id, self._why(absent))
         return max(start_round, self.tracker.consensus_round(start_round))
+
+    async def _standardize(self) -> bool:
+        """``standardize: federated``: wait (up to ``training.startup_timeout``) until every
+        peer's feature totals are in, then standardise with the network's mean and standard
+        deviation. False if some never came."""
+        assert self.moments is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.training.startup_timeout
+        moments = self.moments.moments
+        while not await self.wait_until(
+            lambda: not moments.missing(), lambda: min(deadline, loop.time() + REPORT_EVERY)
+        ):
+            if loop.time() >= deadline:
+                log.error(
+                    "%s: the feature totals of %s never came within training.startup_timeout "
+                    "(standardize: federated needs every peer once, at the start): exit code %d",
+                    self.id,
+                    ", ".join(moments.missing()),
+                    EXIT_ALONE,
+                )
+                return False
+            log.info(
+                "%s: waiting for the feature totals of %s", self.id, ", ".join(moments.missing())
+            )
+        mean, std = await self.worker.run(
+            "standardize", self.moments.result, self.options.state_dir, self.config
+        )
+        self.local.standardize(mean, std)
+        rows = round(moments.totals()[0])
+        self.events.emit("standardize", None, rows=rows, digest=digest(mean, std))
+        log.info("%s: standardised with the network's mean and deviation (%d rows)", self.id, rows)
+        return True
 
     def _why(self, peers: list[str]) -> str:
         """Whom we wait for, and why (``startup.waiting_for``)."""
@@ -636,6 +692,9 @@ class Node:
     async def _rounds(self, start_round: int, resumed: bool) -> None:
         started = await self._startup(start_round, resumed)
         if started is None:
+            self.exit_code = EXIT_ALONE
+            return
+        if self.moments is not None and not await self._standardize():
             self.exit_code = EXIT_ALONE
             return
         r = started

@@ -154,8 +154,15 @@ class LocalModel:
     def __init__(self, config: Config, peer_id: str, data: Dataset, dp_releases: int) -> None:
         self.config = config
         self.training = config.training
-        self.input_scale = input_scale_for(data, config.training.input_scale)
+        standardize = config.training.standardize
+        # (standardisation replaces the input scale)
+        self.input_scale = 1.0 if standardize else input_scale_for(data, self.training.input_scale)
         self.data = scale_inputs(data, self.input_scale)
+        #: The mean and standard deviation the data was standardised with (None: not yet,
+        #: or not at all; ``federated``: once the network computed them).
+        self.standardization: tuple[np.ndarray, np.ndarray] | None = None
+        if standardize is not None and standardize.mean is not None:
+            self.standardize(np.array(standardize.mean), np.array(standardize.std))
         model = config.training.model
         check_compatible(data, model.inputs, model.outputs, source=config.source, task=model.task)
         self.learner = build_learner(model.as_mapping(), config.seed, source=config.source)
@@ -166,6 +173,20 @@ class LocalModel:
         self._dp_rng = np.random.default_rng()  # OS entropy
         #: Updates released so far (a restarted node counts its earlier life's too).
         self.dp_releases = dp_releases
+
+    def standardize(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """From now on train and evaluate on ``(x - mean) / std`` (every peer uses the same
+        values: from peers.yaml, or the network's, ``core.moments``)."""
+        m, s = mean.astype(np.float32), std.astype(np.float32)
+        data = self.data
+        self.data = Dataset(
+            x=(data.x - m) / s,
+            y=data.y,
+            x_val=None if data.x_val is None else (data.x_val - m) / s,
+            y_val=data.y_val,
+            source=data.source,
+        )
+        self.standardization = (mean, std)
 
     def initial_params(self) -> np.ndarray:
         """The seeded initial model, flat. May be a view of the learner's own storage

@@ -67,6 +67,7 @@ class MessageType(enum.IntEnum):
     SHARES = 0x23
     CONFIRM = 0x24
     UNMASK = 0x25
+    MOMENTS = 0x30
 
 
 _SECURE_TYPES = frozenset(
@@ -160,7 +161,63 @@ class Shares:
     boxes: dict[str, bytes]
 
 
-Message = Status | ParamsBegin | ParamsChunk | Present | Confirm | Unmask | Reveal | Keys | Shares
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """Before round 0 (``training.standardize: federated``): one peer's masked feature
+    totals, first-hand or passed on, with its tag for each other peer
+    (``p2pfl.core.moments``)."""
+
+    lamport: int
+    round: int
+    origin: str
+    vector: bytes
+    tags: dict[str, bytes]
+
+
+_MOMENTS_HEAD = struct.Struct(">I")  # vector bytes
+#: Tag bytes per peer in MOMENTS (HMAC-SHA256).
+MOMENTS_TAG_BYTES = 32
+
+
+def encode_moments(lamport: int, origin: str, vector: bytes, tags: dict[str, bytes]) -> bytes:
+    raw = origin.encode("ascii")
+    body = bytes([len(raw)]) + raw + _MOMENTS_HEAD.pack(len(vector)) + vector
+    return (
+        _HEADER.pack(MessageType.MOMENTS, lamport, 0)
+        + body
+        + _encode_entries(tags, MOMENTS_TAG_BYTES)
+    )
+
+
+def _decode_moments(lamport: int, round_index: int, body: memoryview) -> Moments:
+    if not body or not 0 < body[0] <= MAX_ID_BYTES or len(body) < 1 + body[0] + 4:
+        raise MessageError("MOMENTS with a malformed origin")
+    end = 1 + body[0]
+    try:
+        origin = bytes(body[1:end]).decode("ascii")
+    except UnicodeDecodeError:
+        raise MessageError("MOMENTS origin is not ASCII") from None
+    (size,) = _MOMENTS_HEAD.unpack_from(body, end)
+    start = end + _MOMENTS_HEAD.size
+    if size == 0 or size % 16 or start + size > len(body):
+        raise MessageError(f"MOMENTS with a vector of {size} bytes")
+    vector = bytes(body[start : start + size])
+    tags, _ = _decode_entries("MOMENTS", body[start + size :], MOMENTS_TAG_BYTES)
+    return Moments(lamport, round_index, origin, vector, tags)
+
+
+Message = (
+    Status
+    | ParamsBegin
+    | ParamsChunk
+    | Present
+    | Confirm
+    | Unmask
+    | Reveal
+    | Keys
+    | Shares
+    | Moments
+)
 
 
 def _encode_entries(entries: dict[str, bytes], size: int) -> bytes:
@@ -329,6 +386,8 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
         return ParamsChunk(lamport, round_index, offset, memoryview(plaintext)[CHUNK_OVERHEAD:])
     if kind in _SECURE_TYPES:
         return _decode_secure(kind, lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
+    if kind == MessageType.MOMENTS:
+        return _decode_moments(lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
     raise MessageError(f"unknown message type 0x{kind:02x}")
 
 
