@@ -119,7 +119,9 @@ def main() -> None:
     parser.add_argument("--base-port", type=int, default=7610)
     args = parser.parse_args()
     data, x_test, y_test = split(args.seed)
-    sizes = ", ".join(f"{p} {len(d['y'])} rows ({int(d['y'].mean() * 100)}% benign)" for p, d in data.items())
+    sizes = ", ".join(
+        f"{p} {len(d['y'])} rows ({int(d['y'].mean() * 100)}% benign)" for p, d in data.items()
+    )
     print(f"breast cancer, Dirichlet 0.5 label skew: {sizes}")
     settings = {
         "input_scale: 8192": {"input_scale": 8192},
@@ -131,8 +133,10 @@ def main() -> None:
             acc = run(Path(tmp) / f"s{i}", data, training, args.rounds, port)
             shown = "  ".join(f"{p} {a:.3f}" for p, a in acc.items())
             print(f"{name:24s} validation accuracy after {args.rounds} rounds: {shown}")
-    print(f"centralised (pooled, standardised, {args.rounds} epochs): test accuracy "
-          f"{centralised(data, x_test, y_test, args.rounds):.3f}")
+    print(
+        f"centralised (pooled, standardised, {args.rounds} epochs): test accuracy "
+        f"{centralised(data, x_test, y_test, args.rounds):.3f}"
+    )
 
 
 if __name__ == "__main__":
