@@ -53,6 +53,7 @@ def write_config(
     outputs: int = 10,
     seed: int = 7,
     input_scale: float | None = None,
+    standardize: Any = None,
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     keys = root / "keys"
@@ -78,6 +79,8 @@ def write_config(
     )
     if input_scale is not None:
         data["training"]["input_scale"] = input_scale
+    if standardize is not None:
+        data["training"]["standardize"] = standardize
     path = root / "peers.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
@@ -355,3 +358,31 @@ def test_cli_config_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     missing = tmp_path / "missing.yaml"
     assert main(["export", str(elsewhere), "--config", str(missing), "-o", "m"]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_a_standardised_model_exports_its_mean_and_deviation(tmp_path: Path) -> None:
+    """The model saw (x - mean) / std: the .npz meta says so, and the ONNX graph does it."""
+    mean = np.linspace(0.0, 0.5, 64).tolist()
+    std = np.linspace(1.0, 3.0, 64).tolist()
+    run = make_run(
+        tmp_path / "run", {"kind": "mlp", "hidden": [8]}, standardize={"mean": mean, "std": std}
+    )
+    files = export_model(run.state, run.config_path, tmp_path / "model")
+    _, meta = load_npz(files[0])
+    assert meta["standardize"] == {"mean": mean, "std": std}
+    onnx = pytest.importorskip("onnx", reason="the ONNX export needs onnx (p2pfl[onnx])")
+    from onnx.reference import ReferenceEvaluator
+
+    onnx.checker.check_model(onnx.load(str(files[1])), full_check=True)
+    raw = features(high=4.0)
+    _, logits = ReferenceEvaluator(str(files[1])).run(None, {"x": raw})
+    want = run.learner.logits((raw - np.float32(mean)) / np.float32(std))
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_federated_standardisation_that_never_finished_cannot_be_exported(
+    tmp_path: Path,
+) -> None:
+    run = make_run(tmp_path / "run", {"kind": "softmax"}, standardize="federated")
+    with pytest.raises(P2PFLError, match="never finished its federated standardisation"):
+        export_model(run.state, run.config_path, tmp_path / "model")

@@ -11,9 +11,7 @@ asking the network again.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,7 @@ from p2pfl.core.moments import NetworkMoments, digest, local_moments, mean_std
 from p2pfl.errors import MessageError
 from p2pfl.proto.keys import pairwise_secret
 from p2pfl.proto.wire import Moments, encode_moments
+from p2pfl.store.standardization import save
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -37,23 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Purpose bound into the pairwise secrets behind the moments' masks and tags.
 MOMENTS_PURPOSE = b"p2pfl moments"
-STANDARDIZE_FILE = "standardize.json"
-
-
-def load_saved(state_dir: Path, config: Config) -> tuple[np.ndarray, np.ndarray] | None:
-    """The standardisation a former life of this node computed with this config, if any."""
-    try:
-        saved = json.loads((state_dir / STANDARDIZE_FILE).read_text(encoding="utf-8"))
-        if saved["config_digest"] != config.digest.hex():
-            return None
-        mean = np.array(saved["mean"], dtype=np.float64)
-        std = np.array(saved["std"], dtype=np.float64)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    inputs = config.training.model.inputs
-    if mean.shape != (inputs,) or std.shape != (inputs,) or not (std > 0).all():
-        return None
-    return mean, std
 
 
 class MomentsExchange:
@@ -128,19 +110,5 @@ class MomentsExchange:
         """The network's mean and standard deviation (all shares in), saved for restarts."""
         totals = self.moments.totals()
         mean, std = mean_std(totals)
-        path = state_dir / STANDARDIZE_FILE
-        record = {
-            "config_digest": config.digest.hex(),
-            "rows": round(totals[0]),
-            "digest": digest(mean, std),
-            "mean": mean.tolist(),
-            "std": std.tolist(),
-        }
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(record, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        save(state_dir, config, mean, std, round(totals[0]), digest(mean, std))
         return mean, std

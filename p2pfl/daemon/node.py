@@ -33,7 +33,7 @@ from p2pfl.core.scoring import SuspectTracker
 from p2pfl.core.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.inbox import Inbox
-from p2pfl.daemon.moments_exchange import MomentsExchange, load_saved
+from p2pfl.daemon.moments_exchange import MomentsExchange
 from p2pfl.daemon.net import Network, PeerLink
 from p2pfl.daemon.outbox import Outbox
 from p2pfl.daemon.persist import RoundSaver
@@ -56,6 +56,7 @@ from p2pfl.proto.wire import (
 )
 from p2pfl.secure.arithmetic import FixedPoint
 from p2pfl.store.checkpoint import load_checkpoint
+from p2pfl.store.standardization import load_saved
 
 if TYPE_CHECKING:
     from p2pfl.daemon.metrics import NodeMetrics

@@ -39,6 +39,7 @@ from p2pfl.learning.base import Learner, flatten, unflatten
 from p2pfl.learning.factory import build_learner
 from p2pfl.learning.models import MLP, SoftmaxRegression
 from p2pfl.store.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
+from p2pfl.store.standardization import standardization_for
 
 if TYPE_CHECKING:
     import onnx
@@ -203,6 +204,17 @@ def export_checkpoint(
     torch_state = _torch_learner(learner).state_dict() if model.kind == "torch" else None
     tensors = _named_tensors(learner, model, torch_state)
     meta = _meta(config, model, checkpoint.next_round, size, scale, node, list(tensors))
+    standardization = standardization_for(state_dir, config)
+    if config.training.standardize is not None and standardization is None:
+        raise P2PFLError(
+            f"{state_dir}: the node never finished its federated standardisation (no "
+            "standardize.json): the model's inputs are unknown"
+        )
+    if standardization is not None:
+        meta["standardize"] = {
+            "mean": standardization[0].tolist(),
+            "std": standardization[1].tolist(),
+        }
     base = _output_base_made(Path(out))
     files = [_write(base.with_name(base.name + ".npz"), lambda f: _write_npz(f, tensors, meta))]
     more_files, more_notes = _write_format_files(
@@ -299,7 +311,16 @@ def _write_format_files(
         import onnx as _onnx  # noqa: F401  (an optional extra)
     except ImportError:
         return [], [f"onnx not installed: no ONNX file ({ONNX_HINT})"]
-    graph = build_onnx(learner, model, input_scale=scale, meta=meta)
+    standardize = meta.get("standardize")
+    graph = build_onnx(
+        learner,
+        model,
+        input_scale=scale,
+        meta=meta,
+        standardize=None
+        if standardize is None
+        else (np.array(standardize["mean"]), np.array(standardize["std"])),
+    )
     data = graph.SerializeToString()
     return [_write(base.with_name(base.name + ".onnx"), lambda f: f.write(data))], []
 
@@ -399,17 +420,45 @@ def _write_npz(handle: IO[bytes], tensors: Mapping[str, np.ndarray], meta: Any) 
 # --- ONNX --------------------------------------------------------------------------------
 
 
+def _input_nodes(
+    input_scale: float, standardize: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[list[Any], list[Any], str]:
+    """The graph's first nodes: the features as the node saw them (standardised, or
+    divided by the input scale). Returns (initializers, nodes, the tensor they end in)."""
+    from onnx import helper, numpy_helper
+
+    initializers: list[Any] = []
+    nodes: list[Any] = []
+    current = "x"
+    if standardize is not None:
+        mean, std = (np.asarray(a, dtype=np.float32) for a in standardize)
+        initializers.append(numpy_helper.from_array(mean, "mean"))
+        initializers.append(numpy_helper.from_array(std, "std"))
+        nodes.append(helper.make_node("Sub", ["x", "mean"], ["x_centred"], name="centre"))
+        nodes.append(helper.make_node("Div", ["x_centred", "std"], ["x_std"], name="standardize"))
+        current = "x_std"
+    elif input_scale != 1.0:
+        initializers.append(
+            numpy_helper.from_array(np.array(1.0 / input_scale, dtype=np.float32), "inv_scale")
+        )
+        nodes.append(helper.make_node("Mul", ["x", "inv_scale"], ["x_scaled"], name="scale"))
+        current = "x_scaled"
+    return initializers, nodes, current
+
+
 def build_onnx(
     learner: Learner,
     model: ModelConfig,
     *,
     input_scale: float = 1.0,
     meta: Mapping[str, Any] | None = None,
+    standardize: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """The dense network as an ONNX graph (opset :data:`ONNX_OPSET`), checked.
 
-    Input ``x`` float32 ``[N, inputs]`` of raw features (divided by ``input_scale`` inside
-    the graph, as the node did). A Gemm per layer, Relu between; a classifier outputs
+    Input ``x`` float32 ``[N, inputs]`` of raw features (divided by ``input_scale``, or
+    standardised with ``standardize``'s mean and deviation, inside the graph, as the node
+    did). A Gemm per layer, Relu between; a classifier outputs
     ``probabilities`` (Softmax) and ``logits``, a regressor ``y``.
     """
     import onnx
@@ -419,15 +468,7 @@ def build_onnx(
         raise TypeError(f"ONNX export needs a numpy softmax/mlp model, got {type(learner)}")
     weights = [np.asarray(w, dtype=np.float32) for w in learner.get_weights()]
     layers = len(weights) // 2
-    initializers = []
-    nodes = []
-    current = "x"
-    if input_scale != 1.0:
-        initializers.append(
-            numpy_helper.from_array(np.array(1.0 / input_scale, dtype=np.float32), "inv_scale")
-        )
-        nodes.append(helper.make_node("Mul", ["x", "inv_scale"], ["x_scaled"], name="scale"))
-        current = "x_scaled"
+    initializers, nodes, current = _input_nodes(input_scale, standardize)
     classification = model.task == "classification"
     for layer in range(layers):
         w_name, b_name = f"W{layer + 1}", f"b{layer + 1}"
