@@ -4,6 +4,8 @@ and every bad share refused."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -90,8 +92,11 @@ def test_a_constant_feature_is_only_centred() -> None:
 def test_fixed_point_round_trips_negative_and_large_totals() -> None:
     values = np.array([-5.25, 0.0, 1e15, -3e12, 2.0**-20])
     np.testing.assert_allclose(decode(encode(values)), values, rtol=1e-15, atol=2.0**-48)
-    with pytest.raises(ValueError, match="cannot be encoded"):
+    with pytest.raises(ValueError, match="too large to standardise with"):
         encode(np.array([np.nan]))
+    with pytest.raises(ValueError, match="too large"):  # 64 peers: each below 2**73
+        encode(np.array([2.0**73]), peers=64)
+    encode(np.array([2.0**72]), peers=64)
 
 
 def test_bad_shares_are_refused() -> None:
@@ -170,6 +175,8 @@ async def test_real_nodes_on_a_ring_standardise_with_the_pooled_statistics(four)
     try:
         assert again.moments is None and again.local.standardization is not None
         np.testing.assert_array_equal(again.local.standardization[0], saved[0]["mean"])
+        # a peer that still floods its share is not a protocol error (the link stays)
+        again.message(types.SimpleNamespace(peer_id="bob"), Moments(1, 0, "bob", bytes(16), {}))  # type: ignore[arg-type]
     finally:
         again.events.close()
         again.state_lock.release()
@@ -204,3 +211,65 @@ def test_values_in_peers_yaml_are_used_as_they_are(make_network) -> None:
     finally:
         node.events.close()
         node.state_lock.release()
+
+
+def test_an_origin_that_tells_peers_different_totals_is_caught() -> None:
+    """bob sends alice two different shares, each with a valid tag for her: only bob can
+    make those, so bob equivocated (alice must not standardise with either)."""
+    from p2pfl.core.moments import Equivocation, masked_share, share_tags
+
+    secrets = secrets_for(PEERS)
+    nodes = network(datasets())
+    bob_secrets = {q: secrets["bob"][q] for q in PEERS if q != "bob"}
+    other = masked_share("bob", local_moments(datasets(seed=9)["bob"]), bob_secrets, CONTEXT)
+    fresh = NetworkMoments("alice", PEERS, 5, {q: secrets["alice"][q] for q in PEERS[1:]}, CONTEXT)
+    vector, tags = nodes["bob"].shares["bob"]
+    assert fresh.add("bob", vector, {**tags, "mallory": b"x" * 32})
+    assert "mallory" not in fresh.shares["bob"][1]  # (unknown peers' tags are not kept)
+    with pytest.raises(Equivocation, match="bob sent two different feature totals"):
+        fresh.add("bob", other, share_tags(other, bob_secrets, CONTEXT))
+
+
+@pytest.mark.parametrize(
+    ("totals", "problem"),
+    [
+        ([0.0, 1.0, 1.0], "row count 0 is not a positive whole number"),
+        ([2.5, 1.0, 1.0], "row count 2.5"),
+        ([2.0, 1.0, -1.0], "sums of squares are smaller"),
+        ([2.0, 10.0, 1.0], "sums of squares are smaller"),  # 2 * 1 < 10 ** 2
+        ([1.0, 1e39, 1e78], "beyond float32"),
+    ],
+)
+def test_totals_that_no_data_can_give_are_refused(totals: list[float], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        mean_std(np.array(totals))
+
+
+def test_a_node_sends_the_same_share_after_a_restart_and_never_new_totals(
+    make_network, tmp_path
+) -> None:
+    """The share is kept before it is sent: a restart sends those bytes again; a restart
+    on other data under the same config is refused (the masks would show the change)."""
+    from p2pfl.errors import DataError
+
+    from .test_node import make_node
+
+    extra = {"training": {"standardize": "federated"}}
+    net = make_network(("alice", "bob"), extra=extra)
+    first = make_node(net, "alice")
+    assert first.moments is not None
+    share = first.moments.moments.shares["alice"]
+    first.events.close()
+    first.state_lock.release()
+    again = make_node(net, "alice")
+    assert again.moments is not None and again.moments.moments.shares["alice"] == share
+    again.events.close()
+    again.state_lock.release()
+    ds = np.load(net.data["alice"])
+    changed = tmp_path / "changed.npz"
+    np.savez(changed, x=ds["x"][:-1], y=ds["y"][:-1])
+    import dataclasses
+
+    other = dataclasses.replace(net, data={**net.data, "alice": changed})
+    with pytest.raises(DataError, match="already sent masked feature totals"):
+        make_node(other, "alice")

@@ -48,13 +48,15 @@ def local_moments(x: np.ndarray) -> np.ndarray:
     return np.concatenate([[float(len(x64))], x64.sum(axis=0), np.square(x64).sum(axis=0)])
 
 
-def encode(values: np.ndarray) -> list[int]:
-    """Fixed point in Z_2^128 (negative values wrap around)."""
+def encode(values: np.ndarray, peers: int = 1) -> list[int]:
+    """Fixed point in Z_2^128 (negative values wrap around), small enough that the sum of
+    ``peers`` such vectors still decodes (below 2**79 in all)."""
     scale = 1 << FRAC_BITS
+    bound = 2.0 ** (79 - math.ceil(math.log2(max(peers, 1))))
     out = []
     for v in values.tolist():
-        if not math.isfinite(v) or abs(v) >= 2.0**78:
-            raise ValueError(f"a feature total of {v} cannot be encoded")
+        if not math.isfinite(v) or abs(v) >= bound:
+            raise ValueError(f"a feature total of {v:g} is too large to standardise with")
         out.append(round(v * scale) % RING)
     return out
 
@@ -98,7 +100,7 @@ def masked_share(
     own_id: str, values: np.ndarray, secrets: Mapping[str, bytes], context: bytes
 ) -> bytes:
     """Our vector under the pairwise masks with every other peer (``secrets[peer]``)."""
-    ints = encode(values)
+    ints = encode(values, len(secrets) + 1)
     for peer in sorted(secrets):
         stream = _keystream(_mask_key(secrets[peer], context), len(ints))
         sign = 1 if own_id < peer else -1
@@ -112,6 +114,11 @@ def share_tags(vector: bytes, secrets: Mapping[str, bytes], context: bytes) -> d
         peer: hmac.new(_tag_key(secret, context), vector, hashlib.sha256).digest()
         for peer, secret in sorted(secrets.items())
     }
+
+
+class Equivocation(MessageError):
+    """An origin sent two different shares, each tagged for us: only it can make those
+    tags, so it told different peers different totals."""
 
 
 class NetworkMoments:
@@ -137,6 +144,11 @@ class NetworkMoments:
         vector = masked_share(self.own_id, values, self._secrets, self.context)
         self.shares[self.own_id] = (vector, share_tags(vector, self._secrets, self.context))
 
+    def add_own_share(self, vector: bytes, tags: Mapping[str, bytes]) -> None:
+        """The share an earlier life of this node already sent (the same masks must never
+        cover other totals: the difference would show)."""
+        self.shares[self.own_id] = (vector, dict(tags))
+
     def add(self, origin: str, vector: bytes, tags: Mapping[str, bytes]) -> bool:
         """A peer's share, first-hand or passed on. True if new (then pass it on); raises
         MessageError if it is not a peer's, has the wrong size, or its tag for us fails."""
@@ -151,9 +163,10 @@ class NetworkMoments:
             raise MessageError(f"moments of {origin} with a tag that does not verify")
         if origin in self.shares:
             if self.shares[origin][0] != vector:
-                raise MessageError(f"a second, different moments vector from {origin}")
+                raise Equivocation(f"{origin} sent two different feature totals, both its own")
             return False
-        self.shares[origin] = (vector, dict(tags))
+        # (only the tags of known peers are kept and passed on)
+        self.shares[origin] = (vector, {p: t for p, t in tags.items() if p in self.peers})
         return True
 
     def missing(self) -> list[str]:
@@ -173,11 +186,17 @@ def mean_std(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The network's per-feature mean and (population) standard deviation; a constant
     feature gets a deviation of 1 (it is only centred)."""
     rows = totals[0]
-    if rows <= 0:
-        raise ValueError("the network has no data rows")
     features = (len(totals) - 1) // 2
-    mean = totals[1 : 1 + features] / rows
-    variance = np.maximum(totals[1 + features :] / rows - np.square(mean), 0.0)
+    sums, squares = totals[1 : 1 + features], totals[1 + features :]
+    # Totals that no data can give (a peer that lied, or an overflow) are refused.
+    if not (rows >= 1 and abs(rows - round(rows)) < 1e-6):
+        raise ValueError(f"the network's row count {rows:g} is not a positive whole number")
+    if (squares < 0).any() or (rows * squares < np.square(sums) * (1 - 1e-9) - 1e-6).any():
+        raise ValueError("the network's sums of squares are smaller than its sums allow")
+    mean = sums / rows
+    if not np.isfinite(mean).all() or (np.abs(mean) > np.finfo(np.float32).max).any():
+        raise ValueError("the network's feature means are beyond float32")
+    variance = np.maximum(squares / rows - np.square(mean), 0.0)
     std = np.sqrt(variance)
     return mean, np.where(std < MIN_STD, 1.0, std)
 

@@ -11,18 +11,21 @@ asking the network again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import time
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from p2pfl.core.moments import NetworkMoments, digest, local_moments, mean_std
-from p2pfl.errors import MessageError
+from p2pfl.core.moments import Equivocation, NetworkMoments, digest, local_moments, mean_std
+from p2pfl.errors import DataError, MessageError
+from p2pfl.proto.guard import Throttle
 from p2pfl.proto.keys import pairwise_secret
 from p2pfl.proto.wire import Moments, encode_moments
-from p2pfl.store.standardization import save
+from p2pfl.store.standardization import SHARE_FILE, load_share, save, save_share
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -49,6 +52,7 @@ class MomentsExchange:
         raw_x: np.ndarray,
         clock: LamportClock,
         events: EventLog,
+        state_dir: Path,
     ) -> None:
         self.own_id = own_id
         self.clock = clock
@@ -68,9 +72,44 @@ class MomentsExchange:
         self.moments = NetworkMoments(
             own_id, config.peer_ids, config.training.model.inputs, secrets, config.digest
         )
-        self.moments.add_own(local_moments(raw_x))
+        self._own_share(config, state_dir, local_moments(raw_x))
+        #: Origins that sent two different shares (the run cannot standardise).
+        self.equivocated: set[str] = set()
+        self._rejects = Throttle(burst=5, window=10.0)
         #: The links that got every share we held (then each new one as it came).
         self._offered: weakref.WeakSet[PeerLink] = weakref.WeakSet()
+
+    def _own_share(self, config: Config, state_dir: Path, values: np.ndarray) -> None:
+        """Our masked totals: the very bytes an earlier life sent, if it sent some under
+        this config (new totals under the same masks would show the difference), else new
+        ones, kept before anything is sent."""
+        fingerprint = hashlib.sha256(values.tobytes()).hexdigest()
+        saved = load_share(state_dir, config)
+        if saved is not None:
+            if saved.get("totals") != fingerprint:
+                raise DataError(
+                    f"{state_dir / SHARE_FILE}: this node already sent masked feature totals "
+                    "for this config, from other data; new ones under the same masks would "
+                    "reveal the difference. Change the config (e.g. its seed) to start afresh"
+                )
+            try:
+                tags = {str(p): bytes.fromhex(t) for p, t in saved["tags"].items()}
+                self.moments.add_own_share(bytes.fromhex(saved["vector"]), tags)
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                raise DataError(f"{state_dir / SHARE_FILE}: unreadable ({exc!r})") from exc
+            return
+        try:
+            self.moments.add_own(values)
+        except ValueError as exc:
+            raise DataError(f"{config.source}: training.standardize: {exc}") from exc
+        vector, tags = self.moments.shares[self.own_id]
+        record = {
+            "config_digest": config.digest.hex(),
+            "totals": fingerprint,
+            "vector": vector.hex(),
+            "tags": {p: t.hex() for p, t in tags.items()},
+        }
+        save_share(state_dir, record)
 
     def offer_all(self, link: PeerLink, spawn: Any) -> None:
         """Every share we hold, once per link, once its peer announced its round on it
@@ -88,7 +127,12 @@ class MomentsExchange:
         try:
             new = self.moments.add(msg.origin, msg.vector, msg.tags)
         except MessageError as exc:
-            self.events.emit("reject", 0, peer=link.peer_id, reason=str(exc))
+            if isinstance(exc, Equivocation):
+                self.equivocated.add(msg.origin)
+            suppressed = self._rejects.allow(link.peer_id, time.monotonic())
+            if suppressed is not None:  # (a flood of bad shares stays a few lines)
+                extra = {"suppressed": suppressed} if suppressed else {}
+                self.events.emit("reject", 0, peer=link.peer_id, reason=str(exc), **extra)
             return False
         if new:  # (a link not offered yet gets it with everything else when it is)
             for peer, other in links.items():

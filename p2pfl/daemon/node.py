@@ -44,7 +44,7 @@ from p2pfl.daemon.startup import EXIT_ALONE, REPORT_EVERY, waiting_for
 from p2pfl.daemon.statedir import StateLock, prepare_state_dir
 from p2pfl.daemon.status import StatusBoard, open_status_socket, serve_status
 from p2pfl.daemon.worker import Worker
-from p2pfl.errors import ListenError, MessageError
+from p2pfl.errors import ListenError, MessageError, P2PFLError
 from p2pfl.learning import Dataset
 from p2pfl.learning.base import Evaluation
 from p2pfl.learning.trainer import LocalModel, Trained, restore_dp_releases
@@ -131,9 +131,20 @@ class Node:
             if saved is not None:
                 self.local.standardize(*saved)
             else:
-                self.moments = MomentsExchange(
-                    config, self.id, private_key, self.local.data.x, self.clock, self.events
-                )
+                try:
+                    self.moments = MomentsExchange(
+                        config,
+                        self.id,
+                        private_key,
+                        self.local.data.x,
+                        self.clock,
+                        self.events,
+                        options.state_dir,
+                    )
+                except P2PFLError:  # (the node will not run: let go of its files)
+                    self.events.close()
+                    self.state_lock.release()
+                    raise
         self._changed: asyncio.Event | None = None
         self.finished = False
         #: What ``run`` returns: 0, or ``EXIT_ALONE``.
@@ -357,6 +368,9 @@ class Node:
     def message(self, link: PeerLink, msg: Message) -> None:
         if isinstance(msg, Moments):
             if self.moments is None:
+                standardize = self.config.training.standardize
+                if standardize is not None and standardize.federated:
+                    return  # (ours were computed in an earlier life: a peer still offers)
                 raise MessageError("MOMENTS in a network without standardize: federated")
             if self.moments.receive(link, msg, self.net.links, self.net.spawn):
                 self.notify()
@@ -446,9 +460,20 @@ class Node:
             log.info(
                 "%s: waiting for the feature totals of %s", self.id, ", ".join(moments.missing())
             )
-        mean, std = await self.worker.run(
-            "standardize", self.moments.result, self.options.state_dir, self.config
-        )
+        problem = ""
+        if self.moments.equivocated:
+            liars = ", ".join(sorted(self.moments.equivocated))
+            problem = f"{liars} sent different totals to different peers"
+        else:
+            try:
+                mean, std = await self.worker.run(
+                    "standardize", self.moments.result, self.options.state_dir, self.config
+                )
+            except ValueError as exc:  # totals no data can give: a peer lied, or an overflow
+                problem = str(exc)
+        if problem:
+            log.error("%s: cannot standardise: %s: exit code %d", self.id, problem, EXIT_ALONE)
+            return False
         self.local.standardize(mean, std)
         rows = round(moments.totals()[0])
         self.events.emit("standardize", None, rows=rows, digest=digest(mean, std))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,13 +52,7 @@ def save(
         "mean": mean.tolist(),
         "std": std.tolist(),
     }
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(record, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _write_json(path, record)
 
 
 def standardization_for(state_dir: Path, config: Config) -> tuple[np.ndarray, np.ndarray] | None:
@@ -69,3 +64,33 @@ def standardization_for(state_dir: Path, config: Config) -> tuple[np.ndarray, np
     if given.mean is not None and given.std is not None:
         return np.array(given.mean), np.array(given.std)
     return load_saved(state_dir, config)
+
+
+SHARE_FILE = "moments-share.json"
+
+
+def load_share(state_dir: Path, config: Config) -> dict[str, Any] | None:
+    """The masked totals this node already sent under this config (None: none yet)."""
+    try:
+        saved = json.loads((state_dir / SHARE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("config_digest") != config.digest.hex():
+        return None
+    return saved
+
+
+def save_share(state_dir: Path, record: Mapping[str, object]) -> None:
+    """Keep the masked totals we are about to send (fsynced first): a restart must send
+    these very bytes again, never other totals under the same masks."""
+    _write_json(state_dir / SHARE_FILE, record)
+
+
+def _write_json(path: Path, record: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(record, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
