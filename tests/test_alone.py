@@ -143,3 +143,32 @@ async def test_peers_whose_data_give_other_input_scales_are_refused_naming_both(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     (alice,) = [m for m in errors if m.startswith("alice: only 0")]
     assert "data.input_scale.128 (only theirs), data.input_scale.1 (only ours)" in alice
+
+
+async def test_a_finished_run_trains_longer_when_every_peer_raises_the_round_count(
+    make_network: Any, tmp_path: Path
+) -> None:
+    """Raise training.rounds in peers.yaml on every peer after the run finished: each node
+    resumes from its checkpoint and trains the added rounds. Any other change still makes
+    the checkpoint refuse the config."""
+    from p2pfl.store.checkpoint import CheckpointError
+
+    net = make_network(("alice", "bob"), rounds=2)
+    assert await run_all([make_node(net, p) for p in net.peers]) == [0, 0]
+    data = yaml.safe_load(net.config_path.read_text())
+    data["training"]["rounds"] = 4
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(yaml.safe_dump(data))
+    more = dataclasses.replace(net, config_path=longer, config=load_config(longer))
+    assert await run_all([make_node(more, p) for p in net.peers]) == [0, 0]
+    events = read_events(net.state("alice") / "events.jsonl")
+    assert [e["round"] for e in events if e["type"] == "aggregate"] == [0, 1, 2, 3]
+    resumes = [e for e in events if e["type"] == "resume"]
+    assert resumes and resumes[0]["round"] == 2
+    data["training"]["learning_rate"] = 0.2  # not only the rounds: refused
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data))
+    changed = dataclasses.replace(net, config_path=other, config=load_config(other))
+    node = make_node(changed, "alice")
+    with pytest.raises(CheckpointError, match=r"a finished run may only raise training\.rounds"):
+        await node.run()

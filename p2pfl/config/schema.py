@@ -187,6 +187,14 @@ class Config:
         """Short digest for logs and error messages (the full digest is compared)."""
         return self.digest.hex()[:16]
 
+    def digest_with_rounds(self, rounds: int) -> bytes:
+        """The digest this config would have with ``training.rounds`` = ``rounds``: a
+        finished run's checkpoint fits a config that only raised the round count (to
+        train longer)."""
+        shared = self.as_mapping()
+        shared["training"]["rounds"] = rounds
+        return config_digest(shared)
+
     def as_mapping(self) -> dict[str, Any]:
         """The normalised shared configuration that the digest covers."""
         return shared_mapping(

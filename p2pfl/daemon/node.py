@@ -759,15 +759,20 @@ class Node:
                     loop.add_signal_handler(sig, stop.set)
 
         start_round = 0
-        checkpoint = load_checkpoint(
-            self.options.state_dir,
-            expected_digest=self.config.digest,
-            expected_size=self.params.size,
-            dp=self.config.aggregation.dp is not None,
-        )
-        self.local.dp_releases = restore_dp_releases(
-            self.config, checkpoint, self.options.state_dir / "events.jsonl"
-        )
+        try:
+            checkpoint = load_checkpoint(
+                self.options.state_dir,
+                expected_digest=self.config.digest,
+                expected_size=self.params.size,
+                digest_with_rounds=self.config.digest_with_rounds,
+                dp=self.config.aggregation.dp is not None,
+            )
+            self.local.dp_releases = restore_dp_releases(
+                self.config, checkpoint, self.options.state_dir / "events.jsonl"
+            )
+        except P2PFLError:  # (the node will not run: let go of its files)
+            self._close_files()
+            raise
         if checkpoint is not None and checkpoint.next_round >= self.training.rounds:
             log.info(
                 "%s: training is complete: all %d rounds are done (checkpoint in %s); "
@@ -776,10 +781,7 @@ class Node:
                 self.training.rounds,
                 self.options.state_dir,
             )
-            self.events.close()
-            if self.exchange is not None:
-                self.exchange.close()
-            self.state_lock.release()
+            self._close_files()
             return 0
         if checkpoint is not None:
             self.params = checkpoint.params
@@ -816,6 +818,13 @@ class Node:
         finally:
             await self._shut_down()
         return self.exit_code
+
+    def _close_files(self) -> None:
+        """For a node that ends before it started: its log, journal and lock."""
+        self.events.close()
+        if self.exchange is not None:
+            self.exchange.close()
+        self.state_lock.release()
 
     async def _open_services(self, start_round: int) -> None:
         """Listen for peers; serve metrics and the status socket if asked to."""

@@ -20,6 +20,7 @@ the budget spent must survive a deleted or rotated event log.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +114,21 @@ def commit_checkpoint(state_dir: Path, tmp: Path, *, sync_dir: bool = True) -> P
 
 
 def load_checkpoint(
-    state_dir: Path, *, expected_digest: bytes, expected_size: int, dp: bool = False
+    state_dir: Path,
+    *,
+    expected_digest: bytes,
+    expected_size: int,
+    dp: bool = False,
+    digest_with_rounds: Callable[[int], bytes] | None = None,
 ) -> Checkpoint | None:
     """Return the checkpoint in ``state_dir``, None if there is none, or raise CheckpointError.
 
     Every field's shape and type is checked from the archive's headers before numpy
     allocates anything: a damaged or hostile file is refused, whatever it declares.
     ``dp``: differential privacy is on, so an error that suggests starting afresh says what
-    that does to the privacy budget.
+    that does to the privacy budget. ``digest_with_rounds(n)``: the config's digest with
+    ``training.rounds`` = n; a finished run's checkpoint (next round n) made under it is
+    accepted: the config only raised the round count, to train longer.
     """
     path = state_dir / CHECKPOINT_NAME
     if not path.exists():
@@ -136,7 +144,10 @@ def load_checkpoint(
         raise
     except READ_ERRORS as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
-    if checkpoint.digest != expected_digest:
+    if checkpoint.digest != expected_digest and not (
+        digest_with_rounds is not None
+        and digest_with_rounds(checkpoint.next_round) == checkpoint.digest
+    ):
         raise CheckpointError(_digest_mismatch(path, checkpoint.digest, expected_digest, dp=dp))
     return checkpoint
 
@@ -147,7 +158,8 @@ def _digest_mismatch(path: Path, found: bytes, expected: bytes, *, dp: bool) -> 
     uncounted)."""
     message = (
         f"{path}: made with config digest {found.hex()[:16]}, but the config now has "
-        f"{expected.hex()[:16]}; move the state directory away to start afresh"
+        f"{expected.hex()[:16]} (a finished run may only raise training.rounds); move the "
+        "state directory away to start afresh"
     )
     if dp:
         message += (

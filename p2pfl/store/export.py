@@ -243,7 +243,12 @@ def _restored_learner(
     )
     template = learner.get_weights()
     size = int(flatten(template).size)
-    checkpoint = load_checkpoint(state_dir, expected_digest=config.digest, expected_size=size)
+    checkpoint = load_checkpoint(
+        state_dir,
+        expected_digest=config.digest,
+        expected_size=size,
+        digest_with_rounds=config.digest_with_rounds,
+    )
     if checkpoint is None:
         raise P2PFLError(
             f"{state_dir / CHECKPOINT_NAME}: no checkpoint (a node writes one after every "
