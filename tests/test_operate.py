@@ -219,3 +219,23 @@ def test_metrics_beyond_loopback_are_warned_about(caplog: pytest.LogCaptureFixtu
         again.serve("0.0.0.0", 0)
         again.close()
     assert host == "127.0.0.1" and "open to anyone" in caplog.text
+
+
+async def test_status_of_a_stopped_node_reads_its_log(
+    make_network, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from .test_node import make_node, run_all
+
+    net = make_network(("alice", "bob"), rounds=2)
+    assert await run_all([make_node(net, p) for p in net.peers]) == [0, 0]
+    capsys.readouterr()
+    assert main(["status", str(net.state("alice"))]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("node alice is not running (")
+    assert "ended completed at round 2" in out and "2 rounds in the log (0 averaged alone)" in out
+    assert main(["status", str(net.state("alice")), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["running"] is False and status["finished"] is True
+    assert status["rounds_completed"] == 2 and status["last_accuracy"] > 0

@@ -13,8 +13,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -105,9 +107,58 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from p2pfl.daemon.status import format_status, query_status
 
-    status = query_status(Path(args.state_dir))
+    state_dir = Path(args.state_dir)
+    try:
+        status = query_status(state_dir)
+    except P2PFLError as exc:  # no node answers: what its log says of its last run
+        if not (state_dir / "events.jsonl").is_file():
+            raise
+        stopped = stopped_status(state_dir)
+        print(json.dumps(stopped, indent=2) if args.json else format_stopped(stopped, str(exc)))
+        return 0
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
+
+
+def stopped_status(state_dir: Path) -> dict[str, Any]:
+    """A node that is not running, from its event log: its last run's round, progress,
+    latest evaluation and how it ended."""
+    from p2pfl.logs.read import read_logs
+    from p2pfl.logs.summary import summarize
+
+    events = read_logs(state_dir / "events.jsonl").events
+    summaries = summarize(events)
+    if not summaries:
+        raise P2PFLError(f"{state_dir / 'events.jsonl'}: no events")
+    s = summaries[-1]
+    last = events[-1]
+    return {
+        "running": False,
+        "node": s.peer,
+        "round": last.round,
+        "rounds_completed": s.rounds,
+        "rounds_alone": s.alone,
+        "finished": s.finished,
+        "ended": s.stop_reason or "killed (no node_stop logged)",
+        "last_event_age_s": round(max(time.time() - last.ts, 0.0), 1),
+        "last_accuracy": s.last_accuracy,
+        "last_r2": s.last_r2,
+    }
+
+
+def format_stopped(status: dict[str, Any], why: str) -> str:
+    metric = "r2" if status.get("last_r2") is not None else "accuracy"
+    score = status.get(f"last_{metric}")
+    age = status["last_event_age_s"]
+    return "\n".join(
+        [
+            f"node {status['node']} is not running ({why})",
+            f"its log: ended {status['ended']} at round {status['round']}, "
+            f"{age:.0f} s ago; {status['rounds_completed']} rounds in the log "
+            f"({status['rounds_alone']} averaged alone)",
+            f"last eval: {metric} {'-' if score is None else f'{score:.4f}'}",
+        ]
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
