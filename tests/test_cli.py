@@ -169,3 +169,29 @@ def test_a_data_error_names_the_data_file_first(
     err = capsys.readouterr().err
     assert err.startswith(f"p2pfl: error: {data}: data has 2 features but the model (")
     assert "training.model) expects 64" in err
+
+
+def test_every_option_has_help_and_says_its_default() -> None:
+    import argparse
+
+    from p2pfl.cli.parser import make_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, where: str) -> None:
+        for action in parser._actions:  # (argparse has no public walk)
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{where} {name}")
+                continue
+            if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+                continue
+            if action.help == argparse.SUPPRESS:
+                continue
+            default = action.default
+            stated = default in (None, False, []) or action.required
+            if not action.help or not (stated or "default" in action.help):
+                missing.append(f"{where} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(make_parser(), "p2pfl")
+    assert missing == []

@@ -26,7 +26,8 @@ def cmd_harness(args: argparse.Namespace) -> int:
 def harness_options(args: argparse.Namespace) -> HarnessOptions:
     """Every ``p2pfl harness`` argument checked (P2PFLError naming the flag) and resolved
     (per-dataset recipes, the default topology and run folder)."""
-    from p2pfl.harness.datasets import recipe, task_of
+    from p2pfl.cli.recipes import recipe
+    from p2pfl.harness.datasets import task_of
     from p2pfl.harness.partition import parse_partition
     from p2pfl.harness.runner import HarnessOptions, peer_ids
 

@@ -17,6 +17,7 @@ from p2pfl.cli.args import (
     parse_model,
     parse_topology,
 )
+from p2pfl.cli.recipes import recipes_text
 
 Subparsers = Any  # argparse's _SubParsersAction, private in typeshed
 
@@ -53,29 +54,51 @@ def make_parser() -> argparse.ArgumentParser:
 def _add_keys(sub: Subparsers) -> None:
     """keygen, pubkey."""
     p = sub.add_parser("keygen", help="create an X25519 private key file (mode 0600)")
-    p.add_argument("keyfile")
+    p.add_argument(
+        "keyfile",
+        help="where to write the private key (missing folders are made 0700; an existing "
+        "file is never overwritten); the public key is printed",
+    )
 
     p = sub.add_parser("pubkey", help="print the public key of a private key file")
-    p.add_argument("keyfile")
+    p.add_argument("keyfile", help="a private key file written by keygen")
 
 
 def _add_init(sub: Subparsers) -> None:
     """init: peers.yaml and keys for a local run."""
     p = sub.add_parser("init", help="write peers.yaml and keys for a local multi-peer run")
     p.add_argument("--peers", required=True, help="comma-separated peer ids, e.g. alice,bob,carol")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--base-port", type=int, default=7070)
-    p.add_argument("--out", required=True)
-    p.add_argument("--network", default="local")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--topology", type=parse_topology, default={"kind": "full"})
-    p.add_argument("--model", type=parse_model, default={"kind": "mlp", "hidden": [64]})
-    p.add_argument("--inputs", type=int, default=64, help="features per sample (digits: 64)")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--learning-rate", type=float, default=0.3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--round-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="every peer's host (default 127.0.0.1; ::1 works)"
+    )
+    p.add_argument(
+        "--base-port", type=int, default=7070, help="first peer's port, then +1 (default 7070)"
+    )
+    p.add_argument("--out", required=True, help="folder for peers.yaml and keys/<id>.key")
+    p.add_argument("--network", default="local", help="network name (default local)")
+    p.add_argument("--seed", type=int, default=7, help="initial model and topology (default 7)")
+    p.add_argument("--rounds", type=int, default=20, help="gossip rounds (default 20)")
+    p.add_argument(
+        "--topology",
+        type=parse_topology,
+        default={"kind": "full"},
+        help="full, ring or k-regular:K (default full)",
+    )
+    p.add_argument(
+        "--model",
+        type=parse_model,
+        default={"kind": "mlp", "hidden": [64]},
+        help="softmax, mlp or mlp:64,32 (default mlp with one hidden layer of 64)",
+    )
+    p.add_argument(
+        "--inputs", type=int, default=64, help="features per sample (default 64: digits)"
+    )
+    p.add_argument("--classes", type=int, default=10, help="classes (default 10: digits)")
+    p.add_argument("--learning-rate", type=float, default=0.3, help="SGD step (default 0.3)")
+    p.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
+    p.add_argument(
+        "--round-timeout", type=float, default=30.0, help="seconds per round at most (default 30)"
+    )
 
 
 def _add_harness(sub: Subparsers) -> None:
@@ -137,18 +160,25 @@ def _add_harness_training(p: argparse.ArgumentParser) -> None:
         help="for an .npz dataset: regression trains on real targets y (default "
         "classification; diabetes is always regression)",
     )
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--seed", type=int, default=7, help="data split, initial model and topology (default 7)"
+    )
     p.add_argument("--out", help="run folder, must be new or empty (default runs/<name>-<time>)")
     p.add_argument(
         "--learning-rate",
         type=float,
-        help="SGD step size (default per dataset: digits 0.3, others 0.1)",
+        help="SGD step size (default per dataset, learning rate/batch size: "
+        f"{recipes_text()}; torch models: {recipes_text('torch')})",
     )
     p.add_argument(
-        "--batch-size", type=int, help="minibatch size (default per dataset: digits 4, others 32)"
+        "--batch-size", type=int, help="minibatch size (default per dataset: see --learning-rate)"
     )
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--round-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--local-epochs", type=int, default=1, help="passes over local data per round (default 1)"
+    )
+    p.add_argument(
+        "--round-timeout", type=float, default=30.0, help="seconds per round at most (default 30)"
+    )
 
 
 def _add_harness_faults_and_privacy(p: argparse.ArgumentParser) -> None:
@@ -233,7 +263,7 @@ def _add_check_and_run(sub: Subparsers) -> None:
     p.add_argument(
         "--snapshots",
         action="store_true",
-        help="also keep every round's model in STATE_DIR/snapshots/ (for analysis)",
+        help="also keep every round's model in STATE_DIR/snapshots.f32 (for analysis)",
     )
     p.add_argument(
         "--metrics",

@@ -377,7 +377,12 @@ def register(
     _add_path(p)
     _add_filters(p)
     p.add_argument(
-        "-n", "--lines", type=int, default=10, metavar="N", help="show the last N events first"
+        "-n",
+        "--lines",
+        type=int,
+        default=10,
+        metavar="N",
+        help="show the last N events first (default 10)",
     )
     p.add_argument(
         "--until-stopped",
