@@ -382,6 +382,10 @@ def test_interrupted_harness_stops_every_peer(tmp_path: Path, sig: signal.Signal
     for log in (out / "state").glob("*/events.jsonl"):
         last = json.loads(log.read_text().splitlines()[-1])
         assert last["type"] == "node_stop"  # stopped cleanly, final checkpoint written
+    # the rounds done are reported all the same
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["peers_detail"]) == 3 and summary["interrupted"] is True
+    assert all(p["rounds_done"] >= 1 for p in summary["peers_detail"])
 
 
 def test_harness_refuses_a_used_folder_and_bad_options(tmp_path: Path) -> None:
@@ -538,3 +542,54 @@ def test_harness_checks_byzantine_and_rule_flags(tmp_path: Path) -> None:
         done = harness(out, "--peers", "4", *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
         assert not out.exists()
+
+
+def _summary(**extra: Any) -> dict[str, Any]:
+    return {
+        "metric": "accuracy",
+        "dataset": "digits",
+        "partition": "iid",
+        "peers": 3,
+        "topology": "full",
+        "accuracy_per_round": {"p00": [0.5, 0.6], "p01": [0.4, 0.7], "p02": [0.1, 0.1]},
+        "consensus_distance": [None, None],
+        "faults": [],
+        **extra,
+    }
+
+
+def test_the_report_title_says_what_changes_the_curves() -> None:
+    from p2pfl.harness.report import report_title
+
+    assert report_title(_summary()) == "digits, iid, 3 peers, full"
+    title = report_title(
+        _summary(
+            secure=True,
+            dp={"noise_multiplier": 1.1, "clip_norm": 1.0},
+            rule="median",
+            byzantine={"p02": "sign-flip"},
+            faults=[{"fault": "kill p01", "round": 1}],
+            interrupted=True,
+        )
+    )
+    for part in (
+        "secure aggregation",
+        "DP noise 1.1, clip 1.0",
+        "rule median",
+        "byzantine p02: sign-flip",
+        "1 fault(s)",
+        "INTERRUPTED",
+    ):
+        assert part in title, part
+
+
+def test_a_report_without_snapshots_has_no_empty_panel(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from p2pfl.harness.report import plot_report
+
+    narrow = plot_report(_summary(byzantine={"p02": "random"}), tmp_path / "a.png")
+    wide = plot_report(_summary(consensus_distance=[0.5, 0.1]), tmp_path / "b.png")
+    from PIL import Image
+
+    with Image.open(narrow) as a, Image.open(wide) as b:
+        assert a.size[0] < b.size[0] * 0.6

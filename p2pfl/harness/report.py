@@ -206,6 +206,8 @@ def build_summary(
         "exit_codes": record.get("exit_codes", {}),
         "log_problems": record.get("log_problems", []),
         "stranded": record.get("stranded", []),
+        # Ctrl-C or SIGTERM stopped the run: these are the rounds done until then.
+        "interrupted": bool(record.get("interrupted", False)),
     }
     return summary
 
@@ -395,11 +397,19 @@ def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
 
     m = summary.get("metric", "accuracy")
     label = METRIC_LABELS.get(m, m)
-    fig, (ax_acc, ax_dist) = plt.subplots(1, 2, figsize=(13, 5))
+    dist = summary["consensus_distance"]
+    with_dist = any(d is not None for d in dist)  # (no snapshots: no empty panel)
+    fig, axes = plt.subplots(1, 2 if with_dist else 1, figsize=(13 if with_dist else 7, 5))
+    ax_acc = axes[0] if with_dist else axes
+    attackers = summary.get("byzantine") or {}
     for peer, accs in summary[f"{m}_per_round"].items():
         xs = [r for r, a in enumerate(accs) if a is not None]
         ys = [a for a in accs if a is not None]
-        ax_acc.plot(xs, ys, linewidth=1, alpha=0.7, label=peer)
+        if peer in attackers:
+            name = f"{peer} (byzantine: {attackers[peer]})"
+            ax_acc.plot(xs, ys, "r--", linewidth=1.5, label=name)
+        else:
+            ax_acc.plot(xs, ys, linewidth=1, alpha=0.7, label=peer)
     central = summary.get(f"centralized_{m}_per_epoch")
     if central:
         epochs_per_round = max(1, int(summary.get("local_epochs", 1)))
@@ -420,30 +430,56 @@ def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
         )
     ax_acc.set_xlabel("round (from 0, as in the event logs)")
     ax_acc.set_ylabel(f"test {label}")
-    ax_acc.set_title(
-        f"{summary['dataset']}, {summary['partition']}, {summary['peers']} peers, "
-        f"{summary['topology']}"
-    )
+    ax_acc.set_title(report_title(summary), fontsize=10)
     ax_acc.grid(alpha=0.3)
     if len(summary[f"{m}_per_round"]) <= 12:
         ax_acc.legend(fontsize=8, loc="lower right")
-    else:
+    else:  # (the attackers and the centralised curve keep their labels)
         handles, labels = ax_acc.get_legend_handles_labels()
-        ax_acc.legend(handles[-1:], labels[-1:], fontsize=8, loc="lower right")
-    dist = summary["consensus_distance"]
-    xs = [r for r, d in enumerate(dist) if d is not None]
-    ys = [d for d in dist if d is not None]
-    if ys:
-        ax_dist.plot(xs, ys, "o-", markersize=3)
-        if all(d > 0 for d in ys):
-            ax_dist.set_yscale("log")
-    else:
-        ax_dist.text(0.5, 0.5, "no snapshots (--no-snapshots)", ha="center", va="center")
-    ax_dist.set_xlabel("round (from 0, as in the event logs)")
-    ax_dist.set_ylabel("RMS distance from the mean model / its norm")
-    ax_dist.set_title("consensus distance (spread of the peers' models)")
-    ax_dist.grid(alpha=0.3)
+        keep = [i for i, t in enumerate(labels) if "byzantine" in t or "centralised" in t]
+        ax_acc.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=8)
+    if with_dist:
+        _plot_distance(axes[1], dist)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def report_title(summary: Mapping[str, Any]) -> str:
+    """What ran, in one or two lines: data, peers, topology, and every setting that changes
+    what the curves mean (secure aggregation, DP, a robust rule, attackers, an interrupt)."""
+    first = (
+        f"{summary['dataset']}, {summary['partition']}, {summary['peers']} peers, "
+        f"{summary['topology']}"
+    )
+    settings = []
+    if summary.get("secure"):
+        settings.append("secure aggregation")
+    if summary.get("dp"):
+        dp = summary["dp"]
+        settings.append(
+            f"DP noise {dp.get('noise_multiplier', '?')}, clip {dp.get('clip_norm', '?')}"
+        )
+    if summary.get("rule") and summary.get("rule") != "metropolis":
+        settings.append(f"rule {summary['rule']}")
+    attackers = summary.get("byzantine") or {}
+    if attackers:
+        settings.append("byzantine " + ", ".join(f"{p}: {a}" for p, a in sorted(attackers.items())))
+    if summary.get("faults"):
+        settings.append(f"{len(summary['faults'])} fault(s) (dotted lines)")
+    if summary.get("interrupted"):
+        settings.append("INTERRUPTED: the rounds done")
+    return first if not settings else first + "\n" + "; ".join(settings)
+
+
+def _plot_distance(ax_dist: Any, dist: Sequence[float | None]) -> None:
+    xs = [r for r, d in enumerate(dist) if d is not None]
+    ys = [d for d in dist if d is not None]
+    ax_dist.plot(xs, ys, "o-", markersize=3)
+    if all(d > 0 for d in ys):
+        ax_dist.set_yscale("log")
+    ax_dist.set_xlabel("round (from 0, as in the event logs)")
+    ax_dist.set_ylabel("RMS distance from the mean model / its norm")
+    ax_dist.set_title("consensus distance (spread of the peers' models)")
+    ax_dist.grid(alpha=0.3)

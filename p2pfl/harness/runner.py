@@ -311,6 +311,9 @@ class RunRecord:
     #: Peers stopped because none of their neighbours was running any more (they could
     #: only train alone, or wait out their start-up timeout).
     stranded: list[str] = field(default_factory=list)
+    #: Ctrl-C or SIGTERM stopped the run: the report covers the rounds done.
+    interrupted: bool = False
+    interrupted_by_sigterm: bool = False
 
 
 def python_env() -> dict[str, str]:
@@ -550,10 +553,13 @@ def launch_and_watch(
             monitor.start()
             while monitor.step():
                 time.sleep(monitor.poll_interval())
+        except KeyboardInterrupt as exc:  # the peers stop below; what they wrote is reported
+            monitor.record.interrupted = True
+            monitor.record.interrupted_by_sigterm = isinstance(exc, Terminated)
+        finally:
             monitor.record.wall_s = time.monotonic() - monitor.started
             if options.progress and monitor.tty:
                 out_stream.write("\n")
-        finally:
             monitor.resume_others()
             stop_all(monitor.processes)
     return monitor.finish()
@@ -812,19 +818,22 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
     prepared = prepare(options)
     layout = prepared.layout
     _announce(options, prepared, say)
-    try:
-        record = launch_and_watch(layout, options, out_stream=out_stream)
-    except KeyboardInterrupt:
-        say(f"\ninterrupted: every peer process was stopped; what they wrote is in {layout.out}")
-        raise
-
+    record = launch_and_watch(layout, options, out_stream=out_stream)
+    if record.interrupted:
+        say(
+            f"\ninterrupted: every peer process was stopped; the report covers the rounds "
+            f"done ({layout.out})"
+        )
     events = read_logs(layout.state_root).events
     states = {peer: layout.state(peer) for peer in layout.peers}
     models, learner = final_models(states, layout.config, say)
     model_size = sum(w.size for w in learner.get_weights())
     x_test = prepared.x_test / np.float32(prepared.input_scale)
     results = _peer_results(prepared, record, events, learner, models, x_test)
-    baseline, interrupted = _train_baseline(options, prepared, x_test, say)
+    if record.interrupted:  # (the user wants out: no centralised training now)
+        baseline, interrupted = None, True
+    else:
+        baseline, interrupted = _train_baseline(options, prepared, x_test, say)
     summary = build_summary(
         options=_summary_options(options, prepared),
         peers=results,
@@ -841,7 +850,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
     )
     _write_report(summary, layout, say)
     if interrupted:
-        return 130
+        return 143 if record.interrupted and record.interrupted_by_sigterm else 130
     return _exit_code(options, results, record)
 
 
@@ -971,6 +980,7 @@ def _record_json(record: RunRecord) -> dict[str, Any]:
         "exit_codes": record.exit_codes,
         "log_problems": record.log_problems,
         "stranded": record.stranded,
+        "interrupted": record.interrupted,
     }
 
 
