@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,26 @@ from p2pfl.proto.keys import generate_key_file
 
 from .conftest import TIMEOUT
 from .test_node import make_node, read_events, run_all
+
+
+async def _bob_with_another_config(
+    make_network: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: Callable[[dict[str, Any]], None],
+) -> list[str]:
+    """alice and bob, bob's peers.yaml changed by ``change``: both stop with exit code 3;
+    their ERROR lines."""
+    net = make_network(("alice", "bob"), startup_timeout=1.5)
+    data = yaml.safe_load(net.config_path.read_text())
+    change(data)
+    other = tmp_path / "bob.yaml"
+    other.write_text(yaml.safe_dump(data))
+    bob_net = dataclasses.replace(net, config_path=other, config=load_config(other))
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    codes = await run_all([make_node(net, "alice"), make_node(bob_net, "bob")])
+    assert codes == [EXIT_ALONE, EXIT_ALONE]
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
 
 
 def test_why_a_neighbour_is_missing_in_words() -> None:
@@ -69,16 +90,11 @@ async def test_a_node_that_is_not_known_to_its_neighbour_is_told_what_to_check(
 ) -> None:
     """bob's peers.yaml lists another key for alice: bob ends her handshake without a word;
     alice says what to check instead of "cannot reach"."""
-    net = make_network(("alice", "bob"), startup_timeout=1.5)
-    data = yaml.safe_load(net.config_path.read_text())
-    data["peers"]["alice"]["public_key"] = generate_key_file(tmp_path / "other.key")
-    other = tmp_path / "bob.yaml"
-    other.write_text(yaml.safe_dump(data))
-    bob_net = dataclasses.replace(net, config_path=other, config=load_config(other))
-    caplog.set_level(logging.INFO, logger="p2pfl")
-    codes = await run_all([make_node(net, "alice"), make_node(bob_net, "bob")])
-    assert codes == [EXIT_ALONE, EXIT_ALONE]
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+    def other_key(data: dict[str, Any]) -> None:
+        data["peers"]["alice"]["public_key"] = generate_key_file(tmp_path / "other.key")
+
+    errors = await _bob_with_another_config(make_network, tmp_path, caplog, other_key)
     (alice,) = [m for m in errors if m.startswith("alice: only 0")]
     assert "bob: handshake failed: bob ended the handshake with a policy close" in alice
     assert "does its peers.yaml list our public key" in alice
@@ -106,17 +122,12 @@ async def test_a_digest_mismatch_names_the_fields_that_differ(
 ) -> None:
     """bob's copy of peers.yaml has another learning rate and one more round: both say so,
     naming the fields, instead of two digests."""
-    net = make_network(("alice", "bob"), startup_timeout=1.5)
-    data = yaml.safe_load(net.config_path.read_text())
-    data["training"]["learning_rate"] = 0.25
-    data["training"]["rounds"] += 1
-    other = tmp_path / "bob.yaml"
-    other.write_text(yaml.safe_dump(data))
-    bob_net = dataclasses.replace(net, config_path=other, config=load_config(other))
-    caplog.set_level(logging.INFO, logger="p2pfl")
-    codes = await run_all([make_node(net, "alice"), make_node(bob_net, "bob")])
-    assert codes == [EXIT_ALONE, EXIT_ALONE]
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+    def other_training(data: dict[str, Any]) -> None:
+        data["training"]["learning_rate"] = 0.25
+        data["training"]["rounds"] += 1
+
+    errors = await _bob_with_another_config(make_network, tmp_path, caplog, other_training)
     for node, peer in (("alice", "bob"), ("bob", "alice")):
         (line,) = [m for m in errors if m.startswith(f"{node}: only 0")]
         assert f"{peer}: config digest mismatch" in line, line

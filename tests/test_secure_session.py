@@ -132,6 +132,14 @@ class Cluster:
         ]
 
 
+def keyed(peer: str) -> tuple[Cluster, SecureSession]:
+    """Round 0 started and every key exchange done; ``peer``'s session."""
+    cluster = Cluster()
+    cluster.start(0)
+    cluster.deliver()
+    return cluster, cluster.sessions[peer]
+
+
 def sent(cluster: Cluster, kind: type, sender: str | None = None) -> list[tuple[str, str, int]]:
     return [
         (s, r, m.round)
@@ -345,10 +353,7 @@ def test_masks_start_at_shares_and_the_next_rounds_are_low_priority() -> None:
 
 
 def test_ready_masks_get_the_parameters_in_one_pass_later_ones_as_they_come() -> None:
-    cluster = Cluster()
-    cluster.start(0)
-    cluster.deliver()
-    bob = cluster.sessions["bob"]
+    _cluster, bob = keyed("bob")
     bob.mask_made(0, "alice")
     bob.mask_made(0, "carol")
     assert bob.jobs_to_run() == []  # not trained yet
@@ -364,10 +369,7 @@ def test_ready_masks_get_the_parameters_in_one_pass_later_ones_as_they_come() ->
 
 
 def test_a_contribution_whose_round_ended_meanwhile_is_dropped() -> None:
-    cluster = Cluster()
-    cluster.start(0)
-    cluster.deliver()
-    bob = cluster.sessions["bob"]
+    cluster, bob = keyed("bob")
     bob.trained(0)
     bob.mask_made(0, "alice")
     assert bob.jobs_to_run()
@@ -394,10 +396,7 @@ def test_a_late_shares_is_refused_and_starts_no_mask() -> None:
 
 
 def test_a_failed_mask_is_not_waited_for() -> None:
-    cluster = Cluster()
-    cluster.start(0)
-    cluster.deliver()
-    bob = cluster.sessions["bob"]
+    cluster, bob = keyed("bob")
     bob.start_collecting(0.0)
     for owner in ("alice", "carol"):
         bob.mask_made(0, owner)
@@ -524,10 +523,7 @@ def test_unmasking_fails_below_the_threshold_at_each_step() -> None:
 
 
 def test_present_and_unmask_requests_that_could_unmask_are_refused() -> None:
-    cluster = Cluster()
-    cluster.start(0)
-    cluster.deliver()
-    bob = cluster.sessions["bob"]
+    _cluster, bob = keyed("bob")
     bob.refusals.burst = 100  # every refusal logged here
     everyone = ("bob", "carol", "dave")
     for request, problem in (
