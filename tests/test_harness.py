@@ -593,3 +593,20 @@ def test_a_report_without_snapshots_has_no_empty_panel(tmp_path: Path) -> None:
 
     with Image.open(narrow) as a, Image.open(wide) as b:
         assert a.size[0] < b.size[0] * 0.6
+
+
+def test_per_round_metrics_as_csv(tmp_path: Path) -> None:
+    import csv
+
+    from p2pfl.harness.report import write_rounds_csv
+
+    path = write_rounds_csv(tmp_path / "rounds.csv", _summary(consensus_distance=[0.5, None]))
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and rows[0] == {
+        "round": "0",
+        "peer": "p00",
+        "accuracy": "0.5",
+        "consensus_distance": "0.5",
+    }
+    assert rows[1]["consensus_distance"] == ""

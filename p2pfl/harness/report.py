@@ -483,3 +483,20 @@ def _plot_distance(ax_dist: Any, dist: Sequence[float | None]) -> None:
     ax_dist.set_ylabel("RMS distance from the mean model / its norm")
     ax_dist.set_title("consensus distance (spread of the peers' models)")
     ax_dist.grid(alpha=0.3)
+
+
+def write_rounds_csv(path: Path, summary: Mapping[str, Any]) -> Path:
+    """rounds.csv: one row per round and peer (``round, peer, <metric>, consensus_distance``)
+    for a spreadsheet or pandas; empty cells where a value is unknown."""
+    import csv
+
+    m = summary.get("metric", "accuracy")
+    distance = summary.get("consensus_distance", [])
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow(["round", "peer", m, "consensus_distance"])
+        for peer, scores in sorted(summary[f"{m}_per_round"].items()):
+            for r, score in enumerate(scores):
+                d = distance[r] if r < len(distance) else None
+                out.writerow([r, peer, "" if score is None else score, "" if d is None else d])
+    return path

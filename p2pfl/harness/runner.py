@@ -986,10 +986,11 @@ def _record_json(record: RunRecord) -> dict[str, Any]:
 
 def _write_report(summary: Mapping[str, Any], layout: Layout, say: Callable[[str], None]) -> None:
     """summary.json, the table, report.png (if matplotlib is there) and where they are."""
-    from p2pfl.harness.report import plot_report, render_table, write_summary
+    from p2pfl.harness.report import plot_report, render_table, write_rounds_csv, write_summary
 
     summary_path = layout.out / "summary.json"
     write_summary(summary_path, summary)
+    rounds_path = write_rounds_csv(layout.out / "rounds.csv", summary)
     say("")
     say(render_table(summary))
     say("")
@@ -998,7 +999,7 @@ def _write_report(summary: Mapping[str, Any], layout: Layout, say: Callable[[str
         say(f"report:  {report}")
     except ImportError:
         say("report.png not written: matplotlib is missing (pip install 'p2pfl[tools]')")
-    say(f"summary: {summary_path}")
+    say(f"summary: {summary_path} (per round: {rounds_path.name})")
     say(f"logs:    {p2pfl_command()} logs summary {layout.out}")
 
 
