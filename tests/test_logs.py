@@ -861,3 +861,26 @@ def test_summary_counts_rounds_aggregated_alone_and_a_node_that_stopped_alone() 
     table = format_summary([a, b])
     assert table.splitlines()[2].split()[-1] == "alone"
     assert "alone: rounds averaged with no neighbour's model" in table
+
+
+def test_compare_puts_runs_side_by_side(
+    two_machines: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    other = tmp_path / "other-run"
+    shutil.copytree(two_machines, other)
+    log = next(other.rglob("*.jsonl"))
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(line for line in lines if '"type":"reject"' not in line) + "\n")
+    assert run(["logs", "compare", str(two_machines), str(other)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == [two_machines.name, "other-run"]
+    rows = {line[:18].strip(): line[18:].split() for line in out[1:]}
+    assert rows["rounds"] == ["2", "2"] and rows["peers (finished)"] == ["2", "(1)", "2", "(1)"]
+    assert run(["logs", "compare", str(two_machines), str(other), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {str(two_machines), str(other)}
+    assert data[str(two_machines)]["score_mean"] is not None
+    with pytest.raises(LogError, match="two or more paths"):  # one run: nothing to compare
+        run(["logs", "compare", str(two_machines)])

@@ -23,10 +23,16 @@ from pathlib import Path
 from p2pfl.daemon.events import EVENT_TYPES
 from p2pfl.logs.plot import plot_logs
 from p2pfl.logs.read import Event, LogError, Logs, Problem, Tail, read_logs
-from p2pfl.logs.summary import format_summary, summarize, summary_json
+from p2pfl.logs.summary import (
+    format_compare,
+    format_summary,
+    run_totals,
+    summarize,
+    summary_json,
+)
 from p2pfl.logs.trace import format_event, format_trace, trace_round
 
-SUBCOMMANDS = ("summary", "events", "trace", "follow", "plot")
+SUBCOMMANDS = ("summary", "compare", "events", "trace", "follow", "plot")
 #: Options of the sub-commands that take a value (``normalize_argv`` must skip the value).
 _VALUE_OPTIONS = frozenset(
     {"--peer", "--type", "--round", "--since", "-n", "--lines", "-o", "--output", "--interval"}
@@ -221,6 +227,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    if len(args.paths) < 2:
+        raise LogError("compare needs two or more paths (logs or run folders)")
+    totals = [run_totals(summarize(_load(path).events)) for path in args.paths]
+    if args.json:
+        print(json.dumps(dict(zip(args.paths, totals, strict=True)), indent=2))
+    else:
+        print(format_compare([Path(p).name or p for p in args.paths], totals))
+    return 0
+
+
 @_pipe_safe
 def cmd_events(args: argparse.Namespace) -> int:
     logs = _load(args.path)
@@ -350,7 +367,7 @@ def register(
     code."""
     logs = subparsers.add_parser(
         "logs",
-        help="read event logs: summary, events, trace, follow, plot",
+        help="read event logs: summary, compare, events, trace, follow, plot",
         description="Read the nodes' events.jsonl logs (one file, or every *.jsonl below a "
         "folder, merged in causal order by Lamport time).",
         epilog="'p2pfl logs PATH' means 'p2pfl logs summary PATH'; the path may also come "
@@ -362,6 +379,11 @@ def register(
     _add_path(p)
     p.add_argument("--json", action="store_true", help="a JSON list, one object per peer")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("compare", help="runs side by side: rounds, time, bytes, accuracy")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="two or more logs or run folders")
+    p.add_argument("--json", action="store_true", help="a JSON object per run")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("events", help="print events, filtered, in causal order")
     _add_path(p)

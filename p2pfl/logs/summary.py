@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -265,3 +265,50 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
 def summary_json(summaries: Sequence[PeerSummary]) -> list[dict[str, Any]]:
     """The JSON form: one object per peer, durations in seconds, sizes in bytes."""
     return [asdict(s) for s in summaries]
+
+
+def run_totals(summaries: Sequence[PeerSummary]) -> dict[str, Any]:
+    """One run in a few numbers (``logs compare``): over its peers, the round count, mean
+    round and CPU time, bytes, rejects, rounds averaged alone, and the last accuracy (or
+    R^2) as a mean and a minimum."""
+    scores = [s.last_r2 if s.last_r2 is not None else s.last_accuracy for s in summaries]
+    known = [x for x in scores if x is not None]
+    rounds = [s.mean_round_s for s in summaries if s.mean_round_s is not None]
+    cpu = [s.mean_round_cpu_s for s in summaries if s.mean_round_cpu_s is not None]
+    return {
+        "peers": len(summaries),
+        "finished": sum(1 for s in summaries if s.finished),
+        "rounds": max((s.rounds for s in summaries), default=0),
+        "round_ms": None if not rounds else 1000 * sum(rounds) / len(rounds),
+        "cpu_ms": None if not cpu else 1000 * sum(cpu) / len(cpu),
+        "bytes_sent": sum(s.bytes_sent for s in summaries),
+        "rejects": sum(s.rejections for s in summaries),
+        "alone": sum(s.alone for s in summaries),
+        "metric": "R^2" if any(s.last_r2 is not None for s in summaries) else "accuracy",
+        "score_mean": None if not known else sum(known) / len(known),
+        "score_min": None if not known else min(known),
+    }
+
+
+def format_compare(names: Sequence[str], totals: Sequence[Mapping[str, Any]]) -> str:
+    """Runs side by side: one column per run, one row per figure."""
+    rows: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
+        ("peers (finished)", lambda t: f"{t['peers']} ({t['finished']})"),
+        ("rounds", lambda t: str(t["rounds"])),
+        ("round ms (mean)", lambda t: _opt(t["round_ms"], ".1f")),
+        ("cpu ms per round", lambda t: _opt(t["cpu_ms"], ".1f")),
+        ("bytes sent", lambda t: human_bytes(t["bytes_sent"])),
+        ("rejects", lambda t: str(t["rejects"])),
+        ("rounds alone", lambda t: str(t["alone"])),
+        ("last score, mean", lambda t: f"{_opt(t['score_mean'], '.4f')} {t['metric']}"),
+        ("last score, min", lambda t: _opt(t["score_min"], ".4f")),
+    ]
+    table = [["", *names]] + [[label, *(cell(t) for t in totals)] for label, cell in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in table
+    )
