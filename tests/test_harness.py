@@ -102,6 +102,20 @@ def test_progress_line_shows_slowest_and_fastest_peer_and_mean_accuracy() -> Non
     assert "round 2..10/10" in progress.line(running=1, elapsed=2.0)
 
 
+def test_progress_line_says_what_peers_do_before_their_first_round() -> None:
+    """A torch peer takes seconds to import: "round 0..0" told nothing while it did."""
+    progress = RunProgress(["p00", "p01", "p02"], total_rounds=5)
+    assert progress.line(running=3, elapsed=0.5).startswith("starting: 3 loading  3/3 running")
+    progress.update([event("p00", "node_start", 0), event("p01", "node_start", 0)])
+    assert progress.line(running=3, elapsed=1.0).startswith(
+        "starting: 1 loading, 2 waiting for neighbours"
+    )
+    progress.update([event("p00", "round_start", 0)])
+    assert "1 loading, 1 waiting for neighbours, 1 training round 1" in progress.line(3, 1.5)
+    progress.update([event("p01", "round_start", 0), event("p02", "round_start", 0)])
+    assert progress.line(3, 2.0).startswith("round 1..1/5")
+
+
 # --- report --------------------------------------------------------------------------------
 
 

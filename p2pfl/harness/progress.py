@@ -16,6 +16,8 @@ class PeerProgress:
     #: The latest eval's accuracy (regression: its R^2).
     accuracy: float | None = None
     finished: bool = False
+    #: The node logged node_start (its process loaded: torch, data, the model).
+    started: bool = False
 
 
 @dataclass
@@ -37,7 +39,9 @@ class RunProgress:
                 continue
             kind = event.type
             round_index = event.round
-            if kind == "round_start" and round_index is not None:
+            if kind == "node_start":
+                state.started = True
+            elif kind == "round_start" and round_index is not None:
                 state.round = max(state.round, round_index)
             elif kind == "round_end":
                 state.rounds_done += 1
@@ -62,7 +66,20 @@ class RunProgress:
 
     def line(self, running: int, elapsed: float) -> str:
         """One status line: rounds (slowest..fastest), mean latest accuracy (or R^2), peers
-        running."""
+        running. Before every peer is in a round: how many still load (a torch peer's
+        import takes seconds) and how many wait for their neighbours."""
+        states = self.by_peer.values()
+        if any(s.round < 0 and not s.finished for s in states):
+            loading = sum(1 for s in states if not s.started)
+            waiting = sum(1 for s in states if s.started and s.round < 0 and not s.finished)
+            training = len(self.peers) - loading - waiting
+            parts = [f"{loading} loading"] if loading else []
+            parts += [f"{waiting} waiting for neighbours"] if waiting else []
+            parts += [f"{training} training round 1"] if training else []
+            return (
+                f"starting: {', '.join(parts)}  {running}/{len(self.peers)} running  "
+                f"{elapsed:5.1f}s"
+            )
         rounds = [
             s.round + 1 if not s.finished else self.total_rounds for s in self.by_peer.values()
         ]
