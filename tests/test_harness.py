@@ -624,3 +624,23 @@ def test_per_round_metrics_as_csv(tmp_path: Path) -> None:
         "consensus_distance": "0.5",
     }
     assert rows[1]["consensus_distance"] == ""
+
+
+def test_several_seeds_run_one_after_the_other_and_are_summarised(tmp_path: Path) -> None:
+    out = tmp_path / "seeds"
+    done = harness(out, "--peers", "3", "--rounds", "2", "--seeds", "1,2", "--no-snapshots")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "seeds.json").read_text())
+    assert record["seeds"] == [1, 2] and record["exit_codes"] == [0, 0]
+    accuracy = record["figures"]["mean accuracy"]
+    per_seed = [json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (1, 2)]
+    assert accuracy["per_seed"] == [s["accuracy"]["mean"] for s in per_seed]
+    assert accuracy["mean"] == pytest.approx(sum(accuracy["per_seed"]) / 2)
+    assert [s["seed"] for s in per_seed] == [1, 2]
+    assert "over 2 seeds (1, 2):" in done.stdout
+
+
+def test_seeds_must_be_distinct_numbers(tmp_path: Path) -> None:
+    for bad in ("1,1", "a,b", ","):
+        done = harness(tmp_path / "x", "--seeds", bad)
+        assert done.returncode == 2 and "--seeds" in done.stderr

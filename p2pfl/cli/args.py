@@ -85,3 +85,13 @@ def model_text(model: dict[str, Any]) -> str:
         short = {v: k for k, v in TORCH_EXAMPLES.items()}
         return f"torch:{short.get(model['factory'], model['factory'])}"
     return str(model["kind"])
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 1,2,3, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0 like 1,2,3, got {text!r}")
+    return seeds

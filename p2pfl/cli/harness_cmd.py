@@ -20,7 +20,50 @@ if TYPE_CHECKING:
 def cmd_harness(args: argparse.Namespace) -> int:
     from p2pfl.harness.runner import run_harness
 
-    return run_harness(harness_options(args))
+    options = harness_options(args)
+    if not args.seeds:
+        return run_harness(options)
+    return run_seeds(options, args.seeds)
+
+
+def run_seeds(options: HarnessOptions, seeds: list[int]) -> int:
+    """One run per seed in OUT/seed-S, then the headline figures' mean and spread (sample
+    standard deviation) over the seeds, printed and in OUT/seeds.json."""
+    import dataclasses
+    import json
+    import statistics
+
+    from p2pfl.harness.runner import run_harness
+
+    if options.out.exists() and any(options.out.iterdir()):
+        raise P2PFLError(f"{options.out}: the run folder must be new or empty")
+    codes, summaries = [], []
+    for seed in seeds:
+        out = options.out / f"seed-{seed}"
+        print(f"\n=== seed {seed}: {out}")
+        codes.append(run_harness(dataclasses.replace(options, seed=seed, out=out)))
+        summaries.append(json.loads((out / "summary.json").read_text(encoding="utf-8")))
+    metric = summaries[0]["metric"]
+    figures = {
+        f"mean {metric}": [s[metric]["mean"] for s in summaries],
+        f"min {metric}": [s[metric]["min"] for s in summaries],
+        "ratio to centralised": [s.get("ratio") for s in summaries],
+        "round time s": [s.get("round_time_s") for s in summaries],
+    }
+    table = {}
+    print(f"\nover {len(seeds)} seeds ({', '.join(map(str, seeds))}):")
+    for name, values in figures.items():
+        known = [v for v in values if v is not None]
+        if not known:
+            continue
+        mean = statistics.fmean(known)
+        spread = statistics.stdev(known) if len(known) > 1 else 0.0
+        table[name] = {"mean": mean, "stdev": spread, "per_seed": values}
+        print(f"  {name:22s} {mean:.4f} +- {spread:.4f}")
+    record = {"seeds": seeds, "exit_codes": codes, "figures": table}
+    (options.out / "seeds.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"seeds:   {options.out / 'seeds.json'}")
+    return max(codes)
 
 
 def harness_options(args: argparse.Namespace) -> HarnessOptions:

@@ -15,6 +15,7 @@ from p2pfl.cli.args import (
     parse_listen,
     parse_metrics,
     parse_model,
+    parse_seeds,
     parse_topology,
 )
 from p2pfl.cli.recipes import recipes_text
@@ -162,6 +163,13 @@ def _add_harness_training(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seed", type=int, default=7, help="data split, initial model and topology (default 7)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        metavar="S1,S2,...",
+        help="one run per seed (in OUT/seed-S), then their mean and spread in OUT/seeds.json "
+        "(default: one run, with --seed)",
     )
     p.add_argument("--out", help="run folder, must be new or empty (default runs/<name>-<time>)")
     p.add_argument(
