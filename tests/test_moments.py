@@ -18,7 +18,13 @@ from p2pfl.core.moments import (
     mean_std,
 )
 from p2pfl.errors import MessageError
-from p2pfl.proto.wire import Moments, decode_message, encode_moments
+from p2pfl.proto.wire import (
+    Moments,
+    Standardized,
+    decode_message,
+    encode_moments,
+    encode_standardized,
+)
 
 from .test_secure_group import secrets_for
 from .test_secure_node import four  # noqa: F401  (the fixture)
@@ -177,6 +183,12 @@ async def test_real_nodes_on_a_ring_standardise_with_the_pooled_statistics(four)
         np.testing.assert_array_equal(again.local.standardization[0], saved[0]["mean"])
         # a peer that still floods its share is not a protocol error (the link stays)
         again.message(types.SimpleNamespace(peer_id="bob"), Moments(1, 0, "bob", bytes(16), {}))  # type: ignore[arg-type]
+        # neighbours compare what they ended with: the same digest is fine, another refused
+        bob = types.SimpleNamespace(peer_id="bob")
+        ours = bytes.fromhex(saved[0]["digest"])
+        again.message(bob, Standardized(1, 0, ours))  # type: ignore[arg-type]
+        with pytest.raises(MessageError, match="bob standardised with 0000000000000000"):
+            again.message(bob, Standardized(1, 0, bytes(8)))  # type: ignore[arg-type]
     finally:
         again.events.close()
         again.state_lock.release()
@@ -273,3 +285,10 @@ def test_a_node_sends_the_same_share_after_a_restart_and_never_new_totals(
     other = dataclasses.replace(net, data={**net.data, "alice": changed})
     with pytest.raises(DataError, match="already sent masked feature totals"):
         make_node(other, "alice")
+
+
+def test_standardized_on_the_wire() -> None:
+    msg = decode_message(encode_standardized(5, b"12345678"), max_chunk=1 << 20)
+    assert isinstance(msg, Standardized) and (msg.lamport, msg.digest) == (5, b"12345678")
+    with pytest.raises(MessageError, match="STANDARDIZED body of 9 bytes"):
+        decode_message(encode_standardized(5, b"12345678") + b"x", max_chunk=1 << 20)

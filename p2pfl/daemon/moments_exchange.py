@@ -24,7 +24,7 @@ from p2pfl.core.moments import Equivocation, NetworkMoments, digest, local_momen
 from p2pfl.errors import DataError, MessageError
 from p2pfl.proto.guard import Throttle
 from p2pfl.proto.keys import pairwise_secret
-from p2pfl.proto.wire import Moments, encode_moments
+from p2pfl.proto.wire import Moments, encode_moments, encode_standardized
 from p2pfl.store.standardization import SHARE_FILE, load_share, save, save_share
 
 if TYPE_CHECKING:
@@ -156,3 +156,43 @@ class MomentsExchange:
         mean, std = mean_std(totals)
         save(state_dir, config, mean, std, round(totals[0]), digest(mean, std))
         return mean, std
+
+
+class Agreement:
+    """Neighbours compare the standardisation they ended with (STANDARDIZED, the digest of
+    mean and deviation): honest peers always agree, so a difference means a peer told
+    different peers different totals, and the two refuse each other instead of mixing
+    differently standardised models."""
+
+    def __init__(self, clock: LamportClock) -> None:
+        self.clock = clock
+        self.own: bytes | None = None
+        #: What each neighbour said it ended with.
+        self.heard: dict[str, bytes] = {}
+        self._told: weakref.WeakSet[PeerLink] = weakref.WeakSet()
+
+    def set_own(self, digest_hex: str) -> None:
+        self.own = bytes.fromhex(digest_hex)
+
+    def tell(self, link: PeerLink, spawn: Any) -> None:
+        """Our digest, once per link, once we have one and the peer announced its round."""
+        if self.own is None or link.announced is None or link in self._told:
+            return
+        self._told.add(link)
+        message = encode_standardized(self.clock.tick(), self.own)
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await link.send_message(message)
+
+        spawn(send())
+
+    def conflict(self, peer: str) -> str | None:
+        """Why ``peer`` must be refused (None: it agrees, or one side is not done)."""
+        theirs = self.heard.get(peer)
+        if self.own is None or theirs is None or theirs == self.own:
+            return None
+        return (
+            f"{peer} standardised with {theirs.hex()}, we with {self.own.hex()}: a peer told "
+            "different peers different totals"
+        )

@@ -33,8 +33,8 @@ from p2pfl.core.scoring import SuspectTracker
 from p2pfl.core.topology import ever_neighbours, graph_for_round, metropolis_weights
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.inbox import Inbox
-from p2pfl.daemon.moments_exchange import MomentsExchange
-from p2pfl.daemon.net import Network, PeerLink
+from p2pfl.daemon.moments_exchange import Agreement, MomentsExchange
+from p2pfl.daemon.net import CLOSE_POLICY, Network, PeerLink
 from p2pfl.daemon.outbox import Outbox
 from p2pfl.daemon.persist import RoundSaver
 from p2pfl.daemon.pool import ArrayPool
@@ -53,6 +53,7 @@ from p2pfl.proto.wire import (
     DTYPE_MASKED_U32,
     Message,
     Moments,
+    Standardized,
 )
 from p2pfl.secure.arithmetic import FixedPoint
 from p2pfl.store.checkpoint import load_checkpoint
@@ -125,11 +126,15 @@ class Node:
         #: ``standardize: federated``: the flooding of the feature totals (None: not used,
         #: or this node's standardisation was saved by an earlier life).
         self.moments: MomentsExchange | None = None
+        #: ``standardize: federated``: neighbours compare what they ended with.
+        self.agreement: Agreement | None = None
         standardize = config.training.standardize
         if standardize is not None and standardize.federated:
+            self.agreement = Agreement(self.clock)
             saved = load_saved(options.state_dir, config)
             if saved is not None:
                 self.local.standardize(*saved)
+                self.agreement.set_own(digest(*saved))
             else:
                 try:
                     self.moments = MomentsExchange(
@@ -346,6 +351,8 @@ class Node:
         secure aggregation's KEYS, this round's parameters."""
         if self.moments is not None:
             self.moments.offer_all(link, self.net.spawn)
+        if self.agreement is not None:
+            self.agreement.tell(link, self.net.spawn)
         if self.exchange is not None:
             self.exchange.offer_keys(link)
         self.outbox.offer(link)
@@ -366,6 +373,14 @@ class Node:
         self.notify()
 
     def message(self, link: PeerLink, msg: Message) -> None:
+        if isinstance(msg, Standardized):
+            if self.agreement is None:
+                raise MessageError("STANDARDIZED in a network without standardize: federated")
+            self.agreement.heard[link.peer_id] = msg.digest
+            conflict = self.agreement.conflict(link.peer_id)
+            if conflict is not None:
+                raise MessageError(conflict)  # (the link is dropped, and the reason logged)
+            return
         if isinstance(msg, Moments):
             if self.moments is None:
                 standardize = self.config.training.standardize
@@ -475,10 +490,23 @@ class Node:
             log.error("%s: cannot standardise: %s: exit code %d", self.id, problem, EXIT_ALONE)
             return False
         self.local.standardize(mean, std)
+        self._agree(digest(mean, std))
         rows = round(moments.totals()[0])
         self.events.emit("standardize", None, rows=rows, digest=digest(mean, std))
         log.info("%s: standardised with the network's mean and deviation (%d rows)", self.id, rows)
         return True
+
+    def _agree(self, own: str) -> None:
+        """Tell every neighbour what we ended with; drop those that ended elsewhere."""
+        assert self.agreement is not None
+        self.agreement.set_own(own)
+        for peer, link in list(self.net.links.items()):
+            self.agreement.tell(link, self.net.spawn)
+            conflict = self.agreement.conflict(peer)
+            if conflict is not None:
+                log.error("%s: %s", self.id, conflict)
+                self.events.emit("reject", None, peer=peer, reason=conflict)
+                self.net.spawn(link.close(CLOSE_POLICY, "standardised differently"))
 
     def _why(self, peers: list[str]) -> str:
         """Whom we wait for, and why (``startup.waiting_for``)."""

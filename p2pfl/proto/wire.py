@@ -68,6 +68,7 @@ class MessageType(enum.IntEnum):
     CONFIRM = 0x24
     UNMASK = 0x25
     MOMENTS = 0x30
+    STANDARDIZED = 0x31
 
 
 _SECURE_TYPES = frozenset(
@@ -174,6 +175,25 @@ class Moments:
     tags: dict[str, bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class Standardized:
+    """After ``standardize: federated``: the digest of the mean and deviation the sender
+    computed; neighbours whose digests differ refuse each other."""
+
+    lamport: int
+    round: int
+    digest: bytes
+
+
+STANDARDIZED_DIGEST_BYTES = 8
+
+
+def encode_standardized(lamport: int, digest: bytes) -> bytes:
+    if len(digest) != STANDARDIZED_DIGEST_BYTES:
+        raise ValueError("a standardisation digest is 8 bytes")
+    return _HEADER.pack(MessageType.STANDARDIZED, lamport, 0) + digest
+
+
 _MOMENTS_HEAD = struct.Struct(">I")  # vector bytes
 #: Tag bytes per peer in MOMENTS (HMAC-SHA256).
 MOMENTS_TAG_BYTES = 32
@@ -217,6 +237,7 @@ Message = (
     | Keys
     | Shares
     | Moments
+    | Standardized
 )
 
 
@@ -388,6 +409,10 @@ def decode_message(plaintext: bytes, *, max_chunk: int) -> Message:
         return _decode_secure(kind, lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
     if kind == MessageType.MOMENTS:
         return _decode_moments(lamport, round_index, memoryview(plaintext)[HEADER_BYTES:])
+    if kind == MessageType.STANDARDIZED:
+        if body != STANDARDIZED_DIGEST_BYTES:
+            raise MessageError(f"STANDARDIZED body of {body} bytes, expected 8")
+        return Standardized(lamport, round_index, bytes(plaintext[HEADER_BYTES:]))
     raise MessageError(f"unknown message type 0x{kind:02x}")
 
 
