@@ -438,14 +438,7 @@ def test_a_whole_round_unmasks_the_exact_group_average() -> None:
     """Keys, shares, masks, vectors, PRESENT, CONFIRM, UNMASK, REVEAL: alice's group average
     comes out of the masked vectors as plain averaging would have it."""
     cluster = Cluster()
-    cluster.start(0)
-    cluster.deliver()
-    for p in PEERS:
-        cluster.sessions[p].trained(0)
-        cluster.drain([p])
-        cluster.run_jobs(p)
-    alice = cluster.sessions["alice"]
-    received = cluster.vectors[("alice", 0)]
+    alice, received = _ready_to_unmask(cluster)
     assert sorted(received) == sorted(GRAPH["alice"])
     ask = alice.ask_present(0, received, 0.0)
     cluster.drain(["alice"])

@@ -536,6 +536,18 @@ class Network:
         ws.transport.close()  # stops reading at once, closes once the frame is out
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, ws.transport.abort)
 
+    def _link(self, peer_id: str, ws: Connection, channel: Channel, *, initiator: bool) -> PeerLink:
+        """An authenticated connection as a link (either side of the handshake)."""
+        return PeerLink(
+            peer_id,
+            ws,
+            channel,
+            expected_bytes=self.expected_bytes,
+            initiator=initiator,
+            allocate=self.allocate,
+            send_timeout=self.config.net.heartbeat_timeout,
+        )
+
     def _authenticated(self, ws: Connection) -> None:
         """The peer proved its identity: full-size records from now on, and it leaves the
         pending-connection budget."""
@@ -573,16 +585,7 @@ class Network:
             raise HandshakeError(f"key confirmation from {peer_id} failed: {exc}") from exc
         first = confirm_keys(peer_id, first)
         self._authenticated(ws)
-        link = PeerLink(
-            peer_id,
-            ws,
-            channel,
-            expected_bytes=self.expected_bytes,
-            initiator=False,
-            allocate=self.allocate,
-            send_timeout=self.config.net.heartbeat_timeout,
-        )
-        return link, first
+        return self._link(peer_id, ws, channel, initiator=False), first
 
     # --- dialing ---------------------------------------------------------------------------
 
@@ -673,15 +676,7 @@ class Network:
         judge_reply(reply, self.digest, self.field_digests)
         self._authenticated(ws)
         channel = Channel(hs.session_keys(), max_plaintext=self.limits.max_record - TAGLEN)
-        link = PeerLink(
-            peer_id,
-            ws,
-            channel,
-            expected_bytes=self.expected_bytes,
-            initiator=True,
-            allocate=self.allocate,
-            send_timeout=self.config.net.heartbeat_timeout,
-        )
+        link = self._link(peer_id, ws, channel, initiator=True)
         await link.send_status(self.events.clock.tick(), self.handler.current_round())
         return link
 
