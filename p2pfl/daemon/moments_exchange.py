@@ -10,7 +10,6 @@ asking the network again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from p2pfl.core.moments import Equivocation, NetworkMoments, digest, local_moments, mean_std
+from p2pfl.daemon.net import quietly
 from p2pfl.errors import DataError, MessageError
 from p2pfl.proto.guard import Throttle
 from p2pfl.proto.keys import pairwise_secret
@@ -144,11 +144,7 @@ class MomentsExchange:
         vector, tags = self.moments.shares[origin]
         message = encode_moments(self.clock.tick(), origin, vector, tags)
 
-        async def send() -> None:
-            with contextlib.suppress(Exception):  # (a link that died: its peer gets them anew)
-                await link.send_message(message)
-
-        spawn(send())
+        spawn(quietly(link.send_message(message)))  # (a dead link: its peer gets it anew)
 
     def result(self, state_dir: Path, config: Config) -> tuple[np.ndarray, np.ndarray]:
         """The network's mean and standard deviation (all shares in), saved for restarts."""
@@ -181,11 +177,7 @@ class Agreement:
         self._told.add(link)
         message = encode_standardized(self.clock.tick(), self.own)
 
-        async def send() -> None:
-            with contextlib.suppress(Exception):
-                await link.send_message(message)
-
-        spawn(send())
+        spawn(quietly(link.send_message(message)))  # (a dead link: its peer gets it anew)
 
     def conflict(self, peer: str) -> str | None:
         """Why ``peer`` must be refused (None: it agrees, or one side is not done)."""

@@ -839,6 +839,13 @@ def _guarded_client(network_: Network) -> type[ClientConnection]:
     return GuardedClientConnection
 
 
+async def quietly(send: Coroutine[Any, Any, None]) -> None:
+    """A short message sent in the background (``Network.spawn``): a link that died
+    meanwhile is the waiting side's business, since every wait is bounded."""
+    with contextlib.suppress(Exception):
+        await send
+
+
 async def _quiet(coro: Coroutine[Any, Any, None]) -> None:
     with contextlib.suppress(ConnectionClosed, OSError):
         await coro

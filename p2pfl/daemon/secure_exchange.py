@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from p2pfl.daemon.net import quietly
 from p2pfl.errors import SecureAggregationError
 from p2pfl.proto.keys import pairwise_secret
 from p2pfl.proto.wire import encode_secure
@@ -117,11 +118,6 @@ def _lower_priority() -> None:
     """Make the calling thread yield to the node's other threads (Linux: per-thread nice)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-async def _quietly(coro: Any) -> None:
-    with contextlib.suppress(Exception):
-        await coro
 
 
 class SecureExchange:
@@ -263,7 +259,7 @@ class SecureExchange:
     def _send(self, link: PeerLink, message: SecureMessage) -> None:
         """Send a short message in the background (a link that died meanwhile is the
         waiting side's business: every wait is bounded)."""
-        self.node.net.spawn(_quietly(link.send_message(encode_secure(message))))
+        self.node.net.spawn(quietly(link.send_message(encode_secure(message))))
 
     def _make_mask(self, job: MakeMask) -> None:
         member = job.member
