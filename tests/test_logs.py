@@ -796,7 +796,9 @@ def test_real_run_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     summaries = summarize(logs.events)
     assert [s.peer for s in summaries] == ["p00", "p01", "p02"]
     for s in summaries:
-        assert (s.rounds, s.finished, s.sent, s.received) == (3, True, 6, 6)
+        # (a crossing dial at start-up may replace a link after a round's model went out on
+        # it: the new link gets it again and the copy is dropped, so 6 or a few more sends)
+        assert (s.rounds, s.finished, s.received) == (3, True, 6) and 6 <= s.sent <= 8
         assert s.last_accuracy is not None and s.mean_round_s is not None
     for r in range(3):
         recvs = [e for e in trace_round(logs.events, r) if e.event.type == "recv"]
