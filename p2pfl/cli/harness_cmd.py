@@ -109,7 +109,43 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         progress=not args.quiet,
         rule=_rule(args),
         byzantine=_parse_byzantine(args.byzantine, ids),
+        hosts=_hosts(args, ids),
+        net_faults=_net_faults(args, ids),
     )
+
+
+def _net_faults(args: argparse.Namespace, ids: list[str]) -> tuple[Any, ...]:
+    """``--split`` and ``--cut``, checked; they need ``--hosts`` (packets to drop)."""
+    from p2pfl.harness.netfaults import NetFaultSpecError, parse_cut, parse_split
+
+    if (args.split or args.cut) and not args.hosts:
+        raise P2PFLError("--split and --cut drop packets between simulated hosts: add --hosts")
+    try:
+        return tuple(
+            [parse_split(text, ids, args.rounds) for text in args.split]
+            + [parse_cut(text, ids, args.rounds) for text in args.cut]
+        )
+    except NetFaultSpecError as exc:
+        raise P2PFLError(str(exc)) from exc
+
+
+def _hosts(args: argparse.Namespace, ids: list[str]) -> dict[str, Any] | None:
+    """``--hosts`` with every peer's link (``--link``, ``--host-link``), checked; None
+    without ``--hosts`` (then a link option is an error: there is no link to shape)."""
+    from p2pfl.harness.hosts import check_available
+    from p2pfl.harness.links import LinkSpecError, host_links, parse_link
+
+    if not args.hosts:
+        if args.link != "unlimited" or args.host_link:
+            raise P2PFLError("--link and --host-link shape simulated hosts: add --hosts")
+        return None
+    try:
+        links = host_links(ids, parse_link(args.link), args.host_link)
+    except LinkSpecError as exc:
+        message = str(exc)
+        raise P2PFLError(message if message.startswith("--") else f"--link {message}") from exc
+    check_available(links)
+    return links
 
 
 def _rule(args: argparse.Namespace) -> str:

@@ -140,6 +140,48 @@ def _add_harness(sub: Subparsers) -> None:
     )
     _add_harness_training(p)
     _add_harness_faults_and_privacy(p)
+    _add_harness_hosts(p)
+
+
+def _add_harness_hosts(p: argparse.ArgumentParser) -> None:
+    """harness: simulated hosts, their links and network faults."""
+    p.add_argument(
+        "--hosts",
+        action="store_true",
+        help="put every peer on a simulated host of its own: a network namespace with its "
+        "own address (10.77.0.N) on a bridge, its link shaped by --link (needs root)",
+    )
+    p.add_argument(
+        "--link",
+        default="unlimited",
+        metavar="RATE[,DELAY[,LOSS]]",
+        help="with --hosts: every host's link, e.g. 100mbit,20ms,0.01 (rate each way, "
+        "one-way delay, packet loss; default unlimited)",
+    )
+    p.add_argument(
+        "--host-link",
+        action="append",
+        default=[],
+        metavar="PEER=RATE[,DELAY[,LOSS]]",
+        help="with --hosts: PEER's link instead of --link (repeatable)",
+    )
+    p.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="GROUP|GROUP@WHEN",
+        help="with --hosts: a network partition, e.g. p00,p01|p02,p03@5-10 or half@5-10 "
+        "(rounds; or seconds: @2s-6s): the groups' links to each other drop every packet, "
+        "then heal (repeatable)",
+    )
+    p.add_argument(
+        "--cut",
+        action="append",
+        default=[],
+        metavar="PEER@WHEN",
+        help="with --hosts: PEER's host drops every packet from when it starts round FIRST "
+        "until the others reach LAST (e.g. p03@5-8, or seconds: p03@2s-4s; repeatable)",
+    )
 
 
 def _add_harness_training(p: argparse.ArgumentParser) -> None:

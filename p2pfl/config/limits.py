@@ -1,6 +1,6 @@
 """The ``limits`` and ``net`` sections: a node's resource bounds (buffered rounds, chunk
 size, connections, handshake time) and the timers of its links (heartbeats, reconnect
-backoff, how long a vanished neighbour is waited for)."""
+backoff, how long a vanished neighbour is waited for, the failure detector)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from p2pfl.config.schema import LimitsConfig, NetConfig
 _MIN_CHUNK, _MAX_CHUNK = 4096, 4 * 1024 * 1024
 _MAX_BUFFERED_ROUNDS = 16
 _MAX_CONNECTIONS = 65535
+#: phi beyond 15 is past double precision (a chance of 1e-15 per silence).
+_MAX_PHI = 15.0
 
 
 class LimitsReader(FieldReader):
@@ -57,6 +59,9 @@ class LimitsReader(FieldReader):
                 "reconnect_min",
                 "reconnect_max",
                 "down_grace",
+                "keepalive",
+                "suspect_phi",
+                "suspect_pause",
             ),
         )
 
@@ -69,7 +74,18 @@ class LimitsReader(FieldReader):
             reconnect_min=get("reconnect_min", d.reconnect_min),
             reconnect_max=get("reconnect_max", d.reconnect_max),
             down_grace=get("down_grace", d.down_grace),
+            keepalive=get("keepalive", d.keepalive),
+            suspect_phi=self.positive(
+                section.get("suspect_phi", d.suspect_phi), "net.suspect_phi", _MAX_PHI
+            ),
+            suspect_pause=get("suspect_pause", d.suspect_pause),
         )
+        if result.keepalive >= result.heartbeat_timeout:
+            self.fail(
+                "net.keepalive",
+                f"must be below heartbeat_timeout ({result.heartbeat_timeout:g}),"
+                f" got {result.keepalive:g}",
+            )
         if result.heartbeat_timeout <= result.heartbeat_interval:
             self.fail(
                 "net.heartbeat_timeout",

@@ -34,16 +34,22 @@ def build_local_config(
     batch_size: int,
     round_timeout: float,
     task: str = "classification",
+    hosts: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The shared peers.yaml content for a set of peers on one host (for ``task``
-    regression, ``classes`` is the number of outputs)."""
+    regression, ``classes`` is the number of outputs); ``hosts`` gives some or all peers
+    a host of their own instead."""
+    hosts = hosts or {}
     size = {"classes": classes} if task == "classification" else {"task": task, "outputs": classes}
     return {
         "version": 1,
         "network": network,
         "seed": seed,
         "peers": {
-            p: {"address": f"ws://{url_host(host)}:{ports[p]}", "public_key": public_keys[p]}
+            p: {
+                "address": f"ws://{url_host(hosts.get(p, host))}:{ports[p]}",
+                "public_key": public_keys[p],
+            }
             for p in peers
         },
         "topology": topology,

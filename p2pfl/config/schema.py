@@ -159,6 +159,14 @@ class NetConfig:
     #: A neighbour without a connection for this long is not waited for in a round (it
     #: crashed or left); it is welcome again as soon as it reconnects.
     down_grace: float = 2.0
+    #: A link on which we sent nothing for this long gets a STATUS, so that a live node's
+    #: silences stay short whatever its rounds take (the failure detector relies on it).
+    keepalive: float = 0.1
+    #: A connected neighbour is suspected (a round stops waiting for it) once the phi
+    #: accrual detector reaches this level over its silence (core/liveness.py) ...
+    suspect_phi: float = 8.0
+    #: ... on top of this much silence, always accepted (scheduling hiccups, a busy core).
+    suspect_pause: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,11 @@ def shared_mapping(
             # Only when set otherwise: it joined the digest late, and files that leave it
             # at its default keep their digests (and nodes their checkpoints).
             **({} if net.down_grace == NetConfig.down_grace else {"down_grace": net.down_grace}),
+            **{  # the same for the failure detector's settings
+                key: getattr(net, key)
+                for key in ("keepalive", "suspect_phi", "suspect_pause")
+                if getattr(net, key) != getattr(NetConfig, key)
+            },
         },
     }
 

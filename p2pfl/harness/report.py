@@ -362,16 +362,9 @@ def render_table(summary: Mapping[str, Any]) -> str:
         f"memory: peak {rss['max']:.0f} MB per peer, {_fmt(rss['total_sampled'], '.0f')} MB "
         "all peers together"
     )
-    for fault in summary["faults"]:
-        line = f"fault: {fault['fault']} at {fault['at_s']:.2f} s (round {fault['round']})"
-        if fault.get("rejoined_round") is not None:
-            line += (
-                f", back in round {fault['rejoined_round']} "
-                f"{fault['rejoin_s']:.2f} s after the restart"
-            )
-        if fault.get("paused_s") is not None:
-            line += f" (the others paused {fault['paused_s']:.2f} s while it started)"
-        rows.append(line)
+    if summary.get("hosts"):
+        rows.append(f"hosts: a network namespace per peer; links {summary['hosts']}")
+    rows.extend(_fault_lines(summary["faults"]))
     if summary.get("privacy"):
         privacy = summary["privacy"]
         rows.append(
@@ -385,6 +378,26 @@ def render_table(summary: Mapping[str, Any]) -> str:
     if summary["log_problems"]:
         rows.append(f"{len(summary['log_problems'])} bad log lines skipped (see summary.json)")
     return "\n".join(rows)
+
+
+def _fault_lines(faults: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per fault the harness carried out: when, and how it ended."""
+    rows = []
+    for fault in faults:
+        line = f"fault: {fault['fault']} at {fault['at_s']:.2f} s (round {fault['round']})"
+        if fault.get("rejoined_round") is not None:
+            line += (
+                f", back in round {fault['rejoined_round']} "
+                f"{fault['rejoin_s']:.2f} s after the restart"
+            )
+        if fault.get("paused_s") is not None:
+            line += f" (the others paused {fault['paused_s']:.2f} s while it started)"
+        if fault.get("healed_s") is not None:
+            line += f", healed at {fault['healed_s']:.2f} s (round {fault['healed_round']})"
+        elif fault["fault"].startswith(("split", "cut")):
+            line += ", never healed (the run ended first)"
+        rows.append(line)
+    return rows
 
 
 def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
@@ -419,6 +432,11 @@ def plot_report(summary: Mapping[str, Any], path: Path) -> Path:
         ax_acc.axhline(central[-1], color="k", linewidth=0.8, alpha=0.5)
     for fault in summary.get("faults", []):
         color = "red" if fault["fault"].startswith("kill") else "green"
+        if fault["fault"].startswith(("split", "cut")):  # a span: from the cut to the heal
+            color = "purple"
+            end = fault.get("healed_round")
+            end = len(summary[f"{m}_per_round"]) - 1 if end is None else end
+            ax_acc.axvspan(fault["round"], end, color=color, alpha=0.08)
         ax_acc.axvline(fault["round"], color=color, linestyle=":", linewidth=1)
         ax_acc.annotate(
             fault["fault"],
@@ -454,6 +472,8 @@ def report_title(summary: Mapping[str, Any]) -> str:
         f"{summary['topology']}"
     )
     settings = []
+    if summary.get("hosts"):
+        settings.append(f"simulated hosts, {summary['hosts']}")
     if summary.get("secure"):
         settings.append("secure aggregation")
     if summary.get("dp"):

@@ -33,6 +33,9 @@ import yaml
 
 from p2pfl.errors import P2PFLError
 from p2pfl.harness.faults import Fault, FaultPlan
+from p2pfl.harness.hosts import HostNetwork, address_of, sweep_stale
+from p2pfl.harness.links import LinkSpec, describe_links
+from p2pfl.harness.netfaults import NetFault, NetFaultPlan
 from p2pfl.harness.partition import PartitionSpec
 from p2pfl.harness.progress import RunProgress
 from p2pfl.learning.base import Task
@@ -53,6 +56,8 @@ FAULT_POLL_S = 0.002
 MAX_PAUSE_S = 10.0
 #: How long stopped peers get to write their final checkpoint before SIGKILL.
 STOP_GRACE_S = 10.0
+#: With --hosts every peer listens on this port of its own host's address.
+HOST_PORT = 7070
 
 
 class Terminated(KeyboardInterrupt):
@@ -95,6 +100,11 @@ class HarnessOptions:
     rule: str = "metropolis"
     #: Poisoning peers: peer -> attack (``--byzantine PEER:KIND``).
     byzantine: Mapping[str, str] = field(default_factory=dict)
+    #: ``--hosts``: every peer on a simulated host of its own, with this link (peer ->
+    #: LinkSpec); None: every peer on 127.0.0.1.
+    hosts: Mapping[str, LinkSpec] | None = None
+    #: ``--split`` and ``--cut`` (with ``hosts`` only).
+    net_faults: tuple[NetFault, ...] = ()
 
 
 @dataclass
@@ -286,6 +296,10 @@ class FaultRecord:
     rejoin_s: float | None = None
     #: restart: how long the other peers were paused while this one started.
     paused_s: float | None = None
+    #: split and cut: when the links came back (seconds since the start, the furthest
+    #: peer's round then).
+    healed_s: float | None = None
+    healed_round: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -296,6 +310,8 @@ class FaultRecord:
             "rejoined_round": self.rejoined_round,
             "rejoin_s": None if self.rejoin_s is None else round(self.rejoin_s, 3),
             "paused_s": None if self.paused_s is None else round(self.paused_s, 3),
+            "healed_s": None if self.healed_s is None else round(self.healed_s, 3),
+            "healed_round": self.healed_round,
         }
 
 
@@ -364,15 +380,13 @@ class Monitor:
         self.options = options
         self.out = out_stream
         self.env = python_env()
+        self.hosts = None if options.hosts is None else HostNetwork(options.hosts)
         self.processes = {
-            peer: PeerProcess(
-                peer,
-                peer_command(layout, peer, options.snapshots, options.byzantine.get(peer)),
-                layout.log(peer),
-            )
-            for peer in layout.peers
+            peer: PeerProcess(peer, self._command(peer), layout.log(peer)) for peer in layout.peers
         }
         self.plan = FaultPlan(options.faults)
+        self.net_plan = NetFaultPlan(options.net_faults)
+        self.net_records: dict[NetFault, FaultRecord] = {}
         self.neighbours = _ever_neighbours(layout)
         self.progress = RunProgress(list(layout.peers), options.rounds)
         self.record = RunRecord()
@@ -387,11 +401,34 @@ class Monitor:
         self._last_print = 0.0
         self._last_rss = 0.0
 
+    def _command(self, peer: str) -> list[str]:
+        """``p2pfl run`` for ``peer``; with --hosts, inside its host (behind its delay
+        relay, if there is one: then the node listens on the host's own loopback)."""
+        options = self.options
+        command = peer_command(self.layout, peer, options.snapshots, options.byzantine.get(peer))
+        if self.hosts is None:
+            return command
+        if self.hosts.relayed:
+            command += ["--listen", f"127.0.0.1:{HOST_PORT}"]
+        return self.hosts.wrap(peer, command)
+
     def start(self) -> None:
         self.layout.log(self.layout.peers[0]).parent.mkdir(parents=True, exist_ok=True)
+        if self.hosts is not None:
+            self._make_hosts(self.hosts)
         self.started = time.monotonic()
         for p in self.processes.values():
             p.start(self.env)
+
+    def _make_hosts(self, hosts: HostNetwork) -> None:
+        stale = sweep_stale()
+        if stale:
+            self.out.write(f"removed {len(stale)} namespaces a killed harness left behind\n")
+        hosts.create()
+        plan = self.layout.out / "hosts.json"
+        hosts.write_plan(plan, dict.fromkeys(self.layout.peers, HOST_PORT))
+        if hosts.relayed:
+            hosts.start_relays(plan, self.env)
 
     def running(self) -> list[PeerProcess]:
         return [p for p in self.processes.values() if p.running]
@@ -403,6 +440,7 @@ class Monitor:
         self.progress.update(events)
         self._note_rejoins(events)
         self._apply_faults(now)
+        self._apply_net_faults(now)
         self._check_paused()
         self._check_exits()
         running = self.running()
@@ -420,7 +458,8 @@ class Monitor:
 
     def poll_interval(self) -> float:
         """Faster while a fault waits for its round: rounds can take milliseconds."""
-        return FAULT_POLL_S if self.plan.pending or self.paused is not None else POLL_S
+        busy = self.plan.pending or self.net_plan.waiting or self.paused is not None
+        return FAULT_POLL_S if busy else POLL_S
 
     def _note_rejoins(self, events: list[Event]) -> None:
         for event in events:
@@ -471,6 +510,31 @@ class Monitor:
                 self.record.faults.append(restart)
                 self.restarts[fault.peer] = restart
                 self.paused = (restart, paused)
+
+    def _apply_net_faults(self, now: float) -> None:
+        """Partitions and cuts that begin or heal now: the hosts' rules follow the plan."""
+        if self.hosts is None:
+            return
+        rounds = self.progress.started_rounds()
+        began, healed = self.net_plan.step(rounds, now - self.started)
+        if not began and not healed:
+            return
+        self.hosts.set_faults(self.net_plan.rules(self.hosts.addresses))
+        furthest = max(rounds.values(), default=0)
+        for fault in began:
+            record = FaultRecord(
+                str(fault),
+                ",".join(fault.groups[0]) if fault.kind == "cut" else "",
+                now - self.started,
+                time.time(),
+                furthest,
+            )
+            self.record.faults.append(record)
+            self.net_records[fault] = record
+        for fault in healed:
+            record = self.net_records.pop(fault)
+            record.healed_s = now - self.started
+            record.healed_round = furthest
 
     def resume_others(self) -> None:
         """Let the peers paused for a --restart run on (also on the way out: none may stay
@@ -530,7 +594,9 @@ class Monitor:
         """After every process has stopped: the last events, and what the run did."""
         _poll_all(self.tails, self.record)
         record = self.record
-        record.faults_not_done = [str(f) for f in self.plan.pending]
+        record.faults_not_done = [str(f) for f in self.plan.pending] + [
+            str(f) for f in self.net_plan.pending
+        ]
         record.exit_codes = {
             peer: ("killed" if p.killed_by_harness else (p.proc.returncode if p.proc else None))
             for peer, p in self.processes.items()
@@ -561,7 +627,11 @@ def launch_and_watch(
             if options.progress and monitor.tty:
                 out_stream.write("\n")
             monitor.resume_others()
-            stop_all(monitor.processes)
+            try:
+                stop_all(monitor.processes)
+            finally:
+                if monitor.hosts is not None:
+                    monitor.hosts.close()
     return monitor.finish()
 
 
@@ -742,11 +812,17 @@ def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, sca
 
     (layout.out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
     public = {peer: generate_key_file(layout.key(peer)) for peer in layout.peers}
-    ports = dict(zip(layout.peers, free_ports(len(layout.peers)), strict=True))
+    if options.hosts is None:
+        ports = dict(zip(layout.peers, free_ports(len(layout.peers)), strict=True))
+        hosts = None
+    else:  # a host each: the same port everywhere, as a deployment would have
+        ports = dict.fromkeys(layout.peers, HOST_PORT)
+        hosts = {peer: address_of(i) for i, peer in enumerate(layout.peers)}
     shared = build_local_config(
         peers=layout.peers,
         public_keys=public,
         host="127.0.0.1",
+        hosts=hosts,
         ports=ports,
         network=network_name(options.dataset, options.seed),
         seed=options.seed,
@@ -769,8 +845,9 @@ def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, sca
     shared["aggregation"]["rule"] = options.rule
     if options.dp is not None:
         shared["aggregation"]["dp"] = dict(options.dp)
+    where = "on 127.0.0.1" if hosts is None else "on a simulated host of its own"
     header = (
-        "# Written by `p2pfl harness`: every peer on 127.0.0.1, one process each.\n"
+        f"# Written by `p2pfl harness`: every peer {where}, one process each.\n"
         f"# Peers {layout.peers[0]}..{layout.peers[-1]}; keys in keys/, data in data/.\n"
     )
     layout.config.write_text(header + yaml.safe_dump(shared, sort_keys=False), encoding="utf-8")
@@ -867,6 +944,11 @@ def _announce(options: HarnessOptions, prepared: Prepared, say: Callable[[str], 
         f"{options.batch_size}, {options.local_epochs} local epoch(s) per round, "
         f"{options.rounds} rounds, topology {options.topology_text}"
     )
+    if options.hosts is not None:
+        say(
+            f"simulated hosts: each peer in a network namespace of its own (10.77.0.1..), "
+            f"links {describe_links(options.hosts)}"
+        )
     say(f"run folder: {layout.out}")
 
 
@@ -968,6 +1050,7 @@ def _summary_options(options: HarnessOptions, prepared: Prepared) -> dict[str, A
         "learning_rate": options.learning_rate,
         "batch_size": options.batch_size,
         "out": str(prepared.layout.out),
+        "hosts": None if options.hosts is None else describe_links(options.hosts),
     }
 
 

@@ -1,0 +1,343 @@
+"""Simulated hosts: link specs, network-fault plans, the delay relay, and real runs in
+network namespaces (skipped, with the reason, where namespaces cannot be made)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pfl.harness.hosts import HostNetwork, address_of, our_namespaces, sweep_stale
+from p2pfl.harness.links import (
+    LinkSpec,
+    LinkSpecError,
+    describe_links,
+    host_links,
+    parse_link,
+)
+from p2pfl.harness.netfaults import (
+    NetFaultPlan,
+    NetFaultSpecError,
+    parse_cut,
+    parse_split,
+)
+from p2pfl.harness.relay import DelayLine, delays_by_source, relay_connection
+
+from .conftest import TIMEOUT
+
+PEERS = ["p00", "p01", "p02", "p03"]
+
+
+def namespaces_unavailable() -> str | None:
+    """Why this machine cannot make simulated hosts (None: it can)."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns)"
+    for tool in ("ip", "iptables", "tc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    probe = f"p2pfl-{os.getpid()}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot make a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+NO_NAMESPACES = namespaces_unavailable()
+needs_namespaces = pytest.mark.skipif(NO_NAMESPACES is not None, reason=str(NO_NAMESPACES))
+
+
+# --- link specs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("100mbit", LinkSpec(100_000_000)),
+        ("1gbit,20ms", LinkSpec(10**9, 0.02)),
+        ("10Mbit, 0.5s, 1%", LinkSpec(10**7, 0.5, 0.01)),
+        ("unlimited,50ms,0.05", LinkSpec(None, 0.05, 0.05)),
+        ("2.5mbit", LinkSpec(2_500_000)),
+    ],
+)
+def test_link_specs_parse(text: str, spec: LinkSpec) -> None:
+    assert parse_link(text) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "expected RATE"),
+        ("100", "not like 100mbit"),
+        ("100mb", "not like 100mbit"),
+        ("100mbit,20", "not like 20ms"),
+        ("100mbit,20ms,2", "below 1"),
+        ("100mbit,20ms,x", "not a fraction"),
+        ("100mbit,11s", "above 10s"),
+        ("1bit", "outside"),
+        ("1mbit,1ms,0.1,9", "expected RATE"),
+    ],
+)
+def test_bad_link_specs_are_refused(text: str, problem: str) -> None:
+    with pytest.raises(LinkSpecError, match=problem):
+        parse_link(text)
+
+
+def test_host_links_override_the_default_per_peer() -> None:
+    links = host_links(PEERS, parse_link("100mbit"), ["p02=10mbit,5ms"])
+    assert links["p02"] == LinkSpec(10**7, 0.005) and links["p00"] == LinkSpec(10**8)
+    assert describe_links(links) == "100mbit on 3 hosts, p02 10mbit,5ms"
+    assert describe_links(dict.fromkeys(PEERS, LinkSpec(10**8, 0.02))) == (
+        "100mbit,20ms on every host"
+    )
+    for bad, problem in [
+        (["p09=1mbit"], "no peer"),
+        (["p01"], "PEER=RATE"),
+        (["p01=1mbit", "p01=2mbit"], "twice"),
+    ]:
+        with pytest.raises(LinkSpecError, match=problem):
+            host_links(PEERS, LinkSpec(), bad)
+
+
+# --- network faults -------------------------------------------------------------------------
+
+
+def test_split_and_cut_specs_parse() -> None:
+    split = parse_split("p00,p01|p02,p03@3-6", PEERS, rounds=10)
+    assert split.groups == (("p00", "p01"), ("p02", "p03")) and split.unit == "round"
+    assert str(split) == "split p00,p01|p02,p03@3-6"
+    assert parse_split("half@1s-2.5s", PEERS, 10).groups == (("p00", "p01"), ("p02", "p03"))
+    assert parse_split("half@1s-2.5s", PEERS, 10).unit == "s"
+    cut = parse_cut("p02@4-7", PEERS, 10)
+    assert cut.groups == (("p02",),) and (cut.start, cut.end) == (4, 7)
+
+
+@pytest.mark.parametrize(
+    ("flag", "text", "problem"),
+    [
+        ("split", "p00|p01", "GROUP|GROUP@WHEN"),
+        ("split", "p00,p01@1-2", "two or more groups"),
+        ("split", "p00|p09@1-2", "no peer 'p09'"),
+        ("split", "p00,p01|p01@1-2", "two groups"),
+        ("split", "half@2-2", "FIRST < LAST"),
+        ("split", "half@2-10", "FIRST < LAST"),
+        ("split", "half@3", "is not like 5-10"),
+        ("split", "half@2s-1s", "start before it ends"),
+        ("split", "half@as-2s", "not like 2s-6s"),
+        ("cut", "p09@1-2", "known peer"),
+        ("cut", "p01", "known peer"),
+    ],
+)
+def test_bad_network_faults_are_refused(flag: str, text: str, problem: str) -> None:
+    parse = parse_split if flag == "split" else parse_cut
+    with pytest.raises(NetFaultSpecError, match=problem):
+        parse(text, PEERS, 10)
+
+
+def test_a_split_begins_and_heals_with_the_furthest_peer() -> None:
+    split = parse_split("p00|p01,p02@2-4", PEERS, 10)
+    plan = NetFaultPlan([split])
+    assert plan.step({"p00": 1, "p01": 1}, 0.1) == ([], [])
+    assert plan.step({"p00": 1, "p01": 2}, 0.2) == ([split], [])
+    addresses = {p: address_of(i) for i, p in enumerate(PEERS)}
+    assert plan.rules(addresses) == {
+        "p00": {"drop 10.77.0.2", "drop 10.77.0.3"},
+        "p01": {"drop 10.77.0.1"},
+        "p02": {"drop 10.77.0.1"},
+    }  # p03 is in no group: it reaches everyone
+    assert plan.step({"p00": 3, "p01": 3}, 0.3) == ([], [])
+    assert plan.step({"p00": 3, "p01": 4}, 0.4) == ([], [split])
+    assert plan.rules(addresses) == {} and not plan.waiting
+
+
+def test_a_cut_begins_with_its_peer_and_heals_with_the_others() -> None:
+    cut = parse_cut("p01@2-5", PEERS, 10)
+    plan = NetFaultPlan([cut])
+    assert plan.step({"p00": 4, "p01": 1}, 0.0) == ([], [])  # p01 itself not there yet
+    assert plan.step({"p00": 4, "p01": 2}, 0.0) == ([cut], [])
+    assert plan.rules({"p01": "10.77.0.2"}) == {"p01": {"cut"}}
+    assert plan.step({"p00": 4, "p01": 9}, 0.0) == ([], [])  # not the cut peer's round
+    assert plan.step({"p00": 5, "p01": 9}, 0.0) == ([], [cut])
+
+
+def test_faults_in_seconds_follow_the_clock() -> None:
+    split = parse_split("half@1s-2s", PEERS, 10)
+    plan = NetFaultPlan([split])
+    assert plan.step({"p00": 9}, 0.5) == ([], [])
+    assert plan.step({}, 1.0) == ([split], [])
+    assert plan.step({}, 2.5) == ([], [split])
+
+
+# --- the delay relay ------------------------------------------------------------------------
+
+
+def test_a_connection_is_delayed_by_both_hosts() -> None:
+    plan = {
+        "p00": {"address": "10.77.0.1", "delay_s": 0.02},
+        "p01": {"address": "10.77.0.2", "delay_s": 0.005},
+    }
+    assert delays_by_source(plan, "p01") == {"10.77.0.1": 0.025, "10.77.0.2": 0.01}
+
+
+async def test_the_relay_holds_bytes_for_the_delay_and_keeps_order() -> None:
+    """Through a real relay on 127.0.0.1 (delay 80 ms each way): an echo round trip takes
+    at least 160 ms, a burst arrives whole and in order, and a half-close passes on."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read())  # until the client's half-close
+        await writer.drain()
+        writer.close()
+
+    echo_server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    target = echo_server.sockets[0].getsockname()[:2]
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await relay_connection((reader, writer), target, 0.08)
+
+    relay_server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = relay_server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        started = time.monotonic()
+        writer.write(payload)
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 10 * TIMEOUT)
+        assert time.monotonic() - started >= 0.16
+        assert got == payload
+        writer.close()
+    finally:
+        relay_server.close()
+        echo_server.close()
+
+
+async def test_a_delay_line_stops_reading_when_full() -> None:
+    """Above max_held nothing more is read (TCP pushes back), until the writer drains."""
+    line = DelayLine(delay=10.0, max_held=1000)
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"x" * 600)
+    task = asyncio.ensure_future(line.read_from(reader))
+    await asyncio.sleep(0.01)
+    reader.feed_data(b"y" * 600)
+    await asyncio.sleep(0.01)
+    assert line.held == 1200 and not task.done()  # waiting for room, not reading on
+    reader.feed_data(b"z" * 10)
+    await asyncio.sleep(0.01)
+    assert line.held == 1200
+    task.cancel()
+
+
+# --- real namespaces ------------------------------------------------------------------------
+
+
+@needs_namespaces
+def test_hosts_are_made_shaped_cut_and_removed() -> None:
+    """Two hosts, 20 mbit each: 2.5 MB take about a second; a cut host cannot connect;
+    closing removes every namespace."""
+    net = HostNetwork({"a": parse_link("20mbit"), "b": parse_link("20mbit,0ms,0.01")})
+    net.create()
+    try:
+        assert len(our_namespaces(net.owner)) == 3
+        server = subprocess.Popen(
+            net.wrap("b", [sys.executable, "-c", SINK, net.addresses["b"]]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        send = [sys.executable, "-c", SEND, net.addresses["b"], "2500000"]
+        started = time.monotonic()
+        subprocess.run(net.wrap("a", send), check=True, timeout=30 * TIMEOUT)
+        out, _ = server.communicate(timeout=30 * TIMEOUT)
+        took = time.monotonic() - started
+        assert out.strip() == "2500000"
+        assert took >= 0.9, f"20 mbit moved 2.5 MB in {took:.2f} s"
+        net.set_faults({"a": ["cut"]})
+        probe = [sys.executable, "-c", SEND, net.addresses["b"], "1", "1.0"]
+        assert subprocess.run(net.wrap("a", probe), capture_output=True).returncode != 0
+    finally:
+        net.close()
+    assert our_namespaces(net.owner) == []
+
+
+@needs_namespaces
+def test_a_dead_harness_leaves_nothing_behind_the_next_one() -> None:
+    """Namespaces of a harness that was killed (its pid is gone) are swept; a live run's
+    are not."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = HostNetwork({"a": LinkSpec()}, owner=gone.pid)
+    live = HostNetwork({"a": LinkSpec()})
+    dead.create()
+    live.create()
+    try:
+        swept = sweep_stale()
+        assert set(swept) == {dead.bridge_ns, dead.namespace("a")}
+        assert our_namespaces(gone.pid) == []
+        assert len(our_namespaces(live.owner)) == 2
+    finally:
+        dead.close()
+        live.close()
+
+
+SINK = """
+import socket, sys
+s = socket.socket(); s.bind((sys.argv[1], 9000)); s.listen(); c, _ = s.accept(); n = 0
+while data := c.recv(1 << 20):
+    n += len(data)
+print(n)
+"""
+SEND = """
+import socket, sys, time
+deadline = time.monotonic() + 10
+timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 10
+while True:  # the sink may still be starting
+    try:
+        s = socket.create_connection((sys.argv[1], 9000), timeout=timeout); break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline: raise
+        time.sleep(0.05)
+s.sendall(b"x" * int(sys.argv[2])); s.close()
+"""
+
+
+def harness_in_hosts(out: Path, *args: str, timeout: float) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "harness", "--hosts", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout * TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary: dict[str, object] = json.loads((out / "summary.json").read_text())
+    return summary
+
+
+@needs_namespaces
+def test_eight_hosts_with_shaped_links_train_to_the_end(tmp_path: Path) -> None:
+    """8 peers, each in its own namespace behind a 100 mbit link with 5 ms of delay (the
+    relays): all finish every round with a sensible model; nothing is left behind."""
+    summary = harness_in_hosts(
+        tmp_path / "run",
+        *("--peers", "8", "--rounds", "8", "--link", "100mbit,5ms", "--no-baseline"),
+        timeout=180,
+    )
+    peers = summary["peers_detail"]
+    assert isinstance(peers, list) and len(peers) == 8
+    assert all(p["rounds_done"] == 8 for p in peers)
+    accuracy = summary["accuracy"]
+    assert isinstance(accuracy, dict) and accuracy["min"] > 0.85
+    assert summary["hosts"] == "100mbit,5ms on every host"
+    plan = json.loads((tmp_path / "run" / "hosts.json").read_text())
+    assert plan["p03"]["address"] == "10.77.0.4" and plan["p03"]["link"] == "100mbit,5ms"
+    assert not [line for line in _netns_list() if line.startswith("p2pfl-")]
+
+
+def _netns_list() -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    return [line.split(" ", 1)[0] for line in listing.stdout.splitlines()]
