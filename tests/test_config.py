@@ -490,6 +490,13 @@ BAD: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
         "must be greater than heartbeat_interval (5), got 5",
     ),
     (
+        setting("net", value={"keepalive": 10}),
+        "net.keepalive",
+        "must be below heartbeat_timeout (10), got 10",
+    ),
+    (setting("net", value={"suspect_phi": 16}), "net.suspect_phi", "> 0 and <= 15"),
+    (setting("net", value={"suspect_pause": -1}), "net.suspect_pause", "seconds > 0"),
+    (
         setting("net", value={"reconnect_min": 2, "reconnect_max": 1}),
         "net.reconnect_max",
         "must be >= reconnect_min (2), got 1",
@@ -956,6 +963,9 @@ SEMANTIC_CHANGES: list[Callable[[dict[str, Any]], None]] = [
     setting("limits", value={"max_connections": 3}),
     setting("net", value={"heartbeat_interval": 1}),
     setting("net", value={"down_grace": 5}),
+    setting("net", value={"keepalive": 0.2}),
+    setting("net", value={"suspect_phi": 5}),
+    setting("net", value={"suspect_pause": 1}),
 ]
 
 
@@ -978,7 +988,8 @@ def test_the_digest_covers_every_shared_field(tmp_path: Path) -> None:
         fields = {f.name for f in dataclasses.fields(getattr(config, section))}
         covered = set(shared[section])
         if section == "net":
-            covered.add("down_grace")  # covered when it differs from its default
+            # covered when they differ from their defaults
+            covered |= {"down_grace", "keepalive", "suspect_phi", "suspect_pause"}
         if section == "training":
             covered |= {"min_neighbours", "standardize"}  # the same
         assert fields == covered, section

@@ -886,3 +886,17 @@ def test_compare_puts_runs_side_by_side(
     assert data[str(two_machines)]["score_mean"] is not None
     with pytest.raises(LogError, match="two or more paths"):  # one run: nothing to compare
         run(["logs", "compare", str(two_machines)])
+
+
+def test_summary_counts_silent_neighbours() -> None:
+    events = [
+        Event(T0, "a", "suspect_link", 3, 1, {"peer": "b", "phi": 8.1}, Path("x"), 1),
+        Event(T0, "a", "unsuspect_link", None, 2, {"peer": "b"}, Path("x"), 2),
+        Event(T0, "b", "round_end", 0, 3, {"duration_s": 0.1}, Path("x"), 3),
+    ]
+    a, b = summarize(events)
+    assert (a.silences, b.silences) == (1, 0)
+    table = format_summary([a, b])
+    assert table.splitlines()[0].split()[-1] == "silences"
+    assert [line.split()[-1] for line in table.splitlines()[1:3]] == ["1", "0"]
+    assert "silences: neighbours suspected by the failure detector" in table

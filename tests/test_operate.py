@@ -239,3 +239,17 @@ async def test_status_of_a_stopped_node_reads_its_log(
     status = json.loads(capsys.readouterr().out)
     assert status["running"] is False and status["finished"] is True
     assert status["rounds_completed"] == 2 and status["last_accuracy"] > 0
+
+
+def test_metrics_count_silent_neighbours_and_their_level() -> None:
+    metrics = NodeMetrics("alice", ["bob"], lambda: 1)
+    metrics.observe({"type": "suspect_link", "peer": "bob", "phi": 8.3, "silent_s": 0.6})
+    metrics.observe({"type": "suspect_link", "peer": "bob", "phi": 9.1, "silent_s": 0.7})
+    samples = {
+        (s.name, s.labels.get("peer")): s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if s.name.startswith("p2pfl_link_suspicion")
+    }
+    assert samples[("p2pfl_link_suspicions_total", "bob")] == 2
+    assert samples[("p2pfl_link_suspicion_phi", "bob")] == 9.1

@@ -13,8 +13,12 @@ Rules:
   with a reason. (A peer's own claims never widen the window: otherwise it could make us
   hold one model per remaining round.)
 - Collection ends when every neighbour delivered, or each missing one has announced a
-  later round (it will never send this one), is gone (disconnected for ``down_grace``) or
-  was left out, or the deadline passed.
+  later round (it will never send this one), is gone (disconnected for ``down_grace``),
+  was left out, or is connected but suspected by the failure detector (silent for longer
+  than its history makes plausible: ``core.liveness``), or the deadline passed. While
+  fewer than ``min_models`` models are in, suspected neighbours are still waited for
+  (until gone, or the deadline): a node cut off from everyone does not race through the
+  remaining rounds alone while its links may come back.
 - The next round is ``max(current + 1, lower median of the neighbours' announced rounds)``:
   a node that restarted or was cut off jumps to where most of its neighbours are (averaging
   pulls its model back), while a single lying neighbour cannot make it skip rounds.
@@ -26,6 +30,8 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import numpy as np
+
+from p2pfl.core.liveness import Liveness
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class RoundTracker:
         max_buffered_rounds: int,
         start_round: int = 0,
         down_grace: float = float("inf"),
+        liveness: Liveness | None = None,
+        min_models: int = 0,
     ) -> None:
         self.total_rounds = total_rounds
         self.neighbours_of = neighbours_of
@@ -79,6 +87,10 @@ class RoundTracker:
         self.down_since: dict[str, float] = {}
         #: Neighbours left out of the current round (secure aggregation: no keys from them).
         self.excluded: frozenset[str] = frozenset()
+        #: Who is silent for too long (None: only connections decide).
+        self.liveness = liveness
+        #: Below this many models in, suspected neighbours are still waited for.
+        self.min_models = min_models
 
     # --- what neighbours tell us ---------------------------------------------------------
 
@@ -198,16 +210,29 @@ class RoundTracker:
         got = self._received.get(self.current, {})
         return frozenset(p for p in self.neighbours_of(self.current) if p not in got)
 
+    def silent(self, peer: str, now: float) -> bool:
+        """Connected, but suspected by the failure detector. (A closed connection is
+        ``down_since``'s business: it is given ``down_grace`` to come back.)"""
+        return (
+            self.liveness is not None
+            and peer not in self.down_since
+            and self.liveness.suspected(peer, now)
+        )
+
     def waiting_for(self, now: float) -> frozenset[str]:
         """Missing neighbours that may still send this round's parameters: not those that
-        announced a later round, nor those disconnected for ``down_grace`` or longer."""
-        return frozenset(
+        announced a later round, nor those disconnected for ``down_grace`` or longer, nor
+        (once ``min_models`` models are in) silent ones."""
+        candidates = frozenset(
             p
             for p in self.missing()
             if self.peer_rounds.get(p, 0) <= self.current
             and not self.gone(p, now)
             and p not in self.excluded
         )
+        if len(self._received.get(self.current, {})) < self.min_models:
+            return candidates
+        return frozenset(p for p in candidates if not self.silent(p, now))
 
     def collection_done(self, now: float) -> bool:
         if not self.waiting_for(now):
@@ -216,12 +241,14 @@ class RoundTracker:
 
     def next_wakeup(self, now: float) -> float | None:
         """When collection_done may turn true without any news: the deadline, or earlier
-        when a waited-for neighbour's grace runs out."""
-        times = [
-            self.down_since[p] + self.down_grace
-            for p in self.waiting_for(now)
-            if p in self.down_since
-        ]
+        when a waited-for neighbour's grace runs out or it would be suspected."""
+        waiting = self.waiting_for(now)
+        times = [self.down_since[p] + self.down_grace for p in waiting if p in self.down_since]
+        if self.liveness is not None:
+            for p in waiting:
+                at = self.liveness.suspect_at(p)
+                if p not in self.down_since and at is not None and at > now:
+                    times.append(at)
         if self.deadline is not None:
             times.append(self.deadline)
         return min(times) if times else None

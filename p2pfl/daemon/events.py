@@ -46,6 +46,8 @@ EVENT_TYPES = frozenset(
         "round_end",
         "resume",
         "suspect",
+        "suspect_link",
+        "unsuspect_link",
         "recovery",
     }
 )

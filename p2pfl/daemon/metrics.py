@@ -83,6 +83,18 @@ class NodeMetrics:
         self.suspects = Counter(
             "p2pfl_suspect_events", "Suspect events, per neighbour", ["peer"], registry=r
         )
+        self.silences = Counter(
+            "p2pfl_link_suspicions",
+            "Neighbours suspected by the failure detector (connected but silent), per neighbour",
+            ["peer"],
+            registry=r,
+        )
+        self.silent_phi = Gauge(
+            "p2pfl_link_suspicion_phi",
+            "The failure detector's level when it last suspected the neighbour",
+            ["peer"],
+            registry=r,
+        )
         self.neighbours = Gauge(
             "p2pfl_connected_neighbours", "Neighbours with an open connection", registry=r
         )
@@ -121,6 +133,10 @@ class NodeMetrics:
                 self.handshake_failures.inc()
             elif kind == "suspect":
                 self.suspects.labels(peer=self._peer(event.get("peer"))).inc()
+            elif kind == "suspect_link":
+                peer = self._peer(event.get("peer"))
+                self.silences.labels(peer=peer).inc()
+                self._set(self.silent_phi.labels(peer=peer), event.get("phi"))
             elif kind == "eval":
                 self._set(self.accuracy, event.get("accuracy"))
                 self._set(self.r2, event.get("r2"))

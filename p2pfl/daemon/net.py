@@ -113,6 +113,8 @@ class PeerLink:
         self.stream_lamport = 0
         self.last_heard = time.monotonic()
         self.created = self.last_heard
+        #: When a record last went out on this link (``keep_alive`` fills the silences).
+        self.last_sent = self.last_heard
         self.bytes_sent = 0
         self.bytes_received = 0
         #: The round whose parameters were sent on this link (each link gets them once).
@@ -132,6 +134,7 @@ class PeerLink:
     async def _send_record(self, plaintext: bytes | bytearray) -> None:
         record = self.channel.seal(plaintext)
         self.bytes_sent += len(record)
+        self.last_sent = time.monotonic()
         try:
             async with asyncio.timeout(self.send_timeout):
                 await self.ws.send(record)
@@ -768,6 +771,17 @@ class Network:
             if now - link.last_heard > timeout:
                 self.events.emit("reject", peer=link.peer_id, reason="heartbeat timeout")
                 self.spawn(link.close(CLOSE_GOING_AWAY, "heartbeat timeout"))
+
+    def keep_alive(self, round_index: int, now: float, idle: float) -> None:
+        """A STATUS on every link that has sent nothing for ``idle`` seconds: a live node's
+        silences stay short, whatever its rounds take (the neighbours' failure detectors
+        read them)."""
+        stale = [link for link in self.links.values() if now - link.last_sent >= idle]
+        if stale:
+            lamport = self.events.clock.tick()
+            for link in stale:
+                link.last_sent = now  # (one STATUS in flight per link is enough)
+                self.spawn(_quiet(link.send_status(lamport, round_index)))
 
     def broadcast_status(
         self, round_index: int, peers: Callable[[str], bool] | None = None

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from p2pfl.config import Config
 from p2pfl.core.aggregate import aggregate, parse_rule
 from p2pfl.core.clock import LamportClock
+from p2pfl.core.liveness import DetectorSettings, Liveness
 from p2pfl.core.moments import digest
 from p2pfl.core.phases import Phase, advance
 from p2pfl.core.rounds import RoundTracker
@@ -116,11 +117,18 @@ class Node:
         #: What the node is doing now (``p2pfl status``).
         self.phase = Phase.STARTING
         self._graphs: dict[int, dict[str, frozenset[str]]] = {}
+        net = config.net
+        #: Every neighbour's arrivals: the failure detector (core/liveness.py).
+        self.liveness = Liveness(
+            DetectorSettings(net.suspect_phi, net.suspect_pause, expected_gap=net.keepalive)
+        )
         self.tracker = RoundTracker(
             total_rounds=config.training.rounds,
             neighbours_of=self.neighbours_of,
             max_buffered_rounds=config.limits.max_buffered_rounds,
-            down_grace=config.net.down_grace,
+            down_grace=net.down_grace,
+            liveness=self.liveness,
+            min_models=config.training.min_neighbours,
         )
         self._build_parts(private_key)
         #: ``standardize: federated``: the flooding of the feature totals (None: not used,
@@ -358,6 +366,7 @@ class Node:
         self.outbox.offer(link)
 
     def link_up(self, link: PeerLink) -> None:
+        self._heard(link.peer_id)
         self.tracker.mark_up(link.peer_id)
         if self.exchange is not None:
             self.exchange.links_changed()
@@ -372,7 +381,36 @@ class Node:
             self.exchange.links_changed()
         self.notify()
 
+    def _heard(self, peer: str) -> None:
+        """Anything from ``peer`` feeds its failure detector; a suspicion ends here."""
+        silence = self.liveness.heard(peer, asyncio.get_running_loop().time())
+        if silence is not None:
+            self.events.emit("unsuspect_link", peer=peer, silent_s=round(silence, 3))
+            log.info("%s: %s is heard again after %.2f s", self.id, peer, silence)
+
+    def _note_silences(self) -> None:
+        """Log the neighbours this round stops waiting for because they went silent."""
+        now = asyncio.get_running_loop().time()
+        connected = self.tracker.missing() & self.net.links.keys()
+        for peer, phi in self.liveness.newly_suspected(frozenset(connected), now):
+            history = self.liveness.histories[peer]
+            silent = now - history.last
+            self.events.emit(
+                "suspect_link",
+                self.tracker.current,
+                peer=peer,
+                phi=round(phi, 2),
+                silent_s=round(silent, 3),
+            )
+            log.warning("%s: %s silent %.2f s (phi %.1f): suspected", self.id, peer, silent, phi)
+
+    def _collected(self, done: Callable[[], bool]) -> bool:
+        """Whether collection is over (``done``), after logging new silences."""
+        self._note_silences()
+        return done()
+
     def message(self, link: PeerLink, msg: Message) -> None:
+        self._heard(link.peer_id)
         if isinstance(msg, Standardized):
             if self.agreement is None:
                 raise MessageError("STANDARDIZED in a network without standardize: federated")
@@ -603,13 +641,13 @@ class Node:
         # runs out (then it is not waited for).
         if exchange is None:
             await self.wait_until(
-                lambda: self.tracker.collection_done(loop.time()),
+                lambda: self._collected(lambda: self.tracker.collection_done(loop.time())),
                 lambda: self.tracker.next_wakeup(loop.time()),
             )
         else:
             exchange.start_collecting(loop.time())
             await self.wait_until(
-                lambda: exchange.collection_done(r, loop.time()),
+                lambda: self._collected(lambda: exchange.collection_done(r, loop.time())),
                 lambda: exchange.next_wakeup(r, loop.time()),
             )
         await self._wait_for_fresh_links(neighbours)
@@ -737,11 +775,21 @@ class Node:
         )
 
     async def _heartbeat(self) -> None:
-        interval = self.config.net.heartbeat_interval
+        """Keep every link from staying silent longer than ``net.keepalive`` (a timer
+        beside the rounds, never on their path); every ``heartbeat_interval`` tell every
+        link our round and close those silent past ``heartbeat_timeout``."""
+        net = self.config.net
+        tick = min(net.keepalive, net.heartbeat_interval) / 2
+        last_full = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
-            self.net.broadcast_status(self.tracker.current)
-            self.net.check_heartbeats(time.monotonic(), self.config.net.heartbeat_timeout)
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - last_full >= net.heartbeat_interval:
+                last_full = now
+                self.net.broadcast_status(self.tracker.current)
+                self.net.check_heartbeats(now, net.heartbeat_timeout)
+            else:
+                self.net.keep_alive(self.tracker.current, now, tick)
 
     async def _rounds(self, start_round: int, resumed: bool) -> None:
         started = await self._startup(start_round, resumed)

@@ -300,12 +300,19 @@ class FaultRecord:
     #: peer's round then).
     healed_s: float | None = None
     healed_round: int | None = None
+    #: The wall-clock time of the heal (time.time(), as the events' ``ts``).
+    healed_wall_time: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
             "fault": self.fault,
             "peer": self.peer,
             "at_s": round(self.at_s, 3),
+            # (wall-clock times, to match with the events' ts)
+            "at_unix": round(self.wall_time, 3),
+            "healed_unix": None
+            if self.healed_wall_time is None
+            else round(self.healed_wall_time, 3),
             "round": self.round,
             "rejoined_round": self.rejoined_round,
             "rejoin_s": None if self.rejoin_s is None else round(self.rejoin_s, 3),
@@ -535,6 +542,7 @@ class Monitor:
             record = self.net_records.pop(fault)
             record.healed_s = now - self.started
             record.healed_round = furthest
+            record.healed_wall_time = time.time()
 
     def resume_others(self) -> None:
         """Let the peers paused for a --restart run on (also on the way out: none may stay

@@ -42,6 +42,9 @@ class PeerSummary:
     suspects: list[str] = field(default_factory=list)
     #: Rounds aggregated with no neighbour's model (only the node's own).
     alone: int = 0
+    #: Times a connected neighbour went silent past the failure detector's threshold
+    #: (``suspect_link``).
+    silences: int = 0
 
 
 def _number(value: Any) -> float | None:
@@ -157,6 +160,7 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
         last_r2=t.r2,
         suspects=sorted(t.suspects),
         alone=t.alone,
+        silences=t.counts["suspect_link"],
     )
 
 
@@ -234,6 +238,11 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
         rows[0].append("suspects")
         for row, s in zip(rows[1:], summaries, strict=True):
             row.append(",".join(s.suspects) or "-")
+    if any(s.silences for s in summaries):  # links that went silent (a cut, a partition)
+        columns.append(("silences", ">"))
+        rows[0].append("silences")
+        for row, s in zip(rows[1:], summaries, strict=True):
+            row.append(str(s.silences))
     if any(s.dp_epsilon is not None for s in summaries):  # a DP network: its budget so far
         columns.append(("epsilon", ">"))
         rows[0].append("epsilon")
@@ -252,6 +261,11 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
         lines.append(f"epsilon: differential privacy spent so far, at delta {min(deltas):g}")
     if any(s.alone for s in summaries):
         lines.append("alone: rounds averaged with no neighbour's model")
+    if any(s.silences for s in summaries):
+        lines.append(
+            "silences: neighbours suspected by the failure detector (connected, but silent "
+            "for longer than their history makes plausible: suspect_link events)"
+        )
     if any(s.stop_reason == "alone" for s in summaries):
         lines.append(
             "finished 'alone': stopped with exit code 3, too few neighbours "
