@@ -83,6 +83,7 @@ class Recorder:
         self.up: list[PeerLink] = []
         self.down: list[PeerLink] = []
         self.received: list[tuple[PeerLink, Message]] = []
+        self.heard_from: list[str] = []
 
     def current_round(self) -> int:
         return 0
@@ -92,6 +93,9 @@ class Recorder:
 
     def link_down(self, link: PeerLink, reason: str) -> None:
         self.down.append(link)
+
+    def heard(self, peer_id: str) -> None:
+        self.heard_from.append(peer_id)
 
     def message(self, link: PeerLink, msg: Message) -> None:
         self.received.append((link, msg))
@@ -361,6 +365,7 @@ async def test_crossing_dials_keep_the_same_link_at_both_ends(make_network: Make
         await at_bob.send_status(101, 8)
         await wait_until(lambda: 7 in handlers["bob"].statuses(at_bob))
         await wait_until(lambda: 8 in handlers["alice"].statuses(canonical))
+        assert "alice" in handlers["bob"].heard_from  # every read feeds the detector
         # Only the crossing link went down, and only where it had come up.
         assert handlers["alice"].down == [at_alice]
         assert handlers["bob"].down == []

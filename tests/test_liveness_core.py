@@ -152,3 +152,26 @@ def test_without_a_detector_nothing_changes() -> None:
     t.start_round(0)
     t.start_collecting(0.0, 30.0)
     assert t.waiting_for(29.0) == {"bob"} and t.next_wakeup(1.0) == 30.0
+
+
+def test_an_outage_does_not_make_the_next_one_slow_to_notice() -> None:
+    """A silence past the threshold (a cut that healed) joins the history only up to the
+    threshold, and one spanning a reconnection not at all: after a 30 s cut the next
+    silence is suspected as fast as before."""
+    live = Liveness(SETTINGS)
+    t = 0.0
+    live.heard("p", t)
+    for _ in range(300):
+        t += 0.05
+        live.heard("p", t)
+    before = live.suspect_at("p")
+    assert before is not None
+    before -= t
+    for reconnected in (False, True):
+        t += 30.0
+        live.heard("p", t, reconnected=reconnected)
+        for _ in range(20):
+            t += 0.05
+            live.heard("p", t)
+        after = live.suspect_at("p")
+        assert after is not None and after - t < before + 0.05

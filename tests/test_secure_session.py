@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from p2pfl.core.clock import LamportClock
+from p2pfl.core.liveness import DetectorSettings, Liveness
 from p2pfl.core.rounds import RoundTracker
 from p2pfl.proto.wire import Confirm, Keys, Present, Reveal, Shares, Unmask
 from p2pfl.secure.arithmetic import FixedPoint, sum_contributions, unmask_sum
@@ -47,6 +48,7 @@ class Cluster:
                 neighbours_of=lambda r, p=p: GRAPH[p],
                 max_buffered_rounds=settings.max_buffered_rounds,
                 down_grace=GRACE,
+                liveness=Liveness(DetectorSettings()),
             )
             for p in PEERS
         }
@@ -301,20 +303,34 @@ def test_shares_go_out_without_a_member_half_a_round_timeout_into_collection() -
     assert sorted(shares) == [("bob", 0), ("carol", 0)]
 
 
-@pytest.mark.parametrize("why", ["gone", "later round"])
+@pytest.mark.parametrize("why", ["gone", "later round", "silent"])
 def test_shares_go_out_after_training_once_the_missing_will_not_send(why: str) -> None:
+    """dave sent no keys and will not: his link closed for down_grace (gone), he is past
+    the round, or his link went silent past the failure detector's threshold."""
     cluster = Cluster()
     _without_dave_keys(cluster)
     alice, tracker = cluster.sessions["alice"], cluster.trackers["alice"]
     alice.start_collecting(0.0)
+    when = GRACE
     if why == "gone":
         tracker.mark_down("dave", 0.0)
+    elif why == "silent":
+        assert tracker.liveness is not None
+        tracker.liveness.heard("dave", 0.0)
+        alice.trained(0)
+        suspect_at = tracker.gives_up_at("dave")
+        assert suspect_at is not None and 0.0 < suspect_at < SETTINGS.round_timeout / 2
+        assert alice.next_wakeup(0, 0.0) == suspect_at
+        alice.collection_done(0, suspect_at - 0.01)
+        assert alice.owners[0].keyed is None  # still waited for
+        when = suspect_at
     else:
         tracker.note_peer_round("dave", 1)
-    alice.collection_done(0, GRACE)
-    assert alice.owners[0].keyed is None  # not before our own training is done
-    alice.trained(0)
-    alice.collection_done(0, GRACE)
+    if why != "silent":
+        alice.collection_done(0, when)
+        assert alice.owners[0].keyed is None  # not before our own training is done
+        alice.trained(0)
+    alice.collection_done(0, when)
     assert alice.owners[0].keyed == {"bob", "carol"}
 
 
@@ -412,7 +428,7 @@ def test_a_failed_mask_is_not_waited_for() -> None:
 # --- rule 5: collection ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("why", ["gone", "later round"])
+@pytest.mark.parametrize("why", ["gone", "later round", "silent"])
 def test_collection_waits_for_our_own_vectors_while_their_owners_may_take_them(why: str) -> None:
     cluster = Cluster()
     cluster.start(0)
@@ -426,12 +442,18 @@ def test_collection_waits_for_our_own_vectors_while_their_owners_may_take_them(w
     for owner in GRAPH["bob"]:
         if why == "gone":
             tracker.mark_down(owner, 0.0)
+        elif why == "silent":  # connected, heard at 0, then nothing
+            assert tracker.liveness is not None
+            tracker.liveness.heard(owner, 0.0)
         else:
             tracker.note_peer_round(owner, 1)
-    if why == "gone":
-        assert bob.next_wakeup(0, 0.0) == GRACE
-        assert not bob.collection_done(0, GRACE - 0.01)
-    assert bob.collection_done(0, GRACE)
+    ends = [t for o in GRAPH["bob"] if (t := tracker.gives_up_at(o)) is not None]
+    done_at = max(ends) if why == "silent" else GRACE
+    assert done_at < SETTINGS.round_timeout
+    if why != "later round":
+        assert bob.next_wakeup(0, 0.0) == min(ends)
+        assert not bob.collection_done(0, done_at - 0.01)
+    assert bob.collection_done(0, done_at)
 
 
 def test_a_whole_round_unmasks_the_exact_group_average() -> None:
@@ -587,3 +609,38 @@ def test_answers_after_the_unmasking_ended_are_late_not_rejected() -> None:
     assert "CONFIRM after the unmasking of round 0 ended" in events[-1].fields["reason"]
     alice.receive("dave", Reveal(1, 5, {}), 2.0)
     assert last_reject_of(alice) == "REVEAL refused: unrequested reveal for round 5"
+
+
+def test_silent_members_are_given_up_only_while_the_group_can_be_unmasked() -> None:
+    """Each round raises the tracker's floor to the group's threshold; an owner with keys
+    from fewer members than that keeps waiting for silent members (a short delay on one
+    link must not fail the whole group), and gives them up once enough keys are in."""
+    cluster = Cluster()
+    cluster.start(0)
+    alice, tracker = cluster.sessions["alice"], cluster.trackers["alice"]
+    assert tracker.min_models == 2  # the threshold of alice's group of 3
+
+    # Only bob's round-0 KEYS reach alice; carol's are held up, dave's lost.
+    def keys_to_alice(sender: str) -> list[tuple[str, str, SecureMessage]]:
+        return [
+            w
+            for w in cluster.wire
+            if isinstance(w[2], Keys) and w[1] == "alice" and w[0] == sender and w[2].round == 0
+        ]
+
+    held = keys_to_alice("carol")
+    cluster.wire = keys_to_alice("bob")
+    cluster.deliver()
+    assert tracker.liveness is not None
+    for peer in ("carol", "dave"):
+        tracker.liveness.heard(peer, 0.0)
+    alice.start_collecting(0.0)
+    alice.trained(0)
+    late = max(t for p in ("carol", "dave") if (t := tracker.gives_up_at(p)) is not None) + 1
+    alice.collection_done(0, late)
+    assert alice.owners[0].keyed is None  # 1 of 3 keys: still waiting for them
+    # carol's keys arrive (two of three: enough); dave, silent, is given up.
+    cluster.wire = held
+    cluster.deliver(late)
+    alice.collection_done(0, late)
+    assert alice.owners[0].keyed == {"bob", "carol"}

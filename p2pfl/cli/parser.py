@@ -170,9 +170,10 @@ def _add_harness_hosts(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="GROUP|GROUP@WHEN",
-        help="with --hosts: a network partition, e.g. p00,p01|p02,p03@5-10 or half@5-10 "
-        "(rounds; or seconds: @2s-6s): the groups' links to each other drop every packet, "
-        "then heal (repeatable)",
+        help="with --hosts: a network partition, e.g. p00,p01|p02,p03@5-10 or half@5-10: "
+        "the groups' links to each other drop every packet from when the furthest peer "
+        "starts round 5 until every peer has reached round 10 (or seconds: @2s-6s; "
+        "repeatable)",
     )
     p.add_argument(
         "--cut",
@@ -180,7 +181,8 @@ def _add_harness_hosts(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PEER@WHEN",
         help="with --hosts: PEER's host drops every packet from when it starts round FIRST "
-        "until the others reach LAST (e.g. p03@5-8, or seconds: p03@2s-4s; repeatable)",
+        "until all the others have reached LAST (e.g. p03@5-8, or seconds: p03@2s-4s; "
+        "repeatable)",
     )
 
 

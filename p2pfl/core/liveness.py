@@ -75,10 +75,11 @@ class ArrivalHistory:
         self._sum += gap
         self._squares += gap * gap
 
-    def heard(self, now: float) -> None:
+    def heard(self, now: float, cap: float | None = None) -> None:
+        """An arrival; the gap since the last one joins the history (at most ``cap``)."""
         gap = now - self.last
         if gap >= BURST_GAP:
-            self._add(gap)
+            self._add(gap if cap is None else min(gap, cap))
         self.last = max(self.last, now)
 
     @property
@@ -115,17 +116,27 @@ class Liveness:
         #: Suspicions reported (``newly_suspected``) and not yet cleared by an arrival.
         self.reported: dict[str, float] = {}
 
-    def heard(self, peer: str, now: float) -> float | None:
-        """Something arrived from ``peer``. Returns how long it had been silent if it was
-        reported suspected (the suspicion ends here), else None."""
+    def heard(self, peer: str, now: float, *, reconnected: bool = False) -> float | None:
+        """Something arrived from ``peer`` (``reconnected``: a new connection came up).
+        Returns how long it had been silent if it was reported suspected (the suspicion
+        ends here), else None.
+
+        An outage is not a sample of the link's normal gaps: a silence past the threshold
+        joins the history only up to the threshold (so a link that really stalls that
+        long now and then is learned, gradually, while a 30 s cut does not make the next
+        one take 12 s to notice), and one that spans a reconnection not at all.
+        """
         history = self.histories.get(peer)
+        was_reported = self.reported.pop(peer, None) is not None
         if history is None:
             self.histories[peer] = ArrivalHistory(self.settings, now)
-            silence = None
+            return None
+        silence = now - history.last
+        if reconnected:
+            history.last = max(history.last, now)
         else:
-            silence = now - history.last
-            history.heard(now)
-        return silence if self.reported.pop(peer, None) is not None else None
+            history.heard(now, cap=history.suspect_at() - history.last)
+        return silence if was_reported else None
 
     def suspected(self, peer: str, now: float) -> bool:
         """Silent past the threshold. A peer never heard from is not suspected (whether it

@@ -219,6 +219,18 @@ class RoundTracker:
             and self.liveness.suspected(peer, now)
         )
 
+    def unavailable(self, peer: str, now: float) -> bool:
+        """Gone (no connection for ``down_grace``) or silent (connected, but suspected):
+        nothing more is expected from it until it is heard again."""
+        return self.gone(peer, now) or self.silent(peer, now)
+
+    def gives_up_at(self, peer: str) -> float | None:
+        """When ``peer`` will count as unavailable if nothing is heard: the end of its
+        grace if it is disconnected, else when the detector would suspect it."""
+        if peer in self.down_since:
+            return self.grace_ends(peer)
+        return None if self.liveness is None else self.liveness.suspect_at(peer)
+
     def waiting_for(self, now: float) -> frozenset[str]:
         """Missing neighbours that may still send this round's parameters: not those that
         announced a later round, nor those disconnected for ``down_grace`` or longer, nor

@@ -82,6 +82,11 @@ class LinkHandler(Protocol):
 
     def link_down(self, link: PeerLink, reason: str) -> None: ...
 
+    def heard(self, peer_id: str) -> None:
+        """Bytes arrived from ``peer_id`` (on any of its links): the failure detector's
+        input. Called per socket read, not per message: a 256 KiB chunk crawling over a
+        thin link still shows a live peer."""
+
     def message(self, link: PeerLink, msg: Message) -> None:
         """Handle one authenticated message; raise RemoteProtocolError to drop the link."""
 
@@ -236,9 +241,13 @@ class GuardedConnection(Connection):
     #: Bytes received during the HTTP upgrade, and data frames before authentication.
     upgrade_bytes = 0
     early_frames = 0
+    #: Once the connection is a link: told of every read (``LinkHandler.heard``).
+    on_bytes: Callable[[], None] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.authenticated:
+            if self.on_bytes is not None:
+                self.on_bytes()
             super().data_received(data)
             return
         if self.protocol.state is State.CONNECTING:
@@ -541,6 +550,9 @@ class Network:
 
     def _link(self, peer_id: str, ws: Connection, channel: Channel, *, initiator: bool) -> PeerLink:
         """An authenticated connection as a link (either side of the handshake)."""
+        if isinstance(ws, GuardedConnection):
+            handler = self.handler
+            ws.on_bytes = lambda: handler.heard(peer_id)
         return PeerLink(
             peer_id,
             ws,

@@ -341,6 +341,11 @@ class Node:
             if done():
                 return True
             if deadline_now is not None and loop.time() >= deadline_now:
+                # Passed between deadline() and done()? Then it was a wake-up (a grace or
+                # a suspicion that just came), not the end: ask again.
+                again = deadline()
+                if again is None or loop.time() < again:
+                    continue
                 return False
             self._changed.clear()
             # asyncio.timeout_at, not wait_for: before Python 3.12 wait_for can swallow a
@@ -366,7 +371,7 @@ class Node:
         self.outbox.offer(link)
 
     def link_up(self, link: PeerLink) -> None:
-        self._heard(link.peer_id)
+        self._heard(link.peer_id, reconnected=True)
         self.tracker.mark_up(link.peer_id)
         if self.exchange is not None:
             self.exchange.links_changed()
@@ -381,9 +386,13 @@ class Node:
             self.exchange.links_changed()
         self.notify()
 
-    def _heard(self, peer: str) -> None:
+    def heard(self, peer_id: str) -> None:
+        self._heard(peer_id)
+
+    def _heard(self, peer: str, *, reconnected: bool = False) -> None:
         """Anything from ``peer`` feeds its failure detector; a suspicion ends here."""
-        silence = self.liveness.heard(peer, asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        silence = self.liveness.heard(peer, now, reconnected=reconnected)
         if silence is not None:
             self.events.emit("unsuspect_link", peer=peer, silent_s=round(silence, 3))
             log.info("%s: %s is heard again after %.2f s", self.id, peer, silence)
@@ -410,7 +419,6 @@ class Node:
         return done()
 
     def message(self, link: PeerLink, msg: Message) -> None:
-        self._heard(link.peer_id)
         if isinstance(msg, Standardized):
             if self.agreement is None:
                 raise MessageError("STANDARDIZED in a network without standardize: federated")

@@ -4,11 +4,12 @@ Pure scheduling and rules, no namespaces: the runner tells the plan where the pe
 and how long the run has gone, and applies the iptables rules the plan asks for
 (``HostNetwork.set_faults``). Unlike a kill, nothing tells the peers: packets just stop.
 
-- ``split A,B|C,D@R1-R2``: from round R1 until round R2 (the furthest peer's round) the
-  groups cannot reach each other; peers in no group still reach everyone. ``half`` names
-  the first half of the peers against the second.
-- ``cut P@R1-R2``: P's host drops every packet from the moment P starts round R1 until the
-  others reach round R2.
+- ``split A,B|C,D@R1-R2``: from when the furthest peer starts round R1 until every running
+  peer has started round R2, the groups cannot reach each other (so each side trains
+  apart for at least R2 - R1 rounds); peers in no group still reach everyone. ``half``
+  names the first half of the peers against the second.
+- ``cut P@R1-R2``: P's host drops every packet from the moment P starts round R1 until
+  every other running peer has started round R2.
 - WHEN may be seconds since the start instead: ``@5s-12s``.
 """
 
@@ -118,13 +119,17 @@ class NetFaultPlan:
         self.healed: list[NetFault] = []
 
     def step(
-        self, peer_rounds: Mapping[str, int], elapsed: float
+        self, peer_rounds: Mapping[str, int], elapsed: float, running: Iterable[str] | None = None
     ) -> tuple[list[NetFault], list[NetFault]]:
+        """``peer_rounds``: the round each peer started last; ``running``: the peers whose
+        process runs (None: all in ``peer_rounds``)."""
+        alive = set(peer_rounds if running is None else running)
         began = [f for f in self.pending if _reached(f, f.start, peer_rounds, elapsed, True)]
         for fault in began:
             self.pending.remove(fault)
             self.active.append(fault)
-        healed = [f for f in self.active if _reached(f, f.end, peer_rounds, elapsed, False)]
+        live = {p: r for p, r in peer_rounds.items() if p in alive}
+        healed = [f for f in self.active if _reached(f, f.end, live, elapsed, False)]
         for fault in healed:
             self.active.remove(fault)
             self.healed.append(fault)
@@ -156,4 +161,7 @@ def _reached(
         rounds = [r for p, r in peer_rounds.items() if p != peer]
     else:
         rounds = list(peer_rounds.values())
-    return bool(rounds) and max(rounds) >= at
+    if not rounds:
+        return False
+    # Begin with the network's front; heal once every (other) running peer got there.
+    return (max(rounds) if begin else min(rounds)) >= at

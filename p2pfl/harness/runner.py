@@ -523,7 +523,8 @@ class Monitor:
         if self.hosts is None:
             return
         rounds = self.progress.started_rounds()
-        began, healed = self.net_plan.step(rounds, now - self.started)
+        running = [p.peer for p in self.running()]
+        began, healed = self.net_plan.step(rounds, now - self.started, running)
         if not began and not healed:
             return
         self.hosts.set_faults(self.net_plan.rules(self.hosts.addresses))

@@ -27,14 +27,15 @@ The rules (each has a unit test in ``tests/test_secure_session.py``):
    one buffering window of ``core.rounds``); a new link gets them again.
 3. *Owning.* An owner's state for round r exists only within the buffering window; KEYS
    outside it are refused. SHARES go out when every member's KEYS are in, or once our
-   training is done and the missing members are gone or past the round, or half the round
-   timeout after collection started. Members left out are not waited for. The same KEYS
+   training is done and the missing members are unavailable (gone, or silent: suspected
+   by the failure detector) or past the round, or half the round timeout after
+   collection started. Members left out are not waited for. The same KEYS
    again (a reconnect) get the same SHARES again; KEYS too late get an empty SHARES.
 4. *Masks.* An accepted SHARES starts the mask at once (the next round's as low-priority
    work); once trained, every ready mask gets the parameters in one pass, later ones as
    they come; a contribution whose round ended meanwhile is dropped.
 5. *Collection* ends when the round core says so and no vector of ours is still due to an
-   owner that is there and not past the round.
+   owner that is available (neither gone nor silent) and not past the round.
 6. *Unmasking.* PRESENT to the present members, UNMASK (with the tags) to those who
    confirmed; each step waits for the members asked on the link they are still on, at
    most ``recovery_timeout``, and once the threshold answered, as long again at most.
@@ -55,7 +56,7 @@ from p2pfl.core.topology import metropolis_weights
 from p2pfl.errors import SecureAggregationError
 from p2pfl.proto.guard import Throttle
 from p2pfl.proto.wire import Confirm, Keys, Present, Reveal, Shares, Unmask
-from p2pfl.secure.group import MemberRound, OwnerRound, Randomness
+from p2pfl.secure.group import MemberRound, OwnerRound, Randomness, threshold
 
 if TYPE_CHECKING:
     from p2pfl.config import Config
@@ -164,6 +165,9 @@ class SecureSession:
         self.me = me
         self.settings = settings
         self.tracker = tracker
+        #: ``training.min_neighbours``: each round raises the tracker's floor to the
+        #: group's threshold too (fewer vectors could not be unmasked anyway).
+        self._min_models = tracker.min_models
         self.graph = graph
         self.clock = clock
         self._pair_secret = pair_secret
@@ -266,6 +270,9 @@ class SecureSession:
                 self._unjournalled.add(j)
                 break
             self._join(j)
+        # Silent members are given up only once the group can still be unmasked.
+        group = len(self.graph(r)[self.me])
+        self.tracker.min_models = max(self._min_models, threshold(group, self.settings.threshold))
         if self.sits_out(r) or r not in self._joined:
             # Before a restart we already sent keys (and maybe vectors) for this round: new
             # secrets would put a second vector under other masks, or contradict the first.
@@ -342,15 +349,16 @@ class SecureSession:
         but for the round's deadline: the wait would end there)."""
         tracker = self.tracker
         times = [tracker.next_wakeup(now)]
-        times += [tracker.grace_ends(owner) for owner in self._pending(r, now)]
+        times += [tracker.gives_up_at(owner) for owner in self._pending(r, now)]
         state = self.owners.get(r)
         if state is not None and state.keyed is None:  # a member without keys may go
             if self._keys_deadline is not None and self._keys_deadline > now:
                 times.append(self._keys_deadline)
             times += [
-                tracker.grace_ends(m)
+                tracker.gives_up_at(m)
                 for m in state.members
-                if m not in state.publics and not tracker.gone(m, now)
+                if m not in state.publics and not tracker.unavailable(m, now)
+                # (silent members given up once enough keys are in: _keys_wait_over)
             ]
         known = [t for t in times if t is not None]
         return min(known) if known else None
@@ -364,7 +372,7 @@ class SecureSession:
             if round_index == r
             and not member.contributed
             and member.failure is None
-            and not tracker.gone(owner, now)
+            and not tracker.unavailable(owner, now)
             and tracker.peer_rounds.get(owner, r) <= r
         ]
 
@@ -478,8 +486,14 @@ class SecureSession:
         tracker = self.tracker
         if self._keys_deadline is not None and now >= self._keys_deadline:
             return True
+        # Silent members are given up only once enough others sent keys for the group to
+        # be unmasked: otherwise a short delay on one link would fail the whole group, and
+        # a node cut off from everyone waits for its links (as plain rounds do).
+        enough = len(state.publics) >= max(self._min_models, state.threshold)
         return self._trained is not None and all(
-            tracker.gone(m, now) or tracker.peer_rounds.get(m, state.round) > state.round
+            tracker.gone(m, now)
+            or (enough and tracker.silent(m, now))
+            or tracker.peer_rounds.get(m, state.round) > state.round
             for m in state.members
             if m not in state.publics
         )
