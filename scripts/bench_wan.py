@@ -9,7 +9,9 @@ both ends' delay: a round trip is 4 x DELAY), models of about 100k, 1M and 10M p
 - floor: the bytes each host put on the wire per round (parameter streams with their
   headers and AEAD tags, measured in the same run) / RATE, plus one round trip;
 - ratio = round / floor; CPU: the median CPU time of a peer's process per round (all
-  threads), and the mean train time.
+  threads), and the mean train time (wall clock);
+- ratio to train + floor: a model can only go out once trained, so a round is at least
+  its training plus the transfer; this ratio is what the network path adds beyond that.
 
 Target (issue 28): within 1.25x of the floor at 100 mbit for 1M and 10M parameters.
 Eight peers share this machine's two cores, so where a round's CPU (times 8, over 2
@@ -65,12 +67,14 @@ def one(rate_mbit: int, delay_ms: int, size: str, rounds: int, keep: Path | None
     per_round = wire_bytes_per_round(run)
     floor = per_round * 8 / (rate_mbit * 1e6) + 4 * delay_ms / 1000
     round_s = run.median_round_s()
-    train = [float(e["duration_s"]) for e in run.of("train") if int(e["round"]) >= 1]
+    train = statistics.fmean(
+        float(e["duration_s"]) for e in run.of("train") if int(e["round"]) >= 1
+    )
     print(
         f"{rate_mbit:>5} mbit {delay_ms:>3} ms {size:>5} | sent/host/round "
         f"{per_round / 1e6:8.2f} MB | round {round_s:8.3f} s | floor {floor:8.3f} s | "
         f"ratio {round_s / floor:5.2f} | cpu/round {run.cpu_per_round_s():6.3f} s | "
-        f"train {statistics.fmean(train):6.3f} s",
+        f"train {train:6.3f} s | ratio to train + floor {round_s / (train + floor):5.2f}",
         flush=True,
     )
 

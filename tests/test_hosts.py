@@ -379,9 +379,9 @@ def test_a_silent_partition_into_halves_heals_and_converges(tmp_path: Path) -> N
     cut, healed = fault["at_unix"], fault["healed_unix"]
     for peer in ("p00", "p07"):  # one in each half
         assert _rounds_between(events, peer, cut, healed) >= 3, f"{peer} stalled"
-    assert healed - cut < 5.0  # 5 rounds of ~50 ms plus one detection, not 15 s
     assert any(e["type"] == "suspect_link" for e in events)
-    assert all(p["rounds_done"] == 20 for p in split["peers_detail"])  # type: ignore[union-attr,index]
+    # (a peer may skip rounds after the heal: it jumps to its neighbours' round)
+    assert all(p["finished"] for p in split["peers_detail"])  # type: ignore[union-attr,index]
     whole_distance = reference["consensus_distance"][-1]  # type: ignore[index]
     split_distance = split["consensus_distance"][-1]  # type: ignore[index]
     assert split_distance <= 2 * whole_distance + 1e-3
@@ -443,10 +443,22 @@ def test_secure_aggregation_recovers_a_cut_host_over_the_network(tmp_path: Path)
     assert all(p["finished"] for p in summary["peers_detail"])  # type: ignore[union-attr,index]
     fault = summary["faults"][0]  # type: ignore[index]
     assert fault["healed_round"] is not None
-    assert fault["healed_s"] - fault["at_s"] < 5.0  # not the 12 s a closed link would take
     events = _events(tmp_path / "run")
-    recoveries = [e for e in events if e["type"] == "recovery" and e.get("role") == "owner"]
-    assert any("p03" in e["missing"] for e in recoveries)  # type: ignore[operator]
+    recoveries = [
+        e
+        for e in events
+        if e["type"] == "recovery" and e.get("role") == "owner" and "p03" in e["missing"]  # type: ignore[operator]
+    ]
+    assert recoveries
+    # ... because p03 went silent, not because its connection closed (that takes 12 s).
+    first = min(float(e["ts"]) for e in recoveries)  # type: ignore[arg-type]
+    assert not [
+        e
+        for e in events
+        if e["type"] == "disconnect"
+        and "p03" in (e["node"], e.get("peer"))
+        and float(e["ts"]) < first  # type: ignore[arg-type]
+    ]
     own = [e for e in events if e["node"] == "p03" and e["type"] == "aggregate"]
     after = [e for e in own if int(e["round"]) > 6]  # type: ignore[call-overload]
     assert after and all(len(e["members"]) > 1 for e in after)  # type: ignore[arg-type]
@@ -456,7 +468,8 @@ def test_secure_aggregation_recovers_a_cut_host_over_the_network(tmp_path: Path)
 @needs_namespaces
 def test_a_slow_neighbour_is_waited_for_not_suspected(tmp_path: Path) -> None:
     """p03's link is a tenth of the others' (10 mbit against 100): its 0.4 MB models take
-    about a second to go out, while nothing is silent. It must not be suspected, and its
+    about a second to go out, while nothing is silent. It must not be suspected after its
+    links' first round (where TCP's slow start over the thin link may stall), and its
     neighbours average its model in every round after the first."""
     run = tmp_path / "run"
     harness_in_hosts(
@@ -466,7 +479,11 @@ def test_a_slow_neighbour_is_waited_for_not_suspected(tmp_path: Path) -> None:
         timeout=180,
     )
     events = _events(run)
-    assert not [e for e in events if e["type"] == "suspect_link" and e["peer"] == "p03"]
+    assert not [
+        e
+        for e in events
+        if e["type"] == "suspect_link" and e["peer"] == "p03" and int(e["round"]) > 0  # type: ignore[call-overload]
+    ]
     for e in events:
         if e["type"] == "aggregate" and "p03" in e["missing"] and int(e["round"]) > 0:  # type: ignore[operator,call-overload]
             raise AssertionError(f"{e['node']} went on without p03 in round {e['round']}")
@@ -489,3 +506,63 @@ def test_halves_keep_training_through_a_partition_with_wan_rounds(tmp_path: Path
     events = _events(run)
     for peer in ("p00", "p05"):  # one in each half
         assert _rounds_between(events, peer, fault["at_unix"], fault["healed_unix"]) >= 1
+
+
+@needs_namespaces
+def test_a_terminated_harness_removes_its_hosts_and_a_killed_ones_are_swept(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM mid-run: every peer stops and every namespace of the run is gone. A harness
+    killed outright (SIGKILL: no clean-up possible) leaves its namespaces, and the next
+    run removes them at its start."""
+    import signal
+
+    def start(out: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                *(sys.executable, "-m", "p2pfl", "harness", "--hosts", "--out", str(out)),
+                *("--peers", "3", "--rounds", "100000", "--no-baseline", "--no-snapshots"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_running(proc: subprocess.Popen[bytes], out: Path) -> None:
+        deadline = time.monotonic() + 60 * TIMEOUT
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the harness stopped early"
+            logs = list((out / "state").glob("*/events.jsonl")) if out.exists() else []
+            if len(logs) == 3 and all('"round_end"' in f.read_text() for f in logs):
+                return
+            time.sleep(0.05)
+        pytest.fail("peers never got going")
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        out = tmp_path / sig.name
+        proc = start(out)
+        try:
+            wait_running(proc, out)
+            assert len(our_namespaces(proc.pid)) == 4  # three hosts and the bridge
+            os.kill(proc.pid, sig)
+            proc.wait(30 * TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if sig == signal.SIGTERM:
+            assert our_namespaces(proc.pid) == []
+            assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+        else:
+            left = our_namespaces(proc.pid)
+            assert len(left) == 4  # nobody cleaned up (its peers still run in them)
+            assert set(sweep_stale()) >= set(left)
+            assert our_namespaces(proc.pid) == []
+
+
+def test_without_root_hosts_are_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pfl.harness.hosts import HostsError, check_available
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(HostsError, match="--hosts needs root"):
+        check_available({"p00": LinkSpec()})

@@ -27,7 +27,15 @@ from p2pfl.core.clock import LamportClock
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.net import Network, PeerLink
 from p2pfl.proto.keys import load_private_key
-from p2pfl.proto.wire import Message, Status
+from p2pfl.proto.wire import (
+    DTYPE_FLOAT32,
+    Message,
+    ParamsBegin,
+    ParamsChunk,
+    Status,
+    encode_params_begin,
+    encode_params_chunk,
+)
 from p2pfl.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 from .conftest import TIMEOUT, LocalNetwork
@@ -400,6 +408,49 @@ async def test_a_replaced_link_still_delivers_what_was_under_way(
         await crossing.send_status(100, 7)
         await wait_until(lambda: 7 in handlers["alice"].statuses(x_at_alice))
         assert "bob" not in [link.peer_id for link in handlers["alice"].down]
+    finally:
+        for network in nets.values():
+            await network.close()
+            network.events.close()
+
+
+async def test_a_model_in_flight_survives_the_replacement_of_its_link(
+    make_network: MakeNetwork,
+) -> None:
+    """Both sides dial: bob's dial (X) comes up first and bob starts streaming a round's
+    model on it; alice's dial (C) comes up while the stream is half sent, and the
+    crossing rule makes both ends replace X by C. The rest of the stream still goes out on
+    X, and alice receives the whole model on X, once. (Each end keeps a replaced link open
+    for what is under way; in the daemon nothing new starts on it, and a model not yet
+    begun goes out on C: test_a_restarted_peer_announcing_itself_keeps_one_link.)"""
+    net = make_network(("alice", "bob"), extra={"limits": {"handshake_timeout": 5 * TIMEOUT}})
+    handlers, nets = await bare_networks(net)
+    alice, bob = nets["alice"], nets["bob"]
+    model = np.arange(16, dtype=np.float32)
+    pieces = [model[i : i + 4] for i in range(0, 16, 4)]
+    try:
+        crossing = await asyncio.wait_for(bob.dial_once("alice"), 5 * TIMEOUT)
+        bob.spawn(bob.run_link(crossing, None))
+        await wait_until(lambda: "bob" in alice.links and bob.links.get("alice") is crossing)
+        x_at_alice = alice.links["bob"]
+        await crossing.send_message(encode_params_begin(7, 0, model.nbytes, DTYPE_FLOAT32))
+        for i in (0, 1):
+            await crossing.send_message(encode_params_chunk(7, 0, 16 * i, pieces[i].tobytes()))
+        canonical = await asyncio.wait_for(alice.dial_once("bob"), 5 * TIMEOUT)
+        alice.spawn(alice.run_link(canonical, None))
+        await wait_until(lambda: alice.links.get("bob") is canonical)
+        await wait_until(lambda: bob.links.get("alice") not in (None, crossing))
+        for i in (2, 3):  # the stream under way finishes on the replaced link
+            await crossing.send_message(encode_params_chunk(7, 0, 16 * i, pieces[i].tobytes()))
+
+        def received(kind: type) -> list[tuple[PeerLink, Message]]:
+            return [(li, m) for li, m in handlers["alice"].received if isinstance(m, kind)]
+
+        await wait_until(lambda: len(received(ParamsChunk)) == 4)
+        assert [li for li, _ in received(ParamsBegin)] == [x_at_alice]
+        chunks = received(ParamsChunk)
+        assert {li for li, _ in chunks} == {x_at_alice}
+        assert b"".join(bytes(m.data) for _, m in chunks) == model.tobytes()
     finally:
         for network in nets.values():
             await network.close()

@@ -106,7 +106,7 @@ def test_a_round_stops_waiting_for_a_silent_neighbour() -> None:
     live.heard("carol", 0.0)
     t.deliver("bob", 0, np.zeros(2, np.float32))
     suspect = live.suspect_at("carol")
-    assert suspect is not None and suspect < 1.0
+    assert suspect is not None and suspect < 2.0  # a new link: ~1.8 s (see below)
     assert t.waiting_for(0.1) == {"carol"} and not t.collection_done(0.1)
     assert t.next_wakeup(0.1) == pytest.approx(suspect)
     assert t.collection_done(suspect)
@@ -175,3 +175,13 @@ def test_an_outage_does_not_make_the_next_one_slow_to_notice() -> None:
             live.heard("p", t)
         after = live.suspect_at("p")
         assert after is not None and after - t < before + 0.05
+
+
+def test_a_young_link_is_given_longer_until_it_has_shown_its_rhythm() -> None:
+    """Over its first gaps a link may stall for TCP's own reasons (slow start, a first
+    retransmission on a thin link): it is suspected after ~1.8 s of silence at first, and
+    after ~0.6 s once twenty regular gaps have been seen."""
+    history = ArrivalHistory(SETTINGS, 0.0)
+    assert 1.5 < history.suspect_at() < 2.0
+    last = regular(history, 0.0, 0.02, 20)
+    assert 0.5 < history.suspect_at() - last < 0.8

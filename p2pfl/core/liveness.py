@@ -26,6 +26,12 @@ from statistics import NormalDist
 #: Floor of the gaps' deviation: a perfectly regular history must not turn a few
 #: milliseconds of lateness into suspicion.
 MIN_STD = 0.05
+#: A young link knows little of its own rhythm (TCP's slow start, a first retransmission
+#: timeout on a thin link): over its first YOUNG_GAPS gaps the deviation's floor falls from
+#: YOUNG_STD to MIN_STD, so a new link is suspected after ~1.8 s of silence at first and
+#: ~0.6 s (on a LAN) once it has shown its rhythm.
+YOUNG_STD = 0.25
+YOUNG_GAPS = 20
 #: Arrivals closer than this to the previous one are one burst (the chunks of one model):
 #: they refresh the time last heard but add no gap to the history.
 BURST_GAP = 0.001
@@ -57,6 +63,8 @@ class ArrivalHistory:
     def __init__(self, settings: DetectorSettings, now: float) -> None:
         self.settings = settings
         self.last = now
+        #: Real gaps seen so far (not the made-up first two).
+        self.seen = 0
         self._gaps: deque[float] = deque(maxlen=WINDOW)
         self._sum = 0.0
         self._squares = 0.0
@@ -80,6 +88,7 @@ class ArrivalHistory:
         gap = now - self.last
         if gap >= BURST_GAP:
             self._add(gap if cap is None else min(gap, cap))
+            self.seen += 1
         self.last = max(self.last, now)
 
     @property
@@ -90,7 +99,8 @@ class ArrivalHistory:
     def std(self) -> float:
         n = len(self._gaps)
         variance = max(0.0, self._squares / n - self.mean**2)
-        return max(MIN_STD, math.sqrt(variance))
+        young = max(0.0, 1.0 - self.seen / YOUNG_GAPS)
+        return max(MIN_STD + young * (YOUNG_STD - MIN_STD), math.sqrt(variance))
 
     def phi(self, now: float) -> float:
         """The suspicion level of the silence since ``last`` (0 right after an arrival)."""

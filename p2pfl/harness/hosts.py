@@ -218,20 +218,47 @@ class HostNetwork:
 
     def set_faults(self, rules: Mapping[str, Iterable[str]]) -> None:
         """Each host's fault rules now: ``{"p03": ["cut"], "p00": ["drop 10.77.0.4"]}``;
-        hosts not named have none. Only hosts whose rules change are touched."""
+        hosts not named have none. Only hosts whose rules change are touched, each with
+        one ``iptables-restore`` of its whole fault chain, all hosts at once: a partition
+        of eight hosts takes effect within milliseconds, not rule by rule over a second."""
         wanted = {peer: set(rules.get(peer, ())) for peer in self.peers}
-        for peer, now in wanted.items():
-            if now == self._faults.get(peer, set()):
-                continue
-            self._iptables(peer, "-F", FAULT_CHAIN)
+        changed = {p: now for p, now in wanted.items() if now != self._faults.get(p, set())}
+        started = []
+        for peer, now in changed.items():
+            lines = ["*filter", f":{FAULT_CHAIN} - [0:0]"]  # (declaring it flushes it)
             for rule in sorted(now):
                 if rule == "cut":
-                    self._iptables(peer, "-A", FAULT_CHAIN, "-j", "DROP")
+                    lines.append(f"-A {FAULT_CHAIN} -j DROP")
                 else:
                     other = rule.removeprefix("drop ")
-                    self._iptables(peer, "-A", FAULT_CHAIN, "-s", other, "-j", "DROP")
-                    self._iptables(peer, "-A", FAULT_CHAIN, "-d", other, "-j", "DROP")
-            self._faults[peer] = now
+                    lines += [f"-A {FAULT_CHAIN} -s {other} -j DROP"]
+                    lines += [f"-A {FAULT_CHAIN} -d {other} -j DROP"]
+            restore = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.namespace(peer),
+                    "iptables-restore",
+                    "-w",
+                    "--noflush",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            assert restore.stdin is not None
+            restore.stdin.write("\n".join([*lines, "COMMIT", ""]))
+            restore.stdin.close()
+            started.append((peer, restore))
+        for peer, restore in started:
+            assert restore.stdout is not None
+            with restore.stdout:
+                output = restore.stdout.read()
+            if restore.wait() != 0:
+                raise HostsError(f"iptables-restore in {peer}'s host failed: {output.strip()}")
+            self._faults[peer] = changed[peer]
 
     def write_plan(self, path: Path, listen_ports: Mapping[str, int]) -> None:
         """hosts.json: each host's address, link and port (the relays read it; a reader of

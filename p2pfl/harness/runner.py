@@ -527,23 +527,27 @@ class Monitor:
         began, healed = self.net_plan.step(rounds, now - self.started, running)
         if not began and not healed:
             return
+        # A fault counts from before its rules go in, a heal from after they are out: the
+        # record never understates how long the network was cut.
+        before = time.time()
         self.hosts.set_faults(self.net_plan.rules(self.hosts.addresses))
+        after = time.time()
         furthest = max(rounds.values(), default=0)
         for fault in began:
             record = FaultRecord(
                 str(fault),
                 ",".join(fault.groups[0]) if fault.kind == "cut" else "",
                 now - self.started,
-                time.time(),
+                before,
                 furthest,
             )
             self.record.faults.append(record)
             self.net_records[fault] = record
         for fault in healed:
             record = self.net_records.pop(fault)
-            record.healed_s = now - self.started
+            record.healed_s = now - self.started + (after - before)
             record.healed_round = furthest
-            record.healed_wall_time = time.time()
+            record.healed_wall_time = after
 
     def resume_others(self) -> None:
         """Let the peers paused for a --restart run on (also on the way out: none may stay
