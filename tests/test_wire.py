@@ -341,3 +341,25 @@ def test_an_ok_reply_with_anything_after_it_is_refused() -> None:
 def test_a_mismatch_reply_from_an_older_peer_has_no_fields() -> None:
     reply = decode_reply(encode_reply(REPLY_DIGEST_MISMATCH, bytes(32))[:34])
     assert reply.status == REPLY_DIGEST_MISMATCH and reply.fields == {}
+
+
+def test_a_detached_stream_goes_on_from_a_copy() -> None:
+    """A stream to a silent neighbour outlives its round: once detached it reads the rest
+    from a copy, so the model can be averaged in place meanwhile. Streams detached
+    together share one copy per array."""
+    from p2pfl.proto.transfer import StreamSource
+
+    model = np.arange(8, dtype=np.float32)
+    before = model.tobytes()
+    first, second = StreamSource(model), StreamSource(model)
+    pieces = iter_chunks(first, 8)
+    head = [bytes(next(pieces)[1]) for _ in range(2)]
+    copies: dict[int, np.ndarray] = {}
+    first.detach(copies)
+    second.detach(copies)
+    assert first.array is second.array and first.array is not model
+    model[:] = -1  # the model is averaged in place
+    rest = [bytes(piece) for _, piece in pieces]
+    assert b"".join(head + rest) == before
+    again = StreamSource(model)
+    assert bytes(next(iter_chunks(again, 8))[1]) == np.full(2, -1, np.float32).tobytes()

@@ -45,7 +45,7 @@ from p2pfl.proto.admit import confirm_keys, judge_hello, judge_reply, keeps_old_
 from p2pfl.proto.channel import Channel
 from p2pfl.proto.guard import Admission, Throttle, printable
 from p2pfl.proto.handshake import MAX_HANDSHAKE_MESSAGE, MAX_REPLY_MESSAGE, TAGLEN, IKHandshake
-from p2pfl.proto.transfer import StreamReceiver, iter_chunks
+from p2pfl.proto.transfer import StreamReceiver, StreamSource, iter_chunks
 from p2pfl.proto.wire import (
     CHUNK_OVERHEAD,
     DTYPE_FLOAT32,
@@ -162,18 +162,19 @@ class PeerLink:
         self,
         lamport: int,
         round_index: int,
-        flat_params: np.ndarray,
+        flat_params: np.ndarray | StreamSource,
         chunk_bytes: int,
         dtype: int = DTYPE_FLOAT32,
     ) -> int:
-        """Send one parameter stream; returns the bytes put on the wire."""
+        """Send one parameter stream; returns the bytes put on the wire. (From a
+        ``StreamSource``, every chunk is read from the array it holds then.)"""
         before = self.bytes_sent
+        source = flat_params if isinstance(flat_params, StreamSource) else StreamSource(flat_params)
+        nbytes = source.array.nbytes
         async with self._stream_lock:
             async with self._send_lock:
-                await self._send_record(
-                    encode_params_begin(lamport, round_index, flat_params.nbytes, dtype)
-                )
-            for offset, piece in iter_chunks(flat_params, chunk_bytes):
+                await self._send_record(encode_params_begin(lamport, round_index, nbytes, dtype))
+            for offset, piece in iter_chunks(source, chunk_bytes):
                 record = encode_params_chunk(lamport, round_index, offset, piece)
                 async with self._send_lock:
                     await self._send_record(record)

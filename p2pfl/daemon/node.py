@@ -661,7 +661,9 @@ class Node:
         await self._wait_for_fresh_links(neighbours)
         self.outbox.stop_offering()
         assert self.tracker.deadline is not None
-        await self.outbox.finish(self.tracker.deadline)
+        await self.outbox.finish(
+            self.tracker.deadline, lambda peer: self.tracker.unavailable(peer, loop.time())
+        )
         sent = self.outbox.close()
         if exchange is not None and self.outbox.all_sent():
             for vector in sent:  # masked vectors no stream reads now

@@ -3,7 +3,8 @@
 Plain rounds send one array to every neighbour; secure rounds send each neighbour's group
 its own masked vector, added as each is ready. A stream starts on a link as soon as
 ``rounds.may_send`` says the neighbour can use it, and the round's end waits (bounded) for
-the streams in flight.
+the streams in flight, but for those to neighbours that are unavailable (silent or gone):
+those go on from a copy of what they send, since the model is averaged in place next.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from p2pfl.config import LimitsConfig
 from p2pfl.core.rounds import may_send
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.net import CLOSE_INTERNAL_ERROR, PeerLink
+from p2pfl.proto.transfer import StreamSource
 
 log = logging.getLogger("p2pfl.daemon.node")
 
@@ -37,6 +39,8 @@ class Outbox:
         self.offering = False
         #: Streams in flight, per link (a replaced link's stream is tracked on its own).
         self.streams: dict[PeerLink, asyncio.Task[None]] = {}
+        #: What each stream in flight reads (it may be switched to a copy: ``finish``).
+        self.sources: dict[PeerLink, StreamSource] = {}
 
     def open(self, round_index: int, vectors: dict[str, np.ndarray]) -> None:
         """Start sending round ``round_index``: ``vectors`` now, more with ``add``."""
@@ -80,16 +84,23 @@ class Outbox:
     def all_sent(self) -> bool:
         return all(task.done() for task in self.streams.values())
 
-    async def finish(self, deadline: float) -> None:
+    async def finish(self, deadline: float, unavailable: Callable[[str], bool]) -> None:
         """Let the streams complete, bounded by the round deadline plus a grace period; a
-        stuck one is dropped and its link closed (the receiver discards the partial one)."""
-        tasks = list(self.streams.values())
+        stuck one is dropped and its link closed (the receiver discards the partial one).
+        Streams to ``unavailable`` neighbours (silent: a partition, a cut) are not waited
+        for: they go on in the background from a copy (``StreamSource.detach``), so the
+        rest of the network does not stall on a link that carries nothing."""
+        copies: dict[int, np.ndarray] = {}
+        for link, source in self.sources.items():
+            if source.detached or unavailable(link.peer_id):
+                source.detach(copies)
+        tasks = [t for link, t in self.streams.items() if not self.sources[link].detached]
         if not tasks:
             return
         loop = asyncio.get_running_loop()
         timeout = max(deadline - loop.time(), 0.0) + self.limits.handshake_timeout
         _, pending = await asyncio.wait(tasks, timeout=timeout)
-        stuck = [link for link, task in self.streams.items() if task in pending]
+        stuck = [link for link, task in list(self.streams.items()) if task in pending]
         for task in pending:
             task.cancel()
         # Close those very links (a newer link to the same peer is left alone), together:
@@ -99,16 +110,25 @@ class Outbox:
         )
 
     def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
-        task = asyncio.ensure_future(self._send(link, round_index, params))
+        source = StreamSource(params)
+        task = asyncio.ensure_future(self._send(link, round_index, source))
         self.streams[link] = task
-        task.add_done_callback(lambda _done: self.streams.pop(link, None))
+        self.sources[link] = source
 
-    async def _send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
+        def done(_task: asyncio.Task[None]) -> None:
+            if self.streams.get(link) is task:
+                del self.streams[link]
+                del self.sources[link]
+
+        task.add_done_callback(done)
+
+    async def _send(self, link: PeerLink, round_index: int, source: StreamSource) -> None:
         started = time.monotonic()
         lamport = self.events.clock.tick()
+        params = source.array
         try:
             sent = await link.send_params(
-                lamport, round_index, params, self.limits.chunk_bytes, self.dtype
+                lamport, round_index, source, self.limits.chunk_bytes, self.dtype
             )
         except Exception as exc:  # the link died mid-stream; the receiver discards the partial
             log.debug("send to %s failed: %s", link.peer_id, exc)

@@ -15,14 +15,39 @@ import numpy as np
 from p2pfl.errors import MessageError
 
 
-def iter_chunks(flat: np.ndarray, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
+def iter_chunks(
+    flat: np.ndarray | StreamSource, chunk_bytes: int
+) -> Iterator[tuple[int, memoryview]]:
     """Yield (byte offset, view) pieces of a contiguous 4-byte vector (float32 parameters,
-    or uint32 masked contributions, sent bit for bit), without copying."""
-    if flat.dtype not in (np.float32, np.uint32):
-        flat = flat.astype(np.float32)  # never a reinterpretation of other types
-    raw = _bytes_view(np.ascontiguousarray(flat))
-    for offset in range(0, len(raw), chunk_bytes):
+    or uint32 masked contributions, sent bit for bit), without copying. From a
+    ``StreamSource``, each piece is cut from the array it holds at that moment."""
+    source = flat if isinstance(flat, StreamSource) else StreamSource(flat)
+    total = source.array.nbytes
+    for offset in range(0, total, chunk_bytes):
+        raw = _bytes_view(source.array)
         yield offset, raw[offset : offset + chunk_bytes]
+
+
+class StreamSource:
+    """The array a parameter stream reads, chunk by chunk. A stream that must outlive the
+    array's contents (a silent neighbour's, while the model is averaged in place) gets a
+    copy of it mid-stream (``detach``): the rest of the stream is the same bytes."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        if array.dtype not in (np.float32, np.uint32):
+            array = array.astype(np.float32)  # never a reinterpretation of other types
+        self.array = np.ascontiguousarray(array)
+        self.detached = False
+
+    def detach(self, copies: dict[int, np.ndarray]) -> None:
+        """Read from a copy from now on; ``copies`` shares one copy per original array
+        among the streams detached together."""
+        if not self.detached:
+            key = id(self.array)
+            if key not in copies:
+                copies[key] = self.array.copy()
+            self.array = copies[key]
+            self.detached = True
 
 
 def _bytes_view(array: np.ndarray) -> memoryview:
