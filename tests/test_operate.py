@@ -253,3 +253,21 @@ def test_metrics_count_silent_neighbours_and_their_level() -> None:
     }
     assert samples[("p2pfl_link_suspicions_total", "bob")] == 2
     assert samples[("p2pfl_link_suspicion_phi", "bob")] == 9.1
+
+
+def test_status_shows_a_silent_neighbour_with_its_level() -> None:
+    status = {
+        "node": "alice",
+        "round": 3,
+        "rounds": 10,
+        "phase": "collecting",
+        "rounds_completed": 3,
+        "uptime_s": 5.0,
+        "last_eval": None,
+        "neighbours": [
+            {"peer": "bob", "connected": True, "round": 3, "phi": 0.0, "silent": False},
+            {"peer": "carol", "connected": True, "round": 3, "phi": 9.4, "silent": True},
+        ],
+    }
+    rows = {line.split()[0]: line for line in format_status(status).splitlines()[3:]}
+    assert "connected" in rows["bob"] and "silent (phi 9.4)" in rows["carol"]

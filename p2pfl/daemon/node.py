@@ -291,6 +291,9 @@ class Node:
                     "round": self.tracker.peer_rounds.get(peer),
                     "last_seen_s": None if seen is None else round(seen, 3),
                     "suspect": peer in self.board.suspects,
+                    # the failure detector's level for a connected neighbour's silence
+                    "phi": None if link is None else round(self.liveness.phi(peer, now_mono), 2),
+                    "silent": link is not None and self.liveness.suspected(peer, now_mono),
                 }
             )
         return {

@@ -170,6 +170,8 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     for n in status.get("neighbours", []):
         state = "connected" if n.get("connected") else "down"
+        if n.get("silent"):  # connected, but silent past the failure detector's threshold
+            state = f"silent (phi {n.get('phi')})"
         if n.get("suspect"):
             state += " (suspect)"
         seen = "now" if n.get("connected") else _ago(n.get("last_seen_s"))
