@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from p2pfl.harness.hosts import unavailable_reason  # noqa: E402
 
 
 def hosts_unavailable() -> str | None:
     """Why simulated hosts cannot run here (None: they can)."""
-    if os.geteuid() != 0:
-        return "simulated hosts need root (network namespaces)"
-    for tool in ("ip", "tc", "iptables"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
+    reason = unavailable_reason()
+    return None if reason is None else f"simulated hosts: {reason}"
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from p2pfl.harness.hosts import HostNetwork, address_of, our_namespaces, sweep_stale
+from p2pfl.harness.hosts import (
+    HostNetwork,
+    address_of,
+    our_namespaces,
+    sweep_stale,
+    unavailable_reason,
+)
 from p2pfl.harness.links import (
     LinkSpec,
     LinkSpecError,
@@ -35,22 +40,7 @@ from .conftest import TIMEOUT
 PEERS = ["p00", "p01", "p02", "p03"]
 
 
-def namespaces_unavailable() -> str | None:
-    """Why this machine cannot make simulated hosts (None: it can)."""
-    if os.geteuid() != 0:
-        return "needs root (ip netns)"
-    for tool in ("ip", "iptables", "tc"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    probe = f"p2pfl-{os.getpid()}-probe"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"cannot make a network namespace: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-NO_NAMESPACES = namespaces_unavailable()
+NO_NAMESPACES = unavailable_reason()
 needs_namespaces = pytest.mark.skipif(NO_NAMESPACES is not None, reason=str(NO_NAMESPACES))
 
 

@@ -70,6 +70,22 @@ def check_available(links: Mapping[str, LinkSpec]) -> None:
             raise HostsError(f"--hosts needs {tool!r} (Debian package {package}); not found")
 
 
+def unavailable_reason() -> str | None:
+    """Why simulated hosts cannot be made on this machine (None: they can): not root, a
+    tool missing, or namespaces refused (a container without the capability)."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns)"
+    for tool in ("ip", "iptables", "tc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    probe = f"{PREFIX}{os.getpid()}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot make a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
 def _run(*command: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
