@@ -556,3 +556,21 @@ def test_without_root_hosts_are_refused_with_the_reason(monkeypatch: pytest.Monk
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(HostsError, match="--hosts needs root"):
         check_available({"p00": LinkSpec()})
+
+
+@needs_namespaces
+def test_hosts_over_ipv6_train_and_a_cut_takes_effect(tmp_path: Path) -> None:
+    """--ipv6: addresses fd77::N on the hosts and ws://[fd77::N]:PORT in peers.yaml, the
+    delay relays on IPv6, a cut by ip6tables: everyone finishes, and the cut host went
+    silent for its neighbours."""
+    run = tmp_path / "run"
+    summary = harness_in_hosts(
+        run,
+        *("--ipv6", "--peers", "4", "--rounds", "10", "--link", "100mbit,5ms"),
+        *("--cut", "p02@3-6", "--no-baseline"),
+        timeout=180,
+    )
+    assert "ws://[fd77::3]:7070" in (run / "peers.yaml").read_text()
+    assert json.loads((run / "hosts.json").read_text())["p02"]["address"] == "fd77::3"
+    assert all(p["finished"] for p in summary["peers_detail"])  # type: ignore[union-attr,index]
+    assert [e for e in _events(run) if e["type"] == "suspect_link" and e["peer"] == "p02"]

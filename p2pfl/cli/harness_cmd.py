@@ -111,6 +111,7 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         byzantine=_parse_byzantine(args.byzantine, ids),
         hosts=_hosts(args, ids),
         net_faults=_net_faults(args, ids),
+        ipv6=args.ipv6,
     )
 
 
@@ -136,8 +137,8 @@ def _hosts(args: argparse.Namespace, ids: list[str]) -> dict[str, Any] | None:
     from p2pfl.harness.links import LinkSpecError, host_links, parse_link
 
     if not args.hosts:
-        if args.link != "unlimited" or args.host_link:
-            raise P2PFLError("--link and --host-link shape simulated hosts: add --hosts")
+        if args.link != "unlimited" or args.host_link or args.ipv6:
+            raise P2PFLError("--link, --host-link and --ipv6 are for simulated hosts: add --hosts")
         return None
     try:
         links = host_links(ids, parse_link(args.link), args.host_link)

@@ -152,6 +152,11 @@ def _add_harness_hosts(p: argparse.ArgumentParser) -> None:
         "own address (10.77.0.N) on a bridge, its link shaped by --link (needs root)",
     )
     p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="with --hosts: IPv6 addresses (fd77::N) for the hosts and in peers.yaml",
+    )
+    p.add_argument(
         "--link",
         default="unlimited",
         metavar="RATE[,DELAY[,LOSS]]",

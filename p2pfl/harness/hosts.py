@@ -42,6 +42,8 @@ from p2pfl.harness.links import LinkSpec
 PREFIX = "p2pfl-"
 _OURS = re.compile(r"^p2pfl-(\d+)-")
 SUBNET = ipaddress.IPv4Network("10.77.0.0/16")
+#: With ``ipv6``: unique local addresses, one /64 for the whole bridge.
+SUBNET6 = ipaddress.IPv6Network("fd77::/64")
 FAULT_CHAIN = "P2PFL-FAULTS"
 #: tbf's queue, as time at the link's rate: what an uplink's buffer holds (bufferbloat
 #: included); TCP fills it, so it adds at most this much to a round trip.
@@ -62,7 +64,7 @@ def check_available(links: Mapping[str, LinkSpec]) -> None:
             "--hosts needs root: it makes a network namespace per peer (ip netns); run the "
             "harness as root, or without --hosts"
         )
-    needed = {"ip": "iproute2", "iptables": "iptables"}
+    needed = {"ip": "iproute2", "iptables": "iptables", "ip6tables": "iptables"}
     if any(spec.rate_bps is not None for spec in links.values()):
         needed["tc"] = "iproute2"
     for tool, package in needed.items():
@@ -92,20 +94,25 @@ def _run(*command: str) -> None:
         raise HostsError(f"{' '.join(command)} failed: {result.stderr.strip() or result.stdout}")
 
 
-def address_of(index: int) -> str:
-    """The address of host ``index`` (0, 1, ...): 10.77.0.1, 10.77.0.2, ..."""
-    return str(SUBNET.network_address + 1 + index)
+def address_of(index: int, ipv6: bool = False) -> str:
+    """The address of host ``index`` (0, 1, ...): 10.77.0.1, 10.77.0.2, ... (or fd77::1,
+    fd77::2, ... with ``ipv6``)."""
+    return str((SUBNET6 if ipv6 else SUBNET).network_address + 1 + index)
 
 
 class HostNetwork:
     """The namespaces, links and fault rules of one run's simulated hosts."""
 
-    def __init__(self, links: Mapping[str, LinkSpec], *, owner: int | None = None) -> None:
+    def __init__(
+        self, links: Mapping[str, LinkSpec], *, owner: int | None = None, ipv6: bool = False
+    ) -> None:
         self.links = dict(links)
         self.peers = list(links)
         self.owner = os.getpid() if owner is None else owner
         self.base = f"{PREFIX}{self.owner}-"
-        self.addresses = {peer: address_of(i) for i, peer in enumerate(self.peers)}
+        #: IPv6 hosts: their addresses, and ip6tables for their rules.
+        self.ipv6 = ipv6
+        self.addresses = {peer: address_of(i, ipv6) for i, peer in enumerate(self.peers)}
         self._made: list[str] = []
         self._faults: dict[str, set[str]] = {}  # host -> its rules now (iptables args)
         self._relays: list[subprocess.Popen[bytes]] = []
@@ -156,15 +163,11 @@ class HostNetwork:
             "ip", "-n", br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns
         )
         _run("ip", "-n", br, "link", "set", port, "master", "br0", "up")
+        prefix = (SUBNET6 if self.ipv6 else SUBNET).prefixlen
+        # (IPv6: no duplicate address detection, which would hold the address a second)
+        nodad = ["nodad"] if self.ipv6 else []
         _run(
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            f"{self.addresses[peer]}/{SUBNET.prefixlen}",
-            "dev",
-            "eth0",
+            "ip", "-n", ns, "addr", "add", f"{self.addresses[peer]}/{prefix}", "dev", "eth0", *nodad
         )
         _run("ip", "-n", ns, "link", "set", "eth0", "up")
         spec = self.links[peer]
@@ -193,7 +196,8 @@ class HostNetwork:
                 )
 
     def _iptables(self, peer: str, *args: str) -> None:
-        _run("ip", "netns", "exec", self.namespace(peer), "iptables", "-w", *args)
+        tool = "ip6tables" if self.ipv6 else "iptables"
+        _run("ip", "netns", "exec", self.namespace(peer), tool, "-w", *args)
 
     def start_relays(self, plan: Path, env: Mapping[str, str], timeout: float = 20.0) -> None:
         """One delay relay per host (``p2pfl.harness.relay``), each listening on its host's
@@ -255,7 +259,7 @@ class HostNetwork:
                     "netns",
                     "exec",
                     self.namespace(peer),
-                    "iptables-restore",
+                    "ip6tables-restore" if self.ipv6 else "iptables-restore",
                     "-w",
                     "--noflush",
                 ],

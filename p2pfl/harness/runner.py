@@ -105,6 +105,8 @@ class HarnessOptions:
     hosts: Mapping[str, LinkSpec] | None = None
     #: ``--split`` and ``--cut`` (with ``hosts`` only).
     net_faults: tuple[NetFault, ...] = ()
+    #: ``--ipv6``: the simulated hosts' addresses are IPv6 (fd77::N), peers.yaml's too.
+    ipv6: bool = False
 
 
 @dataclass
@@ -387,7 +389,9 @@ class Monitor:
         self.options = options
         self.out = out_stream
         self.env = python_env()
-        self.hosts = None if options.hosts is None else HostNetwork(options.hosts)
+        self.hosts = (
+            None if options.hosts is None else HostNetwork(options.hosts, ipv6=options.ipv6)
+        )
         self.processes = {
             peer: PeerProcess(peer, self._command(peer), layout.log(peer)) for peer in layout.peers
         }
@@ -830,7 +834,7 @@ def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, sca
         hosts = None
     else:  # a host each: the same port everywhere, as a deployment would have
         ports = dict.fromkeys(layout.peers, HOST_PORT)
-        hosts = {peer: address_of(i) for i, peer in enumerate(layout.peers)}
+        hosts = {peer: address_of(i, options.ipv6) for i, peer in enumerate(layout.peers)}
     shared = build_local_config(
         peers=layout.peers,
         public_keys=public,
@@ -958,8 +962,9 @@ def _announce(options: HarnessOptions, prepared: Prepared, say: Callable[[str], 
         f"{options.rounds} rounds, topology {options.topology_text}"
     )
     if options.hosts is not None:
+        first = address_of(0, options.ipv6)
         say(
-            f"simulated hosts: each peer in a network namespace of its own (10.77.0.1..), "
+            f"simulated hosts: each peer in a network namespace of its own ({first}..), "
             f"links {describe_links(options.hosts)}"
         )
     say(f"run folder: {layout.out}")
@@ -1063,7 +1068,9 @@ def _summary_options(options: HarnessOptions, prepared: Prepared) -> dict[str, A
         "learning_rate": options.learning_rate,
         "batch_size": options.batch_size,
         "out": str(prepared.layout.out),
-        "hosts": None if options.hosts is None else describe_links(options.hosts),
+        "hosts": None
+        if options.hosts is None
+        else describe_links(options.hosts) + (", IPv6" if options.ipv6 else ""),
     }
 
 
