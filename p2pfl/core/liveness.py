@@ -18,6 +18,7 @@ caller passes the time.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class DetectorSettings:
     pause: float = 0.3
     expected_gap: float = 0.1
 
-    @property
+    @functools.cached_property
     def threshold_sigmas(self) -> float:
         """How many sigmas past the mean a silence reaches the threshold."""
         return NormalDist().inv_cdf(1.0 - 10.0 ** (-self.threshold))
@@ -83,11 +84,14 @@ class ArrivalHistory:
         self._sum += gap
         self._squares += gap * gap
 
-    def heard(self, now: float, cap: float | None = None) -> None:
-        """An arrival; the gap since the last one joins the history (at most ``cap``)."""
+    def heard(self, now: float, capped: bool = False) -> None:
+        """An arrival; the gap since the last one joins the history (``capped``: at most
+        the silence that reached the threshold)."""
         gap = now - self.last
-        if gap >= BURST_GAP:
-            self._add(gap if cap is None else min(gap, cap))
+        if gap >= BURST_GAP:  # (most reads are a burst's: nothing to compute)
+            if capped:
+                gap = min(gap, self.suspect_at() - self.last)
+            self._add(gap)
             self.seen += 1
         self.last = max(self.last, now)
 
@@ -145,7 +149,7 @@ class Liveness:
         if reconnected:
             history.last = max(history.last, now)
         else:
-            history.heard(now, cap=history.suspect_at() - history.last)
+            history.heard(now, capped=True)
         return silence if was_reported else None
 
     def suspected(self, peer: str, now: float) -> bool:
