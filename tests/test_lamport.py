@@ -155,6 +155,10 @@ async def test_a_hostile_lamport_neither_splits_the_network_nor_survives_a_resta
         assert max(e["lamport"] for e in events) < MAX_LAMPORT // 2, peer
         aggregates = {e["round"]: e for e in events if e["type"] == "aggregate"}
         # Every round after alice is back is a full one: all three present, nobody missing.
-        for r in (ROUNDS - 2, ROUNDS - 1):
-            assert set(aggregates[r]["members"]) == set(net.peers), (peer, aggregates[r])
-            assert aggregates[r]["missing"] == [], (peer, aggregates[r])
+        # (A peer may skip a round: on a loaded machine alice's restart can outlast
+        # down_grace, bob and carol go on, and she jumps to their round when back.)
+        late = [a for r, a in aggregates.items() if r >= ROUNDS - 2]
+        assert late, (peer, sorted(aggregates))
+        for aggregate in late:
+            assert set(aggregate["members"]) == set(net.peers), (peer, aggregate)
+            assert aggregate["missing"] == [], (peer, aggregate)
