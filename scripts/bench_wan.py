@@ -20,6 +20,12 @@ the CPU per round beside it.
 
     sudo .venv/bin/python scripts/bench_wan.py                      # the whole grid (long)
     sudo .venv/bin/python scripts/bench_wan.py --rates 100 --delays 0,20 --sizes 1M,10M
+    sudo .venv/bin/python scripts/bench_wan.py --rates 100 --delays 0 --sizes 1M,10M \\
+        --compressions none,int8          # issue 22: bytes and round time against none
+
+With several ``--compressions``, each combination also prints how many times fewer bytes
+a host sent per round and how many times shorter the rounds were than with the first one
+(issue 22's target for int8 against none at 100 mbit: 3.5x fewer bytes, 3x shorter).
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ def wire_bytes_per_round(run: HostRun) -> float:
     return statistics.median(sent.values())
 
 
-def one(rate_mbit: int, delay_ms: int, size: str, rounds: int, keep: Path | None) -> None:
+def one(
+    rate_mbit: int, delay_ms: int, size: str, rounds: int, keep: Path | None, compression: str
+) -> tuple[float, float]:
+    """One run; returns (bytes a host sent per round, median round time)."""
     model, params = MODELS[size]
     # What a host sends per round, at the link's rate, bounds the round: give it room.
     expected = DEGREE * 4 * params * 8 / (rate_mbit * 1e6)
@@ -61,8 +70,9 @@ def one(rate_mbit: int, delay_ms: int, size: str, rounds: int, keep: Path | None
         *("--peers", "8", "--topology", f"k-regular:{DEGREE}", "--rounds", str(rounds)),
         *("--model", model, "--link", f"{rate_mbit}mbit,{delay_ms}ms"),
         *("--round-timeout", f"{round_timeout:g}", "--no-baseline", "--no-snapshots"),
+        *("--compression", compression),
     ]
-    label = f"{rate_mbit}mbit-{delay_ms}ms-{size}"
+    label = f"{rate_mbit}mbit-{delay_ms}ms-{size}-{compression.replace(':', '')}"
     run = run_hosts(args, timeout=rounds * round_timeout + 300, keep=keep, label=label)
     per_round = wire_bytes_per_round(run)
     floor = per_round * 8 / (rate_mbit * 1e6) + 4 * delay_ms / 1000
@@ -71,12 +81,13 @@ def one(rate_mbit: int, delay_ms: int, size: str, rounds: int, keep: Path | None
         float(e["duration_s"]) for e in run.of("train") if int(e["round"]) >= 1
     )
     print(
-        f"{rate_mbit:>5} mbit {delay_ms:>3} ms {size:>5} | sent/host/round "
+        f"{rate_mbit:>5} mbit {delay_ms:>3} ms {size:>5} {compression:>8} | sent/host/round "
         f"{per_round / 1e6:8.2f} MB | round {round_s:8.3f} s | floor {floor:8.3f} s | "
         f"ratio {round_s / floor:5.2f} | cpu/round {run.cpu_per_round_s():6.3f} s | "
         f"train {train:6.3f} s | ratio to train + floor {round_s / (train + floor):5.2f}",
         flush=True,
     )
+    return per_round, round_s
 
 
 def main() -> int:
@@ -86,6 +97,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="100k,1M,10M", help=f"of {', '.join(MODELS)}")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (default 4)")
     parser.add_argument("--keep", type=Path, help="keep the run folders here")
+    parser.add_argument("--compressions", default="none", help="comma-separated")
     args = parser.parse_args()
     why = hosts_unavailable()
     if why is not None:
@@ -100,7 +112,17 @@ def main() -> int:
     for rate in (int(r) for r in args.rates.split(",")):
         for delay in (int(d) for d in args.delays.split(",")):
             for size in sizes:
-                one(rate, delay, size, args.rounds, args.keep)
+                first: tuple[float, float] | None = None
+                for compression in args.compressions.split(","):
+                    sent, round_s = one(rate, delay, size, args.rounds, args.keep, compression)
+                    if first is None:
+                        first = (sent, round_s)
+                        continue
+                    print(
+                        f"    {compression} against the first: {first[0] / sent:.2f}x fewer "
+                        f"bytes, rounds {first[1] / round_s:.2f}x shorter",
+                        flush=True,
+                    )
     return 0
 
 

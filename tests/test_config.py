@@ -992,6 +992,8 @@ def test_the_digest_covers_every_shared_field(tmp_path: Path) -> None:
             covered |= {"down_grace", "keepalive", "suspect_phi", "suspect_pause"}
         if section == "training":
             covered |= {"min_neighbours", "standardize"}  # the same
+        if section == "aggregation":
+            covered |= {"compression", "consensus_step"}  # the same
         assert fields == covered, section
 
 
@@ -1127,3 +1129,66 @@ def test_federated_standardize_must_fit_a_record(tmp_path: Path) -> None:
     cfg["limits"] = {"chunk_bytes": 4096}
     with pytest.raises(ConfigError, match=r"above limits\.chunk_bytes"):
         load_config(write(tmp_path, cfg))
+
+
+# --- aggregation.compression
+
+
+@pytest.mark.parametrize(
+    ("spelled", "normal"),
+    [("none", "none"), ("fp16", "fp16"), (" int8 ", "int8"), ("topk:0.10", "topk:0.1")],
+)
+def test_compression_is_read_in_one_spelling(tmp_path: Path, spelled: str, normal: str) -> None:
+    cfg = base()
+    cfg["aggregation"] = {"compression": spelled}
+    assert load_config(write(tmp_path, cfg)).aggregation.compression == normal
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("zip", r"aggregation\.compression: unknown compression 'zip'"),
+        ("topk:0", r"aggregation\.compression: topk: the fraction must be > 0 and <= 1"),
+        ("topk:1.5", r"the fraction must be > 0 and <= 1, got 1.5"),
+        ("topk:x", r"topk: 'x' is not a number"),
+        (8, r"aggregation\.compression: expected none, fp16, int8 or topk:FRACTION, got 8"),
+    ],
+)
+def test_a_bad_compression_names_the_field(tmp_path: Path, value: object, message: str) -> None:
+    cfg = base()
+    cfg["aggregation"] = {"compression": value}
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, cfg))
+
+
+def test_compression_is_refused_with_secure_aggregation_saying_why(tmp_path: Path) -> None:
+    cfg = secure_with({"kind": "ring"}, 3)
+    cfg["aggregation"]["compression"] = "int8"
+    with pytest.raises(ConfigError, match=r"aggregation\.compression: int8 cannot be combined"):
+        load_config(write(tmp_path, cfg))
+
+
+def test_a_consensus_step_needs_a_compression(tmp_path: Path) -> None:
+    cfg = base()
+    cfg["aggregation"] = {"consensus_step": 0.5}
+    with pytest.raises(ConfigError, match=r"aggregation\.consensus_step: applies only with"):
+        load_config(write(tmp_path, cfg))
+    cfg["aggregation"]["compression"] = "topk:0.1"
+    assert load_config(write(tmp_path, cfg)).aggregation.consensus_step == 0.5
+    cfg["aggregation"]["consensus_step"] = 1.5
+    with pytest.raises(ConfigError, match=r"consensus_step: expected a step size > 0 and <= 1"):
+        load_config(write(tmp_path, cfg))
+
+
+def test_compression_joins_the_digest_only_when_on(tmp_path: Path) -> None:
+    plain = load_config(write(tmp_path, base())).digest
+    cfg = base()
+    cfg["aggregation"] = {"compression": "none"}
+    assert load_config(write(tmp_path, cfg, "none.yaml")).digest == plain
+    digests = {plain}
+    for spelled in ("fp16", "int8", "topk:0.1", "topk:0.2"):
+        cfg["aggregation"] = {"compression": spelled}
+        digests.add(load_config(write(tmp_path, cfg, f"{spelled}.yaml")).digest)
+    cfg["aggregation"]["consensus_step"] = 0.3
+    digests.add(load_config(write(tmp_path, cfg, "step.yaml")).digest)
+    assert len(digests) == 6

@@ -20,7 +20,13 @@ from p2pfl.logs import command
 from p2pfl.logs.command import normalize_argv, parse_rounds, parse_since, register
 from p2pfl.logs.plot import plot_logs
 from p2pfl.logs.read import Event, LogError, Problem, Tail, parse_record, read_logs
-from p2pfl.logs.summary import format_summary, human_bytes, summarize
+from p2pfl.logs.summary import (
+    bytes_per_round,
+    format_summary,
+    human_bytes,
+    run_totals,
+    summarize,
+)
 from p2pfl.logs.trace import format_event, format_trace, trace_round
 
 from .conftest import TIMEOUT
@@ -900,3 +906,31 @@ def test_summary_counts_silent_neighbours() -> None:
     assert table.splitlines()[0].split()[-1] == "silences"
     assert [line.split()[-1] for line in table.splitlines()[1:3]] == ["1", "0"]
     assert "silences: neighbours suspected by the failure detector" in table
+
+
+def test_summary_shows_bytes_per_round_and_the_compression() -> None:
+    def e(node: str, kind: str, r: int | None, fields: dict[str, object]) -> Event:
+        return Event(T0, node, kind, r, 1, fields, Path("x"), 1)
+
+    events = [
+        e("a", "node_start", 0, {"parameters": 1000, "compression": "int8"}),
+        e("a", "send", 0, {"peer": "b", "bytes": 4009, "keyframe": True}),
+        e("a", "send", 1, {"peer": "b", "bytes": 1000}),
+        e("a", "round_end", 0, {"duration_s": 0.1}),
+        e("a", "round_end", 1, {"duration_s": 0.1}),
+        e("b", "node_start", 0, {"parameters": 1000, "compression": "<script>x"}),
+        e("b", "send", 0, {"peer": "a", "bytes": 4000}),
+        e("b", "round_end", 0, {"duration_s": 0.1}),
+    ]
+    a, b = summarize(events)
+    assert (a.keyframes, a.sent_per_round, b.keyframes) == (1, 2504.5, 0)
+    assert a.compression_ratio == pytest.approx(8000 / 5009)
+    table = format_summary([a, b])
+    header = table.splitlines()[0].split()
+    assert header[-2:] == ["compression", "keyframes"] and "sent/round" in header
+    assert table.splitlines()[1].split()[-3:] == ["int8", "1.6x", "1"]
+    assert bytes_per_round(events, 3) == [8009, 1000, 0]
+    totals = run_totals([a, b])
+    assert totals["compression"] == "<script>x, int8" and totals["bytes_per_round"] == 4504.5
+    plain = summarize([e("c", "send", 0, {"bytes": 4}), e("c", "round_end", 0, {})])
+    assert "compression" not in format_summary(plain)

@@ -271,3 +271,13 @@ def test_status_shows_a_silent_neighbour_with_its_level() -> None:
     }
     rows = {line.split()[0]: line for line in format_status(status).splitlines()[3:]}
     assert "connected" in rows["bob"] and "silent (phi 9.4)" in rows["carol"]
+
+
+def test_metrics_show_the_compression_and_keyframes() -> None:
+    metrics = NodeMetrics("alice", ["bob"], lambda: 1)
+    metrics.observe({"type": "node_start", "compression": "topk:0.1"})
+    metrics.observe({"type": "send", "peer": "bob", "bytes": 10, "keyframe": True})
+    metrics.observe({"type": "send", "peer": "bob", "bytes": 5})
+    registry = metrics.registry
+    assert registry.get_sample_value("p2pfl_compression_info", {"compression": "topk:0.1"}) == 1
+    assert registry.get_sample_value("p2pfl_keyframes_sent_total") == 1

@@ -108,6 +108,7 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         dp=_dp(args),
         progress=not args.quiet,
         rule=_rule(args),
+        compression=_compression(args),
         byzantine=_parse_byzantine(args.byzantine, ids),
         hosts=_hosts(args, ids),
         net_faults=_net_faults(args, ids),
@@ -159,6 +160,20 @@ def _rule(args: argparse.Namespace) -> str:
     if args.secure and parse_rule(rule).robust:
         raise P2PFLError(f"--rule {rule} cannot be combined with --secure (see peers.yaml)")
     return rule
+
+
+def _compression(args: argparse.Namespace) -> str:
+    from p2pfl.core.compress import parse_compression
+
+    try:
+        compression = parse_compression(args.compression)
+    except ValueError as exc:
+        raise P2PFLError(f"--compression: {exc}") from exc
+    if args.secure and compression.enabled:
+        raise P2PFLError(
+            f"--compression {compression} cannot be combined with --secure (see peers.yaml)"
+        )
+    return str(compression)
 
 
 def _faults(args: argparse.Namespace, ids: list[str]) -> tuple[Any, ...]:

@@ -281,6 +281,13 @@ def _add_harness_faults_and_privacy(p: argparse.ArgumentParser) -> None:
         "clipped:TAU (robust rules: plain mode only)",
     )
     p.add_argument(
+        "--compression",
+        default="none",
+        metavar="KIND",
+        help="what peers send each round: none (default), fp16, int8 or topk:FRACTION "
+        "(compressed differences of public copies; plain mode only)",
+    )
+    p.add_argument(
         "--byzantine",
         action="append",
         default=[],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from p2pfl.config.fields import FieldReader, shown
 from p2pfl.config.schema import AggregationConfig
 from p2pfl.core.aggregate import parse_rule
+from p2pfl.core.compress import Compression, parse_compression
 from p2pfl.core.privacy import DPConfig
 from p2pfl.core.topology import TopologyConfig, graph_for_round
 from p2pfl.proto.wire import MAX_GROUP_IDS
@@ -22,7 +23,17 @@ class AggregationReader(FieldReader):
         section = self.section(
             value,
             "aggregation",
-            ("rule", "secure", "clip", "frac_bits", "recovery_timeout", "threshold", "dp"),
+            (
+                "rule",
+                "secure",
+                "clip",
+                "frac_bits",
+                "recovery_timeout",
+                "threshold",
+                "dp",
+                "compression",
+                "consensus_step",
+            ),
         )
         raw_rule = section.get("rule", "metropolis")
         if not isinstance(raw_rule, str):
@@ -67,9 +78,50 @@ class AggregationReader(FieldReader):
                 f"members rebuilds a secret), got {threshold:g}",
             )
         dp = self.dp(section["dp"]) if section.get("dp") is not None else None
+        compression = self.compression(section.get("compression", "none"), secure)
+        consensus_step = self.consensus_step(section.get("consensus_step"), compression)
         return AggregationConfig(
-            rule, secure, clip, frac_bits, recovery_timeout, dp=dp, threshold=threshold
+            rule,
+            secure,
+            clip,
+            frac_bits,
+            recovery_timeout,
+            dp=dp,
+            threshold=threshold,
+            compression=str(compression),
+            consensus_step=consensus_step,
         )
+
+    def consensus_step(self, step: object, compression: Compression) -> float | None:
+        if step is None:
+            return None
+        if not compression.enabled:
+            self.fail(
+                "aggregation.consensus_step",
+                "applies only with a compression (it is the step of the averaging of "
+                "public copies); remove it, or set aggregation.compression",
+            )
+        return self.positive(step, "aggregation.consensus_step", 1.0, "a step size")
+
+    def compression(self, value: object, secure: bool) -> Compression:
+        if not isinstance(value, str):
+            self.fail(
+                "aggregation.compression",
+                f"expected none, fp16, int8 or topk:FRACTION, got {shown(value)}",
+            )
+        try:
+            compression = parse_compression(value)
+        except ValueError as exc:
+            self.fail("aggregation.compression", str(exc))
+        if secure and compression.enabled:
+            self.fail(
+                "aggregation.compression",
+                f"{compression} cannot be combined with secure: true: a secure vector is "
+                "masked with uniformly random 32-bit numbers, which do not compress, and a "
+                "ring narrow enough to pay (16 bits) cannot hold a neighbourhood's sum at "
+                "a useful precision; use compression: none with secure aggregation",
+            )
+        return compression
 
     def dp(self, value: object) -> DPConfig:
         keys = ("clip_norm", "noise_multiplier", "delta")

@@ -138,6 +138,12 @@ class AggregationConfig:
     threshold: float = 0.5
     #: Differential privacy of every peer's updates (None: off).
     dp: DPConfig | None = None
+    #: What a node sends each round (``none``, ``fp16``, ``int8``, ``topk:F``; normalised
+    #: spelling: ``p2pfl.core.compress.parse_compression`` reads it).
+    compression: str = "none"
+    #: With compression, the consensus step gamma of the averaging (None: the
+    #: compression's default, ``Compression.default_step``).
+    consensus_step: float | None = None
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,15 @@ def shared_mapping(
                 "noise_multiplier": aggregation.dp.noise_multiplier,
                 "delta": aggregation.dp.delta,
             },
+            # Only when set otherwise: files without compression keep their digests.
+            **(
+                {}
+                if aggregation.compression == "none"
+                else {
+                    "compression": aggregation.compression,
+                    "consensus_step": aggregation.consensus_step,
+                }
+            ),
         },
         "limits": {
             "max_buffered_rounds": limits.max_buffered_rounds,

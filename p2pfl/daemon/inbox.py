@@ -2,6 +2,10 @@
 round core (``rounds.RoundTracker``) and logged; secure aggregation's messages go to the
 secure exchange (whose session judges them).
 
+With compression a stream is a payload that changes this node's copy of the sender's
+public copy (``core.public_copy``): it is read and applied whatever the round's verdict, so
+the copies stay in step, and the copy (a snapshot) is what the round receives.
+
 Every rejection is a ``reject`` event with its reason (secure aggregation's are throttled
 per peer); the link stays up unless the message breaks the protocol (then a MessageError
 drops it).
@@ -14,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from p2pfl.core.public_copy import PeerCopies, StaleDifference
 from p2pfl.core.rounds import RoundTracker
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.net import PeerLink
@@ -46,6 +51,8 @@ class Inbox:
         exchange: SecureExchange | None,
         offer: Callable[[PeerLink], None],
         notify: Callable[[], None],
+        copies: PeerCopies | None = None,
+        snapshot: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.tracker = tracker
         self.events = events
@@ -56,6 +63,10 @@ class Inbox:
         self.secure = exchange is not None
         self.offer = offer
         self.notify = notify
+        #: Compression: the copies of the neighbours' public copies, and how a copy is
+        #: snapshotted for a round (None: plain or secure streams).
+        self.copies = copies
+        self.snapshot = snapshot or (lambda copy: copy.copy())
 
     def message(self, link: PeerLink, msg: Message) -> None:
         """Handle one authenticated message (RemoteProtocolError/MessageError drop the link)."""
@@ -75,7 +86,9 @@ class Inbox:
             verdict = self.tracker.judge(link.peer_id, msg.round)
             if not verdict.keep:
                 self.events.emit("reject", msg.round, peer=link.peer_id, reason=verdict.reason)
-            link.receiver.begin(msg.round, msg.total_bytes, keep=verdict.keep)
+            link.stream_keep = verdict.keep
+            whole = verdict.keep or self.copies is not None
+            link.receiver.begin(msg.round, msg.total_bytes, keep=whole)
             link.stream_started = time.monotonic()
             link.stream_lamport = msg.lamport
         elif isinstance(msg, Keys | Shares | Present | Confirm | Unmask | Reveal):
@@ -87,20 +100,32 @@ class Inbox:
         done = link.receiver.chunk(msg.round, msg.offset, msg.data)
         if done is None or done.params is None:
             return
+        params, payload_bytes = done.params, done.params.nbytes
+        if self.copies is not None:
+            try:
+                copy = self.copies.apply(link.peer_id, done.round, params)
+            except StaleDifference as exc:
+                self.events.emit("reject", done.round, peer=link.peer_id, reason=str(exc))
+                return
+            if not link.stream_keep:
+                return  # (judged at its start: the reject is logged)
+            params = self.snapshot(copy)
         # One NaN would spread to every model. A float64 sum is NaN/inf exactly when some
-        # entry is (float32 values cannot overflow it) and allocates no model-sized mask.
-        if not self.secure and not np.isfinite(np.sum(done.params, dtype=np.float64)):
+        # entry is (float32 values cannot overflow it) and allocates no model-sized mask;
+        # (+inf and -inf together make it NaN with a warning: silenced, still refused).
+        # (A compressed stream's copy was checked when the payload was applied.)
+        elif not self.secure and not _finite(params):
             self.events.emit(
                 "reject", done.round, peer=link.peer_id, reason="non-finite parameters"
             )
             return
-        verdict = self.tracker.deliver(link.peer_id, done.round, done.params)
+        verdict = self.tracker.deliver(link.peer_id, done.round, params)
         if verdict.keep:
             self.events.emit(
                 "recv",
                 done.round,
                 peer=link.peer_id,
-                bytes=done.params.nbytes,
+                bytes=payload_bytes,
                 duration_s=round(time.monotonic() - link.stream_started, 6),
                 buffered=done.round > self.tracker.current,
                 sent_lamport=link.stream_lamport,
@@ -121,3 +146,8 @@ class Inbox:
             exchange.receive(link, msg)
         except SecureAggregationError as exc:  # a step refused that no handler foresaw
             self.events.emit("reject", msg.round, peer=link.peer_id, reason=str(exc))
+
+
+def _finite(params: np.ndarray) -> bool:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.isfinite(np.sum(params, dtype=np.float64)))

@@ -62,6 +62,17 @@ class NodeMetrics:
         self.sent_bytes = Counter(
             "p2pfl_sent_bytes", "Parameter bytes sent, per neighbour", ["peer"], registry=r
         )
+        self.compression = Gauge(
+            "p2pfl_compression_info",
+            "What the node sends (aggregation.compression; value 1)",
+            ["compression"],
+            registry=r,
+        )
+        self.keyframes = Counter(
+            "p2pfl_keyframes_sent",
+            "Compressed streams sent as whole copies (the neighbour's copy was not in step)",
+            registry=r,
+        )
         self.received_bytes = Counter(
             "p2pfl_received_bytes", "Parameter bytes received, per neighbour", ["peer"], registry=r
         )
@@ -111,6 +122,8 @@ class NodeMetrics:
         with self._lock:
             if kind == "round_start" and isinstance(event.get("round"), int):
                 self.round.set(event["round"])
+            elif kind == "node_start" and isinstance(event.get("compression"), str):
+                self.compression.labels(compression=event["compression"]).set(1)
             elif kind == "round_end":
                 self.rounds.inc()
                 self._observe(self.round_seconds, event.get("duration_s"))
@@ -127,6 +140,8 @@ class NodeMetrics:
                     (self.sent_bytes if kind == "send" else self.received_bytes).labels(
                         peer=peer
                     ).inc(size)
+                if kind == "send" and event.get("keyframe") is True:
+                    self.keyframes.inc()
             elif kind == "reject":
                 self.rejections.labels(reason=self._reason(str(event.get("reason", "")))).inc()
             elif kind == "handshake_fail":

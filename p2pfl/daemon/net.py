@@ -104,6 +104,7 @@ class PeerLink:
         initiator: bool,
         allocate: Callable[[], np.ndarray] | None = None,
         send_timeout: float = 10.0,
+        variable: bool = False,
     ) -> None:
         self.peer_id = peer_id
         #: A record that cannot be handed to the socket in this long (the peer stopped
@@ -112,7 +113,13 @@ class PeerLink:
         self.ws = ws
         self.channel = channel
         self.initiator = initiator
-        self.receiver = StreamReceiver(expected_bytes, allocate)
+        self.receiver = StreamReceiver(expected_bytes, allocate, variable=variable)
+        #: Compression: the version of our public copy last sent on this link (streams
+        #: on one link arrive in order; None: nothing yet, the next one is a keyframe).
+        self.copy_version: int | None = None
+        #: Whether the stream being received is kept for the round (a compressed stream
+        #: is always read whole: it changes the copy of the sender's model).
+        self.stream_keep = False
         self.stream_started = 0.0
         #: The sender's Lamport time of the stream being received (its ``send`` event's).
         self.stream_lamport = 0
@@ -325,6 +332,7 @@ class Network:
         expected_bytes: int,
         allocate: Callable[[], np.ndarray] | None = None,
         derived: Mapping[str, str] | None = None,
+        variable_streams: bool = False,
     ) -> None:
         derived = derived or {}
         self.config = config
@@ -335,6 +343,8 @@ class Network:
         self.expected_bytes = expected_bytes
         #: Where a received model goes (a float32 array of expected_bytes): see ``pool``.
         self.allocate = allocate
+        #: Compressed payloads: parameter streams of any length up to ``expected_bytes``.
+        self.variable_streams = variable_streams
         chunk = config.limits.chunk_bytes
         self.limits = NetLimits(
             max_record=chunk + CHUNK_OVERHEAD + TAGLEN,
@@ -562,6 +572,7 @@ class Network:
             initiator=initiator,
             allocate=self.allocate,
             send_timeout=self.config.net.heartbeat_timeout,
+            variable=self.variable_streams,
         )
 
     def _authenticated(self, ws: Connection) -> None:

@@ -26,9 +26,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from p2pfl.config import Config
 from p2pfl.core.aggregate import aggregate, parse_rule
 from p2pfl.core.clock import LamportClock
+from p2pfl.core.compress import max_payload_bytes, parse_compression
 from p2pfl.core.liveness import DetectorSettings, Liveness
 from p2pfl.core.moments import digest
 from p2pfl.core.phases import Phase, advance
+from p2pfl.core.public_copy import NotFinite, OwnCopy, PeerCopies, consensus_step
 from p2pfl.core.rounds import RoundTracker
 from p2pfl.core.scoring import SuspectTracker
 from p2pfl.core.topology import ever_neighbours, graph_for_round, metropolis_weights
@@ -50,6 +52,7 @@ from p2pfl.learning import Dataset
 from p2pfl.learning.base import Evaluation
 from p2pfl.learning.trainer import LocalModel, Trained, restore_dp_releases
 from p2pfl.proto.wire import (
+    DTYPE_COMPRESSED,
     DTYPE_FLOAT32,
     DTYPE_MASKED_U32,
     Message,
@@ -108,7 +111,7 @@ class Node:
         self.secure = (
             FixedPoint(aggregation.clip, aggregation.frac_bits) if aggregation.secure else None
         )
-        self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
+        self._public_copies()
         #: How plain rounds combine the models (secure rounds: Metropolis over the sum).
         self.rule = parse_rule(aggregation.rule)
         #: Neighbours whose updates the rule keeps rejecting (logged as ``suspect``).
@@ -170,6 +173,23 @@ class Node:
         #: The round a restart should begin with, given what self.params holds now.
         self._resume_round = 0
 
+    def _public_copies(self) -> None:
+        """What a node sends (``aggregation.compression``): with one, differences of its
+        public copy (``core.public_copy``), and the averaging mixes the copies."""
+        aggregation = self.config.aggregation
+        self.compression = parse_compression(aggregation.compression)
+        self.consensus_step = aggregation.consensus_step or self.compression.default_step()
+        self.own_copy: OwnCopy | None = None
+        self.peer_copies: PeerCopies | None = None
+        if self.compression.enabled:
+            # The shared initial model: a fresh neighbour's copy of ours starts as it.
+            initial = np.array(self.params, dtype=np.float32)
+            self.own_copy = OwnCopy(self.compression, initial)
+            self.peer_copies = PeerCopies(self.compression, initial)
+            self.params_dtype = DTYPE_COMPRESSED
+        else:
+            self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
+
     def _open_log(self, options: NodeOptions) -> None:
         """The state directory (made private), the event log and what listens to it."""
         # The model and the log say something about local data: owner-only (0700 / 0600).
@@ -209,15 +229,19 @@ class Node:
         config, options = self.config, self.options
         #: Spare model-sized arrays: received models, and (secure) masks, reuse them.
         self.buffers = ArrayPool(self.params.size, keep=0)
+        compressed = self.compression.enabled
         self.net = Network(
             config=config,
             own_id=self.id,
             private_key=private_key,
             handler=self,
             events=self.events,
-            expected_bytes=self.params.nbytes,
+            expected_bytes=max_payload_bytes(self.params.size)
+            if compressed
+            else self.params.nbytes,
             allocate=lambda: self.buffers.take().view(np.float32),
             derived=self.derived,
+            variable_streams=compressed,
         )
         self.worker = Worker()
         self.saver = RoundSaver(
@@ -244,7 +268,16 @@ class Node:
             exchange=self.exchange,
             offer=self.offer,
             notify=self.notify,
+            copies=self.peer_copies,
+            snapshot=self._snapshot,
         )
+
+    def _snapshot(self, copy: np.ndarray) -> np.ndarray:
+        """A neighbour's public copy as this round received it (a pool array: the copy
+        itself changes with the neighbour's next difference)."""
+        out = self.buffers.take().view(np.float32)
+        out[:] = copy
+        return out
 
     @property
     def input_scale(self) -> float:
@@ -604,6 +637,8 @@ class Node:
         neighbours = self.neighbours_of(r)
         self.tracker.start_round(r)
         self._resume_round = r
+        if self.peer_copies is not None:  # (a late difference of round r - 1 still applies)
+            self.peer_copies.keep_only(neighbours | self.neighbours_of(max(r - 1, 0)))
         # A round's received models (and, secure, masks for it and the next) are reused.
         self.buffers.keep = (2 if self.exchange is not None else 1) * len(neighbours)
         self.net.broadcast_status(r)
@@ -640,7 +675,15 @@ class Node:
         until the round core (or the secure exchange) says collection is over."""
         loop = asyncio.get_running_loop()
         exchange = self.exchange
-        if exchange is None:
+        if self.own_copy is not None:
+            try:
+                outgoing = await self.worker.run("compress", self.own_copy.advance, self.params, r)
+            except NotFinite as exc:
+                log.error("%s round %d: %s", self.id, r, exc)
+                self.outbox.open(r, {})
+            else:
+                self.outbox.open(r, dict.fromkeys(neighbours, outgoing))
+        elif exchange is None:
             self.outbox.open(r, dict.fromkeys(neighbours, self.params))
         else:  # each owner's vector is added as its key exchange and mask are done
             self.outbox.open(r, {})
@@ -734,8 +777,19 @@ class Node:
         self, r: int, received: dict[str, np.ndarray], weights: dict[str, float]
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """The configured rule over our model and the neighbours'; outliers it flags feed
-        the suspect tracker."""
-        self.params, used, outliers = aggregate(self.rule, self.id, self.params, received, weights)
+        the suspect tracker. With compression the rule mixes the public copies, and the
+        model moves by ``consensus_step`` towards their mix (``core.public_copy``)."""
+        if self.own_copy is None:
+            self.params, used, outliers = aggregate(
+                self.rule, self.id, self.params, received, weights
+            )
+        else:
+            assert self.own_copy.copy is not None  # (advanced in this round's send)
+            own = self.buffers.take().view(np.float32)
+            own[:] = self.own_copy.copy
+            mixed, used, outliers = aggregate(self.rule, self.id, own, received, weights)
+            consensus_step(self.params, self.own_copy.copy, mixed, self.consensus_step)
+            self.buffers.give(own)
         for consumed in received.values():
             self.buffers.give(consumed)
         outcome: dict[str, Any] = {"outliers": outliers} if outliers else {}
@@ -874,6 +928,8 @@ class Node:
             return 0
         if checkpoint is not None:
             self.params = checkpoint.params
+            if self.own_copy is not None:  # what the neighbours knew of it is gone
+                self.own_copy = OwnCopy(self.compression, None)
             start_round = checkpoint.next_round
             self.clock.restore(checkpoint.lamport)
             self.events.emit("resume", start_round, reason="checkpoint")
@@ -885,6 +941,7 @@ class Node:
             start_round,
             config_digest=self.config.digest_hex,
             parameters=int(self.params.size),
+            compression=str(self.compression),
             input_scale=self.input_scale,
             samples=len(self.local.data.y),
             **({"tightened": self.tightened} if self.tightened else {}),

@@ -1,7 +1,9 @@
 """This round's parameters on their way to the neighbours.
 
-Plain rounds send one array to every neighbour; secure rounds send each neighbour's group
-its own masked vector, added as each is ready. A stream starts on a link as soon as
+Plain rounds send one array to every neighbour; compressed rounds one difference of the
+public copy, or its keyframe where the neighbour's copy is not in step
+(``core.public_copy``); secure rounds send each neighbour's group its own masked vector,
+added as each is ready. A stream starts on a link as soon as
 ``rounds.may_send`` says the neighbour can use it, and the round's end waits (bounded) for
 the streams in flight, but for those to neighbours that are unavailable (silent or gone):
 those go on from a copy of what they send, since the model is averaged in place next.
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from p2pfl.config import LimitsConfig
+from p2pfl.core.public_copy import Outgoing
 from p2pfl.core.rounds import may_send
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.net import CLOSE_INTERNAL_ERROR, PeerLink
@@ -34,7 +37,7 @@ class Outbox:
         self.dtype = dtype
         #: The round being sent, and what goes to whom (None between rounds).
         self.round: int | None = None
-        self.vectors: dict[str, np.ndarray] = {}
+        self.vectors: dict[str, np.ndarray | Outgoing] = {}
         #: False once collection is over: no new stream starts (those in flight finish).
         self.offering = False
         #: Streams in flight, per link (a replaced link's stream is tracked on its own).
@@ -42,7 +45,7 @@ class Outbox:
         #: What each stream in flight reads (it may be switched to a copy: ``finish``).
         self.sources: dict[PeerLink, StreamSource] = {}
 
-    def open(self, round_index: int, vectors: dict[str, np.ndarray]) -> None:
+    def open(self, round_index: int, vectors: dict[str, np.ndarray | Outgoing]) -> None:
         """Start sending round ``round_index``: ``vectors`` now, more with ``add``."""
         self.round = round_index
         self.vectors = vectors
@@ -64,7 +67,12 @@ class Outbox:
         ):
             return
         link.sent_round = self.round
-        self._start_send(link, self.round, params)
+        extra: dict[str, object] = {}
+        if isinstance(params, Outgoing):
+            params, keyframe = params.for_version(link.copy_version)
+            link.copy_version = self.round
+            extra = {"keyframe": True} if keyframe else {}
+        self._start_send(link, self.round, params, extra)
 
     def offer_all(self, peers: Iterable[str], links: dict[str, PeerLink]) -> None:
         for peer in sorted(peers):
@@ -75,7 +83,7 @@ class Outbox:
     def close(self) -> list[np.ndarray]:
         """Stop sending: returns the vectors (their arrays are free to reuse only once no
         stream reads them, see ``all_sent``)."""
-        vectors = list(self.vectors.values())
+        vectors = [v for v in self.vectors.values() if isinstance(v, np.ndarray)]
         self.round = None
         self.vectors = {}
         self.offering = False
@@ -109,9 +117,11 @@ class Outbox:
             *(link.close(CLOSE_INTERNAL_ERROR, "stream abandoned") for link in stuck)
         )
 
-    def _start_send(self, link: PeerLink, round_index: int, params: np.ndarray) -> None:
+    def _start_send(
+        self, link: PeerLink, round_index: int, params: np.ndarray, extra: dict[str, object]
+    ) -> None:
         source = StreamSource(params)
-        task = asyncio.ensure_future(self._send(link, round_index, source))
+        task = asyncio.ensure_future(self._send(link, round_index, source, extra))
         self.streams[link] = task
         self.sources[link] = source
 
@@ -122,7 +132,9 @@ class Outbox:
 
         task.add_done_callback(done)
 
-    async def _send(self, link: PeerLink, round_index: int, source: StreamSource) -> None:
+    async def _send(
+        self, link: PeerLink, round_index: int, source: StreamSource, extra: dict[str, object]
+    ) -> None:
         started = time.monotonic()
         lamport = self.events.clock.tick()
         params = source.array
@@ -141,4 +153,5 @@ class Outbox:
             wire_bytes=sent,
             duration_s=round(time.monotonic() - started, 6),
             lamport=lamport,
+            **extra,
         )

@@ -19,6 +19,7 @@ import numpy as np
 from p2pfl.harness.baseline import BaselineResult
 from p2pfl.learning.base import Evaluation
 from p2pfl.logs.read import Event, finite
+from p2pfl.logs.summary import bytes_per_round, summarize
 
 #: As in ``p2pfl logs`` (and ``ls -h``): 1 MB = 2**20 bytes.
 MB = 2**20
@@ -189,6 +190,7 @@ def build_summary(
         **_round_times(events),
         "bytes_sent": sum(p.bytes_sent for p in peers),
         "bytes_received": sum(p.bytes_received for p in peers),
+        **_bytes(events, int(options.get("rounds") or 0)),
         "peak_rss_mb": {
             "per_peer": {p.peer: p.peak_rss_mb for p in peers},
             "max": max((p.peak_rss_mb or 0.0 for p in peers), default=0.0),
@@ -246,6 +248,25 @@ def _baseline_scores(baseline: BaselineResult | None, m: str, mean: float | None
         "centralized_seconds": round(baseline.seconds, 3) if baseline else None,
         "ratio": round(mean / central, 6) if mean is not None and central else None,
     }
+
+
+def _bytes(events: Sequence[Event], rounds: int) -> dict[str, Any]:
+    """Parameter bytes all peers sent in each round, and how many times fewer than float32
+    models would have taken (1.0 without compression)."""
+    summaries = summarize(events)
+    ratio = [s.compression_ratio for s in summaries if s.compression_ratio is not None]
+    return {
+        "bytes_sent_per_round": bytes_per_round(events, rounds),
+        "compression_ratio": round(statistics.fmean(ratio), 4) if ratio else None,
+    }
+
+
+def _compressed(summary: Mapping[str, Any]) -> str:
+    """ " (int8: 3.9x fewer bytes than float32)", or nothing without compression."""
+    compression, ratio = summary.get("compression"), summary.get("compression_ratio")
+    if compression in (None, "none") or ratio is None:
+        return ""
+    return f" ({compression}: {ratio:.1f}x fewer bytes than float32)"
 
 
 def _round_times(events: Sequence[Event]) -> dict[str, Any]:
@@ -356,6 +377,7 @@ def render_table(summary: Mapping[str, Any]) -> str:
         f"round time: median {_fmt(None if median is None else median * 1000, '.1f')} ms, "
         f"training {_fmt(None if share is None else share * 100, '.0f')}% of it; "
         f"wall {summary['wall_s']:.1f} s; {summary['bytes_sent'] / MB:.1f} MB of parameters sent"
+        + _compressed(summary)
     )
     rss = summary["peak_rss_mb"]
     rows.append(

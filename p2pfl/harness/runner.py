@@ -98,6 +98,8 @@ class HarnessOptions:
     task: Task | None = None
     #: aggregation.rule for peers.yaml (metropolis, median, trimmed-mean:B, clipped:T).
     rule: str = "metropolis"
+    #: aggregation.compression for peers.yaml (none, fp16, int8, topk:F).
+    compression: str = "none"
     #: Poisoning peers: peer -> attack (``--byzantine PEER:KIND``).
     byzantine: Mapping[str, str] = field(default_factory=dict)
     #: ``--hosts``: every peer on a simulated host of its own, with this link (peer ->
@@ -860,6 +862,8 @@ def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, sca
     shared["net"] = {"down_grace": options.down_grace}
     shared["aggregation"]["secure"] = options.secure
     shared["aggregation"]["rule"] = options.rule
+    if options.compression != "none":
+        shared["aggregation"]["compression"] = options.compression
     if options.dp is not None:
         shared["aggregation"]["dp"] = dict(options.dp)
     where = "on 127.0.0.1" if hosts is None else "on a simulated host of its own"
@@ -1060,6 +1064,7 @@ def _summary_options(options: HarnessOptions, prepared: Prepared) -> dict[str, A
         "topology": options.topology_text,
         "secure": options.secure,
         "rule": options.rule,
+        "compression": options.compression,
         "byzantine": dict(options.byzantine),
         "dp": None if options.dp is None else dict(options.dp),
         "model": options.model_text,

@@ -45,6 +45,24 @@ class PeerSummary:
     #: Times a connected neighbour went silent past the failure detector's threshold
     #: (``suspect_link``).
     silences: int = 0
+    #: ``aggregation.compression`` as the node logged it at start (None: an older log).
+    compression: str | None = None
+    #: The model's parameter count (node_start), for the float32 size of what was sent.
+    parameters: int | None = None
+    #: Compressed streams that were whole copies (a neighbour's copy was not in step).
+    keyframes: int = 0
+
+    @property
+    def sent_per_round(self) -> float | None:
+        """Parameter bytes sent per round (to all neighbours together)."""
+        return self.bytes_sent / self.rounds if self.rounds else None
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """How many times fewer bytes went out than float32 models would have taken."""
+        if not self.parameters or not self.bytes_sent:
+            return None
+        return self.sent * 4 * self.parameters / self.bytes_sent
 
 
 def _number(value: Any) -> float | None:
@@ -85,12 +103,21 @@ class _Tally:
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     round_durations: list[float] = field(default_factory=list)
+    compression: str | None = None
+    parameters: int | None = None
 
     def add(self, e: Event) -> None:
         self.counts[e.type] += 1
         if e.type in self.nbytes:
             size = _number(e.get("bytes"))
             self.nbytes[e.type] += int(size) if size is not None else 0
+            if e.type == "send" and e.get("keyframe") is True:
+                self.counts["keyframe"] += 1
+        elif e.type == "node_start":
+            compression = e.get("compression")
+            self.compression = compression[:32] if isinstance(compression, str) else None
+            count = _number(e.get("parameters"))
+            self.parameters = int(count) if count is not None and count > 0 else None
         elif e.type == "round_end":
             duration = _number(e.get("duration_s"))
             if duration is not None:
@@ -161,6 +188,9 @@ def _summarize_node(node: str, events: list[Event]) -> PeerSummary:
         suspects=sorted(t.suspects),
         alone=t.alone,
         silences=t.counts["suspect_link"],
+        compression=t.compression,
+        parameters=t.parameters,
+        keyframes=t.counts["keyframe"],
     )
 
 
@@ -186,6 +216,7 @@ _COLUMNS = (
     ("recv", ">"),
     ("bytes sent", ">"),
     ("bytes recv", ">"),
+    ("sent/round", ">"),
     ("rejects", ">"),
     ("reconn", ">"),
     ("round ms", ">"),
@@ -207,6 +238,7 @@ def _row(s: PeerSummary) -> list[str]:
         str(s.received),
         human_bytes(s.bytes_sent),
         human_bytes(s.bytes_received),
+        "-" if s.sent_per_round is None else human_bytes(s.sent_per_round),
         str(s.rejections),
         str(s.reconnects),
         _opt(s.mean_round_s, ".1f", 1000),
@@ -243,6 +275,17 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
         rows[0].append("silences")
         for row, s in zip(rows[1:], summaries, strict=True):
             row.append(str(s.silences))
+    compressed = any(s.compression not in (None, "none") for s in summaries)
+    if compressed:  # what each node sends, and how much smaller than float32 models
+        columns.append(("compression", "<"))
+        rows[0].append("compression")
+        for row, s in zip(rows[1:], summaries, strict=True):
+            ratio = s.compression_ratio
+            row.append(f"{s.compression or '-'}" + ("" if ratio is None else f" {ratio:.1f}x"))
+        columns.append(("keyframes", ">"))
+        rows[0].append("keyframes")
+        for row, s in zip(rows[1:], summaries, strict=True):
+            row.append(str(s.keyframes))
     if any(s.dp_epsilon is not None for s in summaries):  # a DP network: its budget so far
         columns.append(("epsilon", ">"))
         rows[0].append("epsilon")
@@ -259,6 +302,11 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
     deltas = {s.dp_delta for s in summaries if s.dp_delta is not None}
     if deltas:
         lines.append(f"epsilon: differential privacy spent so far, at delta {min(deltas):g}")
+    if compressed:
+        lines.append(
+            "compression: aggregation.compression, and how many times fewer bytes were sent "
+            "than float32 models; keyframes: whole copies sent to a neighbour out of step"
+        )
     if any(s.alone for s in summaries):
         lines.append("alone: rounds averaged with no neighbour's model")
     if any(s.silences for s in summaries):
@@ -278,7 +326,24 @@ def format_summary(summaries: Sequence[PeerSummary]) -> str:
 
 def summary_json(summaries: Sequence[PeerSummary]) -> list[dict[str, Any]]:
     """The JSON form: one object per peer, durations in seconds, sizes in bytes."""
-    return [asdict(s) for s in summaries]
+    return [
+        {
+            **asdict(s),
+            "sent_per_round": s.sent_per_round,
+            "compression_ratio": s.compression_ratio,
+        }
+        for s in summaries
+    ]
+
+
+def bytes_per_round(events: Iterable[Event], rounds: int) -> list[int]:
+    """Parameter bytes all nodes sent in each round (``send`` events), rounds 0..rounds-1."""
+    totals = [0] * rounds
+    for e in events:
+        if e.type == "send" and isinstance(e.round, int) and 0 <= e.round < rounds:
+            size = _number(e.get("bytes"))
+            totals[e.round] += int(size) if size is not None else 0
+    return totals
 
 
 def run_totals(summaries: Sequence[PeerSummary]) -> dict[str, Any]:
@@ -296,6 +361,10 @@ def run_totals(summaries: Sequence[PeerSummary]) -> dict[str, Any]:
         "round_ms": None if not rounds else 1000 * sum(rounds) / len(rounds),
         "cpu_ms": None if not cpu else 1000 * sum(cpu) / len(cpu),
         "bytes_sent": sum(s.bytes_sent for s in summaries),
+        "bytes_per_round": None
+        if not any(s.rounds for s in summaries)
+        else sum(s.bytes_sent for s in summaries) / max(s.rounds for s in summaries),
+        "compression": ", ".join(sorted({s.compression or "none" for s in summaries})) or "-",
         "rejects": sum(s.rejections for s in summaries),
         "alone": sum(s.alone for s in summaries),
         "metric": "R^2" if any(s.last_r2 is not None for s in summaries) else "accuracy",
@@ -312,6 +381,11 @@ def format_compare(names: Sequence[str], totals: Sequence[Mapping[str, Any]]) ->
         ("round ms (mean)", lambda t: _opt(t["round_ms"], ".1f")),
         ("cpu ms per round", lambda t: _opt(t["cpu_ms"], ".1f")),
         ("bytes sent", lambda t: human_bytes(t["bytes_sent"])),
+        (
+            "bytes sent per round",
+            lambda t: "-" if t["bytes_per_round"] is None else human_bytes(t["bytes_per_round"]),
+        ),
+        ("compression", lambda t: str(t["compression"])),
         ("rejects", lambda t: str(t["rejects"])),
         ("rounds alone", lambda t: str(t["alone"])),
         ("last score, mean", lambda t: f"{_opt(t['score_mean'], '.4f')} {t['metric']}"),

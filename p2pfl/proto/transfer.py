@@ -18,8 +18,8 @@ from p2pfl.errors import MessageError
 def iter_chunks(
     flat: np.ndarray | StreamSource, chunk_bytes: int
 ) -> Iterator[tuple[int, memoryview]]:
-    """Yield (byte offset, view) pieces of a contiguous 4-byte vector (float32 parameters,
-    or uint32 masked contributions, sent bit for bit), without copying. From a
+    """Yield (byte offset, view) pieces of a contiguous vector (float32 parameters,
+    uint32 masked contributions, or a compressed payload's bytes), without copying. From a
     ``StreamSource``, each piece is cut from the array it holds at that moment."""
     source = flat if isinstance(flat, StreamSource) else StreamSource(flat)
     total = source.array.nbytes
@@ -34,7 +34,7 @@ class StreamSource:
     copy of it mid-stream (``detach``): the rest of the stream is the same bytes."""
 
     def __init__(self, array: np.ndarray) -> None:
-        if array.dtype not in (np.float32, np.uint32):
+        if array.dtype not in (np.float32, np.uint32, np.uint8):
             array = array.astype(np.float32)  # never a reinterpretation of other types
         self.array = np.ascontiguousarray(array)
         self.detached = False
@@ -64,12 +64,23 @@ class Completed:
 
 
 class StreamReceiver:
-    """Reassembles the parameter streams arriving on one connection, one at a time."""
+    """Reassembles the parameter streams arriving on one connection, one at a time.
+
+    A stream is ``expected_bytes`` long, the model's size; with ``variable`` (compressed
+    payloads) any length from 1 to ``expected_bytes`` (the largest payload), received
+    into bytes of its own."""
 
     def __init__(
-        self, expected_bytes: int, allocate: Callable[[], np.ndarray] | None = None
+        self,
+        expected_bytes: int,
+        allocate: Callable[[], np.ndarray] | None = None,
+        *,
+        variable: bool = False,
     ) -> None:
         self.expected_bytes = expected_bytes
+        self.variable = variable
+        #: The length of the stream in progress.
+        self._total = expected_bytes
         #: Where kept streams go: a new float32 array, or a spare one (``pool``).
         self._allocate = allocate or (lambda: np.empty(expected_bytes // 4, dtype=np.float32))
         self._round: int | None = None
@@ -87,14 +98,26 @@ class StreamReceiver:
             raise MessageError(
                 f"new stream for round {round_index} before round {self._round} ended"
             )
-        if total_bytes != self.expected_bytes:
+        if self.variable:
+            if not 0 < total_bytes <= self.expected_bytes:
+                raise MessageError(
+                    f"compressed stream of {total_bytes} bytes, the limit is "
+                    f"{self.expected_bytes} (a keyframe of this model)"
+                )
+        elif total_bytes != self.expected_bytes:
             raise MessageError(
                 f"stream of {total_bytes} bytes, but the model has {self.expected_bytes}"
             )
         self._round = round_index
         self._received = 0
         self._keep = keep
-        self._buffer = self._allocate() if keep else None
+        self._total = total_bytes
+        if not keep:
+            self._buffer = None
+        elif self.variable:
+            self._buffer = np.empty(total_bytes, dtype=np.uint8)
+        else:
+            self._buffer = self._allocate()
 
     def chunk(self, round_index: int, offset: int, data: memoryview) -> Completed | None:
         """Add the next chunk; returns the completed stream after its last chunk."""
@@ -105,12 +128,12 @@ class StreamReceiver:
         if offset != self._received:
             raise MessageError(f"chunk at offset {offset}, expected {self._received}")
         end = offset + len(data)
-        if end > self.expected_bytes:
+        if end > self._total:
             raise MessageError(f"chunk runs past the end of the stream ({end} bytes)")
         if self._buffer is not None:
             _bytes_view(self._buffer)[offset:end] = data
         self._received = end
-        if end < self.expected_bytes:
+        if end < self._total:
             return None
         done = Completed(self._round, self._buffer)
         self.abort()

@@ -51,7 +51,9 @@ CHUNK_OVERHEAD = HEADER_BYTES + _OFFSET.size
 DTYPE_FLOAT32 = 1
 #: A masked secure-aggregation contribution: uint32 little-endian, same size as the model.
 DTYPE_MASKED_U32 = 2
-DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32})
+#: A compressed payload (``aggregation.compression``; ``p2pfl.core.compress``), bytes.
+DTYPE_COMPRESSED = 3
+DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_MASKED_U32, DTYPE_COMPRESSED})
 #: Secure-aggregation messages name at most this many members (a group is a neighbourhood).
 MAX_GROUP_IDS = 64
 MAX_ID_BYTES = 64

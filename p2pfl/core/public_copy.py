@@ -1,0 +1,175 @@
+"""Public copies: compressed gossip that still converges (CHOCO-SGD, Koloskova, Stich and
+Jaggi, ICML 2019), pure numpy.
+
+Every node keeps a *public copy* of its model: what its neighbours know of it. Each round
+it sends only the compressed difference between its model and that copy, and both sides
+add the decoded difference to their copies, so the copies stay equal bit for bit. What the
+compression left out stays in the difference and goes out in later rounds (error
+feedback). The averaging step mixes the copies, not the models:
+
+    x_i <- x_i + gamma * (mix(x^_i, x^_j for neighbours j) - x^_i)
+
+which keeps the network's average exactly where it was (the weights are doubly
+stochastic), whatever the compression dropped; ``gamma`` is the consensus step.
+
+A node's copy has a *version*: the round that last changed it, or ``INITIAL`` (the
+shared initial model, which every node derives from the seed). A difference names the
+version it applies to. A neighbour whose copy is not at that version cannot use it:
+the sender knows which versions went out on each connection (streams on one connection
+arrive in order), and sends that neighbour a keyframe, the copy itself, instead (on a new
+connection, after a skipped round, after the sender's restart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2pfl.core.compress import (
+    INITIAL,
+    Compression,
+    decode,
+    encode_delta,
+    encode_keyframe,
+)
+from p2pfl.errors import MessageError
+
+__all__ = [
+    "INITIAL",
+    "NotFinite",
+    "Outgoing",
+    "OwnCopy",
+    "PeerCopies",
+    "StaleDifference",
+    "consensus_step",
+]
+
+
+@dataclass
+class Outgoing:
+    """What a node sends in one round: the difference (for neighbours whose copy is at
+    ``base``), and, made when first needed, the keyframe (for the others)."""
+
+    round: int
+    base: int | None
+    delta: np.ndarray | None
+    own: OwnCopy
+    _keyframe: np.ndarray | None = None
+
+    def for_version(self, version: int | None) -> tuple[np.ndarray, bool]:
+        """The payload for a connection on which ``version`` went out last: the
+        difference if it applies there, else the keyframe. Returns (payload, keyframe)."""
+        if self.delta is not None and (self.base == INITIAL or version == self.base):
+            return self.delta, False
+        if self._keyframe is None:
+            if self.own.version != self.round or self.own.copy is None:
+                raise RuntimeError(f"round {self.round}'s keyframe asked for after its round")
+            self._keyframe = encode_keyframe(self.own.copy)
+        return self._keyframe, True
+
+
+class OwnCopy:
+    """A node's own public copy. ``initial`` is the shared initial model (a fresh node's
+    neighbours know it already); None after a restart: the copy is then unknown to all,
+    and the first round sends keyframes."""
+
+    def __init__(self, compression: Compression, initial: np.ndarray | None) -> None:
+        self.compression = compression
+        self.copy = None if initial is None else np.array(initial, dtype=np.float32)
+        self.version: int | None = None if initial is None else INITIAL
+
+    def advance(self, params: np.ndarray, round_index: int) -> Outgoing:
+        """Round ``round_index``'s payload: the compressed difference to ``params`` (the
+        trained model), applied to the copy exactly as the neighbours will apply it."""
+        if not np.isfinite(params).all():
+            raise NotFinite("the model is not finite (training diverged?): nothing is sent")
+        if self.copy is None or self.version is None:
+            self.copy = np.array(params, dtype=np.float32)
+            self.version = round_index
+            return Outgoing(round_index, None, None, self)
+        base = self.version
+        with np.errstate(over="ignore"):  # (a difference past float32 is clipped to it)
+            difference = np.clip(params - self.copy, -_F32_MAX, _F32_MAX)
+        payload = encode_delta(difference, self.compression, base)
+        self.copy += decode(payload, self.copy.size, self.compression).delta
+        self.version = round_index
+        return Outgoing(round_index, base, payload, self)
+
+
+_F32_MAX = np.finfo(np.float32).max
+
+
+class NotFinite(ValueError):
+    """The node's own model is not finite: it sends nothing (its neighbours would refuse
+    it, and a copy that is not finite could never be brought back by differences)."""
+
+
+class StaleDifference(Exception):
+    """A difference older than the copy it would apply to (a replaced connection's last
+    stream, after the new one brought a keyframe): dropped, the copy is already newer."""
+
+
+class PeerCopies:
+    """This node's copies of its neighbours' public copies."""
+
+    def __init__(self, compression: Compression, initial: np.ndarray) -> None:
+        self.compression = compression
+        self.initial = np.array(initial, dtype=np.float32)
+        self.copies: dict[str, tuple[int, np.ndarray]] = {}
+
+    def apply(
+        self, peer: str, round_index: int, payload: np.ndarray | bytes | memoryview
+    ) -> np.ndarray:
+        """Bring ``peer``'s copy to version ``round_index`` with ``payload``; returns the
+        copy (owned here: take a snapshot to keep it). Raises StaleDifference for an old
+        difference, MessageError for a payload that is malformed or cannot apply (the
+        sender believes our copy is at a version it is not: the connection is dropped, and
+        the sender's next stream on a new one is a keyframe)."""
+        decoded = decode(payload, self.initial.size, self.compression)
+        held = self.copies.get(peer)
+        whole = decoded.keyframe or decoded.base == INITIAL
+        # A keyframe, or a difference from the initial model, is the copy entire: it
+        # applies whatever ours is, unless older (a replaced connection's last stream).
+        # At the copy's own round it is newer: a sender that restarted after sending it.
+        if held is not None and (round_index < held[0] or (round_index == held[0] and not whole)):
+            raise StaleDifference(
+                f"difference for round {round_index}, the copy is at round {held[0]}"
+            )
+        if decoded.keyframe:
+            copy = decoded.delta
+        elif decoded.base == INITIAL:
+            with np.errstate(over="ignore"):  # (an overflow is refused just below)
+                copy = self.initial + decoded.delta
+        elif held is None:
+            raise MessageError(
+                f"a difference to version {decoded.base} of {peer}'s model, and no copy of it"
+            )
+        elif held[0] == decoded.base:
+            copy = held[1]
+            with np.errstate(over="ignore"):
+                copy += decoded.delta
+        else:
+            raise MessageError(
+                f"a difference to version {decoded.base} of {peer}'s model, ours is at {held[0]}"
+            )
+        if not np.isfinite(copy).all():
+            self.copies.pop(peer, None)
+            raise MessageError(f"{peer}'s model is not finite after its difference")
+        self.copies[peer] = (round_index, copy)
+        return copy
+
+    def keep_only(self, peers: frozenset[str]) -> None:
+        """Forget the copies of peers that are not neighbours now (they resume with a
+        keyframe: a sender skips no round of a neighbour's difference chain)."""
+        for peer in [p for p in self.copies if p not in peers]:
+            del self.copies[peer]
+
+
+def consensus_step(
+    params: np.ndarray, own_copy: np.ndarray, mixed: np.ndarray, gamma: float
+) -> None:
+    """CHOCO's averaging step, in place on ``params``: x += gamma * (mixed - x^)."""
+    mixed -= own_copy
+    mixed *= np.float32(gamma)
+    params += mixed
