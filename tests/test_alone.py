@@ -183,3 +183,26 @@ async def test_a_finished_run_trains_longer_when_every_peer_raises_the_round_cou
     node = make_node(changed, "alice")
     with pytest.raises(CheckpointError, match=r"a finished run may only raise training\.rounds"):
         await node.run()
+
+
+async def test_with_compression_peers_whose_initial_models_differ_are_refused(
+    make_network: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh node's first compressed difference is against the initial model, which both
+    ends must hold bit for bit: a factory that ignored the seed (here: bob's model is
+    shifted) would make bob's copies at alice differ from his own, unseen. They refuse each
+    other, naming the initial model's digest."""
+    from p2pfl.learning.trainer import LocalModel
+
+    net = make_network(
+        ("alice", "bob"), startup_timeout=1.5, extra={"aggregation": {"compression": "int8"}}
+    )
+    alice = make_node(net, "alice")
+    original = LocalModel.initial_params
+    monkeypatch.setattr(LocalModel, "initial_params", lambda self: original(self) + 1e-3)
+    bob = make_node(net, "bob")
+    caplog.set_level(logging.INFO, logger="p2pfl")
+    assert await run_all([alice, bob]) == [EXIT_ALONE, EXIT_ALONE]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    (line,) = [m for m in errors if m.startswith("alice: only 0")]
+    assert f"model.initial.{alice.initial_digest} (only ours)" in line, line

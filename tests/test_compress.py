@@ -24,7 +24,6 @@ from p2pfl.core.public_copy import (
     NotFinite,
     OwnCopy,
     PeerCopies,
-    StaleDifference,
     consensus_step,
 )
 from p2pfl.errors import MessageError
@@ -126,23 +125,40 @@ def test_a_difference_needs_the_copy_it_was_made_against() -> None:
     first = own.advance(initial + 0.1, 0)
     payload, keyframe = first.for_version(None)
     assert not keyframe  # from the shared initial model: any neighbour can apply it
-    assert np.array_equal(copies.apply("bob", 0, payload), own.copy)
+    assert np.array_equal(copies.apply("link", "bob", 0, payload), own.copy)
     second = own.advance(initial + 0.2, 1)
     assert second.for_version(0) == (second.delta, False)
     payload, keyframe = second.for_version(None)  # a connection that did not carry round 0
     assert keyframe
-    fresh = PeerCopies(INT8, initial)
-    assert np.array_equal(fresh.apply("bob", 1, payload), own.copy)
-    with pytest.raises(MessageError, match="no copy of it"):
-        PeerCopies(INT8, initial).apply("bob", 1, second.for_version(0)[0])
-    assert np.array_equal(copies.apply("bob", 1, second.for_version(0)[0]), own.copy)
-    with pytest.raises(StaleDifference):  # round 0's, again: older than the copy
-        copies.apply("bob", 0, first.for_version(None)[0])
+    assert np.array_equal(copies.apply("new link", "bob", 1, payload), own.copy)
+    with pytest.raises(MessageError, match="that brought no copy"):
+        copies.apply("third link", "bob", 1, second.for_version(0)[0])
+    assert np.array_equal(copies.apply("link", "bob", 1, second.for_version(0)[0]), own.copy)
+    with pytest.raises(MessageError, match="round 1's payload on a connection whose copy is at 1"):
+        copies.apply("link", "bob", 1, second.for_version(0)[0])  # the same round again
     third = own.advance(initial + 0.3, 2)
     fourth = own.advance(initial + 0.4, 3)
     assert third.delta is not None and fourth.delta is not None
     with pytest.raises(MessageError, match="ours is at 1"):  # round 2's never came
-        copies.apply("bob", 3, fourth.delta)
+        copies.apply("link", "bob", 3, fourth.delta)
+
+
+def test_a_restarted_sender_naming_a_round_again_does_not_mix_copies() -> None:
+    """The review's case: bob sent round 5, then died before his checkpoint said so, and
+    resumed at round 4 with another model. His new connection's copy is built from its
+    own keyframe, never from the old connection's round-5 copy."""
+    initial = vector(300, seed=8)
+    before = OwnCopy(INT8, initial)
+    copies = PeerCopies(INT8, initial)
+    for r in range(6):
+        out = before.advance(initial + 0.01 * (r + 1), r)
+        copies.apply("old link", "bob", r, out.for_version(r - 1 if r else None)[0])
+    copies.forget("old link")  # (the connection died with him)
+    after = OwnCopy(INT8, None)
+    for r in range(4, 10):
+        out = after.advance(initial - 0.02 * r, r)
+        copy = copies.apply("new link", "bob", r, out.for_version(r - 1 if r > 4 else None)[0])
+        assert np.array_equal(copy, after.copy)
 
 
 def test_after_a_restart_the_first_round_sends_keyframes() -> None:
@@ -158,9 +174,11 @@ def test_copies_of_peers_that_are_no_neighbours_are_forgotten() -> None:
     initial = vector(10)
     copies = PeerCopies(INT8, initial)
     for peer in ("a", "b", "c"):
-        copies.apply(peer, 0, encode_keyframe(initial))
+        copies.apply(f"link to {peer}", peer, 0, encode_keyframe(initial))
     copies.keep_only(frozenset({"b"}))
-    assert set(copies.copies) == {"b"}
+    assert set(copies.copies) == {"link to b"}
+    copies.forget("link to b")
+    assert not copies.copies
 
 
 def ring_of(n: int) -> np.ndarray:
@@ -215,7 +233,7 @@ def gossip(spelled: str, gamma: float | None) -> tuple[float, float]:
             mixed = w[i, i] * own[i].copy
             for j in np.flatnonzero(w[i]):
                 if j != i:
-                    mixed = mixed + w[i, j] * copies[i].apply(str(j), r, sent[j])
+                    mixed = mixed + w[i, j] * copies[i].apply(j, str(j), r, sent[j])
             consensus_step(x[i], own[i].copy, mixed.astype(np.float32), step)
     assert np.allclose(x.mean(0), plain.mean(0), atol=1e-4)
     return float(np.linalg.norm(x - x.mean(0))), float(np.linalg.norm(plain - plain.mean(0)))

@@ -2,7 +2,7 @@
 
 A payload comes from an authenticated but possibly malicious neighbour. For any bytes,
 ``decode`` returns a finite float32 vector of ``count`` values or raises ``MessageError``
-(``apply`` may also raise ``StaleDifference``): never a bare numpy/Python exception, a
+never a bare numpy/Python exception, a
 numpy floating-point warning (pytest runs with warnings as errors, and a RuntimeWarning
 there would be a crash, not a logged rejection), a non-finite value, or an allocation
 out of proportion to the payload and the model. Honest use keeps the sender's public copy
@@ -36,7 +36,7 @@ from p2pfl.core.compress import (
     encode_keyframe,
     parse_compression,
 )
-from p2pfl.core.public_copy import OwnCopy, PeerCopies, StaleDifference
+from p2pfl.core.public_copy import OwnCopy, PeerCopies
 from p2pfl.errors import MessageError
 
 KINDS = ["fp16", "int8", "topk:1", "topk:0.5", "topk:0.3", "topk:0.1", "topk:0.01", "topk:0.001"]
@@ -68,11 +68,11 @@ def strict() -> Iterator[None]:
 
 def contract_violation(call: Callable[[], np.ndarray], count: int) -> str | None:
     """None if ``call`` returned a finite float32 vector of ``count`` values or raised
-    MessageError/StaleDifference; else what went wrong."""
+    MessageError; else what went wrong."""
     try:
         with strict():
             out = call()
-    except (MessageError, StaleDifference):
+    except MessageError:
         return None
     except BaseException as exc:  # the point: anything else is a bug
         return f"{type(exc).__name__}: {exc}"
@@ -130,7 +130,7 @@ def test_honest_copies_stay_bit_identical(kind: str, size: int) -> None:
             out = own.advance(params, r)
             payload, _ = out.for_version(None if r == 0 else r - 1)
             with strict():
-                copy = receiver.apply(name, r, payload).copy()
+                copy = receiver.apply(name, name, r, payload).copy()
             assert own.copy is not None
             assert copy.dtype == np.float32
             assert np.array_equal(copy.view(np.uint32), own.copy.view(np.uint32)), (name, r)
@@ -244,8 +244,8 @@ def test_decode_mutation_fuzz() -> None:
 
 def test_apply_mutation_fuzz() -> None:
     """Seeded: mutated payloads applied to a peer's copy (held at various versions, with
-    large values, so a finite difference can push it to overflow) raise only MessageError
-    or StaleDifference, and a copy returned is finite."""
+    large values, so a finite difference can push it to overflow) raise only MessageError,
+    and a copy returned is finite."""
     rng = np.random.default_rng(77)
     failures: list[str] = []
     for _ in range(1000):
@@ -257,11 +257,11 @@ def test_apply_mutation_fuzz() -> None:
         initial[~np.isfinite(initial)] = 0
         peers = PeerCopies(compression, initial)
         if rng.random() < 0.7:
-            peers.apply("p", 5, encode_keyframe(initial))
+            peers.apply("link", "p", 5, encode_keyframe(initial))
         payload = mutate(rng, honest_payload(rng, compression, count), count)
         round_index = int(rng.choice([0, 5, 6, 100]))
         problem = contract_violation(
-            functools.partial(peers.apply, "p", round_index, payload), count
+            functools.partial(peers.apply, "link", "p", round_index, payload), count
         )
         if problem is not None:
             failures.append(f"{kind} count={count} {payload[:32].hex()}: {problem}")
@@ -292,13 +292,12 @@ def test_allocation_proportional(kind: str, payload: bytes) -> None:
     assert peak < 64 * (len(payload) + count) + (1 << 20)
 
 
-# --- (c) the bugs a review found -------------------------------------------------------------
+# --- (c) what a review found broken (fixed since) -----------------------------------------
 
 
-def test_int8_scale_at_the_bound_decodes_to_inf() -> None:
-    """Bug: the int8 scale bound is float32(max / 127), which rounds *up*: 127 times it is
-    inf. A peer sends scale = the bound and code 127 (or -127): decode returns [inf]
-    (with warnings off) instead of raising MessageError."""
+def test_an_int8_scale_at_the_bound_never_decodes_to_inf() -> None:
+    """The int8 scale bound float32(max / 127) rounds *up*, and 127 times it is inf: the
+    bound is one step below it, so a scale at the old bound and code 127 is refused."""
     payload = head(INT8, 0, 1) + INT8_SCALE_BOUND.tobytes() + b"\x7f"
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
@@ -310,8 +309,8 @@ def test_int8_scale_at_the_bound_decodes_to_inf() -> None:
 
 
 @pytest.mark.parametrize("count", [1, 257])  # the tail block, and a full block
-def test_int8_scale_at_the_bound_warns(count: int) -> None:
-    """Same bug, strict mode: 'overflow encountered in multiply' escapes decode."""
+def test_an_int8_scale_at_the_bound_raises_no_warning(count: int) -> None:
+    """The same, strict: no 'overflow encountered in multiply' escapes decode."""
     scales = INT8_SCALE_BOUND.tobytes() * (-(-count // 256))
     payload = head(INT8, 0, count) + scales + b"\x81" * count
     assert_decode_contract(payload, count, parse_compression("int8"))
@@ -330,47 +329,43 @@ def test_int8_scale_at_the_bound_warns(count: int) -> None:
     ],
     ids=["keyframe-inf-minus-inf", "keyframe-snan", "topk-inf-minus-inf", "topk-snan"],
 )
-def test_finiteness_check_itself_warns(kind: str, payload: bytes) -> None:
-    """Bug: ``_require_finite`` sums in float64; inf + -inf (or a signalling NaN) raises
-    'invalid value encountered in reduce' (RuntimeWarning, FloatingPointError when
-    raising) instead of MessageError."""
+def test_the_finiteness_check_raises_no_warning(kind: str, payload: bytes) -> None:
+    """A float64 sum of inf and -inf (or a signalling NaN) would warn 'invalid value
+    encountered in reduce' before the MessageError: the check is ``isfinite().all()``."""
     count = struct.unpack_from("<I", payload, 5)[0]
     assert_decode_contract(payload, count, parse_compression(kind))
 
 
 @pytest.mark.parametrize("held", [False, True])
-def test_apply_overflow_warns(held: bool) -> None:
-    """Bug: a finite difference that pushes a finite copy past float32 max: apply adds
-    before its finiteness check, and 'overflow encountered in add' escapes (MessageError
-    only comes with warnings off)."""
+def test_a_copy_pushed_past_float32_is_refused_without_a_warning(held: bool) -> None:
+    """A finite difference that pushes a finite copy past float32 max: the addition
+    overflows quietly and the finiteness check refuses it (MessageError, no warning)."""
     compression = parse_compression("topk:1")
     peers = PeerCopies(compression, np.array([3e38], np.float32))
     base = INITIAL
     if held:
-        peers.apply("p", 1, encode_keyframe(np.array([3e38], np.float32)))
+        peers.apply("link", "p", 1, encode_keyframe(np.array([3e38], np.float32)))
         base = 1
     payload = head(TOPK, base, 1) + struct.pack("<IB", 1, 0) + b"\x00" + f32(3e38)
-    problem = contract_violation(lambda: peers.apply("p", 2, payload), 1)
+    problem = contract_violation(lambda: peers.apply("link", "p", 2, payload), 1)
     assert problem is None, problem
 
 
-def test_honest_fp16_large_difference_rejected_by_sender() -> None:
-    """Bug: the scale bound (max / 127) is int8's; an fp16 scale is the block's largest
-    magnitude, its codes are within [-1, 1], so any finite scale is safe. A difference
-    above 2.7e36 makes the sender's own ``advance`` raise MessageError (a peer's-fault
-    error, raised by the node itself)."""
+def test_an_honest_large_fp16_difference_is_sent_and_applied() -> None:
+    """fp16 codes are within [-1, 1], so any finite scale is safe (int8's bound, max /
+    127, would make the sender refuse its own difference above 2.7e36)."""
     sender = OwnCopy(parse_compression("fp16"), np.zeros(2, np.float32))
     receiver = PeerCopies(parse_compression("fp16"), np.zeros(2, np.float32))
     with strict():
         out = sender.advance(np.array([1e37, -1.0], np.float32), 1)
-        copy = receiver.apply("p", 1, out.for_version(None)[0])
+        copy = receiver.apply("link", "p", 1, out.for_version(None)[0])
     assert sender.copy is not None
     assert np.array_equal(copy, sender.copy)
 
 
-def test_honest_int8_float32_max_makes_own_copy_inf() -> None:
-    """Bug: params at float32 max: the scale is max/127 rounded up, the code 127 decodes to
-    inf, and the sender's own copy silently becomes inf (its neighbours reject it)."""
+def test_an_honest_int8_copy_at_float32_max_stays_finite() -> None:
+    """Parameters at float32 max: the encoder clamps the scale to the bound, so code 127
+    does not decode to inf in the sender's own copy (its neighbours would refuse it)."""
     sender = OwnCopy(parse_compression("int8"), np.zeros(2, np.float32))
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")

@@ -13,15 +13,17 @@ which keeps the network's average exactly where it was (the weights are doubly
 stochastic), whatever the compression dropped; ``gamma`` is the consensus step.
 
 A node's copy has a *version*: the round that last changed it, or ``INITIAL`` (the
-shared initial model, which every node derives from the seed). A difference names the
-version it applies to. A neighbour whose copy is not at that version cannot use it:
-the sender knows which versions went out on each connection (streams on one connection
-arrive in order), and sends that neighbour a keyframe, the copy itself, instead (on a new
-connection, after a skipped round, after the sender's restart).
+shared initial model, which every node derives from the seed; peers compare a digest of
+it when they connect). A difference names the version it applies to. A neighbour whose
+copy is not at that version cannot use it: the sender knows which versions went out on
+each connection (streams on one connection arrive in order), and sends that neighbour a
+keyframe, the copy itself, instead (on a new connection, after a skipped round, after
+the sender's restart). A receiver keeps its copies per connection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +43,6 @@ __all__ = [
     "Outgoing",
     "OwnCopy",
     "PeerCopies",
-    "StaleDifference",
     "consensus_step",
 ]
 
@@ -92,7 +93,11 @@ class OwnCopy:
         with np.errstate(over="ignore"):  # (a difference past float32 is clipped to it)
             difference = np.clip(params - self.copy, -_F32_MAX, _F32_MAX)
         payload = encode_delta(difference, self.compression, base)
-        self.copy += decode(payload, self.copy.size, self.compression).delta
+        with np.errstate(over="ignore"):
+            updated = self.copy + decode(payload, self.copy.size, self.compression).delta
+        if not np.isfinite(updated).all():  # (rounding near float32's end: nothing changes)
+            raise NotFinite("the model's public copy would not be finite: nothing is sent")
+        self.copy = updated
         self.version = round_index
         return Outgoing(round_index, base, payload, self)
 
@@ -105,36 +110,38 @@ class NotFinite(ValueError):
     it, and a copy that is not finite could never be brought back by differences)."""
 
 
-class StaleDifference(Exception):
-    """A difference older than the copy it would apply to (a replaced connection's last
-    stream, after the new one brought a keyframe): dropped, the copy is already newer."""
-
-
 class PeerCopies:
-    """This node's copies of its neighbours' public copies."""
+    """This node's copies of its neighbours' public copies, one per connection.
+
+    A copy belongs to the connection its payloads came on: streams on one connection
+    arrive in order, and the sender starts every connection with a keyframe (or a
+    difference from the initial model), so a connection's copy can never mix with
+    another's: a crossing dial's, or one from before the sender restarted (a restarted
+    sender may name a round again with other contents)."""
 
     def __init__(self, compression: Compression, initial: np.ndarray) -> None:
         self.compression = compression
         self.initial = np.array(initial, dtype=np.float32)
-        self.copies: dict[str, tuple[int, np.ndarray]] = {}
+        #: connection -> (peer, version, copy)
+        self.copies: dict[Hashable, tuple[str, int, np.ndarray]] = {}
 
     def apply(
-        self, peer: str, round_index: int, payload: np.ndarray | bytes | memoryview
+        self,
+        link: Hashable,
+        peer: str,
+        round_index: int,
+        payload: np.ndarray | bytes | memoryview,
     ) -> np.ndarray:
-        """Bring ``peer``'s copy to version ``round_index`` with ``payload``; returns the
-        copy (owned here: take a snapshot to keep it). Raises StaleDifference for an old
-        difference, MessageError for a payload that is malformed or cannot apply (the
-        sender believes our copy is at a version it is not: the connection is dropped, and
-        the sender's next stream on a new one is a keyframe)."""
+        """Bring the copy of ``peer``'s model held for ``link`` to version
+        ``round_index`` with ``payload``; returns the copy (owned here: take a snapshot
+        to keep it). MessageError for a payload that is malformed or cannot apply: the
+        sender believes our copy is at a version it is not (the connection is dropped,
+        and the sender's next one starts with a keyframe)."""
         decoded = decode(payload, self.initial.size, self.compression)
-        held = self.copies.get(peer)
-        whole = decoded.keyframe or decoded.base == INITIAL
-        # A keyframe, or a difference from the initial model, is the copy entire: it
-        # applies whatever ours is, unless older (a replaced connection's last stream).
-        # At the copy's own round it is newer: a sender that restarted after sending it.
-        if held is not None and (round_index < held[0] or (round_index == held[0] and not whole)):
-            raise StaleDifference(
-                f"difference for round {round_index}, the copy is at round {held[0]}"
+        held = self.copies.get(link)
+        if held is not None and round_index <= held[1]:
+            raise MessageError(
+                f"round {round_index}'s payload on a connection whose copy is at {held[1]}"
             )
         if decoded.keyframe:
             copy = decoded.delta
@@ -143,27 +150,34 @@ class PeerCopies:
                 copy = self.initial + decoded.delta
         elif held is None:
             raise MessageError(
-                f"a difference to version {decoded.base} of {peer}'s model, and no copy of it"
+                f"a difference to version {decoded.base} of {peer}'s model on a connection "
+                "that brought no copy of it"
             )
-        elif held[0] == decoded.base:
-            copy = held[1]
+        elif held[1] == decoded.base:
+            copy = held[2]
             with np.errstate(over="ignore"):
                 copy += decoded.delta
         else:
             raise MessageError(
-                f"a difference to version {decoded.base} of {peer}'s model, ours is at {held[0]}"
+                f"a difference to version {decoded.base} of {peer}'s model, ours is at {held[1]}"
             )
         if not np.isfinite(copy).all():
-            self.copies.pop(peer, None)
+            self.copies.pop(link, None)
             raise MessageError(f"{peer}'s model is not finite after its difference")
-        self.copies[peer] = (round_index, copy)
+        self.copies[link] = (peer, round_index, copy)
         return copy
 
+    def forget(self, link: Hashable) -> None:
+        """A connection closed: its copy goes with it."""
+        self.copies.pop(link, None)
+
     def keep_only(self, peers: frozenset[str]) -> None:
-        """Forget the copies of peers that are not neighbours now (they resume with a
-        keyframe: a sender skips no round of a neighbour's difference chain)."""
-        for peer in [p for p in self.copies if p not in peers]:
-            del self.copies[peer]
+        """Forget the copies of peers that cannot send us a difference now: a sender
+        streams a round only to a neighbour in it that is at most ``max_buffered_rounds``
+        behind (``rounds.may_send``), so ``peers`` are the neighbours of rounds r - 1
+        (late streams) to r + max_buffered_rounds."""
+        for link in [k for k, (peer, _, _) in self.copies.items() if peer not in peers]:
+            del self.copies[link]
 
 
 def consensus_step(

@@ -3,8 +3,9 @@ round core (``rounds.RoundTracker``) and logged; secure aggregation's messages g
 secure exchange (whose session judges them).
 
 With compression a stream is a payload that changes this node's copy of the sender's
-public copy (``core.public_copy``): it is read and applied whatever the round's verdict, so
-the copies stay in step, and the copy (a snapshot) is what the round receives.
+public copy held for that link (``core.public_copy``): it is read and applied whatever the
+round's verdict, so the copies stay in step, and the copy (a snapshot) is what the round
+receives.
 
 Every rejection is a ``reject`` event with its reason (secure aggregation's are throttled
 per peer); the link stays up unless the message breaks the protocol (then a MessageError
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from p2pfl.core.public_copy import PeerCopies, StaleDifference
+from p2pfl.core.public_copy import PeerCopies
 from p2pfl.core.rounds import RoundTracker
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.net import PeerLink
@@ -102,11 +103,7 @@ class Inbox:
             return
         params, payload_bytes = done.params, done.params.nbytes
         if self.copies is not None:
-            try:
-                copy = self.copies.apply(link.peer_id, done.round, params)
-            except StaleDifference as exc:
-                self.events.emit("reject", done.round, peer=link.peer_id, reason=str(exc))
-                return
+            copy = self.copies.apply(link, link.peer_id, done.round, params)
             if not link.stream_keep:
                 return  # (judged at its start: the reject is logged)
             params = self.snapshot(copy)

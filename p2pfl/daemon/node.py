@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
 import time
@@ -181,9 +182,12 @@ class Node:
         self.consensus_step = aggregation.consensus_step or self.compression.default_step()
         self.own_copy: OwnCopy | None = None
         self.peer_copies: PeerCopies | None = None
+        #: With compression: the initial model's digest, which neighbours compare.
+        self.initial_digest: str | None = None
         if self.compression.enabled:
             # The shared initial model: a fresh neighbour's copy of ours starts as it.
             initial = np.array(self.params, dtype=np.float32)
+            self.initial_digest = hashlib.sha256(initial.astype("<f4").tobytes()).hexdigest()[:16]
             self.own_copy = OwnCopy(self.compression, initial)
             self.peer_copies = PeerCopies(self.compression, initial)
             self.params_dtype = DTYPE_COMPRESSED
@@ -219,10 +223,17 @@ class Node:
         """What this node derived from its own data that every peer must share: an
         automatic input scale (``input_scale: auto``). Peers compare it when they connect:
         a neighbour whose data gave another scale is refused, naming both, instead of one
-        model seeing differently scaled inputs at each peer."""
-        if self.config.training.input_scale is not None or self.config.training.standardize:
-            return {}
-        return {"data.input_scale": f"{self.local.input_scale:g}"}
+        model seeing differently scaled inputs at each peer. With compression also the
+        initial model's digest."""
+        derived = {}
+        if self.config.training.input_scale is None and not self.config.training.standardize:
+            derived["data.input_scale"] = f"{self.local.input_scale:g}"
+        if self.initial_digest is not None:
+            # With compression, a fresh node's first difference is against the initial
+            # model, which both ends must hold bit for bit (a factory ignoring the seed, or
+            # another torch build, would make the copies differ unseen).
+            derived["model.initial"] = self.initial_digest
+        return derived
 
     def _build_parts(self, private_key: X25519PrivateKey) -> None:
         """The shell's parts, wired: network, worker, saver, outbox, secure exchange, inbox."""
@@ -415,6 +426,8 @@ class Node:
         self.notify()
 
     def link_down(self, link: PeerLink, reason: str) -> None:
+        if self.peer_copies is not None:
+            self.peer_copies.forget(link)
         if link.peer_id not in self.net.links:  # not replaced by a newer connection
             self.tracker.forget_peer(link.peer_id)
             self.tracker.mark_down(link.peer_id, asyncio.get_running_loop().time())
@@ -637,8 +650,12 @@ class Node:
         neighbours = self.neighbours_of(r)
         self.tracker.start_round(r)
         self._resume_round = r
-        if self.peer_copies is not None:  # (a late difference of round r - 1 still applies)
-            self.peer_copies.keep_only(neighbours | self.neighbours_of(max(r - 1, 0)))
+        if self.peer_copies is not None:  # who may still send us a difference (keep_only)
+            window = range(
+                max(r - 1, 0),
+                min(r + self.config.limits.max_buffered_rounds + 1, self.training.rounds),
+            )
+            self.peer_copies.keep_only(frozenset().union(*(self.neighbours_of(q) for q in window)))
         # A round's received models (and, secure, masks for it and the next) are reused.
         self.buffers.keep = (2 if self.exchange is not None else 1) * len(neighbours)
         self.net.broadcast_status(r)
