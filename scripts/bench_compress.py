@@ -41,7 +41,7 @@ def measure(spelled: str, initial: np.ndarray, step: np.ndarray, repeat: int) ->
         payload, _ = own.advance(params, r).for_version(r - 1 if r else None)
         send.append(time.perf_counter() - started)
         started = time.perf_counter()
-        copies.apply("bob", r, payload)
+        copies.apply("link", "bob", r, payload)
         receive.append(time.perf_counter() - started)
         size = payload.size
     return statistics.median(send) * 1000, statistics.median(receive) * 1000, size

@@ -107,7 +107,7 @@ def test_parse_compression_and_its_defaults() -> None:
     assert str(parse_compression("topk:0.25")) == "topk:0.25"
     assert not parse_compression("none").enabled
     assert parse_compression("int8").default_step() == 1.0
-    assert parse_compression("topk:0.1").default_step() == pytest.approx(0.5)
+    assert parse_compression("topk:0.1").default_step() == pytest.approx(0.6)
     assert parse_compression("topk:0.5").default_step() == 1.0
     assert Compression("topk", 0.001).topk_count(10) == 1
     for bad in ("int4", "topk", "topk:0", "topk:-1", "topk:2", "topk:nan"):
@@ -193,7 +193,7 @@ def ring_of(n: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("spelled", "gamma", "most"),
-    [("fp16", None, 1.01), ("int8", None, 1.01), ("topk:0.1", None, 4), ("topk:0.02", None, 15)],
+    [("fp16", None, 1.01), ("int8", None, 1.01), ("topk:0.1", None, 8), ("topk:0.02", None, 15)],
 )
 def test_compressed_gossip_keeps_the_average_and_reaches_consensus(
     spelled: str, gamma: float | None, most: float

@@ -109,6 +109,7 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         progress=not args.quiet,
         rule=_rule(args),
         compression=_compression(args),
+        consensus_step=args.consensus_step,
         byzantine=_parse_byzantine(args.byzantine, ids),
         hosts=_hosts(args, ids),
         net_faults=_net_faults(args, ids),

@@ -288,6 +288,13 @@ def _add_harness_faults_and_privacy(p: argparse.ArgumentParser) -> None:
         "(compressed differences of public copies; plain mode only)",
     )
     p.add_argument(
+        "--consensus-step",
+        type=float,
+        metavar="GAMMA",
+        help="with --compression: the averaging's step, 0 < GAMMA <= 1 (default 1, top-k "
+        "min(1, 6 x FRACTION))",
+    )
+    p.add_argument(
         "--byzantine",
         action="append",
         default=[],

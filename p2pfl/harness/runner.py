@@ -100,6 +100,8 @@ class HarnessOptions:
     rule: str = "metropolis"
     #: aggregation.compression for peers.yaml (none, fp16, int8, topk:F).
     compression: str = "none"
+    #: aggregation.consensus_step (None: the compression's default).
+    consensus_step: float | None = None
     #: Poisoning peers: peer -> attack (``--byzantine PEER:KIND``).
     byzantine: Mapping[str, str] = field(default_factory=dict)
     #: ``--hosts``: every peer on a simulated host of its own, with this link (peer ->
@@ -864,6 +866,8 @@ def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, sca
     shared["aggregation"]["rule"] = options.rule
     if options.compression != "none":
         shared["aggregation"]["compression"] = options.compression
+    if options.consensus_step is not None:
+        shared["aggregation"]["consensus_step"] = options.consensus_step
     if options.dp is not None:
         shared["aggregation"]["dp"] = dict(options.dp)
     where = "on 127.0.0.1" if hosts is None else "on a simulated host of its own"
@@ -1065,6 +1069,7 @@ def _summary_options(options: HarnessOptions, prepared: Prepared) -> dict[str, A
         "secure": options.secure,
         "rule": options.rule,
         "compression": options.compression,
+        "consensus_step": options.consensus_step,
         "byzantine": dict(options.byzantine),
         "dp": None if options.dp is None else dict(options.dp),
         "model": options.model_text,
