@@ -14,8 +14,6 @@ int8 difference is received, and the real bob, finding round 0 done, joins at ro
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import struct
 from collections.abc import Callable
 
@@ -40,12 +38,10 @@ from p2pfl.proto.wire import (
     encode_params_chunk,
 )
 
-from .conftest import TIMEOUT, LocalNetwork
-from .test_node import make_node, read_events
+from .conftest import LocalNetwork
+from .test_node import read_events
 from .test_rejections import (
     CLOSE_POLICY,
-    PEERS,
-    ROUNDS,
     Target,
     as_bob,
     drain,
@@ -552,28 +548,8 @@ async def test_valid_int8_difference_from_the_initial_model_is_accepted(
 
 async def _trains_with_bob_after_round_0(target: Target) -> None:
     """``Target.trains_with_bob`` for a round 0 that bob's key already completed."""
-    assert not target.task.done(), f"alice stopped during the attack: {target.task!r}"
     after = len(target.events())
-    bob = make_node(target.net, "bob")
-    bob_task = asyncio.ensure_future(bob.run())
-    try:
-        await target.wait_event("connect", after=after, peer="bob")
-        codes = await asyncio.wait_for(asyncio.gather(target.task, bob_task), 20 * TIMEOUT)
-    finally:
-        if not bob_task.done():
-            bob.request_stop()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(bob_task, 10 * TIMEOUT)
-    assert list(codes) == [0, 0]
-    first = {"alice": 0, "bob": 1}
-    for peer in PEERS:
-        events = read_events(target.net.state(peer) / "events.jsonl")
-        aggregates = [e for e in events if e["type"] == "aggregate"]
-        assert [e["round"] for e in aggregates] == list(range(first[peer], ROUNDS)), peer
-        assert all(e["missing"] == [] for e in aggregates), (peer, aggregates)
-        assert all(set(e["members"]) == set(PEERS) for e in aggregates), (peer, aggregates)
-        stop = [e for e in events if e["type"] == "node_stop"]
-        assert stop and stop[-1]["finished"] is True, peer
+    await target.trains_with_bob(first_rounds={"bob": 1})
     bob_events = read_events(target.net.state("bob") / "events.jsonl")
     assert [e["round"] for e in bob_events if e["type"] == "resume"] == [1]
     # alice's copy of bob's public copy followed the real bob from round 1 on

@@ -78,3 +78,18 @@ def test_harness_checks_the_compression_flag(tmp_path: Path) -> None:
         done = harness(out, "--peers", "4", *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_robust_rule_compares_the_decompressed_copies(tmp_path: Path) -> None:
+    """--byzantine p01:random with int8 and the median: the rule sees every neighbour's
+    decoded public copy, so the noise p01 sends is still outvoted and flagged."""
+    summary = run(
+        tmp_path,
+        "median",
+        *("--peers", "5", "--rounds", "6", "--byzantine", "p01:random", "--no-baseline"),
+        *("--compression", "int8", "--rule", "median"),
+    )
+    assert summary["accuracy"]["mean"] > 0.8  # (the honest peers')
+    suspects = [e for e in events(tmp_path / "median", "p00") if e["type"] == "suspect"]
+    assert suspects and suspects[0]["peer"] == "p01"
