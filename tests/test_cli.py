@@ -195,3 +195,28 @@ def test_every_option_has_help_and_says_its_default() -> None:
 
     walk(make_parser(), "p2pfl")
     assert missing == []
+
+
+def test_check_privacy_audits_every_graph_of_a_secure_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "net"
+    peers = ",".join(f"p{i:02d}" for i in range(8))
+    assert main(["init", "--peers", peers, "--out", str(out), "--topology", "k-regular:4"]) == 0
+    config = out / "peers.yaml"
+    capsys.readouterr()
+    assert main(["check", str(config), "--privacy"]) == 0
+    assert "aggregation.secure is false: every neighbour receives each model" in (
+        capsys.readouterr().out
+    )
+    text = config.read_text().replace("secure: false", "secure: true")
+    config.write_text(text.replace("  degree: 4\n", "  degree: 4\n  resample_every: 10\n"))
+    assert main(["check", str(config), "--privacy", "--max-coalition", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "coalitions of up to 3 peers" in printed
+    # 20 rounds resampled every 10: two graphs, each audited
+    assert "rounds 0-9:" in printed and "rounds 10-19:" in printed
+    lying = [line for line in printed.splitlines() if "owners lying about dropouts:" in line]
+    assert len(lying) == 2 and all(" names only " in line for line in lying)
+    assert main(["check", str(config), "--privacy", "--max-coalition", "0"]) == 2
+    assert "--max-coalition: expected 1 or more" in capsys.readouterr().err

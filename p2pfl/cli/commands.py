@@ -94,11 +94,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if topo.resample_every:
         extra += f", resampled every {topo.resample_every} rounds (neighbours below: round 0)"
     print(f"topology: {topo.kind}{extra}")
-    width = max(len(p) for p in config.peer_ids)
+    width = max(len("peer"), *(len(p) for p in config.peer_ids))
     print(f"{'peer':<{width}}  {'address':<28}  neighbours")
     for peer_id in config.peer_ids:
         peer = config.peers[peer_id]
         print(f"{peer_id:<{width}}  {peer.address:<28}  {', '.join(sorted(graph[peer_id]))}")
+    if args.privacy:
+        from p2pfl.cli.privacy_audit import privacy_report
+
+        if args.max_coalition < 1:
+            raise P2PFLError(f"--max-coalition: expected 1 or more, got {args.max_coalition}")
+        print()
+        print(privacy_report(config, args.max_coalition))
     return 0
 
 

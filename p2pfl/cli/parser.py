@@ -314,6 +314,19 @@ def _add_check_and_run(sub: Subparsers) -> None:
     """check a peers.yaml; run one node."""
     p = sub.add_parser("check", help="validate a peers.yaml; print peers, neighbours and digest")
     p.add_argument("config", help="the shared peers.yaml")
+    p.add_argument(
+        "--privacy",
+        action="store_true",
+        help="audit the topology: the smallest coalitions of owners whose secure-aggregation "
+        "sums give away a peer's model (honest, and lying about dropouts)",
+    )
+    p.add_argument(
+        "--max-coalition",
+        type=int,
+        default=4,
+        metavar="N",
+        help="with --privacy: search coalitions of up to N peers (default 4)",
+    )
 
     p = sub.add_parser("run", help="run one node")
     p.add_argument("config", help="the shared peers.yaml (identical on every peer)")
