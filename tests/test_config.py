@@ -1192,3 +1192,25 @@ def test_compression_joins_the_digest_only_when_on(tmp_path: Path) -> None:
     cfg["aggregation"]["consensus_step"] = 0.3
     digests.add(load_config(write(tmp_path, cfg, "step.yaml")).digest)
     assert len(digests) == 6
+
+
+def test_correlated_noise_is_read_checked_and_in_the_digest(tmp_path: Path) -> None:
+    dp = {"clip_norm": 1.0, "noise_multiplier": 0.5, "delta": 1e-5}
+    cfg = base()
+    cfg["aggregation"] = {"dp": dict(dp)}
+    plain = load_config(write(tmp_path, cfg, "plain.yaml"))
+    assert plain.aggregation.dp is not None and plain.aggregation.dp.correlated_multiplier is None
+    cfg["aggregation"]["dp"]["correlated_multiplier"] = 3
+    correlated = load_config(write(tmp_path, cfg, "c.yaml"))
+    assert correlated.aggregation.dp is not None
+    assert correlated.aggregation.dp.correlated_multiplier == 3.0
+    assert correlated.aggregation.dp.curious == 1
+    cfg["aggregation"]["dp"]["curious"] = 2
+    two = load_config(write(tmp_path, cfg, "two.yaml"))
+    assert len({plain.digest, correlated.digest, two.digest}) == 3
+    cfg["aggregation"]["dp"]["correlated_multiplier"] = -1
+    with pytest.raises(ConfigError, match=r"aggregation\.dp\.correlated_multiplier: expected"):
+        load_config(write(tmp_path, cfg))
+    cfg["aggregation"]["dp"] = {**dp, "curious": 1}
+    with pytest.raises(ConfigError, match=r"aggregation\.dp\.curious: applies only with"):
+        load_config(write(tmp_path, cfg))

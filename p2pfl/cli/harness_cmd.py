@@ -235,8 +235,13 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 def _dp(args: argparse.Namespace) -> dict[str, float] | None:
     if args.dp_noise is None:
+        if args.dp_correlated is not None:
+            raise P2PFLError("--dp-correlated adds to differential privacy: give --dp-noise too")
         return None
-    return {"clip_norm": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
+    dp = {"clip_norm": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
+    if args.dp_correlated is not None:
+        dp["correlated_multiplier"] = args.dp_correlated
+    return dp
 
 
 def _parse_byzantine(specs: list[str], ids: list[str]) -> dict[str, str]:

@@ -275,6 +275,13 @@ def _add_harness_faults_and_privacy(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dp-delta", type=float, default=1e-5, help="DP: delta (default 1e-5)")
     p.add_argument(
+        "--dp-correlated",
+        type=float,
+        metavar="C",
+        help="DP: pairwise-cancelling noise per neighbour pair, std C x the clip (DECOR; "
+        "the network's average keeps only the independent noise)",
+    )
+    p.add_argument(
         "--rule",
         default="metropolis",
         help="aggregation rule: metropolis (default), median, trimmed-mean:BETA or "

@@ -124,12 +124,24 @@ class AggregationReader(FieldReader):
         return compression
 
     def dp(self, value: object) -> DPConfig:
-        keys = ("clip_norm", "noise_multiplier", "delta")
-        section = self.section(value, "aggregation.dp", keys, keys)
+        required = ("clip_norm", "noise_multiplier", "delta")
+        keys = (*required, "correlated_multiplier", "curious")
+        section = self.section(value, "aggregation.dp", keys, required)
         clip_norm = self.positive(section["clip_norm"], "aggregation.dp.clip_norm")
         noise = self.positive(section["noise_multiplier"], "aggregation.dp.noise_multiplier")
         delta = self.positive(section["delta"], "aggregation.dp.delta", 0.5)
-        return DPConfig(clip_norm, noise, delta)
+        raw = section.get("correlated_multiplier")
+        correlated = (
+            None if raw is None else self.positive(raw, "aggregation.dp.correlated_multiplier", 1e6)
+        )
+        if "curious" in section and correlated is None:
+            self.fail(
+                "aggregation.dp.curious",
+                "applies only with correlated_multiplier (the colluding peers the accounting "
+                "of correlated noise allows for)",
+            )
+        curious = self.integer(section.get("curious", 1), "aggregation.dp.curious", 0, 64)
+        return DPConfig(clip_norm, noise, delta, correlated, curious)
 
     def check_secure_groups(
         self, topology: TopologyConfig, ids: tuple[str, ...], seed: int, rounds: int

@@ -245,6 +245,42 @@ def _training_mapping(training: TrainingConfig) -> dict[str, Any]:
     }
 
 
+def _aggregation_mapping(aggregation: AggregationConfig) -> dict[str, Any]:
+    return {
+        "rule": aggregation.rule,
+        "secure": aggregation.secure,
+        "clip": aggregation.clip,
+        "frac_bits": aggregation.frac_bits,
+        "recovery_timeout": aggregation.recovery_timeout,
+        "threshold": aggregation.threshold,
+        "dp": None
+        if aggregation.dp is None
+        else {
+            "clip_norm": aggregation.dp.clip_norm,
+            "noise_multiplier": aggregation.dp.noise_multiplier,
+            "delta": aggregation.dp.delta,
+            # Only when set: DP files without correlated noise keep their digests.
+            **(
+                {}
+                if aggregation.dp.correlated_multiplier is None
+                else {
+                    "correlated_multiplier": aggregation.dp.correlated_multiplier,
+                    "curious": aggregation.dp.curious,
+                }
+            ),
+        },
+        # Only when set otherwise: files without compression keep their digests.
+        **(
+            {}
+            if aggregation.compression == "none"
+            else {
+                "compression": aggregation.compression,
+                "consensus_step": aggregation.consensus_step,
+            }
+        ),
+    }
+
+
 def shared_mapping(
     *,
     version: int,
@@ -276,30 +312,7 @@ def shared_mapping(
             "resample_every": topology.resample_every,
         },
         "training": _training_mapping(training),
-        "aggregation": {
-            "rule": aggregation.rule,
-            "secure": aggregation.secure,
-            "clip": aggregation.clip,
-            "frac_bits": aggregation.frac_bits,
-            "recovery_timeout": aggregation.recovery_timeout,
-            "threshold": aggregation.threshold,
-            "dp": None
-            if aggregation.dp is None
-            else {
-                "clip_norm": aggregation.dp.clip_norm,
-                "noise_multiplier": aggregation.dp.noise_multiplier,
-                "delta": aggregation.dp.delta,
-            },
-            # Only when set otherwise: files without compression keep their digests.
-            **(
-                {}
-                if aggregation.compression == "none"
-                else {
-                    "compression": aggregation.compression,
-                    "consensus_step": aggregation.consensus_step,
-                }
-            ),
-        },
+        "aggregation": _aggregation_mapping(aggregation),
         "limits": {
             "max_buffered_rounds": limits.max_buffered_rounds,
             "chunk_bytes": limits.chunk_bytes,

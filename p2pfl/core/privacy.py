@@ -15,7 +15,9 @@ is no subsampling amplification: the numbers are conservative.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,23 +37,75 @@ class DPConfig:
     clip_norm: float
     noise_multiplier: float
     delta: float
+    #: Pairwise-cancelling noise per neighbour pair, std = this * clip_norm (None: off;
+    #: ``secure.correlated``), and the colluding curious peers the accounting allows for.
+    correlated_multiplier: float | None = None
+    curious: int = 1
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0 or not self.noise_multiplier > 0:
             raise ValueError("clip_norm and noise_multiplier must be > 0")
         if not 0 < self.delta < 1:
             raise ValueError("delta must be between 0 and 1")
+        if self.correlated_multiplier is not None and not self.correlated_multiplier > 0:
+            raise ValueError("correlated_multiplier must be > 0")
+        if self.curious < 0:
+            raise ValueError("curious must be >= 0")
 
 
 def epsilon(rounds: int, noise_multiplier: float, delta: float) -> float:
     """(epsilon, delta)-DP epsilon after ``rounds`` Gaussian releases of noise multiplier
     sigma (noise std / sensitivity)."""
-    if rounds <= 0:
+    return epsilon_of(rounds, 1.0 / noise_multiplier**2, delta)
+
+
+def epsilon_of(releases: int, rho: float, delta: float) -> float:
+    """(epsilon, delta) epsilon after ``releases`` Gaussian mechanisms whose Renyi DP is
+    alpha * rho / 2 each (rho = 1 / sigma^2 for one independent Gaussian; see
+    ``secldp_rho`` for correlated noise)."""
+    if releases <= 0:
         return 0.0
-    sigma2 = noise_multiplier**2
     return min(
-        rounds * alpha / (2.0 * sigma2) + math.log(1.0 / delta) / (alpha - 1.0) for alpha in ORDERS
+        releases * alpha * rho / 2.0 + math.log(1.0 / delta) / (alpha - 1.0) for alpha in ORDERS
     )
+
+
+def secldp_rho(
+    graph: Mapping[str, Iterable[str]],
+    noise_multiplier: float,
+    correlated_multiplier: float,
+    curious: int,
+) -> float:
+    """One round's Renyi DP coefficient (epsilon(alpha) = alpha * rho / 2) of every node's
+    message, against an eavesdropper who sees every message and ``curious`` colluding
+    peers who know the secrets of their own pairs (SecLDP, after DECOR).
+
+    Per coordinate, the honest nodes' messages carry noise of covariance
+    C^2 (s^2 I + c^2 L), s the independent and c the correlated multiplier, L the Laplacian
+    of the graph without the curious peers (their pairs' noise is known to them and
+    subtracted). A node's data moves its own message's mean by at most C (its clipped
+    update), so a Gaussian mechanism of that covariance gives rho = e_u' (s^2 I + c^2 L)^-1
+    e_u, maximised over the node u and the curious set H (of exactly ``curious`` peers:
+    knowing more secrets never helps less). Checks: with c = 0 it is 1 / s^2, local DP;
+    as c grows on a connected graph it falls to 1 / (n s^2), what central DP gets from the
+    same independent noise; a node whose neighbours are all curious gets 1 / s^2 again."""
+    adjacency = {peer: frozenset(neighbours) for peer, neighbours in graph.items()}
+    peers = sorted(adjacency)
+    worst = 0.0
+    for curious_set in itertools.combinations(peers, min(curious, len(peers) - 1)):
+        honest = [p for p in peers if p not in curious_set]
+        index = {p: i for i, p in enumerate(honest)}
+        laplacian = np.zeros((len(honest), len(honest)))
+        for p in honest:
+            for q in adjacency[p]:
+                if q in index:
+                    laplacian[index[p], index[q]] -= 1.0
+                    laplacian[index[p], index[p]] += 1.0
+        covariance = noise_multiplier**2 * np.eye(len(honest)) + correlated_multiplier**2 * (
+            laplacian
+        )
+        worst = max(worst, float(np.max(np.diag(np.linalg.inv(covariance)))))
+    return worst
 
 
 def privatize(

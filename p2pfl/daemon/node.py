@@ -31,10 +31,16 @@ from p2pfl.core.compress import max_payload_bytes, parse_compression
 from p2pfl.core.liveness import DetectorSettings, Liveness
 from p2pfl.core.moments import digest
 from p2pfl.core.phases import Phase, advance
+from p2pfl.core.privacy import secldp_rho
 from p2pfl.core.public_copy import NotFinite, OwnCopy, PeerCopies, consensus_step
 from p2pfl.core.rounds import RoundTracker
 from p2pfl.core.scoring import SuspectTracker
-from p2pfl.core.topology import ever_neighbours, graph_for_round, metropolis_weights
+from p2pfl.core.topology import (
+    epoch_for_round,
+    ever_neighbours,
+    graph_for_round,
+    metropolis_weights,
+)
 from p2pfl.daemon.events import EventLog
 from p2pfl.daemon.inbox import Inbox
 from p2pfl.daemon.moments_exchange import Agreement, MomentsExchange
@@ -52,6 +58,7 @@ from p2pfl.errors import ListenError, MessageError, P2PFLError
 from p2pfl.learning import Dataset
 from p2pfl.learning.base import Evaluation
 from p2pfl.learning.trainer import LocalModel, Trained, restore_dp_releases
+from p2pfl.proto.keys import pairwise_secret
 from p2pfl.proto.wire import (
     DTYPE_COMPRESSED,
     DTYPE_FLOAT32,
@@ -61,6 +68,8 @@ from p2pfl.proto.wire import (
     Standardized,
 )
 from p2pfl.secure.arithmetic import FixedPoint
+from p2pfl.secure.correlated import PURPOSE as NOISE_PURPOSE
+from p2pfl.secure.correlated import add_correlated_noise
 from p2pfl.store.checkpoint import load_checkpoint
 from p2pfl.store.standardization import load_saved
 
@@ -194,6 +203,34 @@ class Node:
         else:
             self.params_dtype = DTYPE_MASKED_U32 if self.secure is not None else DTYPE_FLOAT32
 
+    def _correlated_noise(self, private_key: X25519PrivateKey) -> None:
+        """``aggregation.dp.correlated_multiplier``: the secret this node shares with each
+        peer it is ever a neighbour of (the pairs' noise, ``secure.correlated``), and the
+        accounting of the worst graph of the run (``core.privacy.secldp_rho``)."""
+        #: neighbour -> the pair's noise secret (empty: no correlated noise)
+        self.noise_secrets: dict[str, bytes] = {}
+        dp = self.config.aggregation.dp
+        if dp is None or dp.correlated_multiplier is None:
+            return
+        config = self.config
+        rounds = config.training.rounds
+        for peer in sorted(
+            ever_neighbours(config.topology, config.peer_ids, config.seed, self.id, rounds)
+        ):
+            self.noise_secrets[peer] = pairwise_secret(
+                private_key,
+                config.peers[peer].public_key,
+                network=config.network,
+                own_id=self.id,
+                their_id=peer,
+                purpose=NOISE_PURPOSE,
+            )
+        epochs = {epoch_for_round(config.topology, r): r for r in range(rounds)}
+        self.local.dp_rho = max(
+            secldp_rho(self.graph(r), dp.noise_multiplier, dp.correlated_multiplier, dp.curious)
+            for r in epochs.values()
+        )
+
     def _open_log(self, options: NodeOptions) -> None:
         """The state directory (made private), the event log and what listens to it."""
         # The model and the log say something about local data: owner-only (0700 / 0600).
@@ -282,6 +319,7 @@ class Node:
             copies=self.peer_copies,
             snapshot=self._snapshot,
         )
+        self._correlated_noise(private_key)
 
     def _snapshot(self, copy: np.ndarray) -> np.ndarray:
         """A neighbour's public copy as this round received it (a pool array: the copy
@@ -671,6 +709,13 @@ class Node:
         self.phase = advance(self.phase, Phase.TRAINING)
         trained = await self.worker.run("train", self.local.train, self.params, r)
         self.params = trained.params
+        dp = self.config.aggregation.dp
+        if self.noise_secrets and dp is not None and dp.correlated_multiplier is not None:
+            pairs = {p: self.noise_secrets[p] for p in self.neighbours_of(r)}
+            std = dp.correlated_multiplier * dp.clip_norm
+            await self.worker.run(
+                "correlate", add_correlated_noise, self.params, self.id, pairs, r, std
+            )
         self.events.emit(
             "train",
             r,

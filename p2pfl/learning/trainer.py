@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.config import Config
-from p2pfl.core.privacy import epsilon, privatize
+from p2pfl.core.privacy import epsilon_of, privatize
 from p2pfl.learning import (
     Dataset,
     Evaluation,
@@ -173,6 +173,10 @@ class LocalModel:
         self._dp_rng = np.random.default_rng()  # OS entropy
         #: Updates released so far (a restarted node counts its earlier life's too).
         self.dp_releases = dp_releases
+        dp = config.aggregation.dp
+        #: One release's Renyi DP coefficient (``core.privacy.epsilon_of``): 1 / sigma^2,
+        #: or with correlated noise what the node sets from the graphs (``secldp_rho``).
+        self.dp_rho = 0.0 if dp is None else 1.0 / dp.noise_multiplier**2
 
     def standardize(self, mean: np.ndarray, std: np.ndarray) -> None:
         """From now on train and evaluate on ``(x - mean) / std`` (every peer uses the same
@@ -221,7 +225,7 @@ class LocalModel:
             {
                 "dp_update_norm": round(norm, 6),
                 "dp_clipped": clipped,
-                "dp_epsilon": round(epsilon(self.dp_releases, dp.noise_multiplier, dp.delta), 6),
+                "dp_epsilon": round(epsilon_of(self.dp_releases, self.dp_rho, dp.delta), 6),
                 "dp_delta": dp.delta,
             },
         )
