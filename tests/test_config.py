@@ -1214,3 +1214,18 @@ def test_correlated_noise_is_read_checked_and_in_the_digest(tmp_path: Path) -> N
     cfg["aggregation"]["dp"] = {**dp, "curious": 1}
     with pytest.raises(ConfigError, match=r"aggregation\.dp\.curious: applies only with"):
         load_config(write(tmp_path, cfg))
+
+
+def test_correlated_noise_is_refused_where_it_could_not_cancel(tmp_path: Path) -> None:
+    dp = {"clip_norm": 1.0, "noise_multiplier": 0.5, "delta": 1e-5, "correlated_multiplier": 3}
+    cfg = base()
+    cfg["aggregation"] = {"rule": "median", "dp": dp}
+    with pytest.raises(ConfigError, match=r"correlated_multiplier: cannot be combined with rule"):
+        load_config(write(tmp_path, cfg))
+    secure = secure_with({"kind": "ring"}, 4)
+    secure["aggregation"]["dp"] = {**dp, "correlated_multiplier": 20}  # 6 x 20 x sqrt(2) > 64
+    with pytest.raises(ConfigError, match=r"must stay within aggregation\.clip \(64\)"):
+        load_config(write(tmp_path, secure))
+    secure["aggregation"]["clip"] = 256.0
+    secure["aggregation"]["frac_bits"] = 18
+    assert load_config(write(tmp_path, secure)).aggregation.dp is not None

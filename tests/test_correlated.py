@@ -128,3 +128,13 @@ def test_a_run_with_correlated_noise_reports_its_accounting(tmp_path: Path, secu
     assert summary["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-4)
     assert expected < 0.5 * epsilon(4, 0.5, 1e-5)
     assert all(p["rounds_done"] == 4 for p in summary["peers_detail"])
+
+
+def test_the_accountant_falls_back_to_local_dp_beyond_its_work_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import p2pfl.core.privacy as privacy
+
+    graph = k_regular(8)
+    monkeypatch.setattr(privacy, "MAX_ACCOUNTING_WORK", 10)
+    assert secldp_rho(graph, 0.5, 100.0, 2) == pytest.approx(4.0)  # 1 / 0.5^2

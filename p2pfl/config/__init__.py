@@ -119,6 +119,7 @@ class _DocumentReader(RosterReader, TrainingReader, AggregationReader, LimitsRea
         aggregation = self.aggregation(or_empty(root.get("aggregation")))
         if aggregation.secure:
             self.check_secure_groups(topology, tuple(peers), seed, training.rounds)
+            self.check_correlated_clip(topology, tuple(peers), seed, training.rounds, aggregation)
         limits = self.limits(or_empty(root.get("limits")))
         self.check_federated_moments(training, len(peers), limits.chunk_bytes)
         net = self.net(or_empty(root.get("net")))

@@ -78,6 +78,13 @@ class AggregationReader(FieldReader):
                 f"members rebuilds a secret), got {threshold:g}",
             )
         dp = self.dp(section["dp"]) if section.get("dp") is not None else None
+        if dp is not None and dp.correlated_multiplier is not None and parsed_rule.robust:
+            self.fail(
+                "aggregation.dp.correlated_multiplier",
+                f"cannot be combined with rule {rule}: correlated noise cancels only in a "
+                "weighted average (metropolis); a robust rule keeps or clips the noisy "
+                "vectors, so the pairs' noise would stay in every model",
+            )
         compression = self.compression(section.get("compression", "none"), secure)
         consensus_step = self.consensus_step(section.get("consensus_step"), compression)
         return AggregationConfig(
@@ -142,6 +149,36 @@ class AggregationReader(FieldReader):
             )
         curious = self.integer(section.get("curious", 1), "aggregation.dp.curious", 0, 64)
         return DPConfig(clip_norm, noise, delta, correlated, curious)
+
+    def check_correlated_clip(
+        self,
+        topology: TopologyConfig,
+        ids: tuple[str, ...],
+        seed: int,
+        rounds: int,
+        aggregation: AggregationConfig,
+    ) -> None:
+        """Secure aggregation clips every entry to [-clip, clip]: correlated noise of
+        std c * C per pair must stay well inside it (6 standard deviations of a node's
+        sum over its pairs), or clipped entries break the pairs' cancellation."""
+        dp = aggregation.dp
+        if dp is None or dp.correlated_multiplier is None:
+            return
+        degree = max(
+            len(neighbours)
+            for r in (range(rounds) if topology.resample_every else range(1))
+            for neighbours in graph_for_round(topology, ids, seed, r).values()
+        )
+        spread = 6.0 * dp.correlated_multiplier * dp.clip_norm * degree**0.5
+        if spread > aggregation.clip:
+            self.fail(
+                "aggregation.dp.correlated_multiplier",
+                f"with secure aggregation a node's correlated noise (std "
+                f"{dp.correlated_multiplier:g} x clip_norm {dp.clip_norm:g} x sqrt({degree}) "
+                f"neighbours) must stay within aggregation.clip ({aggregation.clip:g}) "
+                f"by 6 standard deviations ({spread:.3g} here): clipped entries would not "
+                "cancel; lower correlated_multiplier or raise aggregation.clip",
+            )
 
     def check_secure_groups(
         self, topology: TopologyConfig, ids: tuple[str, ...], seed: int, rounds: int

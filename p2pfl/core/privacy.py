@@ -70,6 +70,11 @@ def epsilon_of(releases: int, rho: float, delta: float) -> float:
     )
 
 
+#: The work ``secldp_rho`` may do per graph (curious sets x n^3), about a second here;
+#: beyond it the accounting falls back to local DP (a valid, looser bound).
+MAX_ACCOUNTING_WORK = 2e8
+
+
 def secldp_rho(
     graph: Mapping[str, Iterable[str]],
     noise_multiplier: float,
@@ -91,8 +96,12 @@ def secldp_rho(
     same independent noise; a node whose neighbours are all curious gets 1 / s^2 again."""
     adjacency = {peer: frozenset(neighbours) for peer, neighbours in graph.items()}
     peers = sorted(adjacency)
+    size = min(curious, len(peers) - 1)
+    if math.comb(len(peers), size) * len(peers) ** 3 > MAX_ACCOUNTING_WORK:
+        # Too many curious sets to try: local DP's 1/s^2, which bounds every one of them.
+        return 1.0 / noise_multiplier**2
     worst = 0.0
-    for curious_set in itertools.combinations(peers, min(curious, len(peers) - 1)):
+    for curious_set in itertools.combinations(peers, size):
         honest = [p for p in peers if p not in curious_set]
         index = {p: i for i, p in enumerate(honest)}
         laplacian = np.zeros((len(honest), len(honest)))

@@ -223,7 +223,9 @@ class Node:
                 network=config.network,
                 own_id=self.id,
                 their_id=peer,
-                purpose=NOISE_PURPOSE,
+                # (bound to this configuration: a run with another seed, learning rate...
+                # draws other noise; an identical re-run of the same file does not)
+                purpose=NOISE_PURPOSE + config.digest,
             )
         epochs = {epoch_for_round(config.topology, r): r for r in range(rounds)}
         self.local.dp_rho = max(

@@ -227,6 +227,11 @@ class LocalModel:
                 "dp_clipped": clipped,
                 "dp_epsilon": round(epsilon_of(self.dp_releases, self.dp_rho, dp.delta), 6),
                 "dp_delta": dp.delta,
+                **(
+                    {}
+                    if dp.correlated_multiplier is None
+                    else {"dp_correlated": dp.correlated_multiplier, "dp_curious": dp.curious}
+                ),
             },
         )
 
