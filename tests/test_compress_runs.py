@@ -93,3 +93,31 @@ def test_a_robust_rule_compares_the_decompressed_copies(tmp_path: Path) -> None:
     assert summary["accuracy"]["mean"] > 0.8  # (the honest peers')
     suspects = [e for e in events(tmp_path / "median", "p00") if e["type"] == "suspect"]
     assert suspects and suspects[0]["peer"] == "p01"
+
+
+def test_a_restart_whose_first_model_is_not_finite_aggregates_without_a_copy(
+    make_network: Any,
+) -> None:
+    """After a restart the public copy is unknown until the first round's keyframe; if that
+    round's model is not finite nothing is sent (NotFinite) and the copy stays unknown:
+    the round still aggregates (plainly), it does not trip over the missing copy."""
+    import numpy as np
+
+    from p2pfl.core.public_copy import NotFinite, OwnCopy
+
+    from .test_node import make_node
+
+    net = make_network(("alice", "bob"), extra={"aggregation": {"compression": "int8"}})
+    node = make_node(net, "alice")
+    try:
+        assert node.own_copy is not None
+        node.own_copy = OwnCopy(node.compression, None)  # (as run() sets it on a resume)
+        node.params = np.full_like(node.params, np.nan)
+        with pytest.raises(NotFinite):
+            node.own_copy.advance(node.params, 3)
+        weights = {"alice": 0.5, "bob": 0.5}
+        used, _ = node._aggregate_plain(3, {}, weights)
+        assert used == {"alice": 1.0}
+    finally:
+        node.events.close()
+        node.state_lock.release()

@@ -843,16 +843,16 @@ class Node:
         """The configured rule over our model and the neighbours'; outliers it flags feed
         the suspect tracker. With compression the rule mixes the public copies, and the
         model moves by ``consensus_step`` towards their mix (``core.public_copy``)."""
-        if self.own_copy is None:
+        public = None if self.own_copy is None else self.own_copy.copy
+        if public is None:  # (no compression; or a restart's first copy was not finite)
             self.params, used, outliers = aggregate(
                 self.rule, self.id, self.params, received, weights
             )
         else:
-            assert self.own_copy.copy is not None  # (advanced in this round's send)
             own = self.buffers.take().view(np.float32)
-            own[:] = self.own_copy.copy
+            own[:] = public
             mixed, used, outliers = aggregate(self.rule, self.id, own, received, weights)
-            consensus_step(self.params, self.own_copy.copy, mixed, self.consensus_step)
+            consensus_step(self.params, public, mixed, self.consensus_step)
             self.buffers.give(own)
         for consumed in received.values():
             self.buffers.give(consumed)
