@@ -161,12 +161,19 @@ class Payload:
         dense[self.index] = self.values
         return dense
 
-    def add_to(self, target: np.ndarray) -> None:
-        """``target += delta``, the same float32 additions on every node."""
-        if self.index is None:
-            target += self.values
-        else:
-            target[self.index] += self.values
+    def add_to(self, target: np.ndarray) -> bool:
+        """``target += delta``, the same float32 additions on every node; whether what
+        changed is still finite (top-k: checked on its k values, and ``target`` is left
+        as it was when not; dense: written either way)."""
+        with np.errstate(over="ignore"):
+            if self.index is None:
+                target += self.values
+                return bool(np.isfinite(target).all())
+            changed = target[self.index] + self.values
+        if not np.isfinite(changed).all():
+            return False
+        target[self.index] = changed
+        return True
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -323,8 +330,6 @@ def decode(
     an index out of range or repeated, a code or scale out of bounds, a non-finite value.
     The values go into ``out`` (float32, ``count`` long) if given: a model-sized array
     made afresh costs its page faults on every round (~10 ms for 10M parameters)."""
-    if out is None:
-        out = np.empty(count, dtype=np.float32)
     raw = np.frombuffer(payload, dtype=np.uint8)
     if raw.size < HEAD_BYTES:
         raise MessageError(f"compressed payload of {raw.size} bytes is shorter than its header")
@@ -337,6 +342,7 @@ def decode(
             raise MessageError(f"keyframe with a base version {base}")
         if body.size != 4 * count:
             raise MessageError(f"keyframe of {body.size} bytes, expected {4 * count}")
+        out = np.empty(count, dtype=np.float32) if out is None else out
         out[:] = body.view(_F32)
         _require_finite(out, "keyframe")
         return Payload(KEYFRAME, base, out, None, count)
@@ -347,6 +353,7 @@ def decode(
     if kind == TOPK:
         index, values = _decode_topk(body, count, compression.topk_count(count))
         return Payload(kind, base, values, index, count)
+    out = np.empty(count, dtype=np.float32) if out is None else out
     _decode_quantised(body, count, kind, out)
     return Payload(kind, base, out, None, count)
 

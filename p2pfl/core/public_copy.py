@@ -31,7 +31,6 @@ import numpy as np
 from p2pfl.core.compress import (
     INITIAL,
     Compression,
-    Payload,
     decode,
     encode_delta,
     encode_keyframe,
@@ -113,12 +112,8 @@ class OwnCopy:
             if not np.isfinite(updated).all():
                 raise NotFinite(_NOT_FINITE_COPY)
             self._spare, self.copy = copy, updated
-        else:  # top-k: only its k values change
-            with np.errstate(over="ignore"):
-                changed = copy[decoded.index] + decoded.values
-            if not np.isfinite(changed).all():
-                raise NotFinite(_NOT_FINITE_COPY)
-            copy[decoded.index] = changed
+        elif not decoded.add_to(copy):  # top-k: only its k values change (or none)
+            raise NotFinite(_NOT_FINITE_COPY)
         self.version = round_index
         return Outgoing(round_index, base, payload, self)
 
@@ -175,7 +170,8 @@ class PeerCopies:
             copy = decoded.values.copy()
         elif decoded.base == INITIAL:
             copy = self.initial.copy()
-            self._add(copy, decoded, peer)
+            if not decoded.add_to(copy):
+                raise MessageError(f"{peer}'s model is not finite after its difference")
         elif held is None:
             raise MessageError(
                 f"a difference to version {decoded.base} of {peer}'s model on a connection "
@@ -183,32 +179,15 @@ class PeerCopies:
             )
         elif held[1] == decoded.base:
             copy = held[2]
-            try:
-                self._add(copy, decoded, peer)
-            except MessageError:
+            if not decoded.add_to(copy):
                 del self.copies[link]  # (half changed: the connection is dropped)
-                raise
+                raise MessageError(f"{peer}'s model is not finite after its difference")
         else:
             raise MessageError(
                 f"a difference to version {decoded.base} of {peer}'s model, ours is at {held[1]}"
             )
         self.copies[link] = (peer, round_index, copy)
         return copy
-
-    @staticmethod
-    def _add(copy: np.ndarray, decoded: Payload, peer: str) -> None:
-        """copy += the difference; MessageError if that is not finite (checked only where
-        it changed: top-k touches k values)."""
-        with np.errstate(over="ignore"):
-            if decoded.index is None:
-                copy += decoded.values
-                finite = bool(np.isfinite(copy).all())
-            else:
-                changed = copy[decoded.index] + decoded.values
-                finite = bool(np.isfinite(changed).all())
-                copy[decoded.index] = changed
-        if not finite:
-            raise MessageError(f"{peer}'s model is not finite after its difference")
 
     def forget(self, link: Hashable) -> None:
         """A connection closed: its copy goes with it."""
