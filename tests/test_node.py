@@ -191,9 +191,14 @@ async def test_a_node_alone_still_ends_each_round_at_its_deadline(make_network) 
     assert [e["missing"] for e in aggregates] == [["bob"], ["bob"]]
 
 
-async def test_resampled_k_regular_topology_trains(make_network, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["none", "topk:0.2"])
+async def test_resampled_k_regular_topology_trains(
+    make_network, tmp_path: Path, compression: str
+) -> None:
     """Six peers on a 2-regular graph redrawn every round: each round's aggregate uses
-    exactly that round's neighbours, and nobody is missing."""
+    exactly that round's neighbours, and nobody is missing. With compression every new
+    neighbour's public copy arrives as a keyframe or a difference it can apply: no
+    stream is refused."""
     from p2pfl.core.topology import graph_for_round
     from p2pfl.learning.prepare import load_digits_arrays, write_partitions
 
@@ -201,7 +206,10 @@ async def test_resampled_k_regular_topology_trains(make_network, tmp_path: Path)
     net = make_network(
         peers,
         rounds=4,
-        extra={"topology": {"kind": "k-regular", "degree": 2, "resample_every": 1}},
+        extra={
+            "topology": {"kind": "k-regular", "degree": 2, "resample_every": 1},
+            "aggregation": {"compression": compression},
+        },
     )
     x, y = load_digits_arrays()
     data_dir = tmp_path / "six"
@@ -215,6 +223,8 @@ async def test_resampled_k_regular_topology_trains(make_network, tmp_path: Path)
             if e["type"] == "aggregate":
                 assert set(e["members"]) == graphs[e["round"]][peer] | {peer}
                 assert e["missing"] == []
+            if e["type"] == "reject":  # (a copy out of step would be refused, and logged)
+                assert "version" not in e["reason"] and "copy" not in e["reason"], e
 
 
 async def test_large_model_streams_in_many_chunks(make_network) -> None:
