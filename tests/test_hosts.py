@@ -410,7 +410,10 @@ def test_a_host_cut_mid_round_comes_back_and_rejoins(tmp_path: Path) -> None:
         for e in events
         if e["node"] == "p03" and e["type"] == "aggregate" and int(e["round"]) > 8  # type: ignore[call-overload]
     ]
-    assert averaged and all(len(e["members"]) > 1 for e in averaged)  # type: ignore[arg-type]
+    # The round it jumps into after the heal may have no models for it (its neighbours
+    # sent them during the cut, and are past it): at most that one is averaged alone.
+    together = [e for e in averaged if len(e["members"]) > 1]  # type: ignore[arg-type]
+    assert len(together) >= len(averaged) - 1 and len(together) >= 3
     alone = [
         e
         for e in events
