@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pfl.config import AggregationConfig  # noqa: E402
 from p2pfl.config.local import build_local_config  # noqa: E402
-from p2pfl.harness.runner import free_ports  # noqa: E402
+from p2pfl.harness.layout import free_ports  # noqa: E402
 from p2pfl.proto.keys import generate_key_file  # noqa: E402
 from p2pfl.secure.arithmetic import FixedPoint, keystream_sum, sum_contributions, unmask_sum  # noqa: E402
 

@@ -17,9 +17,10 @@ import pytest
 
 from p2pfl.harness.baseline import train_centralized
 from p2pfl.harness.faults import Fault, FaultPlan, FaultSpecError, parse_fault
+from p2pfl.harness.layout import free_ports, network_name, peer_ids
 from p2pfl.harness.progress import RunProgress
 from p2pfl.harness.report import consensus_distance, final_models, render_table
-from p2pfl.harness.runner import free_ports, network_name, peer_ids, standardized
+from p2pfl.harness.runner import standardized
 from p2pfl.logs.read import Event
 
 from .conftest import TIMEOUT

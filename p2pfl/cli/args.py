@@ -95,3 +95,21 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0 like 1,2,3, got {text!r}")
     return seeds
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1 (``--threads``, ``--nodes-per-process``)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    """A finite amount above 0 (``--cpus-per-peer``, ``--memory-per-peer``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value

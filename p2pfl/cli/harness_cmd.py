@@ -71,8 +71,9 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
     (per-dataset recipes, the default topology and run folder)."""
     from p2pfl.cli.recipes import recipe
     from p2pfl.harness.datasets import task_of
+    from p2pfl.harness.layout import peer_ids
     from p2pfl.harness.partition import parse_partition
-    from p2pfl.harness.runner import HarnessOptions, peer_ids
+    from p2pfl.harness.runner import HarnessOptions
 
     if args.peers < 2:
         raise P2PFLError(f"--peers must be at least 2, got {args.peers}")
@@ -114,6 +115,28 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         hosts=_hosts(args, ids),
         net_faults=_net_faults(args, ids),
         ipv6=args.ipv6,
+        ray=_ray(args),
+    )
+
+
+def _ray(args: argparse.Namespace) -> Any:
+    """``--ray [ADDRESS]`` and its resources (refused without --ray, and with --hosts)."""
+    from p2pfl.harness.ray_cluster import RayOptions
+
+    if args.ray is None:
+        for flag, value in (
+            ("--cpus-per-peer", args.cpus_per_peer),
+            ("--memory-per-peer", args.memory_per_peer),
+        ):
+            if value is not None:
+                raise P2PFLError(f"{flag} needs --ray")
+        return None
+    if args.hosts:
+        raise P2PFLError("--ray and --hosts do not go together (Ray places the peers itself)")
+    return RayOptions(
+        address=None if args.ray == "local" else args.ray,
+        cpus_per_peer=args.cpus_per_peer,
+        memory_per_peer_mb=args.memory_per_peer,
     )
 
 

@@ -51,6 +51,7 @@ def build_node(args: argparse.Namespace) -> Node:
             listen_port=port,
             snapshots=args.snapshots,
             metrics=args.metrics,
+            threads=args.threads,
         ),
         key,
         data,

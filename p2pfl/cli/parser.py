@@ -17,6 +17,8 @@ from p2pfl.cli.args import (
     parse_model,
     parse_seeds,
     parse_topology,
+    positive_float,
+    positive_int,
 )
 from p2pfl.cli.recipes import recipes_text
 
@@ -141,6 +143,33 @@ def _add_harness(sub: Subparsers) -> None:
     _add_harness_training(p)
     _add_harness_faults_and_privacy(p)
     _add_harness_hosts(p)
+    _add_harness_scale(p)
+
+
+def _add_harness_scale(p: argparse.ArgumentParser) -> None:
+    """harness: beyond one machine (Ray)."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run every peer on a Ray cluster (a `p2pfl run` process owned by an actor, "
+        "spread over the machines): --ray HOST:PORT (or auto) joins a cluster started with "
+        "`ray start`; a bare --ray starts a local Ray instance on 127.0.0.1 (needs pip "
+        "install 'p2pfl[ray]')",
+    )
+    p.add_argument(
+        "--cpus-per-peer",
+        type=positive_float,
+        help="with --ray: Ray CPUs per peer, fractions allowed (default: the cluster's CPUs "
+        "shared out, at most 1); the peer trains with as many threads as whole CPUs",
+    )
+    p.add_argument(
+        "--memory-per-peer",
+        type=positive_float,
+        metavar="MB",
+        help="with --ray: Ray memory per peer in MB (Ray places peers by it; it is not a cap)",
+    )
 
 
 def _add_harness_hosts(p: argparse.ArgumentParser) -> None:
@@ -355,6 +384,13 @@ def _add_check_and_run(sub: Subparsers) -> None:
         "--snapshots",
         action="store_true",
         help="also keep every round's model in STATE_DIR/snapshots.f32 (for analysis)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="threads for training (torch; BLAS takes OMP_NUM_THREADS and the like from "
+        "the environment, 1 when unset); default 1: peers usually share a machine",
     )
     p.add_argument(
         "--metrics",

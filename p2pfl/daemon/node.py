@@ -96,6 +96,8 @@ class NodeOptions:
     metrics: tuple[str, int] | None = None
     #: Answer ``p2pfl status`` on state_dir/status.sock.
     status_socket: bool = True
+    #: Training threads (torch): ``p2pfl run --threads``.
+    threads: int = 1
 
 
 class Node:
@@ -114,7 +116,7 @@ class Node:
         self.options = options
         self.training = config.training
         # The privacy budget already spent is restored with the checkpoint (run()).
-        self.local = LocalModel(config, self.id, data, 0)
+        self.local = LocalModel(config, self.id, data, 0, options.threads)
         self.params = self.local.initial_params()
         aggregation = config.aggregation
         #: The fixed point of secure aggregation, or None for plain averaging.

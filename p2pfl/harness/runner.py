@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import yaml
@@ -34,16 +32,26 @@ import yaml
 from p2pfl.errors import P2PFLError
 from p2pfl.harness.faults import Fault, FaultPlan
 from p2pfl.harness.hosts import HostNetwork, address_of, sweep_stale
+from p2pfl.harness.layout import (
+    Layout,
+    free_ports,
+    network_name,
+    peer_command,
+    peer_ids,
+    python_env,
+)
 from p2pfl.harness.links import LinkSpec, describe_links
 from p2pfl.harness.netfaults import NetFault, NetFaultPlan
 from p2pfl.harness.partition import PartitionSpec
 from p2pfl.harness.progress import RunProgress
+from p2pfl.harness.ray_cluster import LOST, RayOptions
 from p2pfl.learning.base import Task
 from p2pfl.logs.read import Event, Tail
 
 if TYPE_CHECKING:
     from p2pfl.harness.baseline import BaselineResult
     from p2pfl.harness.datasets import SplitData
+    from p2pfl.harness.ray_cluster import Placement, RayCluster
     from p2pfl.harness.report import PeerResult
 
 #: Monitor loop period: each poll reads every peer's new events, which costs CPU the peers
@@ -111,67 +119,35 @@ class HarnessOptions:
     net_faults: tuple[NetFault, ...] = ()
     #: ``--ipv6``: the simulated hosts' addresses are IPv6 (fd77::N), peers.yaml's too.
     ipv6: bool = False
-
-
-@dataclass
-class Layout:
-    """Where a run's files are; the peer ids are p00, p01, ... (sorted = numeric order)."""
-
-    out: Path
-    peers: list[str]
-
-    @property
-    def config(self) -> Path:
-        return self.out / "peers.yaml"
-
-    def key(self, peer: str) -> Path:
-        return self.out / "keys" / f"{peer}.key"
-
-    def data(self, peer: str) -> Path:
-        return self.out / "data" / f"{peer}.npz"
-
-    @property
-    def test_data(self) -> Path:
-        return self.out / "data" / "test.npz"
-
-    @property
-    def state_root(self) -> Path:
-        return self.out / "state"
-
-    def state(self, peer: str) -> Path:
-        return self.state_root / peer
-
-    def log(self, peer: str) -> Path:
-        return self.out / "logs" / f"{peer}.log"
-
-
-def network_name(dataset: str, seed: int) -> str:
-    """A valid ``network`` for peers.yaml (letters, digits, . _ -) naming the dataset."""
-    stem = Path(dataset).stem if dataset.endswith(".npz") else dataset.split(":", 1)[0]
-    return f"harness-{re.sub(r'[^A-Za-z0-9._-]', '-', stem)[:32]}-{seed}"
-
-
-def peer_ids(count: int) -> list[str]:
-    width = max(2, len(str(count - 1)))
-    return [f"p{i:0{width}d}" for i in range(count)]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that were free a moment ago (held open together, so the
-    kernel cannot hand out one twice)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    #: ``--ray``: every peer on a Ray worker (None: local processes).
+    ray: RayOptions | None = None
 
 
 # --------------------------------------------------------------------------- processes
+
+
+class PeerHandle(Protocol):
+    """What the monitor does with a peer: a local process (``PeerProcess``) or one that a
+    Ray actor owns (``ray_cluster.RayPeer``)."""
+
+    peer: str
+    killed_by_harness: bool
+    stopped_by_harness: bool
+    starts: int
+    peak_rss_mb: float
+
+    def start(self, env: Mapping[str, str]) -> None: ...
+    @property
+    def running(self) -> bool: ...
+    def exit_code(self) -> int | None: ...
+    def terminate(self) -> None: ...
+    def wait(self, timeout: float) -> None: ...
+    def stop(self) -> None: ...
+    def pause(self) -> bool: ...
+    def resume(self) -> None: ...
+    def kill(self, *, by_harness: bool = True) -> None: ...
+    def rss_mb(self) -> float: ...
+    def close_log(self) -> None: ...
 
 
 @dataclass
@@ -203,6 +179,21 @@ class PeerProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def terminate(self) -> None:
+        """SIGTERM, and SIGCONT: a paused peer handles SIGTERM only once woken."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.send_signal(signal.SIGCONT)
+
+    def wait(self, timeout: float) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(max(0.0, timeout))
+
     def stop(self) -> None:
         """SIGTERM: the node writes its final checkpoint and exits 0."""
         if self.proc is not None and self.proc.poll() is None:
@@ -222,9 +213,10 @@ class PeerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGCONT)
 
-    def kill(self) -> None:
+    def kill(self, *, by_harness: bool = True) -> None:
+        """SIGKILL; ``by_harness``: a fault the harness injects (not a straggler's end)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.killed_by_harness = True
+            self.killed_by_harness = by_harness or self.killed_by_harness
             self.proc.kill()
             self.proc.wait()
 
@@ -248,27 +240,19 @@ class PeerProcess:
             self.log_file = None
 
 
-def stop_all(processes: Mapping[str, PeerProcess], grace: float = STOP_GRACE_S) -> None:
+def stop_all(processes: Mapping[str, PeerHandle], grace: float = STOP_GRACE_S) -> None:
     """SIGTERM every running peer (they write a final checkpoint), SIGKILL stragglers.
     A second Ctrl-C while waiting skips the grace: everything left is SIGKILLed."""
     running = [p for p in processes.values() if p.running]
     for p in running:
-        assert p.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            p.proc.send_signal(signal.SIGTERM)
-            p.proc.send_signal(signal.SIGCONT)  # a paused peer handles SIGTERM only once woken
+        p.terminate()
     deadline = time.monotonic() + grace
     try:
         for p in running:
-            assert p.proc is not None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.proc.wait(max(0.0, deadline - time.monotonic()))
+            p.wait(deadline - time.monotonic())
     finally:
         for p in running:
-            assert p.proc is not None
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait()
+            p.kill(by_harness=False)
         for p in processes.values():
             p.close_log()
 
@@ -345,60 +329,44 @@ class RunRecord:
     interrupted_by_sigterm: bool = False
 
 
-def python_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = "1"
-    # The peers import this very p2pfl, wherever it is (installed or a source checkout).
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH", "")])])
-    return env
-
-
-def peer_command(
-    layout: Layout, peer: str, snapshots: bool, attack: str | None = None
-) -> list[str]:
-    """``p2pfl run`` for ``peer``; with ``attack``, the harness-only poisoning entry point
-    (``p2pfl.harness.byzantine``) instead, with the same arguments."""
-    entry = ["p2pfl"] if attack is None else ["p2pfl.harness.byzantine", attack]
-    command = [
-        sys.executable,
-        "-m",
-        *entry,
-        "run",
-        str(layout.config),
-        "--id",
-        peer,
-        "--key",
-        str(layout.key(peer)),
-        "--data",
-        str(layout.data(peer)),
-        "--val-data",
-        str(layout.test_data),
-        "--state-dir",
-        str(layout.state(peer)),
-    ]
-    if snapshots:
-        command.append("--snapshots")
-    return command
-
-
 class Monitor:
     """The harness's watch over a running network: one ``step()`` per poll folds the new
     events into the progress, carries out the faults that are due, checks the processes
     and shows the status line."""
 
-    def __init__(self, layout: Layout, options: HarnessOptions, out_stream: IO[str]) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        options: HarnessOptions,
+        out_stream: IO[str],
+        cluster: RayCluster | None = None,
+    ) -> None:
         self.layout = layout
+        self.cluster = cluster
         self.options = options
         self.out = out_stream
         self.env = python_env()
         self.hosts = (
             None if options.hosts is None else HostNetwork(options.hosts, ipv6=options.ipv6)
         )
-        self.processes = {
-            peer: PeerProcess(peer, self._command(peer), layout.log(peer)) for peer in layout.peers
-        }
+        self.processes: dict[str, PeerHandle] = {}
+        if cluster is None:
+            self.processes.update(
+                (peer, PeerProcess(peer, self._command(peer), layout.log(peer)))
+                for peer in layout.peers
+            )
+        else:  # (the actors' folders mirror the run folder: the same command, relative)
+            remote = Layout(Path("."), layout.peers)
+            self.processes.update(
+                cluster.handles(
+                    {
+                        peer: peer_command(
+                            remote, peer, options.snapshots, options.byzantine.get(peer)
+                        )
+                        for peer in layout.peers
+                    }
+                )
+            )
         self.plan = FaultPlan(options.faults)
         self.net_plan = NetFaultPlan(options.net_faults)
         self.net_records: dict[NetFault, FaultRecord] = {}
@@ -409,7 +377,7 @@ class Monitor:
         self.tails = [Tail(layout.state(peer) / "events.jsonl") for peer in layout.peers]
         self.restarts: dict[str, FaultRecord] = {}  # restarted peers not yet back
         #: While a restarted peer starts up, the others are paused: (its record, paused).
-        self.paused: tuple[FaultRecord, list[PeerProcess]] | None = None
+        self.paused: tuple[FaultRecord, list[PeerHandle]] | None = None
         self.tty = out_stream.isatty()
         self.started = time.monotonic()
         self._last_line = ""
@@ -445,12 +413,14 @@ class Monitor:
         if hosts.relayed:
             hosts.start_relays(plan, self.env)
 
-    def running(self) -> list[PeerProcess]:
+    def running(self) -> list[PeerHandle]:
         return [p for p in self.processes.values() if p.running]
 
     def step(self) -> bool:
         """One poll. False once no peer runs any more."""
         now = time.monotonic()
+        if self.cluster is not None:
+            self.cluster.sync(self.layout)
         events = _poll_all(self.tails, self.record)
         self.progress.update(events)
         self._note_rejoins(events)
@@ -578,16 +548,19 @@ class Monitor:
     def _check_exits(self) -> None:
         """A peer that fails on its own (not killed or stopped by us) ends the run."""
         for peer, p in self.processes.items():
-            assert p.proc is not None
-            code = p.proc.poll()
+            code = p.exit_code()
             if code not in (None, 0) and not (p.killed_by_harness or p.stopped_by_harness):
                 log = self.layout.log(peer)
+                what = (
+                    "was lost with its Ray actor (its machine or worker died)"
+                    if code == LOST
+                    else f"exited with code {code}"
+                )
                 raise HarnessError(
-                    f"peer {peer} exited with code {code}; its output ({log}) ends with:\n"
-                    f"{_tail_text(log)}"
+                    f"peer {peer} {what}; its output ({log}) ends with:\n{_tail_text(log)}"
                 )
 
-    def _stop_stranded(self, running: list[PeerProcess]) -> None:
+    def _stop_stranded(self, running: list[PeerHandle]) -> None:
         """A peer none of whose neighbours runs or will be restarted can only train alone
         (e.g. restarted after its neighbours finished): stop it, and say so."""
         coming = {q.peer for q in running} | {
@@ -613,13 +586,15 @@ class Monitor:
 
     def finish(self) -> RunRecord:
         """After every process has stopped: the last events, and what the run did."""
+        if self.cluster is not None:
+            self.cluster.collect(self.layout)
         _poll_all(self.tails, self.record)
         record = self.record
         record.faults_not_done = [str(f) for f in self.plan.pending] + [
             str(f) for f in self.net_plan.pending
         ]
         record.exit_codes = {
-            peer: ("killed" if p.killed_by_harness else (p.proc.returncode if p.proc else None))
+            peer: ("killed" if p.killed_by_harness else p.exit_code())
             for peer, p in self.processes.items()
         }
         record.peak_rss_mb = {peer: round(p.peak_rss_mb, 1) for peer, p in self.processes.items()}
@@ -631,10 +606,11 @@ def launch_and_watch(
     options: HarnessOptions,
     *,
     out_stream: IO[str],
+    cluster: RayCluster | None = None,
 ) -> RunRecord:
     """Start every peer, show progress, inject faults, and return when all are done.
     Whatever happens (Ctrl-C, SIGTERM, a failing peer), every process started is stopped."""
-    monitor = Monitor(layout, options, out_stream)
+    monitor = Monitor(layout, options, out_stream, cluster)
     with sigterm_as_interrupt():
         try:
             monitor.start()
@@ -709,20 +685,21 @@ class Prepared:
     heterogeneity: str
 
 
-def prepare(options: HarnessOptions) -> Prepared:
-    """Data files, keys and peers.yaml for a run (nothing is started). If set-up fails,
-    the run folder is removed again when this call created it: a retry can reuse it."""
+def prepare(options: HarnessOptions, cluster: RayCluster | None = None) -> Prepared:
+    """Data files, keys and peers.yaml for a run (nothing is started; with ``cluster``, the
+    peers' actors are placed and hold their files). If set-up fails, the run folder is
+    removed again when this call created it: a retry can reuse it."""
     out = options.out
     created = not out.exists()
     try:
-        return _prepare(options)
+        return _prepare(options, cluster)
     except BaseException:
         if created and out.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _prepare(options: HarnessOptions) -> Prepared:
+def _prepare(options: HarnessOptions, cluster: RayCluster | None) -> Prepared:
     from p2pfl.harness.datasets import describe
     from p2pfl.harness.partition import classes_per_peer, describe_heterogeneity
     from p2pfl.learning import Dataset
@@ -746,7 +723,17 @@ def _prepare(options: HarnessOptions) -> Prepared:
     _write_data(layout, parts, (x_train, y_train), (x_test, y_test))
     # One input scale for everyone (and the baseline): from all the training data.
     scale = 1.0 if standardize else input_scale_for(Dataset(x_train, y_train, None, None), None)
-    _write_config(layout, options, split, scale)
+    placed = None if cluster is None else cluster.place(layout.peers)
+    _write_config(layout, options, split, scale, placed)
+    if cluster is not None:
+        cluster.install(
+            layout.config.read_text(encoding="utf-8"),
+            {
+                peer: (x_train[rows], y_train[rows])
+                for peer, rows in zip(layout.peers, parts, strict=True)
+            },
+            (x_test, y_test),
+        )
     notes = [
         *(["standardized"] if standardize else []),
         *(["targets standardized (MSE in units of their variance)"] if regression else []),
@@ -824,21 +811,21 @@ def _write_data(
     np.savez(layout.test_data, x=x_test, y=y_test)
 
 
-def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, scale: float) -> None:
+def _write_config(
+    layout: Layout,
+    options: HarnessOptions,
+    split: SplitData,
+    scale: float,
+    placed: Mapping[str, Placement] | None = None,
+) -> None:
     """A key per peer and the shared peers.yaml, loaded once here: a config the peers
-    would refuse fails before any of them starts, with the same message."""
+    would refuse fails before any of them starts, with the same message. With ``placed``
+    (Ray), each peer's address, port and public key come from its actor, and its private
+    key stays on the machine that runs it."""
     from p2pfl.config import load_config
     from p2pfl.config.local import build_local_config
-    from p2pfl.proto.keys import generate_key_file
 
-    (layout.out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
-    public = {peer: generate_key_file(layout.key(peer)) for peer in layout.peers}
-    if options.hosts is None:
-        ports = dict(zip(layout.peers, free_ports(len(layout.peers)), strict=True))
-        hosts = None
-    else:  # a host each: the same port everywhere, as a deployment would have
-        ports = dict.fromkeys(layout.peers, HOST_PORT)
-        hosts = {peer: address_of(i, options.ipv6) for i, peer in enumerate(layout.peers)}
+    public, ports, hosts = _addresses(layout, options, placed)
     shared = build_local_config(
         peers=layout.peers,
         public_keys=public,
@@ -870,13 +857,39 @@ def _write_config(layout: Layout, options: HarnessOptions, split: SplitData, sca
         shared["aggregation"]["consensus_step"] = options.consensus_step
     if options.dp is not None:
         shared["aggregation"]["dp"] = dict(options.dp)
-    where = "on 127.0.0.1" if hosts is None else "on a simulated host of its own"
+    if placed is not None:
+        where, keys = "on a Ray worker", "keys on the workers"
+    else:
+        where = "on 127.0.0.1" if hosts is None else "on a simulated host of its own"
+        keys = "keys in keys/"
     header = (
         f"# Written by `p2pfl harness`: every peer {where}, one process each.\n"
-        f"# Peers {layout.peers[0]}..{layout.peers[-1]}; keys in keys/, data in data/.\n"
+        f"# Peers {layout.peers[0]}..{layout.peers[-1]}; {keys}, data in data/.\n"
     )
     layout.config.write_text(header + yaml.safe_dump(shared, sort_keys=False), encoding="utf-8")
     load_config(layout.config)  # the peers will: fail here first, with the same message
+
+
+def _addresses(
+    layout: Layout, options: HarnessOptions, placed: Mapping[str, Placement] | None
+) -> tuple[dict[str, str], dict[str, int], dict[str, str] | None]:
+    """Every peer's public key, port and host (None: 127.0.0.1): from its Ray actor, or a
+    key made here and a free loopback port, or a simulated host's address."""
+    from p2pfl.proto.keys import generate_key_file
+
+    if placed is not None:
+        return (
+            {peer: placed[peer].public_key for peer in layout.peers},
+            {peer: placed[peer].port for peer in layout.peers},
+            {peer: placed[peer].host for peer in layout.peers},
+        )
+    (layout.out / "keys").mkdir(mode=0o700, parents=True, exist_ok=True)
+    public = {peer: generate_key_file(layout.key(peer)) for peer in layout.peers}
+    if options.hosts is None:
+        return public, dict(zip(layout.peers, free_ports(len(layout.peers)), strict=True)), None
+    # a host each: the same port everywhere, as a deployment would have
+    hosts = {peer: address_of(i, options.ipv6) for i, peer in enumerate(layout.peers)}
+    return public, dict.fromkeys(layout.peers, HOST_PORT), hosts
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -917,10 +930,14 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
 
     if options.rounds < 1:
         raise HarnessError(f"--rounds must be at least 1, got {options.rounds}")
-    prepared = prepare(options)
-    layout = prepared.layout
-    _announce(options, prepared, say)
-    record = launch_and_watch(layout, options, out_stream=out_stream)
+    with _cluster(options) as cluster:
+        prepared = prepare(options, cluster)
+        layout = prepared.layout
+        _announce(options, prepared, say)
+        if cluster is not None:
+            say(cluster.describe())
+        record = launch_and_watch(layout, options, out_stream=out_stream, cluster=cluster)
+        ray_info = None if cluster is None else cluster.info()
     if record.interrupted:
         say(
             f"\ninterrupted: every peer process was stopped; the report covers the rounds "
@@ -937,7 +954,7 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
     else:
         baseline, interrupted = _train_baseline(options, prepared, x_test, say)
     summary = build_summary(
-        options=_summary_options(options, prepared),
+        options={**_summary_options(options, prepared), "ray": ray_info},
         peers=results,
         events=events,
         baseline=baseline,
@@ -954,6 +971,18 @@ def run_harness(options: HarnessOptions, out_stream: IO[str] = sys.stdout) -> in
     if interrupted:
         return 143 if record.interrupted and record.interrupted_by_sigterm else 130
     return _exit_code(options, results, record)
+
+
+@contextlib.contextmanager
+def _cluster(options: HarnessOptions) -> Iterator[RayCluster | None]:
+    """Ray for the run (``--ray``), or nothing: local processes."""
+    if options.ray is None:
+        yield None
+        return
+    from p2pfl.harness.ray_cluster import connected
+
+    with connected(options.ray) as cluster:
+        yield cluster
 
 
 def _announce(options: HarnessOptions, prepared: Prepared, say: Callable[[str], None]) -> None:

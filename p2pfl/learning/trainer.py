@@ -151,7 +151,9 @@ class Trained:
 class LocalModel:
     """The learner, the (scaled) local data, and the privacy accounting of one node."""
 
-    def __init__(self, config: Config, peer_id: str, data: Dataset, dp_releases: int) -> None:
+    def __init__(
+        self, config: Config, peer_id: str, data: Dataset, dp_releases: int, threads: int = 1
+    ) -> None:
         self.config = config
         self.training = config.training
         standardize = config.training.standardize
@@ -165,7 +167,9 @@ class LocalModel:
             self.standardize(np.array(standardize.mean), np.array(standardize.std))
         model = config.training.model
         check_compatible(data, model.inputs, model.outputs, source=config.source, task=model.task)
-        self.learner = build_learner(model.as_mapping(), config.seed, source=config.source)
+        self.learner = build_learner(
+            model.as_mapping(), config.seed, source=config.source, torch_threads=threads
+        )
         # Only the shapes matter (for unflatten); no copy of a possibly huge model.
         self.template = self.learner.get_weights()
         self.peer_id = peer_id
