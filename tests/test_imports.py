@@ -77,11 +77,13 @@ def test_the_harness_and_the_core_do_not_import_the_command_line() -> None:
         for m, deps in graph.items()
         if not m.startswith("p2pfl.cli") and any(d.startswith("p2pfl.cli") for d in deps)
     }
-    # `python -m p2pfl`, and the harness's poisoning peer: it parses and launches `run`
-    # as the command line does, through the two modules that import no other command.
+    # `python -m p2pfl`, and the harness's two peer entry points (the poisoning peer, the
+    # multi-node process): they parse and launch `run` as the command line does, through
+    # the two modules that import no other command.
     assert users == {
         "p2pfl.__main__": ["p2pfl.cli"],
         "p2pfl.harness.byzantine": ["p2pfl.cli.launch", "p2pfl.cli.parser"],
+        "p2pfl.harness.multinode": ["p2pfl.cli.launch", "p2pfl.cli.parser"],
     }
     for shared in ("p2pfl.cli.launch", "p2pfl.cli.parser", "p2pfl.cli.args"):
         assert not {d for d in graph[shared] if d.startswith(("p2pfl.harness", "p2pfl.cli.c"))}

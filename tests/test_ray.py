@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 RUN = ("--peers", "4", "--rounds", "3", "--seed", "5", "--no-snapshots")
-LISTEN, ESTABLISHED = "0A", "01"
+LISTEN, ESTABLISHED, SYN_SENT = "0A", "01", "02"
 
 
 def harness(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -48,14 +49,14 @@ def _address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def _sockets() -> set[tuple[str, str, str]]:
-    """Every TCP socket listening or connected now: (state, local, remote)."""
+    """Every TCP socket listening, connecting or connected now: (state, local, remote)."""
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
                 state = fields[3]
-                if state in (LISTEN, ESTABLISHED):
+                if state in (LISTEN, ESTABLISHED, SYN_SENT):
                     found.add((state, fields[1], fields[2]))
     return found
 
@@ -191,11 +192,11 @@ def test_a_peer_host_keeps_its_key_and_hands_back_its_logs(tmp_path: Path) -> No
     state.mkdir(parents=True)
     (state / "events.jsonl").write_bytes(b'{"a": 1}\n')
     (state / "checkpoint.npz").write_bytes(b"x")
-    assert host.status()[3] == b'{"a": 1}\n'
+    assert host.status()[4] == b'{"a": 1}\n'
     with open(state / "events.jsonl", "ab") as f:
         f.write(b'{"b": 2}\n')
-    assert host.status()[3] == b'{"b": 2}\n'
-    assert host.status()[3] == b""
+    assert host.status()[4] == b'{"b": 2}\n'
+    assert host.status()[4] == b""
     assert host.files() == {"checkpoint.npz": b"x"}
     host.cleanup()
     assert not host.workdir.exists()
@@ -249,3 +250,33 @@ def test_a_lost_actor_is_a_peer_that_is_gone(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (Debian's strace)")
+def test_no_process_of_a_ray_run_dials_off_loopback(tmp_path: Path) -> None:
+    """Every connect(2) of the harness, Ray's processes and the peers: loopback or a
+    local socket. (Ray's dashboard once asked 169.254.169.254 which cloud it runs on, and the
+    DNS server for metadata.google.internal; the socket watch above can miss a refused
+    attempt, the system call cannot be missed.)"""
+    trace = tmp_path / "connects.txt"
+    done = subprocess.run(
+        [
+            *("strace", "-f", "-qq", "-e", "trace=connect", "-o", str(trace)),
+            *(sys.executable, "-m", "p2pfl", "-q", "harness", "--out", str(tmp_path / "run")),
+            *("--ray", "--peers", "2", "--rounds", "2", "--no-baseline", "--no-snapshots"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240 * TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = [line for line in trace.read_text().splitlines() if "connect(" in line]
+    assert any("127.0.0.1" in line for line in calls)  # (the trace did see the peers)
+    outside = [
+        line
+        for line in calls
+        if not any(local in line for local in ("AF_UNIX", "AF_UNSPEC", "AF_NETLINK"))
+        and not any(loop in line for loop in ('"127.', '"::1"', '"::ffff:127.'))
+    ]
+    assert not outside

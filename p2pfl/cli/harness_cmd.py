@@ -116,7 +116,18 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         net_faults=_net_faults(args, ids),
         ipv6=args.ipv6,
         ray=_ray(args),
+        nodes_per_process=_nodes_per_process(args),
+        eval_samples=args.eval_samples,
     )
+
+
+def _nodes_per_process(args: argparse.Namespace) -> int:
+    """``--nodes-per-process K`` (each simulated host and each Ray actor runs one node)."""
+    if args.nodes_per_process > 1 and args.hosts:
+        raise P2PFLError("--nodes-per-process and --hosts do not go together (a host per node)")
+    if args.nodes_per_process > 1 and args.ray is not None:
+        raise P2PFLError("--nodes-per-process with --ray is not built yet: one node per actor")
+    return int(args.nodes_per_process)
 
 
 def _ray(args: argparse.Namespace) -> Any:

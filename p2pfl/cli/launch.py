@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from p2pfl.daemon.node import Node
 
 
-def build_node(args: argparse.Namespace) -> Node:
-    """The ``Node`` that ``p2pfl run ARGS`` runs (config, key and data checked)."""
+def build_node(args: argparse.Namespace, handle_signals: bool = True) -> Node:
+    """The ``Node`` that ``p2pfl run ARGS`` runs (config, key and data checked);
+    ``handle_signals`` False when the process runs several nodes and handles them itself."""
     from p2pfl.config import load_config
     from p2pfl.daemon.node import Node, NodeOptions
     from p2pfl.errors import ConfigError
@@ -52,6 +53,7 @@ def build_node(args: argparse.Namespace) -> Node:
             snapshots=args.snapshots,
             metrics=args.metrics,
             threads=args.threads,
+            handle_signals=handle_signals,
         ),
         key,
         data,

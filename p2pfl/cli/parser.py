@@ -159,6 +159,21 @@ def _add_harness_scale(p: argparse.ArgumentParser) -> None:
         "install 'p2pfl[ray]')",
     )
     p.add_argument(
+        "--eval-samples",
+        type=positive_int,
+        metavar="N",
+        help="the peers evaluate every round on the first N test samples (default: all); "
+        "the final evaluation and the table always take the whole test set",
+    )
+    p.add_argument(
+        "--nodes-per-process",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="run K nodes in each process (default 1): each keeps its own keys, state, event "
+        "log and connections, only the interpreter is shared; for many peers on one machine",
+    )
+    p.add_argument(
         "--cpus-per-peer",
         type=positive_float,
         help="with --ray: Ray CPUs per peer, fractions allowed (default: the cluster's CPUs "

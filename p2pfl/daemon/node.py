@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -1005,6 +1006,7 @@ class Node:
         self.events.emit(
             "node_start",
             start_round,
+            pid=os.getpid(),
             config_digest=self.config.digest_hex,
             parameters=int(self.params.size),
             compression=str(self.compression),

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from p2pfl.harness.attacks import ByzantineLearner, parse_attack
 
-__all__ = ["main"]
+__all__ = ["install_attack", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,16 +28,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m p2pfl.harness.byzantine KIND run ARGS...", file=sys.stderr)
         return 2
     try:
-        kind, factor = parse_attack(args_in[0])
+        parse_attack(args_in[0])  # (a bad KIND is refused before anything starts)
         args = make_parser().parse_args(args_in[1:])
         setup_logging(args)
         node = build_node(args)
     except (ValueError, P2PFLError) as exc:
         print(f"p2pfl: error: {exc}", file=sys.stderr)
         return 2
+    install_attack(node, args_in[0])
+    return int(asyncio.run(node.run()))
+
+
+def install_attack(node: Any, spec: str) -> None:
+    """Wrap ``node``'s learner in the attack ``spec`` (also for a node that shares its
+    process: ``harness/multinode.py``)."""
+    kind, factor = parse_attack(spec)
     local = node.local
     local.learner = ByzantineLearner(local.learner, kind, factor, seed=local.peer_index)
-    return int(asyncio.run(node.run()))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import contextlib
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,7 @@ class RayPeer:
     _running: bool = False
     _code: int | None = None
     _rss: float = 0.0
+    _cpu: float | None = None
 
     def start(self, env: Mapping[str, str]) -> None:
         """(``env`` is the harness machine's: the actor makes its own, on its machine.)"""
@@ -152,9 +155,13 @@ class RayPeer:
     def close_log(self) -> None:
         """(The output is copied by ``RayCluster.sync``.)"""
 
-    def note(self, running: bool, code: int | None, rss: float) -> None:
+    def cpu_sample(self) -> tuple[str, float] | None:
+        """(This peer's process, its CPU seconds) as of the last sync."""
+        return None if self._cpu is None else (f"{self.peer}:{self.starts}", self._cpu)
+
+    def note(self, running: bool, code: int | None, rss: float, cpu: float | None = None) -> None:
         """What the actor reported."""
-        self._running, self._code, self._rss = running, code, rss
+        self._running, self._code, self._rss, self._cpu = running, code, rss, cpu
         self.peak_rss_mb = max(self.peak_rss_mb, rss)
 
 
@@ -284,11 +291,11 @@ class RayCluster:
         asked = {peer: p.actor.status.remote() for peer, p in self.peers.items()}
         for peer, future in asked.items():
             try:
-                running, code, rss, events, output = ray.get(future)
+                running, code, rss, cpu, events, output = ray.get(future)
             except ray.exceptions.RayActorError:  # its machine or worker is gone
                 self.peers[peer].note(False, LOST, 0.0)
                 continue
-            self.peers[peer].note(running, code, rss)
+            self.peers[peer].note(running, code, rss, cpu)
             _append(layout.state(peer) / "events.jsonl", events)
             _append(layout.log(peer), output)
 
@@ -348,12 +355,17 @@ def _size(path: Path) -> int:
 def connected(options: RayOptions) -> Iterator[RayCluster]:
     """Ray for one run: started locally (127.0.0.1 only) or joined at ``options.address``;
     shut down or left on the way out, whatever happens."""
+    home = os.environ.get("HOME")
+    private_home = None
     if options.address is None:
         for name, value in LOCAL_RAY_ENV.items():
             os.environ[name] = value
+        private_home = _private_home()
+        os.environ["HOME"] = private_home
     try:
         import ray
     except ImportError:
+        _leave_home(home, private_home)
         raise RayError("--ray needs Ray: pip install 'p2pfl[ray]'") from None
     try:
         if options.address is None:
@@ -366,9 +378,35 @@ def connected(options: RayOptions) -> Iterator[RayCluster]:
         else:
             ray.init(address=options.address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        _leave_home(home, private_home)
         raise RayError(f"--ray {options.address or ''}: {exc}") from exc
     cluster = RayCluster(options, started_here=options.address is None)
     try:
         yield cluster
     finally:
-        cluster.close()
+        try:
+            cluster.close()
+        finally:
+            _leave_home(home, private_home)
+
+
+def _private_home() -> str:
+    """A HOME of its own for a local Ray instance, holding an (empty) autoscaler config.
+    Without one, Ray's dashboard process asks the cloud metadata address (169.254.169.254)
+    which cloud it runs on, usage statistics or not: a connection off this machine. With
+    one, it reads the provider from the file and asks nobody. (Ray also keeps its
+    authentication token under HOME: a new one per run.)"""
+    home = tempfile.mkdtemp(prefix="p2pfl-ray-home-")
+    Path(home, "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
+    return home
+
+
+def _leave_home(home: str | None, private_home: str | None) -> None:
+    """HOME as it was, and the private one removed."""
+    if private_home is None:
+        return
+    if home is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = home
+    shutil.rmtree(private_home, ignore_errors=True)

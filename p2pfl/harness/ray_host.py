@@ -27,6 +27,8 @@ from typing import IO
 
 import numpy as np
 
+from p2pfl.daemon.procinfo import cpu_seconds
+
 #: Most bytes of a log handed back per ``status`` call (the rest comes at the next one).
 MAX_CHUNK = 8 << 20
 #: The BLAS thread pools a peer's threads setting caps.
@@ -115,14 +117,23 @@ class PeerHost:
             return self.proc.wait(max(0.0, timeout))
         return None
 
-    def status(self) -> tuple[bool, int | None, float, bytes, bytes]:
-        """(running, exit code, resident MB, new event-log bytes, new output bytes)."""
+    def status(self) -> tuple[bool, int | None, float, float | None, bytes, bytes]:
+        """(running, exit code, resident MB, CPU seconds (None: not running), new event-log
+        bytes, new output bytes)."""
         code = None if self.proc is None else self.proc.poll()
         running = self.proc is not None and code is None
         events = self.workdir / "state" / self.peer / "events.jsonl"
         output = self.workdir / "logs" / f"{self.peer}.log"
         rss = self._rss_mb() if running else 0.0
-        return running, code, rss, self._read("events", events), self._read("output", output)
+        cpu = cpu_seconds(self.proc.pid) if running and self.proc is not None else None
+        return (
+            running,
+            code,
+            rss,
+            cpu,
+            self._read("events", events),
+            self._read("output", output),
+        )
 
     def _read(self, name: str, path: Path) -> bytes:
         try:

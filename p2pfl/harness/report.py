@@ -196,6 +196,7 @@ def build_summary(
             "max": max((p.peak_rss_mb or 0.0 for p in peers), default=0.0),
             "total_sampled": record.get("peak_total_rss_mb"),
         },
+        "peers_cpu_s": record.get("peers_cpu_s"),
         "peers_detail": [_peer_detail(p, m) for p in peers],
         f"{m}_per_round": per_round_score(events, [p.peer for p in peers], m),
         "consensus_distance": [None if d is None else float(f"{d:.6g}") for d in consensus],

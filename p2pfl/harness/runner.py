@@ -29,8 +29,10 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 import numpy as np
 import yaml
 
+from p2pfl.daemon.procinfo import cpu_seconds
 from p2pfl.errors import P2PFLError
 from p2pfl.harness.faults import Fault, FaultPlan
+from p2pfl.harness.groups import GroupMember, NodeGroup, group_name, groups_of
 from p2pfl.harness.hosts import HostNetwork, address_of, sweep_stale
 from p2pfl.harness.layout import (
     Layout,
@@ -121,6 +123,11 @@ class HarnessOptions:
     ipv6: bool = False
     #: ``--ray``: every peer on a Ray worker (None: local processes).
     ray: RayOptions | None = None
+    #: ``--nodes-per-process``: nodes that share one interpreter (1: a process each).
+    nodes_per_process: int = 1
+    #: ``--eval-samples``: the peers evaluate every round on this many test samples (None:
+    #: all); the final evaluation takes the whole test set.
+    eval_samples: int | None = None
 
 
 # --------------------------------------------------------------------------- processes
@@ -133,9 +140,10 @@ class PeerHandle(Protocol):
     peer: str
     killed_by_harness: bool
     stopped_by_harness: bool
-    starts: int
     peak_rss_mb: float
 
+    @property
+    def starts(self) -> int: ...
     def start(self, env: Mapping[str, str]) -> None: ...
     @property
     def running(self) -> bool: ...
@@ -147,6 +155,7 @@ class PeerHandle(Protocol):
     def resume(self) -> None: ...
     def kill(self, *, by_harness: bool = True) -> None: ...
     def rss_mb(self) -> float: ...
+    def cpu_sample(self) -> tuple[str, float] | None: ...
     def close_log(self) -> None: ...
 
 
@@ -219,6 +228,14 @@ class PeerProcess:
             self.killed_by_harness = by_harness or self.killed_by_harness
             self.proc.kill()
             self.proc.wait()
+
+    def cpu_sample(self) -> tuple[str, float] | None:
+        """(Which process, its CPU seconds so far), while it runs."""
+        if not self.running:
+            return None
+        assert self.proc is not None
+        used = cpu_seconds(self.proc.pid)
+        return None if used is None else (str(self.proc.pid), used)
 
     def rss_mb(self) -> float:
         """Resident memory now, from /proc (0 if gone or not on Linux)."""
@@ -320,6 +337,9 @@ class RunRecord:
     faults_not_done: list[str] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     peak_total_rss_mb: float = 0.0
+    #: Each peer process's CPU seconds at its last sample (every 0.5 s; a process that
+    #: ends loses its last half second): by process, so that nodes sharing one count once.
+    cpu_s: dict[str, float] = field(default_factory=dict)
     log_problems: list[str] = field(default_factory=list)
     #: Peers stopped because none of their neighbours was running any more (they could
     #: only train alone, or wait out their start-up timeout).
@@ -350,7 +370,11 @@ class Monitor:
             None if options.hosts is None else HostNetwork(options.hosts, ipv6=options.ipv6)
         )
         self.processes: dict[str, PeerHandle] = {}
-        if cluster is None:
+        #: Where each peer's output goes (shared by the nodes of one process).
+        self.logs = {peer: layout.log(peer) for peer in layout.peers}
+        if cluster is None and options.nodes_per_process > 1:
+            self._groups(options.nodes_per_process)
+        elif cluster is None:
             self.processes.update(
                 (peer, PeerProcess(peer, self._command(peer), layout.log(peer)))
                 for peer in layout.peers
@@ -383,6 +407,16 @@ class Monitor:
         self._last_line = ""
         self._last_print = 0.0
         self._last_rss = 0.0
+
+    def _groups(self, size: int) -> None:
+        """``size`` nodes to a process, each process's output in logs/FIRST-LAST.log."""
+        for members in groups_of(self.layout.peers, size):
+            log = self.layout.out / "logs" / f"{group_name(members)}.log"
+            specs = {peer: self._command(peer)[2:] for peer in members}  # (after python -m)
+            group = NodeGroup(members, specs, log)
+            for peer in members:
+                self.processes[peer] = GroupMember(peer, group)
+                self.logs[peer] = log
 
     def _command(self, peer: str) -> list[str]:
         """``p2pfl run`` for ``peer``; with --hosts, inside its host (behind its delay
@@ -437,6 +471,7 @@ class Monitor:
             self.record.peak_total_rss_mb = max(
                 self.record.peak_total_rss_mb, sum(p.rss_mb() for p in running)
             )
+            self.record.cpu_s.update(filter(None, (p.cpu_sample() for p in running)))
         if self.options.progress:
             self._show(self.progress.line(len(running), now - self.started), now)
         return True
@@ -444,7 +479,8 @@ class Monitor:
     def poll_interval(self) -> float:
         """Faster while a fault waits for its round: rounds can take milliseconds."""
         busy = self.plan.pending or self.net_plan.waiting or self.paused is not None
-        return FAULT_POLL_S if busy else POLL_S
+        # (each poll reads every peer's log: with hundreds of peers, less often)
+        return FAULT_POLL_S if busy else POLL_S * max(1.0, len(self.processes) / 64)
 
     def _note_rejoins(self, events: list[Event]) -> None:
         for event in events:
@@ -550,7 +586,7 @@ class Monitor:
         for peer, p in self.processes.items():
             code = p.exit_code()
             if code not in (None, 0) and not (p.killed_by_harness or p.stopped_by_harness):
-                log = self.layout.log(peer)
+                log = self.logs[peer]
                 what = (
                     "was lost with its Ray actor (its machine or worker died)"
                     if code == LOST
@@ -683,6 +719,7 @@ class Prepared:
     samples: dict[str, int]
     classes_held: dict[str, int]
     heterogeneity: str
+    nodes_per_process: int = 1
 
 
 def prepare(options: HarnessOptions, cluster: RayCluster | None = None) -> Prepared:
@@ -720,7 +757,9 @@ def _prepare(options: HarnessOptions, cluster: RayCluster | None) -> Prepared:
     if regression:  # a target of 25-346 would blow up SGD from a model that outputs ~0
         y_train, y_test = standardized_targets(y_train, y_test)
 
-    _write_data(layout, parts, (x_train, y_train), (x_test, y_test))
+    # (the peers' own per-round evaluation; the final one below takes the whole test set)
+    peers_test = (x_test[: options.eval_samples], y_test[: options.eval_samples])
+    _write_data(layout, parts, (x_train, y_train), peers_test)
     # One input scale for everyone (and the baseline): from all the training data.
     scale = 1.0 if standardize else input_scale_for(Dataset(x_train, y_train, None, None), None)
     placed = None if cluster is None else cluster.place(layout.peers)
@@ -732,7 +771,7 @@ def _prepare(options: HarnessOptions, cluster: RayCluster | None) -> Prepared:
                 peer: (x_train[rows], y_train[rows])
                 for peer, rows in zip(layout.peers, parts, strict=True)
             },
-            (x_test, y_test),
+            peers_test,
         )
     notes = [
         *(["standardized"] if standardize else []),
@@ -752,6 +791,7 @@ def _prepare(options: HarnessOptions, cluster: RayCluster | None) -> Prepared:
         input_scale=scale,
         samples={peer: int(rows.size) for peer, rows in zip(layout.peers, parts, strict=True)},
         classes_held={peer: int(n) for peer, n in zip(layout.peers, held, strict=True)},
+        nodes_per_process=options.nodes_per_process,
         heterogeneity=describe_heterogeneity(
             histogram, unit="target deciles" if regression else "classes"
         ),
@@ -802,7 +842,8 @@ def _write_data(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    """One data file per peer (its rows of ``train``) and the shared test set."""
+    """One data file per peer (its rows of ``train``) and the test set the peers evaluate
+    on every round."""
     (layout.out / "data").mkdir(parents=True, exist_ok=True)
     x_train, y_train = train
     for peer, rows in zip(layout.peers, parts, strict=True):
@@ -1020,6 +1061,12 @@ def _peer_results(
     from p2pfl.harness.report import PeerResult, peer_stats, test_evaluation
 
     stats = peer_stats(events)
+    # A node reports its process's peak: nodes sharing a process share it out.
+    sharing = {
+        peer: len(members)
+        for members in groups_of(prepared.layout.peers, prepared.nodes_per_process)
+        for peer in members
+    }
     results = []
     for peer in prepared.layout.peers:
         s = stats[peer]
@@ -1045,11 +1092,19 @@ def _peer_results(
                     if rounds and s["trains"] and np.median(rounds) > 0
                     else None
                 ),
-                peak_rss_mb=s["rss"] if s["rss"] is not None else record.peak_rss_mb.get(peer),
+                peak_rss_mb=_peak_rss(s["rss"], record.peak_rss_mb.get(peer), sharing[peer]),
                 finished=s["finished"],
             )
         )
     return results
+
+
+def _peak_rss(reported: float | None, sampled: float | None, sharing: int) -> float | None:
+    """A peer's peak memory: its node's report (its process's peak, shared out among the
+    nodes in that process), else what the harness sampled."""
+    if reported is None:
+        return sampled
+    return round(float(reported) / sharing, 1)
 
 
 def _train_baseline(
@@ -1107,6 +1162,8 @@ def _summary_options(options: HarnessOptions, prepared: Prepared) -> dict[str, A
         "learning_rate": options.learning_rate,
         "batch_size": options.batch_size,
         "out": str(prepared.layout.out),
+        "nodes_per_process": options.nodes_per_process,
+        "eval_samples": options.eval_samples,
         "hosts": None
         if options.hosts is None
         else describe_links(options.hosts) + (", IPv6" if options.ipv6 else ""),
@@ -1117,6 +1174,7 @@ def _record_json(record: RunRecord) -> dict[str, Any]:
     """What the monitor saw (memory, faults, exits, log problems) for summary.json."""
     return {
         "peak_total_rss_mb": round(record.peak_total_rss_mb, 1),
+        "peers_cpu_s": round(sum(record.cpu_s.values()), 2),
         "faults": [f.as_json() for f in record.faults],
         "faults_not_done": record.faults_not_done,
         "exit_codes": record.exit_codes,
