@@ -35,9 +35,13 @@ def events(folder: Path, peer: str) -> list[dict[str, object]]:
 
 def test_groups_are_consecutive_peers() -> None:
     peers = [f"p{i:02d}" for i in range(7)]
-    assert groups_of(peers, 3) == [peers[0:3], peers[3:6], peers[6:7]]
+    assert groups_of(peers, 3) == [peers[0:3], peers[3:5], peers[5:7]]
     assert groups_of(peers, 10) == [peers]
-    assert [group_name(g) for g in groups_of(peers, 3)] == ["p00-p02", "p03-p05", "p06"]
+    assert groups_of(peers, 1) == [[p] for p in peers]
+    assert [group_name(g) for g in groups_of(peers, 3)] == ["p00-p02", "p03-p04", "p05-p06"]
+    assert [group_name(g) for g in groups_of(peers[:1], 3)] == ["p00"]
+    sizes = [len(g) for g in groups_of([f"p{i:03d}" for i in range(256)], 50)]
+    assert sizes == [43, 43, 43, 43, 42, 42]
 
 
 def test_nodes_sharing_processes_train_as_nodes_of_their_own(tmp_path: Path) -> None:

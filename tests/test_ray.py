@@ -181,23 +181,25 @@ def test_bad_ray_flags_are_refused(tmp_path: Path, args: tuple[str, ...], messag
 def test_a_peer_host_keeps_its_key_and_hands_back_its_logs(tmp_path: Path) -> None:
     """The actor's class as a plain object: a key made in its folder (only the public key
     leaves), data written, logs read incrementally, state files without the event log."""
-    host = PeerHost("p00", root=str(tmp_path))
-    address, port, public = host.place("127.0.0.1")
+    host = PeerHost(["p00"], root=str(tmp_path))
+    [(address, port, public)] = host.place("127.0.0.1")
     assert (address, len(public)) == ("127.0.0.1", 44) and 0 < port < 65536
     assert (host.workdir / "keys" / "p00.key").stat().st_mode & 0o077 == 0
     share = (np.zeros((3, 2), np.float32), np.arange(3))
-    host.install("version: 1\n", share, share)
+    host.install("version: 1\n", {"p00": share}, share)
     assert (host.workdir / "data" / "p00.npz").is_file()
     state = host.workdir / "state" / "p00"
     state.mkdir(parents=True)
     (state / "events.jsonl").write_bytes(b'{"a": 1}\n')
     (state / "checkpoint.npz").write_bytes(b"x")
-    assert host.status()[4] == b'{"a": 1}\n'
+    assert host.status()[1] == {"p00": b'{"a": 1}\n'}
     with open(state / "events.jsonl", "ab") as f:
         f.write(b'{"b": 2}\n')
-    assert host.status()[4] == b'{"b": 2}\n'
-    assert host.status()[4] == b""
-    assert host.files() == {"checkpoint.npz": b"x"}
+    assert host.status()[1] == {"p00": b'{"b": 2}\n'}
+    assert host.status()[1] == {"p00": b""}
+    assert host.files() == {"p00": {"checkpoint.npz": b"x"}}
+    with pytest.raises(ValueError, match="not a peer handle's call"):
+        host.call("p00", "__init__")
     host.cleanup()
     assert not host.workdir.exists()
 
@@ -232,7 +234,7 @@ with connected(RayOptions(cpus_per_peer=0.5)) as cluster:
 
     cluster.place(layout.peers)
     handles = cluster.handles({"p00": ["python", "-c", "pass"], "p01": ["python", "-c", "pass"]})
-    ray.kill(cluster._actors["p01"])
+    ray.kill(cluster._actors["p01"][0])
     cluster.sync(layout)
     cluster.collect(layout)
     print(handles["p01"].exit_code() == LOST, handles["p00"].exit_code() is None)
@@ -280,3 +282,29 @@ def test_no_process_of_a_ray_run_dials_off_loopback(tmp_path: Path) -> None:
         and not any(loop in line for loop in ('"127.', '"::1"', '"::ffff:127.'))
     ]
     assert not outside
+
+
+def test_several_nodes_per_process_on_ray(tmp_path: Path) -> None:
+    """An actor per process of two nodes: a kill and a restart inside the process, the
+    output in logs/p00-p01.log, the same table fields as ever."""
+    run = harness(
+        tmp_path / "run",
+        *("--peers", "4", "--rounds", "8", "--no-snapshots", "--no-baseline", "--ray"),
+        *("--nodes-per-process", "2", "--kill", "p01@2", "--restart", "p01@4"),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    folder = tmp_path / "run"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["nodes_per_process"] == 2
+    assert summary["ray"]["threads_per_process"] == 1
+    faults = {f["fault"]: f for f in summary["faults"]}
+    assert faults["restart p01@4"]["rejoined_round"] is not None
+    starts = [
+        json.loads(line)
+        for peer in ("p00", "p01")
+        for line in (folder / "state" / peer / "events.jsonl").read_text().splitlines()
+        if '"node_start"' in line
+    ]
+    assert len(starts) == 3 and len({e["pid"] for e in starts}) == 1
+    assert sorted(p.name for p in (folder / "logs").iterdir()) == ["p00-p01.log", "p02-p03.log"]
+    assert summary["accuracy"]["min"] > 0.8

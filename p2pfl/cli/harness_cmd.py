@@ -125,8 +125,6 @@ def _nodes_per_process(args: argparse.Namespace) -> int:
     """``--nodes-per-process K`` (each simulated host and each Ray actor runs one node)."""
     if args.nodes_per_process > 1 and args.hosts:
         raise P2PFLError("--nodes-per-process and --hosts do not go together (a host per node)")
-    if args.nodes_per_process > 1 and args.ray is not None:
-        raise P2PFLError("--nodes-per-process with --ray is not built yet: one node per actor")
     return int(args.nodes_per_process)
 
 

@@ -35,8 +35,16 @@ def group_name(members: Sequence[str]) -> str:
 
 
 def groups_of(peers: Sequence[str], size: int) -> list[list[str]]:
-    """Consecutive peers, ``size`` to a process (the last may have fewer)."""
-    return [list(peers[i : i + size]) for i in range(0, len(peers), size)]
+    """Consecutive peers, at most ``size`` to a process, in as few processes as that takes
+    and as even as they can be (256 by 50: six of 42-43, not five of 50 and one of 6)."""
+    count = -(-len(peers) // size)
+    base, extra = divmod(len(peers), count) if count else (0, 0)
+    groups, start = [], 0
+    for index in range(count):
+        end = start + base + (1 if index < extra else 0)
+        groups.append(list(peers[start:end]))
+        start = end
+    return groups
 
 
 @dataclass
@@ -53,6 +61,8 @@ class NodeGroup:
     codes: dict[str, int] = field(default_factory=dict)
     #: How often each member's node was started.
     starts: dict[str, int] = field(default_factory=dict)
+    #: Where it runs (None: here): a Ray actor's folder, with relative paths in ``specs``.
+    cwd: Path | None = None
     _log: IO[bytes] | None = None
     _status: int | None = None
     _pending: bytes = b""
@@ -65,6 +75,7 @@ class NodeGroup:
         """Start the process with ``peers``' nodes running."""
         self.close_log()
         self._read_status()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close_log
         read_end, write_end = os.pipe()
         command = [
@@ -80,6 +91,7 @@ class NodeGroup:
                 stderr=subprocess.STDOUT,
                 env=dict(env),
                 pass_fds=(write_end,),
+                cwd=self.cwd,
             )
         finally:
             os.close(write_end)

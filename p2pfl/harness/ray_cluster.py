@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from p2pfl.errors import P2PFLError
+from p2pfl.harness.groups import group_name, groups_of
 
 if TYPE_CHECKING:
     from p2pfl.harness.layout import Layout
+    from p2pfl.harness.ray_host import PeerState
 
 #: How long Ray may take to place every peer's actor before the harness gives up.
 PLACE_TIMEOUT_S = 120.0
@@ -70,117 +72,103 @@ class Placement:
 
 @dataclass
 class RayPeer:
-    """The harness's handle on one peer's actor: what ``runner.PeerProcess`` is for a local
-    process. State (running, exit code, memory) is as of the last ``RayCluster.sync``."""
+    """The harness's handle on one peer of an actor's process: what ``processes.PeerProcess``
+    (or ``groups.GroupMember``) is locally, which the actor runs on its machine; each call
+    is forwarded to it. State (running, exit code, memory, CPU) is as of the last
+    ``RayCluster.sync``, or of this handle's own last call."""
 
     peer: str
     actor: Any
-    command: list[str]
-    threads: int
+    #: The actor's name (its first and last peer), for telling processes apart.
+    where: str
     killed_by_harness: bool = False
     stopped_by_harness: bool = False
-    starts: int = 0
     peak_rss_mb: float = 0.0
-    _running: bool = False
-    _code: int | None = None
-    _rss: float = 0.0
-    _cpu: float | None = None
+    _state: PeerState = (False, None, 0.0, None)
+    _starts: int = 0
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        return ray.get(self.actor.call.remote(self.peer, method, *args, **kwargs))
+
+    @property
+    def starts(self) -> int:
+        return self._starts
 
     def start(self, env: Mapping[str, str]) -> None:
         """(``env`` is the harness machine's: the actor makes its own, on its machine.)"""
-        import ray
-
-        ray.get(self.actor.start.remote(self.command, self.threads))
-        self._running, self._code = True, None
+        self._call("start")
+        self._state = (True, None, 0.0, None)
         self.killed_by_harness = False
-        self.starts += 1
+        self._starts += 1
 
     @property
     def running(self) -> bool:
-        return self._running
+        return self._state[0]
 
     def exit_code(self) -> int | None:
-        return self._code
-
-    def _signal(self, signum: int) -> None:
-        import ray
-
-        ray.get(self.actor.signal.remote(signum))
+        return None if self.running else self._state[1]
 
     def stop(self) -> None:
-        import signal
-
-        if self._running:
+        if self.running:
             self.stopped_by_harness = True
-            self._signal(signal.SIGTERM)
+            self._call("stop")
 
     def terminate(self) -> None:
-        import signal
-
-        if self._running:
-            self._signal(signal.SIGTERM)
-            self._signal(signal.SIGCONT)
+        if self.running:
+            self._call("terminate")
 
     def pause(self) -> bool:
-        import signal
-
-        if self._running:
-            self._signal(signal.SIGSTOP)
-        return self._running
+        return bool(self.running and self._call("pause"))
 
     def resume(self) -> None:
-        import signal
-
-        if self._running:
-            self._signal(signal.SIGCONT)
+        if self.running:
+            self._call("resume")
 
     def wait(self, timeout: float) -> None:
-        import ray
-
-        code = ray.get(self.actor.wait.remote(timeout))
-        if code is not None:
-            self._running, self._code = False, code
+        self._call("wait", timeout)
 
     def kill(self, *, by_harness: bool = True) -> None:
-        import ray
-
-        if self._running:
+        if self.running:
+            self._call("kill", by_harness=by_harness)
             self.killed_by_harness = by_harness or self.killed_by_harness
-            ray.get(self.actor.kill.remote())
-            self._running, self._code = False, -9
+            self._state = (False, -9, 0.0, None)
 
     def rss_mb(self) -> float:
-        return self._rss if self._running else 0.0
+        return self._state[2] if self.running else 0.0
+
+    def cpu_sample(self) -> tuple[str, float] | None:
+        sample = self._state[3]
+        return None if sample is None else (f"{self.where}:{sample[0]}", sample[1])
 
     def close_log(self) -> None:
         """(The output is copied by ``RayCluster.sync``.)"""
 
-    def cpu_sample(self) -> tuple[str, float] | None:
-        """(This peer's process, its CPU seconds) as of the last sync."""
-        return None if self._cpu is None else (f"{self.peer}:{self.starts}", self._cpu)
-
-    def note(self, running: bool, code: int | None, rss: float, cpu: float | None = None) -> None:
+    def note(self, state: PeerState) -> None:
         """What the actor reported."""
-        self._running, self._code, self._rss, self._cpu = running, code, rss, cpu
-        self.peak_rss_mb = max(self.peak_rss_mb, rss)
+        self._state = state
+        self.peak_rss_mb = max(self.peak_rss_mb, state[2])
 
 
 @dataclass
 class RayCluster:
     """A connection to Ray (and the local instance, if this harness started one) and the
-    run's actors."""
+    run's actors: one per process, which runs one peer or ``nodes_per_process`` of them."""
 
     options: RayOptions
     started_here: bool
+    nodes_per_process: int = 1
     cpus_per_peer: float = 1.0
     peers: dict[str, RayPeer] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)
-    _actors: dict[str, Any] = field(default_factory=dict)
+    #: Each actor, by its name (its first and last peer), with its peers.
+    _actors: dict[str, tuple[Any, list[str]]] = field(default_factory=dict)
 
     @property
     def threads(self) -> int:
-        """Threads per peer: its whole CPUs (at least one)."""
-        return max(1, math.floor(self.cpus_per_peer))
+        """Threads per process: its whole CPUs (at least one)."""
+        return max(1, math.floor(self.cpus_per_peer * self.nodes_per_process))
 
     def describe(self) -> str:
         import ray
@@ -188,21 +176,18 @@ class RayCluster:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         where = "a local Ray instance on 127.0.0.1" if self.started_here else "Ray"
         cpus = ray.cluster_resources().get("CPU", 0)
+        memory = self.options.memory_per_peer_mb
         return (
-            f"{where}: {len(nodes)} machine(s), {cpus:g} CPUs; each peer an actor with "
-            f"{self.cpus_per_peer:g} CPU(s), {self.threads} thread(s)"
-            + (
-                ""
-                if self.options.memory_per_peer_mb is None
-                else f", {self.options.memory_per_peer_mb:g} MB"
-            )
+            f"{where}: {len(nodes)} machine(s), {cpus:g} CPUs; an actor per process of "
+            f"{self.nodes_per_process} peer(s), {self.cpus_per_peer:g} CPU(s) per peer"
+            + ("" if memory is None else f", {memory:g} MB per peer")
+            + f", {self.threads} thread(s) per process"
         )
 
     def place(self, peers: Sequence[str]) -> dict[str, Placement]:
-        """An actor per peer, spread over the machines; its address, port and public key."""
+        """An actor per process of peers, spread over the machines; each peer's address,
+        port and public key."""
         import ray
-
-        from p2pfl.harness.ray_host import PeerHost
 
         cpus = ray.cluster_resources().get("CPU", 0)
         if self.options.cpus_per_peer is None:
@@ -216,36 +201,47 @@ class RayCluster:
                 f"cluster has {cpus:g}: lower --cpus-per-peer (fractions are fine) or add "
                 "machines"
             )
-        # SPREAD: peers on as many machines as there are (the point of a cluster run).
-        resources: dict[str, Any] = {
-            "num_cpus": self.cpus_per_peer,
-            "scheduling_strategy": "SPREAD",
+        self._actors = {
+            group_name(members): (self._actor(len(members)).remote(members), members)
+            for members in groups_of(peers, self.nodes_per_process)
         }
-        if self.options.memory_per_peer_mb is not None:
-            resources["memory"] = int(self.options.memory_per_peer_mb * 2**20)
-        actor_class = ray.remote(PeerHost).options(**resources)
-        self._actors = {peer: actor_class.remote(peer) for peer in peers}
         try:
             found = ray.get(
-                [actor.place.remote() for actor in self._actors.values()],
+                [actor.place.remote() for actor, _ in self._actors.values()],
                 timeout=PLACE_TIMEOUT_S,
             )
         except ray.exceptions.GetTimeoutError:
             raise RayError(
-                f"Ray placed too few of the {len(peers)} peers within {PLACE_TIMEOUT_S:g} s "
-                f"(each asks {self.cpus_per_peer:g} CPUs"
+                f"Ray placed too few of the {len(self._actors)} processes within "
+                f"{PLACE_TIMEOUT_S:g} s (each asks {self.cpus_per_peer:g} CPUs per peer"
                 + (
                     ""
                     if self.options.memory_per_peer_mb is None
-                    else f" and {self.options.memory_per_peer_mb:g} MB"
+                    else f" and {self.options.memory_per_peer_mb:g} MB per peer"
                 )
                 + f"; the cluster has {ray.available_resources()}"
             ) from None
         self.placements = {
             peer: Placement(str(host), int(port), str(public))
-            for peer, (host, port, public) in zip(self._actors, found, strict=True)
+            for (_, members), places in zip(self._actors.values(), found, strict=True)
+            for peer, (host, port, public) in zip(members, places, strict=True)
         }
         return self.placements
+
+    def _actor(self, peers: int) -> Any:
+        """The actor class with the resources of a process of ``peers`` peers. SPREAD:
+        processes on as many machines as there are (the point of a cluster run)."""
+        import ray
+
+        from p2pfl.harness.ray_host import PeerHost
+
+        resources: dict[str, Any] = {
+            "num_cpus": self.cpus_per_peer * peers,
+            "scheduling_strategy": "SPREAD",
+        }
+        if self.options.memory_per_peer_mb is not None:
+            resources["memory"] = int(self.options.memory_per_peer_mb * peers * 2**20)
+        return ray.remote(PeerHost).options(**resources)
 
     def info(self) -> dict[str, Any]:
         """For summary.json: where the run went and what each peer had."""
@@ -253,7 +249,7 @@ class RayCluster:
             "address": self.options.address or "local",
             "machines": len({p.host for p in self.placements.values()}),
             "cpus_per_peer": self.cpus_per_peer,
-            "threads_per_peer": self.threads,
+            "threads_per_process": self.threads,
             "memory_per_peer_mb": self.options.memory_per_peer_mb,
             "hosts": {peer: p.host for peer, p in self.placements.items()},
         }
@@ -270,17 +266,37 @@ class RayCluster:
         test_ref = ray.put(test)
         ray.get(
             [
-                actor.install.remote(config_text, ray.put(shares[peer]), test_ref)
-                for peer, actor in self._actors.items()
+                actor.install.remote(
+                    config_text, ray.put({peer: shares[peer] for peer in members}), test_ref
+                )
+                for actor, members in self._actors.values()
             ]
         )
 
+    def logs(self, layout: Layout) -> dict[str, Path]:
+        """Where each peer's process output goes in the run folder."""
+        return {
+            peer: layout.out / "logs" / f"{name}.log"
+            for name, (_, members) in self._actors.items()
+            for peer in members
+        }
+
     def handles(self, commands: Mapping[str, list[str]]) -> dict[str, RayPeer]:
-        """The harness's handles on the actors, with each peer's ``p2pfl run`` command
-        (relative paths: it runs in the actor's folder, which mirrors the run folder)."""
+        """The harness's handles on the peers, each actor told its peers' ``p2pfl run``
+        commands (relative paths: they run in the actor's folder, which mirrors the run
+        folder)."""
+        import ray
+
+        ray.get(
+            [
+                actor.configure.remote({p: commands[p] for p in members}, self.threads)
+                for actor, members in self._actors.values()
+            ]
+        )
         self.peers = {
-            peer: RayPeer(peer, self._actors[peer], list(command), self.threads)
-            for peer, command in commands.items()
+            peer: RayPeer(peer, actor, name)
+            for name, (actor, members) in self._actors.items()
+            for peer in members
         }
         return self.peers
 
@@ -288,16 +304,18 @@ class RayCluster:
         """Every peer's state, new event-log lines and output, into the run folder."""
         import ray
 
-        asked = {peer: p.actor.status.remote() for peer, p in self.peers.items()}
-        for peer, future in asked.items():
+        asked = {name: actor.status.remote() for name, (actor, _) in self._actors.items()}
+        for name, future in asked.items():
             try:
-                running, code, rss, cpu, events, output = ray.get(future)
+                states, events, output = ray.get(future)
             except ray.exceptions.RayActorError:  # its machine or worker is gone
-                self.peers[peer].note(False, LOST, 0.0)
+                for peer in self._actors[name][1]:
+                    self.peers[peer].note((False, LOST, 0.0, None))
                 continue
-            self.peers[peer].note(running, code, rss, cpu)
-            _append(layout.state(peer) / "events.jsonl", events)
-            _append(layout.log(peer), output)
+            for peer, state in states.items():
+                self.peers[peer].note(state)
+                _append(layout.state(peer) / "events.jsonl", events[peer])
+            _append(layout.out / "logs" / f"{name}.log", output)
 
     def collect(self, layout: Layout) -> None:
         """After the peers stopped: the rest of their logs, and their state folders'
@@ -309,19 +327,14 @@ class RayCluster:
             self.sync(layout)
             if before == [_size(layout.state(p) / "events.jsonl") for p in self.peers]:
                 break
-        asked = {peer: p.actor.files.remote() for peer, p in self.peers.items()}
-        for peer, future in asked.items():
+        asked = {name: actor.files.remote() for name, (actor, _) in self._actors.items()}
+        for future in asked.values():
             try:
-                files = ray.get(future)
+                everything = ray.get(future)
             except ray.exceptions.RayActorError:
-                continue  # (lost with its machine: its events are in, its checkpoint is not)
-            state = layout.state(peer).resolve()
-            for relative, content in files.items():
-                target = (state / relative).resolve()
-                if not target.is_relative_to(state):  # (an actor cannot write elsewhere)
-                    raise RayError(f"peer {peer} handed back a file outside its folder: {relative}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(content)
+                continue  # (lost with its machine: its events are in, its checkpoints not)
+            for peer, files in everything.items():
+                _write_state(layout.state(peer), peer, files)
 
     def close(self) -> None:
         """Remove the peers' folders on the workers, end the actors, and shut the local
@@ -331,10 +344,21 @@ class RayCluster:
         if self._actors:
             # (best effort on the way out: the actors end below whatever happened)
             with contextlib.suppress(Exception):
-                ray.get([actor.cleanup.remote() for actor in self._actors.values()], timeout=60)
-            for actor in self._actors.values():
+                ray.get([actor.cleanup.remote() for actor, _ in self._actors.values()], timeout=60)
+            for actor, _ in self._actors.values():
                 ray.kill(actor)
         ray.shutdown()
+
+
+def _write_state(state: Path, peer: str, files: Mapping[str, bytes]) -> None:
+    """A peer's state files as its actor handed them back (only inside its folder)."""
+    root = state.resolve()
+    for relative, content in files.items():
+        target = (root / relative).resolve()
+        if not target.is_relative_to(root):
+            raise RayError(f"peer {peer} handed back a file outside its folder: {relative}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -352,7 +376,7 @@ def _size(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def connected(options: RayOptions) -> Iterator[RayCluster]:
+def connected(options: RayOptions, nodes_per_process: int = 1) -> Iterator[RayCluster]:
     """Ray for one run: started locally (127.0.0.1 only) or joined at ``options.address``;
     shut down or left on the way out, whatever happens."""
     home = os.environ.get("HOME")
@@ -380,7 +404,7 @@ def connected(options: RayOptions) -> Iterator[RayCluster]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _leave_home(home, private_home)
         raise RayError(f"--ray {options.address or ''}: {exc}") from exc
-    cluster = RayCluster(options, started_here=options.address is None)
+    cluster = RayCluster(options, options.address is None, nodes_per_process)
     try:
         yield cluster
     finally:

@@ -15,21 +15,18 @@ Polling the logs here is a viewer's loop, not the round path: the peers never wa
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
-from p2pfl.daemon.procinfo import cpu_seconds
 from p2pfl.errors import P2PFLError
 from p2pfl.harness.faults import Fault, FaultPlan
 from p2pfl.harness.groups import GroupMember, NodeGroup, group_name, groups_of
@@ -45,6 +42,7 @@ from p2pfl.harness.layout import (
 from p2pfl.harness.links import LinkSpec, describe_links
 from p2pfl.harness.netfaults import NetFault, NetFaultPlan
 from p2pfl.harness.partition import PartitionSpec
+from p2pfl.harness.processes import PeerHandle, PeerProcess, stop_all
 from p2pfl.harness.progress import RunProgress
 from p2pfl.harness.ray_cluster import LOST, RayOptions
 from p2pfl.learning.base import Task
@@ -64,8 +62,6 @@ POLL_S = 0.05
 FAULT_POLL_S = 0.002
 #: Longest pause of the other peers while a restarted one starts up.
 MAX_PAUSE_S = 10.0
-#: How long stopped peers get to write their final checkpoint before SIGKILL.
-STOP_GRACE_S = 10.0
 #: With --hosts every peer listens on this port of its own host's address.
 HOST_PORT = 7070
 
@@ -131,147 +127,6 @@ class HarnessOptions:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-class PeerHandle(Protocol):
-    """What the monitor does with a peer: a local process (``PeerProcess``) or one that a
-    Ray actor owns (``ray_cluster.RayPeer``)."""
-
-    peer: str
-    killed_by_harness: bool
-    stopped_by_harness: bool
-    peak_rss_mb: float
-
-    @property
-    def starts(self) -> int: ...
-    def start(self, env: Mapping[str, str]) -> None: ...
-    @property
-    def running(self) -> bool: ...
-    def exit_code(self) -> int | None: ...
-    def terminate(self) -> None: ...
-    def wait(self, timeout: float) -> None: ...
-    def stop(self) -> None: ...
-    def pause(self) -> bool: ...
-    def resume(self) -> None: ...
-    def kill(self, *, by_harness: bool = True) -> None: ...
-    def rss_mb(self) -> float: ...
-    def cpu_sample(self) -> tuple[str, float] | None: ...
-    def close_log(self) -> None: ...
-
-
-@dataclass
-class PeerProcess:
-    peer: str
-    command: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    log_file: IO[bytes] | None = None
-    killed_by_harness: bool = False
-    stopped_by_harness: bool = False
-    starts: int = 0
-    peak_rss_mb: float = 0.0
-
-    def start(self, env: Mapping[str, str]) -> None:
-        self.close_log()
-        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in close_log
-        self.proc = subprocess.Popen(
-            self.command,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(env),
-        )
-        self.killed_by_harness = False
-        self.starts += 1
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def exit_code(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def terminate(self) -> None:
-        """SIGTERM, and SIGCONT: a paused peer handles SIGTERM only once woken."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.send_signal(signal.SIGCONT)
-
-    def wait(self, timeout: float) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(max(0.0, timeout))
-
-    def stop(self) -> None:
-        """SIGTERM: the node writes its final checkpoint and exits 0."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.stopped_by_harness = True  # before its signal handler is set, -15 is fine
-            self.proc.send_signal(signal.SIGTERM)
-
-    def pause(self) -> bool:
-        """SIGSTOP (True if it was running)."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGSTOP)
-                return True
-        return False
-
-    def resume(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self, *, by_harness: bool = True) -> None:
-        """SIGKILL; ``by_harness``: a fault the harness injects (not a straggler's end)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.killed_by_harness = by_harness or self.killed_by_harness
-            self.proc.kill()
-            self.proc.wait()
-
-    def cpu_sample(self) -> tuple[str, float] | None:
-        """(Which process, its CPU seconds so far), while it runs."""
-        if not self.running:
-            return None
-        assert self.proc is not None
-        used = cpu_seconds(self.proc.pid)
-        return None if used is None else (str(self.proc.pid), used)
-
-    def rss_mb(self) -> float:
-        """Resident memory now, from /proc (0 if gone or not on Linux)."""
-        if not self.running:
-            return 0.0
-        assert self.proc is not None
-        try:
-            with open(f"/proc/{self.proc.pid}/statm") as f:
-                pages = int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0.0
-        mb = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-        self.peak_rss_mb = max(self.peak_rss_mb, mb)
-        return mb
-
-    def close_log(self) -> None:
-        if self.log_file is not None:
-            self.log_file.close()
-            self.log_file = None
-
-
-def stop_all(processes: Mapping[str, PeerHandle], grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM every running peer (they write a final checkpoint), SIGKILL stragglers.
-    A second Ctrl-C while waiting skips the grace: everything left is SIGKILLed."""
-    running = [p for p in processes.values() if p.running]
-    for p in running:
-        p.terminate()
-    deadline = time.monotonic() + grace
-    try:
-        for p in running:
-            p.wait(deadline - time.monotonic())
-    finally:
-        for p in running:
-            p.kill(by_harness=False)
-        for p in processes.values():
-            p.close_log()
 
 
 @contextlib.contextmanager
@@ -380,6 +235,7 @@ class Monitor:
                 for peer in layout.peers
             )
         else:  # (the actors' folders mirror the run folder: the same command, relative)
+            self.logs.update(cluster.logs(layout))
             remote = Layout(Path("."), layout.peers)
             self.processes.update(
                 cluster.handles(
@@ -1022,7 +878,7 @@ def _cluster(options: HarnessOptions) -> Iterator[RayCluster | None]:
         return
     from p2pfl.harness.ray_cluster import connected
 
-    with connected(options.ray) as cluster:
+    with connected(options.ray, options.nodes_per_process) as cluster:
         yield cluster
 
 
