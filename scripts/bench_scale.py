@@ -7,7 +7,8 @@ peers evaluating on 200 test samples per round, no baseline, no snapshots) and:
 - start-up: from the first node's start to the moment every node has begun round 0
   (processes, imports, data, listening, connecting, handshakes);
 - the median round time (summary.json);
-- peak memory all together (sampled every 0.5 s), and per peer (that over the peers);
+- peak memory all together (sampled every 0.5 s), and per peer (that over the peers); and
+  the machine's memory in use at its peak, less before the run (Ray's own processes too);
 - CPU per peer and round beyond training: every peer process's CPU seconds (sampled every
   0.5 s), less the training's (every peer's local epoch timed here, one thread), over
   peers x rounds done (start-up's CPU included: imports, keys, handshakes).
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,9 +38,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: Resident memory of one peer process (measured: 56-63 MB with numpy, websockets and
-#: cryptography loaded); a Ray actor's own worker process comes on top.
+#: cryptography loaded); a Ray actor's own worker process (~90 MB) comes on top.
 PROCESS_MB = 60
-RAY_WORKER_MB = 120
+RAY_WORKER_MB = 100
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--peers", default="128,256,1000")
@@ -58,6 +60,36 @@ def memory_total_mb() -> float:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) / 1024
     return float("inf")
+
+
+def memory_used_mb() -> float:
+    """The machine's memory in use (total less available), everything included."""
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) / 1024
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
+class MachineMemory:
+    """The peak of ``memory_used_mb`` while a run goes on (sampled every 0.5 s): Ray's own
+    processes (its servers, an actor's worker) included, which the harness does not see."""
+
+    def __enter__(self) -> MachineMemory:
+        self.peak_mb = memory_used_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak_mb = max(self.peak_mb, memory_used_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def fits(peers: int, per_process: int, ray: bool) -> str | None:
@@ -126,9 +158,11 @@ def run(out: Path, args: argparse.Namespace, peers: int, per_process: int, ray: 
         *(("--ray",) if ray else ()),
     ]
     began = time.monotonic()
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=args.timeout, check=False
-    )
+    baseline = memory_used_mb()
+    with MachineMemory() as machine:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, check=False
+        )
     wall = time.monotonic() - began
     if not (out / "summary.json").exists():
         return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
@@ -150,6 +184,7 @@ def run(out: Path, args: argparse.Namespace, peers: int, per_process: int, ray: 
         "rss_per_peer_mb": summary["peak_rss_mb"]["total_sampled"] / peers,
         "rss_total_mb": summary["peak_rss_mb"]["total_sampled"],
         "cpu_beyond_training_ms": 1000 * beyond,
+        "machine_mb": machine.peak_mb - baseline,
     }
 
 
@@ -162,8 +197,8 @@ def main() -> int:
     )
     header = (
         f"{'where':6s} {'peers':>5s} {'per proc':>8s} {'start s':>8s} {'round ms':>9s} "
-        f"{'MB/peer':>8s} {'MB total':>9s} {'CPU ms/peer-round':>18s} {'accuracy':>9s} "
-        f"{'wall s':>7s}"
+        f"{'MB/peer':>8s} {'MB total':>9s} {'machine MB':>10s} {'CPU ms/peer-round':>18s} "
+        f"{'accuracy':>9s} {'wall s':>7s}"
     )
     print(header, flush=True)
     for ray in places:
@@ -184,7 +219,8 @@ def main() -> int:
                 print(
                     f"{where:6s} {peers:5d} {per_process:8d} {r['startup_s']:8.1f} "
                     f"{r['round_ms']:9.0f} {r['rss_per_peer_mb']:8.1f} {r['rss_total_mb']:9.0f} "
-                    f"{r['cpu_beyond_training_ms']:18.1f} {r['accuracy']:9.4f} {r['wall_s']:7.0f}"
+                    f"{r['machine_mb']:10.0f} {r['cpu_beyond_training_ms']:18.1f} "
+                    f"{r['accuracy']:9.4f} {r['wall_s']:7.0f}"
                     + ("" if r["exit"] == 0 else f"  (exit {r['exit']})"),
                     flush=True,
                 )

@@ -203,6 +203,19 @@ def test_free_ports_are_distinct() -> None:
     assert len(set(ports)) == 20
 
 
+def test_free_ports_in_a_span_skip_the_taken_ones() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        drawn = free_ports(3, span=(port, port + 3))
+        assert len(set(drawn)) == 3 and port not in drawn
+        assert all(port < p <= port + 3 for p in drawn)
+        with pytest.raises(OSError, match="fewer than 2 ports free"):
+            free_ports(2, span=(port, port))
+
+
 # --- whole runs ------------------------------------------------------------------------------
 
 

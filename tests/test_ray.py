@@ -308,3 +308,22 @@ def test_several_nodes_per_process_on_ray(tmp_path: Path) -> None:
     assert len(starts) == 3 and len({e["pid"] for e in starts}) == 1
     assert sorted(p.name for p in (folder / "logs").iterdir()) == ["p00-p01.log", "p02-p03.log"]
     assert summary["accuracy"]["min"] > 0.8
+
+
+def test_actors_that_drew_the_same_port_are_found() -> None:
+    """Each actor draws its own ports: a second actor on the same host with a port already
+    taken must draw again (the first keeps it); the same port on another host is fine."""
+    from p2pfl.harness.ray_cluster import Placement, _clashing_actors
+
+    placements = {
+        "p0": Placement("10.0.0.1", 7000, "k"),
+        "p1": Placement("10.0.0.1", 7001, "k"),
+        "p2": Placement("10.0.0.1", 7000, "k"),
+        "p3": Placement("10.0.0.2", 7000, "k"),
+        "p4": Placement("10.0.0.1", 7001, "k"),
+    }
+    actors = {"a": (None, ["p0", "p1"]), "b": (None, ["p2"]), "c": (None, ["p3", "p4"])}
+    assert _clashing_actors(placements, actors) == ["b", "c"]
+    placements["p2"] = Placement("10.0.0.1", 7002, "k")
+    placements["p4"] = Placement("10.0.0.1", 7003, "k")
+    assert _clashing_actors(placements, actors) == []

@@ -4,6 +4,7 @@ local runner, the Ray actors and the multi-node processes share (no process hand
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import sys
@@ -54,15 +55,34 @@ def peer_ids(count: int) -> list[str]:
     return [f"p{i:0{width}d}" for i in range(count)]
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+def free_ports(
+    count: int, host: str = "127.0.0.1", span: tuple[int, int] | None = None
+) -> list[int]:
     """``count`` distinct ports that were free a moment ago (held open together, so the
-    kernel cannot hand out one twice)."""
+    kernel cannot hand out one twice). With ``span`` (first, last), drawn at random from
+    that range rather than from the kernel's ephemeral ports, which it also hands to
+    outgoing connections and to every other port-0 bind (Ray's workers bind theirs so):
+    those cannot take a port drawn outside them before the node binds it."""
     sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            sockets.append(s)
+        if span is None:
+            for _ in range(count):
+                s = socket.socket()
+                s.bind((host, 0))
+                sockets.append(s)
+        else:
+            for port in random.sample(range(span[0], span[1] + 1), span[1] + 1 - span[0]):
+                if len(sockets) == count:
+                    break
+                s = socket.socket()
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    s.close()
+                    continue
+                sockets.append(s)
+            if len(sockets) < count:
+                raise OSError(f"fewer than {count} ports free in {span[0]}-{span[1]} on {host}")
         return [int(s.getsockname()[1]) for s in sockets]
     finally:
         for s in sockets:

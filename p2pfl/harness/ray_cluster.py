@@ -18,6 +18,7 @@ Ray server then binds the loopback address), with no dashboard and no usage repo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 #: How long Ray may take to place every peer's actor before the harness gives up.
 PLACE_TIMEOUT_S = 120.0
+#: How often clashing actors may draw their ports again.
+MAX_PORT_DRAWS = 20
 #: The exit code of a peer whose actor is gone (its machine or Ray worker died).
 LOST = -1000
 #: Set before ``import ray`` for a local instance (see the module docstring).
@@ -226,7 +229,23 @@ class RayCluster:
             for (_, members), places in zip(self._actors.values(), found, strict=True)
             for peer, (host, port, public) in zip(members, places, strict=True)
         }
+        self._distinct_ports()
         return self.placements
+
+    def _distinct_ports(self) -> None:
+        """Actors on one machine draw their ports apart, so two may draw the same one:
+        such actors draw again until every (host, port) is distinct."""
+        import ray
+
+        for _ in range(MAX_PORT_DRAWS):
+            clashing = _clashing_actors(self.placements, self._actors)
+            if not clashing:
+                return
+            drawn = ray.get([self._actors[name][0].new_ports.remote() for name in clashing])
+            for name, ports in zip(clashing, drawn, strict=True):
+                for peer, port in zip(self._actors[name][1], ports, strict=True):
+                    self.placements[peer] = dataclasses.replace(self.placements[peer], port=port)
+        raise RayError(f"no distinct ports for the peers after {MAX_PORT_DRAWS} draws")
 
     def _actor(self, peers: int) -> Any:
         """The actor class with the resources of a process of ``peers`` peers. SPREAD:
@@ -348,6 +367,20 @@ class RayCluster:
             for actor, _ in self._actors.values():
                 ray.kill(actor)
         ray.shutdown()
+
+
+def _clashing_actors(
+    placements: Mapping[str, Placement], actors: Mapping[str, tuple[Any, list[str]]]
+) -> list[str]:
+    """The actors (but the first of each clash) holding a (host, port) another one holds."""
+    owner: dict[tuple[str, int], str] = {}
+    clashing: list[str] = []
+    for name, (_, members) in actors.items():
+        for peer in members:
+            where = (placements[peer].host, placements[peer].port)
+            if owner.setdefault(where, name) != name and name not in clashing:
+                clashing.append(name)
+    return clashing
 
 
 def _write_state(state: Path, peer: str, files: Mapping[str, bytes]) -> None:

@@ -37,6 +37,10 @@ from p2pfl.harness.processes import PeerHandle, PeerProcess
 MAX_CHUNK = 8 << 20
 #: The BLAS thread pools a peer's threads setting caps.
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: Where the peers on a Ray worker listen: outside the kernel's ephemeral ports (32768-60999
+#: on Linux), which Ray's own workers and every outgoing connection draw from, and above
+#: Ray's fixed ports (6379, 8265, 10001, its worker range from 10002).
+PEER_PORTS = (20000, 29999)
 #: What the harness may ask of a peer's handle through ``call``.
 CALLS = frozenset({"start", "stop", "terminate", "pause", "resume", "kill", "wait"})
 
@@ -56,6 +60,7 @@ class PeerHost:
         self.output = self.workdir / "logs" / f"{group_name(self.peers)}.log"
         self.handles: dict[str, PeerHandle] = {}
         self.threads = 1
+        self.host = "127.0.0.1"
         #: How far the harness has read each event log and the output.
         self._sent: dict[str, int] = {}
 
@@ -70,11 +75,18 @@ class PeerHost:
             import ray
 
             host = str(ray.util.get_node_ip_address())
-        ports = free_ports(len(self.peers), host)
+        self.host = host
+        ports = self.new_ports()
         return [
             (host, port, generate_key_file(self.workdir / "keys" / f"{peer}.key"))
             for peer, port in zip(self.peers, ports, strict=True)
         ]
+
+    def new_ports(self) -> list[int]:
+        """A port per peer in ``PEER_PORTS``, free on this machine a moment ago (asked
+        again by the harness when another actor on the same machine drew one of the same
+        ports: each actor draws its own)."""
+        return free_ports(len(self.peers), self.host, PEER_PORTS)
 
     def install(
         self,
