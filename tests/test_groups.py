@@ -83,6 +83,28 @@ def test_a_node_killed_and_restarted_inside_its_process(tmp_path: Path) -> None:
     assert len(p01) == 2 and p01[0]["pid"] == p01[1]["pid"]  # the same process, a new node
     assert len(p00) == 1 and p00[0]["pid"] == p01[0]["pid"]  # its process mate ran on
     assert summary["accuracy"]["min"] > 0.8
+    # the killed node did nothing more: its log is quiet from its stop to the new start
+    log = [e["type"] for e in events(tmp_path / "run", "p01")]
+    after_stop = log[log.index("node_stop") + 1 :]
+    assert after_stop[: after_stop.index("node_start") + 1] in (
+        ["node_start"],
+        ["resume", "node_start"],
+    )
+
+
+def test_a_running_node_restarted_inside_its_process(tmp_path: Path) -> None:
+    """--restart of a peer that runs: a kill and a start in the same step; the killed
+    node's end must not be taken for the new one's."""
+    run = harness(
+        tmp_path / "run",
+        *("--peers", "4", "--rounds", "6", "--no-snapshots", "--no-baseline"),
+        *("--nodes-per-process", "2", "--restart", "p01@3"),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    faults = {f["fault"]: f for f in summary["faults"]}
+    assert faults["restart p01@3"]["rejoined_round"] is not None
+    assert summary["exit_codes"]["p01"] == 0
 
 
 def test_bad_commands_are_logged_and_the_nodes_run_on(tmp_path: Path) -> None:

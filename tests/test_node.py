@@ -174,6 +174,48 @@ async def test_stop_request_shuts_down_cleanly(make_network) -> None:
     assert last["type"] == "node_stop" and last["finished"] is False
 
 
+async def test_a_stop_requested_before_run_is_honoured(make_network) -> None:
+    """(A process that runs several nodes may ask one to stop before its task began.)"""
+    net = make_network(("alice", "bob"), rounds=1000)
+    nodes = [make_node(net, p) for p in net.peers]
+    for n in nodes:
+        n.request_stop()
+    assert await asyncio.wait_for(run_all(nodes), 10 * TIMEOUT) == [0, 0]
+    last = read_events(net.state("alice") / "events.jsonl")[-1]
+    assert last["type"] == "node_stop" and last["finished"] is False
+
+
+def _tasks_of(node: Node) -> list[asyncio.Task[Any]]:
+    """The unfinished tasks whose coroutine is a method of ``node``."""
+    found = []
+    for task in asyncio.all_tasks():
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        if not task.done() and frame is not None and frame.f_locals.get("self") is node:
+            found.append(task)
+    return found
+
+
+async def test_a_cancelled_node_leaves_no_task_behind(make_network) -> None:
+    """Cancelling a node's own task (a node killed in a process it shares) ends its rounds
+    and heartbeat too: nothing of it goes on writing into its state folder."""
+    net = make_network(("alice", "bob"), rounds=1000)
+    alice, bob = (make_node(net, p) for p in net.peers)
+    tasks = [asyncio.ensure_future(n.run()) for n in (alice, bob)]
+    path = net.state("alice") / "events.jsonl"
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if path.exists() and '"checkpoint"' in path.read_text():
+            break
+    assert _tasks_of(alice)
+    tasks[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    assert _tasks_of(alice) == []
+    assert alice.state_lock._fd is None  # (let go: a restarted node can take it)
+    bob.request_stop()
+    assert await asyncio.wait_for(tasks[1], 10 * TIMEOUT) == 0
+
+
 async def test_a_node_alone_still_ends_each_round_at_its_deadline(make_network) -> None:
     """No neighbour ever connects, so no network event wakes the round: the deadline must."""
     net = make_network(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import itertools
 import json
 import shutil
 import subprocess
@@ -182,8 +183,8 @@ def test_a_peer_host_keeps_its_key_and_hands_back_its_logs(tmp_path: Path) -> No
     """The actor's class as a plain object: a key made in its folder (only the public key
     leaves), data written, logs read incrementally, state files without the event log."""
     host = PeerHost(["p00"], root=str(tmp_path))
-    [(address, port, public)] = host.place("127.0.0.1")
-    assert (address, len(public)) == ("127.0.0.1", 44) and 0 < port < 65536
+    [(address, port, public)] = host.place((20000, 29999), "127.0.0.1")
+    assert (address, len(public)) == ("127.0.0.1", 44) and 20000 <= port <= 29999
     assert (host.workdir / "keys" / "p00.key").stat().st_mode & 0o077 == 0
     share = (np.zeros((3, 2), np.float32), np.arange(3))
     host.install("version: 1\n", {"p00": share}, share)
@@ -327,3 +328,14 @@ def test_actors_that_drew_the_same_port_are_found() -> None:
     placements["p2"] = Placement("10.0.0.1", 7002, "k")
     placements["p4"] = Placement("10.0.0.1", 7003, "k")
     assert _clashing_actors(placements, actors) == []
+
+
+def test_actors_draw_ports_from_slices_of_their_own() -> None:
+    from p2pfl.harness.ray_cluster import RayError, port_slices
+
+    slices = port_slices(20)
+    assert slices[0] == (20000, 20499) and slices[-1] == (29500, 29999)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(slices))
+    assert port_slices(10000)[-1] == (29999, 29999)
+    with pytest.raises(RayError, match="more than the 10000 peer ports"):
+        port_slices(10001)

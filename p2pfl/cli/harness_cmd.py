@@ -90,7 +90,7 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         topology=topology,
         topology_text=topology_text,
         rounds=args.rounds,
-        dataset=args.dataset,
+        dataset=_dataset(args.dataset),
         partition=partition,
         model=model,
         model_text=model_text(model),
@@ -119,6 +119,15 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         nodes_per_process=_nodes_per_process(args),
         eval_samples=args.eval_samples,
     )
+
+
+def _dataset(text: str) -> str:
+    """``--dataset`` with ``~`` expanded now (with ``--ray`` the harness later runs under a
+    HOME of Ray's own)."""
+    name, colon, folder = text.partition(":")
+    if name == "fashion-mnist" and colon:
+        return f"{name}:{Path(folder).expanduser()}"
+    return str(Path(text).expanduser()) if text.endswith(".npz") else text
 
 
 def _nodes_per_process(args: argparse.Namespace) -> int:

@@ -105,6 +105,9 @@ class Node:
     """One p2pfl peer. Implements the network's ``LinkHandler`` and secure aggregation's
     ``ExchangeHost``."""
 
+    #: ``request_stop`` came before ``run`` made the stop event: honoured when it does.
+    _stop_requested = False
+
     def __init__(
         self,
         config: Config,
@@ -339,6 +342,7 @@ class Node:
 
     def request_stop(self) -> None:
         """Ask a running node to shut down as it does on SIGTERM."""
+        self._stop_requested = True
         if self._stop is not None:
             self._stop.set()
 
@@ -880,6 +884,32 @@ class Node:
             )
         return used, outcome
 
+    async def _until_done_or_stopped(
+        self,
+        main: asyncio.Future[Any],
+        heartbeat: asyncio.Future[Any],
+        stopper: asyncio.Future[Any],
+    ) -> None:
+        """Until the rounds end or a stop comes. If this task itself is cancelled instead
+        (a crash, not a stop), the rounds and heartbeat are abandoned with it."""
+        try:
+            await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            await self._abandon(main, heartbeat, stopper)
+            raise
+
+    async def _abandon(self, *tasks: asyncio.Future[Any]) -> None:
+        """The node's own task was cancelled (a node killed in a process it shares with
+        others, ``harness/multinode.py``): its rounds, heartbeat and stop watch end with it,
+        and the file work in flight finishes, so that nothing of it writes into the state
+        folder a restarted node takes over. No final checkpoint: it crashed."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.worker.settle()
+        await self.saver.committed()
+        self.saver.close()
+
     async def _final_checkpoint(self) -> None:
         """On a signal mid-round: wait for the worker thread, then checkpoint what the model
         is: before aggregation, the current round (a restart redoes it; local training is
@@ -963,6 +993,8 @@ class Node:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         self._stop = stop
+        if self._stop_requested:
+            stop.set()
         if self.options.handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -1020,7 +1052,7 @@ class Node:
             heartbeat = asyncio.ensure_future(self._heartbeat())
             main = asyncio.ensure_future(self._rounds(start_round, checkpoint is not None))
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await self._until_done_or_stopped(main, heartbeat, stopper)
             heartbeat.cancel()
             stopper.cancel()
             if not main.done():

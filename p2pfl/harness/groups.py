@@ -18,15 +18,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from p2pfl.daemon.procinfo import cpu_seconds
+
+#: How long a kill waits for the node's end (its file work in flight finishes first), and
+#: the end of the run for the process's.
+KILL_WAIT_S = 10.0
 
 
 def group_name(members: Sequence[str]) -> str:
@@ -66,6 +72,8 @@ class NodeGroup:
     _log: IO[bytes] | None = None
     _status: int | None = None
     _pending: bytes = b""
+    #: How many ``exit`` lines each member has had (a kill waits for the next one).
+    _exits: dict[str, int] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -93,6 +101,9 @@ class NodeGroup:
                 pass_fds=(write_end,),
                 cwd=self.cwd,
             )
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         os.set_blocking(read_end, False)
@@ -118,6 +129,39 @@ class NodeGroup:
         self.running.add(peer)
         self.codes.pop(peer, None)
         self.starts[peer] = self.starts.get(peer, 0) + 1
+
+    def kill(self, peer: str, timeout: float = KILL_WAIT_S) -> None:
+        """Cancel ``peer``'s node and wait for its ``exit`` line, as a SIGKILLed process is
+        waited for: a restart right after must not take that late line for its own end."""
+        seen = self._exits.get(peer, 0)
+        self.send(f"kill {peer}")
+        deadline = time.monotonic() + timeout
+        while self._exits.get(peer, 0) == seen and self.alive and self._status is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            select.select([self._status], [], [], remaining)
+            self._read_status()
+        self.running.discard(peer)
+        self.codes[peer] = -9
+
+    def close(self, timeout: float = KILL_WAIT_S) -> None:
+        """The end of the run: stdin closed (the process ends once its nodes have), waited
+        for, SIGKILLed if it will not, and its pipe and log let go."""
+        if self.proc is not None:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.poll()
+        if self._status is not None:
+            os.close(self._status)
+            self._status = None
+        self.close_log()
 
     def send(self, line: str) -> None:
         """One command to the process (lost if it has ended: nothing runs there then)."""
@@ -156,6 +200,7 @@ class NodeGroup:
             if verb == "exit" and peer in self.specs:
                 self.running.discard(peer)
                 self.codes[peer] = int(code)
+                self._exits[peer] = self._exits.get(peer, 0) + 1
 
     def signal(self, signum: int) -> None:
         if self.alive:
@@ -236,9 +281,7 @@ class GroupMember:
             return
         if by_harness:
             self.killed_by_harness = True
-            self.group.send(f"kill {self.peer}")
-            self.group.running.discard(self.peer)
-            self.group.codes[self.peer] = -9
+            self.group.kill(self.peer)
         else:
             self.group.signal(signal.SIGKILL)
             if self.group.proc is not None:
@@ -261,4 +304,5 @@ class GroupMember:
         return None if used is None or proc is None else (str(proc.pid), used)
 
     def close_log(self) -> None:
-        self.group.close_log()
+        """(``stop_all`` calls it once everything is stopped: the process is done.)"""
+        self.group.close()

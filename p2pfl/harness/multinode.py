@@ -12,8 +12,10 @@ the peers of a 2-core machine share the cores anyway, and a process per peer cos
 
 The harness drives the process through its stdin, one command per line:
 
-- ``kill PEER``: the node's task is cancelled (a crash: no final checkpoint; its sockets
-  close, as the kernel closes a killed process's);
+- ``kill PEER``: the node's task is cancelled, and with it its rounds and heartbeat, once
+  the file work in flight has finished (a crash as far as the others can tell: no final
+  checkpoint, its connections close; unlike a SIGKILLed process it still logs
+  ``node_stop``);
 - ``start PEER``: a new node for PEER from the same arguments (it resumes from its
   checkpoint, as a restarted process does);
 - ``stop PEER``: as SIGTERM to one node (final checkpoint, then it ends).
@@ -41,6 +43,8 @@ import signal
 import sys
 from collections.abc import Sequence
 from typing import IO, Any
+
+from p2pfl.errors import P2PFLError
 
 log = logging.getLogger("p2pfl.multinode")
 
@@ -111,6 +115,9 @@ class Group:
             code = KILLED
         elif task.cancelled():
             code = KILLED
+        elif isinstance(task.exception(), P2PFLError):  # (as `p2pfl run` ends on one)
+            log.error("%s: %s", peer, task.exception())
+            code = 2
         elif task.exception() is not None:
             log.error("%s: failed", peer, exc_info=task.exception())
             code = 1
@@ -127,9 +134,11 @@ class Group:
         task = self.tasks.get(peer)
         if verb == "kill" and task is not None:
             self.killed.add(peer)
+            await asyncio.sleep(0)  # (a task not yet begun would never let go of its files)
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # (its sockets and state lock are let go before any restart)
+            # Its sockets and state lock are let go before any restart; whatever it ended
+            # with is its own (``_ended`` reports it), not the reader's.
+            await asyncio.wait({task})
         elif verb == "stop" and task is not None:
             self.nodes[peer].request_stop()
         elif verb == "start" and task is None:

@@ -1,18 +1,21 @@
 """The driver side of ``p2pfl harness --ray``: peers placed on a Ray cluster.
 
-Each peer is a ``ray_host.PeerHost`` actor (``num_cpus`` = ``--cpus-per-peer``, ``memory``
-= ``--memory-per-peer``, spread over the machines) that owns one real ``p2pfl run``
-process. The harness asks each actor for its machine's address, a free port and a public
-key (the private key is made there and stays there), writes peers.yaml, and hands every
-actor the config, its data share and the test set through Ray's object store. While the
-peers run, one batched ``status`` call per poll brings back every peer's new event-log
-lines (appended to the run folder, where the harness's usual ``Tail`` reads them), output
-and memory; at the end, their checkpoints and snapshots. From then on the run folder
-looks exactly like a local run's, and the same report is made from it.
+Each process of peers (one, or K with ``--nodes-per-process K``) is a ``ray_host.PeerHost``
+actor (``num_cpus`` = ``--cpus-per-peer`` x its peers, ``memory`` likewise, spread over the
+machines) that owns that one real process. The harness asks each actor for its machine's
+address, free ports and public keys (the private keys are made there and stay there),
+writes peers.yaml, and hands every actor the config, its peers' data shares and the test
+set through Ray's object store. While the peers run, one batched ``status`` call per poll
+brings back every peer's new event-log lines (appended to the run folder, where the
+harness's usual ``Tail`` reads them), output, memory and CPU; the monitor's calls (start,
+stop, kill, pause) are forwarded to the actor, which makes them on the local handles of
+its machine; at the end, the peers' checkpoints and snapshots come back. From then on the
+run folder looks exactly like a local run's, and the same report is made from it.
 
 ``--ray`` without an address starts a local Ray instance on 127.0.0.1 only: Ray is told
 this is not a cluster (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before it is imported; every
-Ray server then binds the loopback address), with no dashboard and no usage reporting.
+Ray server then binds the loopback address), with no dashboard and no usage reporting, and
+a HOME of its own (see ``_private_home``).
 """
 
 from __future__ import annotations
@@ -210,7 +213,12 @@ class RayCluster:
         }
         try:
             found = ray.get(
-                [actor.place.remote() for actor, _ in self._actors.values()],
+                [
+                    actor.place.remote(span)
+                    for (actor, _), span in zip(
+                        self._actors.values(), port_slices(len(self._actors)), strict=True
+                    )
+                ],
                 timeout=PLACE_TIMEOUT_S,
             )
         except ray.exceptions.GetTimeoutError:
@@ -233,8 +241,9 @@ class RayCluster:
         return self.placements
 
     def _distinct_ports(self) -> None:
-        """Actors on one machine draw their ports apart, so two may draw the same one:
-        such actors draw again until every (host, port) is distinct."""
+        """Every (host, port) distinct, or the actors holding a taken one draw again. (Each
+        actor draws from a slice of its own, so this only guards against what should not
+        happen.)"""
         import ray
 
         for _ in range(MAX_PORT_DRAWS):
@@ -355,18 +364,27 @@ class RayCluster:
             for peer, files in everything.items():
                 _write_state(layout.state(peer), peer, files)
 
-    def close(self) -> None:
-        """Remove the peers' folders on the workers, end the actors, and shut the local
-        instance down (a cluster given by address is only disconnected from)."""
-        import ray
-
+    def close(self, ray: Any) -> None:
+        """Remove the peers' folders on the workers and end the actors (``connected``
+        then shuts the local instance down, or disconnects from a cluster)."""
         if self._actors:
             # (best effort on the way out: the actors end below whatever happened)
             with contextlib.suppress(Exception):
                 ray.get([actor.cleanup.remote() for actor, _ in self._actors.values()], timeout=60)
             for actor, _ in self._actors.values():
                 ray.kill(actor)
-        ray.shutdown()
+
+
+def port_slices(actors: int) -> list[tuple[int, int]]:
+    """``ray_host.PEER_PORTS`` cut into one slice per actor: actors on one machine then
+    never draw the same port (actors on different machines may, harmlessly)."""
+    from p2pfl.harness.ray_host import PEER_PORTS
+
+    first, last = PEER_PORTS
+    size = (last + 1 - first) // actors
+    if size < 1:
+        raise RayError(f"{actors} processes: more than the {last + 1 - first} peer ports")
+    return [(first + i * size, first + (i + 1) * size - 1) for i in range(actors)]
 
 
 def _clashing_actors(
@@ -390,8 +408,11 @@ def _write_state(state: Path, peer: str, files: Mapping[str, bytes]) -> None:
         target = (root / relative).resolve()
         if not target.is_relative_to(root):
             raise RayError(f"peer {peer} handed back a file outside its folder: {relative}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # (owner-only, as the node keeps its state folder: models are the owner's data)
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(content)
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -411,40 +432,55 @@ def _size(path: Path) -> int:
 @contextlib.contextmanager
 def connected(options: RayOptions, nodes_per_process: int = 1) -> Iterator[RayCluster]:
     """Ray for one run: started locally (127.0.0.1 only) or joined at ``options.address``;
-    shut down or left on the way out, whatever happens."""
-    home = os.environ.get("HOME")
+    shut down or left on the way out, and the environment as it was, whatever happens."""
+    saved = {name: os.environ.get(name) for name in (*LOCAL_RAY_ENV, "HOME")}
     private_home = None
-    if options.address is None:
-        for name, value in LOCAL_RAY_ENV.items():
-            os.environ[name] = value
-        private_home = _private_home()
-        os.environ["HOME"] = private_home
+    try:
+        if options.address is None:
+            os.environ.update(LOCAL_RAY_ENV)
+            private_home = _private_home()
+            os.environ["HOME"] = private_home
+        with _ray_session(options) as ray:
+            cluster = RayCluster(options, options.address is None, nodes_per_process)
+            try:
+                yield cluster
+            finally:
+                cluster.close(ray)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if private_home is not None:
+            shutil.rmtree(private_home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ray_session(options: RayOptions) -> Iterator[Any]:
+    """``ray``, initialised; shut down on the way out (also when ``init`` fails half way)."""
     try:
         import ray
     except ImportError:
-        _leave_home(home, private_home)
         raise RayError("--ray needs Ray: pip install 'p2pfl[ray]'") from None
     try:
-        if options.address is None:
-            ray.init(
-                include_dashboard=False,
-                num_cpus=os.cpu_count() or 1,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        else:
-            ray.init(address=options.address, log_to_driver=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        _leave_home(home, private_home)
-        raise RayError(f"--ray {options.address or ''}: {exc}") from exc
-    cluster = RayCluster(options, options.address is None, nodes_per_process)
-    try:
-        yield cluster
-    finally:
         try:
-            cluster.close()
-        finally:
-            _leave_home(home, private_home)
+            if options.address is None:
+                ray.init(
+                    include_dashboard=False,
+                    num_cpus=os.cpu_count() or 1,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+            else:
+                ray.init(
+                    address=options.address, log_to_driver=False, logging_level=logging.WARNING
+                )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RayError(f"--ray {options.address or ''}: {exc}") from exc
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def _private_home() -> str:
@@ -456,14 +492,3 @@ def _private_home() -> str:
     home = tempfile.mkdtemp(prefix="p2pfl-ray-home-")
     Path(home, "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
     return home
-
-
-def _leave_home(home: str | None, private_home: str | None) -> None:
-    """HOME as it was, and the private one removed."""
-    if private_home is None:
-        return
-    if home is None:
-        os.environ.pop("HOME", None)
-    else:
-        os.environ["HOME"] = home
-    shutil.rmtree(private_home, ignore_errors=True)

@@ -2,11 +2,12 @@
 (one peer, or K with ``--nodes-per-process K``), owning that real process on whatever
 machine Ray placed it.
 
-Why an actor that owns a process, and not a node running inside the actor: the peer stays
-exactly the daemon an operator runs (its own interpreter, event loop, signal handling and
-final checkpoint on SIGTERM), ``--kill`` is a SIGKILL of that process and nothing else, and
-its memory is its own to measure. A node inside Ray's worker process would share it with
-Ray's threads and could only be "killed" by killing the actor.
+Why an actor that owns a process, and not a node running inside the actor: the peers stay
+exactly what an operator or the local harness runs (with one node per process: its own
+interpreter, event loop, signal handling and final checkpoint on SIGTERM, ``--kill`` a
+SIGKILL of that process alone, its memory its own; with several, the multi-node process of
+``harness/multinode.py``, as locally). A node inside Ray's worker process would share it
+with Ray's threads and could only be "killed" by killing the actor.
 
 Why the private keys are made here: they never leave the machine that runs the peers, as
 in a deployment; only the public keys go back to the harness for peers.yaml.
@@ -61,32 +62,34 @@ class PeerHost:
         self.handles: dict[str, PeerHandle] = {}
         self.threads = 1
         self.host = "127.0.0.1"
+        self.ports = PEER_PORTS
         #: How far the harness has read each event log and the output.
         self._sent: dict[str, int] = {}
 
     # ------------------------------------------------------------------ set-up
 
-    def place(self, host: str | None = None) -> list[tuple[str, int, str]]:
-        """Per peer: this machine's address (as Ray knows it), a port free on it a moment
-        ago, and the public key of a private key made here."""
+    def place(
+        self, ports: tuple[int, int] = PEER_PORTS, host: str | None = None
+    ) -> list[tuple[str, int, str]]:
+        """Per peer: this machine's address (as Ray knows it), a port from ``ports`` free
+        on it a moment ago, and the public key of a private key made here."""
         from p2pfl.proto.keys import generate_key_file
 
         if host is None:
             import ray
 
             host = str(ray.util.get_node_ip_address())
-        self.host = host
-        ports = self.new_ports()
+        self.host, self.ports = host, ports
         return [
             (host, port, generate_key_file(self.workdir / "keys" / f"{peer}.key"))
-            for peer, port in zip(self.peers, ports, strict=True)
+            for peer, port in zip(self.peers, self.new_ports(), strict=True)
         ]
 
     def new_ports(self) -> list[int]:
-        """A port per peer in ``PEER_PORTS``, free on this machine a moment ago (asked
-        again by the harness when another actor on the same machine drew one of the same
-        ports: each actor draws its own)."""
-        return free_ports(len(self.peers), self.host, PEER_PORTS)
+        """A port per peer from this actor's ports (a slice of ``PEER_PORTS`` the harness
+        gives each actor, so that actors sharing a machine do not draw the same), free on
+        this machine a moment ago."""
+        return free_ports(len(self.peers), self.host, self.ports)
 
     def install(
         self,
