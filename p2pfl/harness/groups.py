@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from p2pfl.daemon.procinfo import cpu_seconds
+from p2pfl.daemon.procinfo import cpu_seconds, resident_mb
 
 #: How long a kill waits for the node's end (its file work in flight finishes first), and
 #: the end of the run for the process's.
@@ -209,15 +209,7 @@ class NodeGroup:
                 self.proc.send_signal(signum)
 
     def rss_mb(self) -> float:
-        if not self.alive:
-            return 0.0
-        assert self.proc is not None
-        try:
-            with open(f"/proc/{self.proc.pid}/statm") as f:
-                pages = int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0.0
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return resident_mb(self.proc.pid) if self.alive and self.proc is not None else 0.0
 
     def close_log(self) -> None:
         if self._log is not None:

@@ -6,7 +6,6 @@ actors, which drive their processes with these same handles on their machines.""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import time
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from p2pfl.daemon.procinfo import cpu_seconds
+from p2pfl.daemon.procinfo import cpu_seconds, resident_mb
 
 #: How long stopped peers get to write their final checkpoint before SIGKILL.
 STOP_GRACE_S = 10.0
@@ -134,12 +133,7 @@ class PeerProcess:
         if not self.running:
             return 0.0
         assert self.proc is not None
-        try:
-            with open(f"/proc/{self.proc.pid}/statm") as f:
-                pages = int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0.0
-        mb = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        mb = resident_mb(self.proc.pid)
         self.peak_rss_mb = max(self.peak_rss_mb, mb)
         return mb
 
