@@ -8,8 +8,9 @@ process of its own. What differs, and why:
 
 - ``--kill`` cancels the node inside its process (no final checkpoint, sockets closed);
   the process and its other nodes go on.
-- ``--restart`` starts a new node in the same process: it takes milliseconds, not the
-  ~0.4 s of a new interpreter, so the other peers are not paused for it.
+- ``--restart`` starts a new node in the same process (milliseconds, not the ~0.4 s of a
+  new interpreter). The other processes are paused until it is up, as for a local
+  restart; its own process is not (its mates wait for the paused others anyway).
 - A member's memory is its process's divided among the nodes running in it.
 """
 
@@ -259,12 +260,16 @@ class GroupMember:
             self.stopped_by_harness = True
             self.group.send(f"stop {self.peer}")
 
-    def pause(self) -> bool:
-        """(Not needed: a node restarts in its running process in milliseconds.)"""
-        return False
+    def pause(self, sparing: str) -> bool:
+        """SIGSTOP to its process while ``sparing`` restarts, unless that process is the
+        one ``sparing`` restarts in (its mates then wait for the paused others)."""
+        if sparing in self.group.members or not self.running:
+            return False
+        self.group.signal(signal.SIGSTOP)
+        return True
 
     def resume(self) -> None:
-        """(Nothing was paused.)"""
+        self.group.signal(signal.SIGCONT)
 
     def kill(self, *, by_harness: bool = True) -> None:
         """A fault: the node is cancelled in its process. On the way out (stragglers):

@@ -125,8 +125,8 @@ class RayPeer:
         if self.running:
             self._call("terminate")
 
-    def pause(self) -> bool:
-        return bool(self.running and self._call("pause"))
+    def pause(self, sparing: str) -> bool:
+        return bool(self.running and self._call("pause", sparing))
 
     def resume(self) -> None:
         if self.running:

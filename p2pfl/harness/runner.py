@@ -1,8 +1,10 @@
-"""``p2pfl harness``: N real ``p2pfl run`` processes on 127.0.0.1, from data to report.
+"""``p2pfl harness``: N real ``p2pfl run`` processes on 127.0.0.1, from data to report
+(or K nodes per process, ``groups``; or on a Ray cluster, ``ray_cluster``).
 
 What a run does, in order (each step is what an operator would do by hand):
   1. load the dataset, hold out a test set, split the rest among the peers, write files;
-  2. generate one key per peer and a peers.yaml on free loopback ports;
+  2. generate one key per peer and a peers.yaml on free loopback ports (with Ray: each
+     actor makes its peers' keys and draws their ports on its machine);
   3. start one ``p2pfl run`` process per peer, follow their event logs for live progress,
      and inject the requested faults (SIGKILL, restart);
   4. when they are done, evaluate every peer's final model on the test set, train the
@@ -378,7 +380,7 @@ class Monitor:
                 # Starting a process takes ~0.4 s, rounds can take milliseconds: pause the
                 # others until it is up, so that the rejoin happens (and can be watched).
                 self.resume_others()
-                paused = [p for p in self.running() if p.peer != fault.peer and p.pause()]
+                paused = [p for p in self.running() if p.peer != fault.peer and p.pause(fault.peer)]
                 proc.start(self.env)
                 others = [r for p, r in self.progress.started_rounds().items() if p != fault.peer]
                 restart = FaultRecord(
