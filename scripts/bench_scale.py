@@ -54,21 +54,17 @@ parser.add_argument(
 parser.add_argument("--timeout", type=float, default=3600, help="seconds per run at most")
 
 
-def memory_total_mb() -> float:
+def meminfo_mb() -> dict[str, float]:
+    """/proc/meminfo's figures, in MB."""
     with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024
-    return float("inf")
+        return {
+            name: int(value.split()[0]) / 1024 for name, value in (line.split(":", 1) for line in f)
+        }
 
 
 def memory_used_mb() -> float:
     """The machine's memory in use (total less available), everything included."""
-    fields = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, value = line.split(":", 1)
-            fields[name] = int(value.split()[0]) / 1024
+    fields = meminfo_mb()
     return fields["MemTotal"] - fields["MemAvailable"]
 
 
@@ -96,7 +92,7 @@ def fits(peers: int, per_process: int, ray: bool) -> str | None:
     """Why the configuration cannot fit in this machine's memory (None: it may)."""
     processes = -(-peers // per_process)
     need = processes * (PROCESS_MB + (RAY_WORKER_MB if ray else 0))
-    have = 0.8 * memory_total_mb()
+    have = 0.8 * meminfo_mb()["MemTotal"]
     if need > have:
         each = need // processes
         return f"{processes} processes x ~{each} MB = {need / 1024:.0f} GB > {have / 1024:.0f} GB"
